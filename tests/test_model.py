@@ -1,0 +1,323 @@
+"""The MoT backbone against a naive per-token reference, parameter counts, expert isolation, bad input."""
+
+import dataclasses
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import random_samples, tiny_config
+from transfusion_mot.batch import Collator, Sample
+from transfusion_mot.model import Experts, Routing, TransfusionMoT
+
+ALL = ["attn", "ffn", "norm"]
+
+
+# -------------------------------------------------------------------------------------------------
+# a straightforward reference: every token looks up the weights of its own modality, one at a time
+
+
+def pick(experts, m):
+    return experts[m] if len(experts) > 1 else experts[0]
+
+
+def rms(x, weight, eps):
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
+
+
+def per_token(fn, x, modality):
+    """fn(m, row) applied row by row: the naive routing."""
+    return torch.stack([fn(int(m), row) for m, row in zip(modality, x)])
+
+
+def naive_mask(doc, img, i, j):
+    if doc[j] < 0:
+        return i == j
+    if doc[i] != doc[j]:
+        return i == j
+    return j <= i or (img[i] >= 0 and img[i] == img[j])
+
+
+def reference_forward(model, inputs):
+    cfg = model.config
+    B, L = inputs.tokens.shape
+    D, H, hd, eps = cfg.dim, cfg.n_heads, cfg.head_dim, cfg.norm_eps
+    image_m = cfg.modalities.index("image")
+    # input embedding
+    x = model.tok_embed.weight[inputs.tokens].clone()
+    flat_mod = inputs.modality.reshape(-1)
+    image_rows = [i for i in range(B * L) if flat_mod[i] == image_m]
+    t_emb = model.time_embed(inputs.timesteps)
+    quarter = D // 4
+    omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
+    for p, row in enumerate(image_rows):
+        r, c = inputs.patch_coords[p].double()
+        pos = torch.cat([(r * omega).sin(), (r * omega).cos(), (c * omega).sin(), (c * omega).cos()]).float()
+        b, l = divmod(row, L)
+        x[b, l] = inputs.patches[p] @ model.patch_embed.weight.T + model.patch_embed.bias \
+            + t_emb[inputs.patch_image[p]] + pos
+    x = x.reshape(B * L, D)
+    mods = flat_mod
+
+    def linear(experts, x_):
+        return per_token(lambda m, row: pick(experts, m).weight @ row, x_, mods)
+
+    def norm(experts, x_):
+        return per_token(lambda m, row: rms(row, pick(experts, m).weight, eps), x_, mods)
+
+    # RoPE, naive
+    def rope(t):  # (B*L, H, hd)
+        out = t.clone()
+        pos = inputs.positions.reshape(-1)
+        for i in range(B * L):
+            for k in range(hd // 2):
+                ang = pos[i].item() * cfg.rope_theta ** (-2 * k / hd)
+                a, b_ = t[i, :, k], t[i, :, k + hd // 2]
+                out[i, :, k] = a * math.cos(ang) - b_ * math.sin(ang)
+                out[i, :, k + hd // 2] = a * math.sin(ang) + b_ * math.cos(ang)
+        return out
+
+    allowed = torch.zeros(B, L, L, dtype=torch.bool)
+    for b in range(B):
+        for i in range(L):
+            for j in range(L):
+                allowed[b, i, j] = naive_mask(inputs.doc_ids[b], inputs.image_ids[b], i, j)
+
+    def attention(blk, h):
+        qkv = linear(blk.attn.qkv, h)
+        q, k, v = qkv[:, :D].reshape(-1, H, hd), qkv[:, D:2 * D].reshape(-1, H, hd), qkv[:, 2 * D:].reshape(-1, H, hd)
+        if cfg.qk_norm:
+            q = per_token(lambda m, row: rms(row, pick(blk.attn.q_norm, m).weight, eps), q, mods)
+            k = per_token(lambda m, row: rms(row, pick(blk.attn.k_norm, m).weight, eps), k, mods)
+        q, k = rope(q), rope(k)
+        q, k, v = (t.reshape(B, L, H, hd).transpose(1, 2) for t in (q, k, v))
+        scores = q @ k.transpose(-1, -2) / math.sqrt(hd)
+        scores = scores.masked_fill(~allowed[:, None], float("-inf"))
+        y = (scores.softmax(-1) @ v).transpose(1, 2).reshape(B * L, D)
+        return linear(blk.attn.out, y)
+
+    def ffn(blk, h):
+        def one(m, row):
+            e = pick(blk.ffn, m)
+            g, u = (e.gate_up.weight @ row).chunk(2)
+            return e.down.weight @ (F.silu(g) * u)
+        return per_token(one, h, mods)
+
+    for blk in model.blocks:
+        if cfg.norm_placement == "pre":
+            x = x + attention(blk, norm(blk.attn_norm, x))
+            x = x + ffn(blk, norm(blk.ffn_norm, x))
+        else:
+            x = x + norm(blk.attn_norm, attention(blk, x))
+            x = x + norm(blk.ffn_norm, ffn(blk, x))
+    x = norm(model.final_norm, x)
+    return x.reshape(B, L, D)
+
+
+def make_inputs(config, samples, packed=False, seed=0):
+    col = Collator(config)
+    batch = col.collate_packed(samples) if packed else col.collate_padded(samples)
+    g = torch.Generator().manual_seed(seed)
+    t = torch.randint(0, 1000, (batch.num_images,), generator=g).float()
+    return batch, batch.model_inputs(batch.patches + torch.randn(batch.patches.shape, generator=g), t)
+
+
+def dense_param_count(cfg):
+    D, F_, V, pd, hd = cfg.dim, cfg.ffn_dim, cfg.vocab_size, cfg.patch_dim, cfg.head_dim
+    per_layer = 4 * D * D + 3 * D * F_ + 2 * D + (2 * hd if cfg.qk_norm else 0)
+    ends = V * D + (pd * D + D) + (256 * D + D + D * D + D) + D + D * V + (D * pd + pd)
+    return cfg.n_layers * per_layer + ends
+
+
+def randomize_norms(model, seed=1):
+    """Norm weights start at 1; make them distinct per modality so a routing mix-up would show."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for mod in model.modules():
+            if isinstance(mod, torch.nn.RMSNorm):
+                mod.weight.copy_(1 + 0.3 * torch.randn(mod.weight.shape, generator=g))
+            if mod is model.image_head:
+                mod.weight.normal_(0, 0.02, generator=g)
+
+
+# -------------------------------------------------------------------------------------------------
+# (a) dense baseline
+
+
+@pytest.mark.parametrize("placement", ["pre", "post"])
+@pytest.mark.parametrize("packed", [False, True])
+def test_dense_matches_reference_transformer(placement, packed):
+    cfg = tiny_config(untie=[], norm_placement=placement)
+    model = TransfusionMoT(cfg)
+    randomize_norms(model)
+    assert sum(p.numel() for p in model.parameters()) == dense_param_count(cfg)
+    _, inputs = make_inputs(cfg, random_samples(cfg, n=3), packed=packed)
+    with torch.no_grad():
+        ours = model(inputs)
+        ref = reference_forward(model, inputs)
+    torch.testing.assert_close(ours, ref, atol=2e-5, rtol=2e-5)
+
+
+def test_dense_matches_reference_with_copied_weights():
+    """A dense model and a MoT model with identical expert copies give identical outputs."""
+    dense = TransfusionMoT(tiny_config(untie=[]))
+    randomize_norms(dense)
+    mot = TransfusionMoT(tiny_config(untie=ALL))
+    dense_state = dense.state_dict()
+    with torch.no_grad():
+        for name, p in mot.named_parameters():
+            # "blocks.0.ffn.1.down.weight" <- "blocks.0.ffn.0.down.weight"
+            parts = name.split(".")
+            src = name
+            for i, part in enumerate(parts[:-1]):
+                if part.isdigit() and isinstance(mot.get_submodule(".".join(parts[:i])), Experts):
+                    src = ".".join(parts[:i] + ["0"] + parts[i + 1:])
+            p.copy_(dense_state[src])
+    _, inputs = make_inputs(dense.config, random_samples(dense.config, n=3))
+    with torch.no_grad():
+        torch.testing.assert_close(mot(inputs), dense(inputs), atol=1e-5, rtol=1e-5)
+
+
+# -------------------------------------------------------------------------------------------------
+# (b) parameter counts
+
+
+@pytest.mark.parametrize("untie,groups", [(ALL, ("attn", "ffn", "norm")), (["ffn"], ("ffn",)),
+                                          (["ffn", "attn"], ("ffn", "attn"))])
+@pytest.mark.parametrize("modalities", [["text", "image"], ["text", "image", "code"]])
+def test_untied_parameter_count(untie, groups, modalities):
+    cfg = tiny_config(untie=untie, modalities=modalities)
+    dense = TransfusionMoT(dataclasses.replace(cfg, untie=[]))
+    mot = TransfusionMoT(cfg)
+    D, F_, hd = cfg.dim, cfg.ffn_dim, cfg.head_dim
+    per_layer = {"attn": 4 * D * D, "ffn": 3 * D * F_, "norm": 2 * D + 2 * hd}
+    one_copy = cfg.n_layers * sum(per_layer[g] for g in groups) + (D if "norm" in groups else 0)  # + final norm
+    extra_copies = len(modalities) - 1
+    n_dense = sum(p.numel() for p in dense.parameters())
+    n_mot = sum(p.numel() for p in mot.parameters())
+    assert n_dense == dense_param_count(cfg)
+    assert n_mot - n_dense == extra_copies * one_copy
+
+
+# -------------------------------------------------------------------------------------------------
+# (c) expert isolation
+
+
+def image_expert_params(model):
+    image = model.image_modality
+    for mod in model.modules():
+        if isinstance(mod, Experts) and len(mod) > 1:
+            yield from mod[image].parameters()
+
+
+def test_image_experts_do_not_touch_text():
+    cfg = tiny_config(untie=ALL)
+    model = TransfusionMoT(cfg)
+    text_only = [Sample([[1, 2, 3, 4, 5]]), Sample([[7, 8]])]
+    _, inputs = make_inputs(cfg, text_only)
+    with torch.no_grad():
+        before = model.lm_head(model(inputs))
+        for p in image_expert_params(model):
+            p.add_(torch.randn_like(p))
+        for mod in (model.patch_embed, model.time_embed, model.image_head):
+            for p in mod.parameters():
+                p.add_(torch.randn_like(p))
+        after = model.lm_head(model(inputs))
+    assert torch.equal(before, after)
+
+    # and a text-only batch gives exactly zero gradient on every image expert
+    logits = model.lm_head(model(inputs))
+    logits.square().mean().backward()
+    params = list(image_expert_params(model))
+    assert params
+    for p in params:
+        assert p.grad is None or torch.count_nonzero(p.grad) == 0
+    # while the text experts do get gradient (so the check above could fail)
+    text_grads = [p.grad for m in model.modules() if isinstance(m, Experts) and len(m) > 1 for p in m[0].parameters()]
+    assert all(g is not None and torch.count_nonzero(g) > 0 for g in text_grads)
+
+
+def test_image_experts_do_change_image_outputs():
+    """The counterpart: with images present, perturbing image experts must change the result."""
+    cfg = tiny_config(untie=ALL)
+    model = TransfusionMoT(cfg)
+    _, inputs = make_inputs(cfg, random_samples(cfg))
+    with torch.no_grad():
+        before = model(inputs)
+        for p in image_expert_params(model):
+            p.add_(torch.randn_like(p))
+        assert not torch.allclose(before, model(inputs))
+
+
+# -------------------------------------------------------------------------------------------------
+# (e) sorted routing versus naive per-token gather
+
+
+def test_sorted_routing_equals_per_token_gather():
+    g = torch.Generator().manual_seed(3)
+    experts = Experts([torch.nn.Linear(16, 24) for _ in range(3)])
+    modality = torch.randint(0, 3, (4, 37), generator=g)
+    x = torch.randn(4 * 37, 16, generator=g, requires_grad=True)
+    routing = Routing(modality, 3, sort=True)
+    ours = routing.unsort(routing.apply(experts, routing.sort(x)))
+    ref = per_token(lambda m, row: experts[m](row), x, modality.reshape(-1))
+    torch.testing.assert_close(ours, ref, atol=1e-6, rtol=1e-6)
+    grad_out = torch.randn(ours.shape, generator=g)
+    (gx_ours,) = torch.autograd.grad(ours, x, grad_out)
+    (gx_ref,) = torch.autograd.grad(ref, x, grad_out)
+    torch.testing.assert_close(gx_ours, gx_ref, atol=1e-6, rtol=1e-6)
+
+
+def test_routing_with_an_absent_modality():
+    experts = Experts([torch.nn.Linear(8, 8) for _ in range(3)])
+    modality = torch.tensor([[0, 2, 2, 0, 0]])
+    x = torch.randn(5, 8)
+    routing = Routing(modality, 3, sort=True)
+    ours = routing.unsort(routing.apply(experts, routing.sort(x)))
+    ref = per_token(lambda m, row: experts[m](row), x, modality.reshape(-1))
+    torch.testing.assert_close(ours, ref)
+
+
+@pytest.mark.parametrize("untie", [ALL, ["ffn"], ["attn", "norm"]])
+def test_mot_model_matches_naive_per_token_reference(untie):
+    cfg = tiny_config(untie=untie, modalities=["text", "image", "code"])
+    model = TransfusionMoT(cfg)
+    randomize_norms(model)
+    batch, inputs = make_inputs(cfg, random_samples(cfg, n=3), packed=True)
+    # mark a few text tokens as the third modality so all three expert sets run
+    mod = inputs.modality.clone()
+    mod[(batch.tokens < 10) & (mod == 0)] = 2
+    inputs = dataclasses.replace(inputs, modality=mod)
+    with torch.no_grad():
+        torch.testing.assert_close(model(inputs), reference_forward(model, inputs), atol=2e-5, rtol=2e-5)
+
+
+# -------------------------------------------------------------------------------------------------
+# bad input
+
+
+def test_bad_inputs_raise_value_errors():
+    cfg = tiny_config()
+    model = TransfusionMoT(cfg)
+    col = Collator(cfg)
+    with pytest.raises(ValueError, match="image latent must be"):
+        col.collate_padded([Sample([[1, 2], torch.randn(3, 4, 4)])])
+    with pytest.raises(ValueError, match="not divisible by patch_size"):
+        col.collate_padded([Sample([[1, 2], torch.randn(4, 5, 4)])])
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        col.collate_padded([Sample([[1, cfg.vocab_size]])])
+    with pytest.raises(ValueError, match="more than the context"):
+        col.collate_padded([Sample([list(range(10)) * 13])])
+
+    batch, inputs = make_inputs(cfg, random_samples(cfg))
+    with pytest.raises(ValueError, match="token ids must be in"):
+        model(dataclasses.replace(inputs, tokens=inputs.tokens.clone().fill_(cfg.vocab_size)))
+    with pytest.raises(ValueError, match="patches must be"):
+        model(dataclasses.replace(inputs, patches=inputs.patches[:, :-1]))
+    with pytest.raises(ValueError, match="image positions in the sequence but"):
+        model(dataclasses.replace(inputs, patches=inputs.patches[:-1]))
+    long = torch.zeros(1, cfg.max_seq_len + 1, dtype=torch.long)
+    with pytest.raises(ValueError, match="exceeds max_seq_len"):
+        model(dataclasses.replace(inputs, tokens=long, modality=long, positions=long, doc_ids=long, image_ids=long - 1,
+                                  patches=inputs.patches[:0]))

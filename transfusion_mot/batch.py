@@ -1,0 +1,251 @@
+"""The batch format: samples (ordered text segments and image latents) -> padded or packed tensors.
+
+A sample is a list of segments in reading order; a segment is either text (a 1-D sequence of token ids,
+without special tokens) or an image latent (a float tensor (C, H, W)). The collator lays a sample out as
+
+    BOS  text...  BOI  p_1 ... p_N  EOI  text...  EOS
+
+with the latent cut into patch_size x patch_size patches in row-major order. `collate_padded` gives one
+sample per row; `collate_packed` fills rows up to a token budget with several samples (document ids keep
+them apart in attention, positions restart at 0 for each).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Sequence, Union
+
+import torch
+from torch import Tensor
+
+from .config import ModelConfig
+from .model import ModelInputs
+
+IGNORE_INDEX = -100
+Segment = Union[Sequence[int], Tensor]
+
+
+@dataclass(frozen=True)
+class SpecialTokens:
+    bos: int
+    eos: int
+    pad: int
+    boi: int
+    eoi: int
+
+    @classmethod
+    def at_end_of_vocab(cls, vocab_size: int) -> "SpecialTokens":
+        """The convention of the built-in tokenizers: the last five ids of the vocabulary."""
+        return cls(bos=vocab_size - 5, eos=vocab_size - 4, pad=vocab_size - 3, boi=vocab_size - 2,
+                   eoi=vocab_size - 1)
+
+
+@dataclass
+class Sample:
+    segments: list[Segment]
+    image_first: bool | None = None  # None: derived (True when an image comes before any text)
+
+    def is_image_first(self) -> bool:
+        if self.image_first is not None:
+            return self.image_first
+        for seg in self.segments:
+            if is_image(seg):
+                return True
+            if len(seg) > 0:
+                return False
+        return False
+
+
+def is_image(segment: Segment) -> bool:
+    return isinstance(segment, Tensor) and segment.is_floating_point()
+
+
+@dataclass
+class Batch:
+    """Tensors for one training step. (B, L) fields are per position; the rest are per patch or image.
+
+    text_targets: next-token target at each position, IGNORE_INDEX where no LM loss applies (image
+    patches, the last token of a document, padding, and positions whose next token is an image patch).
+    """
+
+    tokens: Tensor
+    modality: Tensor
+    positions: Tensor
+    doc_ids: Tensor
+    image_ids: Tensor
+    text_targets: Tensor
+    patches: Tensor  # clean latent patches (P, C*p*p), row-major sequence order
+    patch_coords: Tensor  # (P, 2)
+    patch_image: Tensor  # (P,)
+    image_first: Tensor  # (I,) bool: the image precedes its caption (captioning direction)
+    image_shapes: list[tuple[int, int, int]] = field(default_factory=list)  # latent (C, H, W) per image
+
+    @property
+    def num_images(self) -> int:
+        return len(self.image_shapes)
+
+    def to(self, device: torch.device | str) -> "Batch":
+        moved = {f.name: getattr(self, f.name) for f in fields(self)}
+        for key, value in moved.items():
+            if isinstance(value, Tensor):
+                moved[key] = value.to(device, non_blocking=True)
+        return Batch(**moved)
+
+    def model_inputs(self, patches: Tensor, timesteps: Tensor) -> ModelInputs:
+        """Inputs with the given (noisy) patches and per-image timesteps."""
+        return ModelInputs(self.tokens, self.modality, self.positions, self.doc_ids, self.image_ids,
+                           patches, self.patch_coords, self.patch_image, timesteps)
+
+
+def patchify(latent: Tensor, patch: int) -> Tensor:
+    """(C, H, W) -> (H/p * W/p, C*p*p), row-major over the patch grid."""
+    c, h, w = latent.shape
+    x = latent.reshape(c, h // patch, patch, w // patch, patch)
+    return x.permute(1, 3, 0, 2, 4).reshape((h // patch) * (w // patch), c * patch * patch)
+
+
+def unpatchify(patches: Tensor, channels: int, height: int, width: int, patch: int) -> Tensor:
+    """Inverse of `patchify`: (N, C*p*p) -> (C, H, W)."""
+    gh, gw = height // patch, width // patch
+    x = patches.reshape(gh, gw, channels, patch, patch)
+    return x.permute(2, 0, 3, 1, 4).reshape(channels, height, width)
+
+
+class Collator:
+    """Turns `Sample`s into a `Batch`, padded (one sample per row) or packed (rows up to a budget)."""
+
+    def __init__(self, config: ModelConfig, specials: SpecialTokens | None = None,
+                 max_len: int | None = None) -> None:
+        self.config = config
+        self.specials = specials or SpecialTokens.at_end_of_vocab(config.vocab_size)
+        self.max_len = max_len or config.max_seq_len
+        if self.max_len > config.max_seq_len:
+            raise ValueError(f"collator max_len {self.max_len} exceeds the model's max_seq_len {config.max_seq_len}")
+        self.text_modality = config.modalities.index("text")
+        self.image_modality = config.modalities.index("image")
+
+    # -- one sample -> flat lists ------------------------------------------------------------------
+
+    def _layout(self, sample: Sample) -> dict:
+        cfg, sp, p = self.config, self.specials, self.config.patch_size
+        tokens: list[int] = [sp.bos]
+        modality: list[int] = [self.text_modality]
+        image_local: list[int] = [-1]
+        patches, coords, shapes = [], [], []
+        for seg in sample.segments:
+            if is_image(seg):
+                if seg.dim() != 3 or seg.shape[0] != cfg.latent_channels:
+                    raise ValueError(f"image latent must be ({cfg.latent_channels}, H, W), got {tuple(seg.shape)}")
+                _, h, w = seg.shape
+                if h % p or w % p:
+                    raise ValueError(f"image latent {h}x{w} is not divisible by patch_size {p}")
+                k = len(shapes)
+                n = (h // p) * (w // p)
+                tokens += [sp.boi] + [sp.pad] * n + [sp.eoi]
+                modality += [self.text_modality] + [self.image_modality] * n + [self.text_modality]
+                image_local += [-1] + [k] * n + [-1]
+                patches.append(patchify(seg.detach().float(), p))
+                rr, cc = torch.meshgrid(torch.arange(h // p), torch.arange(w // p), indexing="ij")
+                coords.append(torch.stack([rr.reshape(-1), cc.reshape(-1)], dim=1))
+                shapes.append(tuple(seg.shape))
+            else:
+                ids = seg.tolist() if isinstance(seg, Tensor) else list(seg)
+                bad = [t for t in ids if not 0 <= int(t) < cfg.vocab_size]
+                if bad:
+                    raise ValueError(f"token id {bad[0]} outside the vocabulary [0, {cfg.vocab_size})")
+                tokens += [int(t) for t in ids]
+                modality += [self.text_modality] * len(ids)
+                image_local += [-1] * len(ids)
+        tokens.append(sp.eos)
+        modality.append(self.text_modality)
+        image_local.append(-1)
+        if len(tokens) > self.max_len:
+            raise ValueError(f"sample has {len(tokens)} tokens (with special tokens and image patches), "
+                             f"more than the context of {self.max_len}")
+        # next-token targets: only where the current and the next position are text
+        targets = [IGNORE_INDEX] * len(tokens)
+        for i in range(len(tokens) - 1):
+            if modality[i] != self.image_modality and modality[i + 1] != self.image_modality:
+                targets[i] = tokens[i + 1]
+        return dict(tokens=tokens, modality=modality, image_local=image_local, targets=targets,
+                    patches=patches, coords=coords, shapes=shapes, image_first=sample.is_image_first())
+
+    # -- rows -> batch -----------------------------------------------------------------------------
+
+    def _assemble(self, rows: list[list[dict]], length: int) -> Batch:
+        sp = self.specials
+        b = len(rows)
+        tokens = torch.full((b, length), sp.pad, dtype=torch.long)
+        modality = torch.full((b, length), self.text_modality, dtype=torch.long)
+        positions = torch.zeros((b, length), dtype=torch.long)
+        doc_ids = torch.full((b, length), -1, dtype=torch.long)
+        image_ids = torch.full((b, length), -1, dtype=torch.long)
+        targets = torch.full((b, length), IGNORE_INDEX, dtype=torch.long)
+        patches, coords, patch_image, image_first, shapes = [], [], [], [], []
+        for r, docs in enumerate(rows):
+            start = 0
+            for d, lay in enumerate(docs):
+                n = len(lay["tokens"])
+                sl = slice(start, start + n)
+                tokens[r, sl] = torch.tensor(lay["tokens"])
+                modality[r, sl] = torch.tensor(lay["modality"])
+                positions[r, sl] = torch.arange(n)
+                doc_ids[r, sl] = d
+                local = torch.tensor(lay["image_local"])
+                image_ids[r, sl] = torch.where(local >= 0, local + len(shapes), local)
+                targets[r, sl] = torch.tensor(lay["targets"])
+                for k, (pt, co, sh) in enumerate(zip(lay["patches"], lay["coords"], lay["shapes"])):
+                    patches.append(pt)
+                    coords.append(co)
+                    patch_image.append(torch.full((pt.shape[0],), len(shapes), dtype=torch.long))
+                    image_first.append(lay["image_first"])
+                    shapes.append(sh)
+                start += n
+        patch_dim = self.config.patch_dim
+        return Batch(
+            tokens=tokens, modality=modality, positions=positions, doc_ids=doc_ids, image_ids=image_ids,
+            text_targets=targets,
+            patches=torch.cat(patches) if patches else torch.zeros(0, patch_dim),
+            patch_coords=torch.cat(coords) if coords else torch.zeros(0, 2, dtype=torch.long),
+            patch_image=torch.cat(patch_image) if patch_image else torch.zeros(0, dtype=torch.long),
+            image_first=torch.tensor(image_first, dtype=torch.bool),
+            image_shapes=shapes,
+        )
+
+    def collate_padded(self, samples: Sequence[Sample], pad_to: int | None = None) -> Batch:
+        """One sample per row, right-padded to the longest (or `pad_to`)."""
+        if not samples:
+            raise ValueError("cannot collate an empty list of samples")
+        layouts = [self._layout(s) for s in samples]
+        length = pad_to or max(len(lay["tokens"]) for lay in layouts)
+        if length < max(len(lay["tokens"]) for lay in layouts):
+            raise ValueError(f"pad_to={pad_to} is shorter than the longest sample")
+        return self._assemble([[lay] for lay in layouts], length)
+
+    def collate_packed(self, samples: Sequence[Sample], token_budget: int | None = None) -> Batch:
+        """Several samples per row, each row at most `token_budget` tokens (default: max_len).
+
+        First-fit in the given order, so the packing is deterministic; every row is padded to the budget,
+        which keeps shapes static (good for torch.compile and FlexAttention block masks).
+        """
+        if not samples:
+            raise ValueError("cannot collate an empty list of samples")
+        budget = token_budget or self.max_len
+        if budget > self.max_len:
+            raise ValueError(f"token_budget {budget} exceeds the context of {self.max_len}")
+        rows: list[list[dict]] = []
+        used: list[int] = []
+        for sample in samples:
+            lay = self._layout(sample)
+            n = len(lay["tokens"])
+            if n > budget:
+                raise ValueError(f"sample has {n} tokens, more than the packing budget of {budget}")
+            for r in range(len(rows)):
+                if used[r] + n <= budget:
+                    rows[r].append(lay)
+                    used[r] += n
+                    break
+            else:
+                rows.append([lay])
+                used.append(n)
+        return self._assemble(rows, budget)

@@ -1,0 +1,222 @@
+"""Configuration dataclasses and a strict YAML loader.
+
+Configs are plain dataclasses. Loading is strict on purpose: a misspelt key in a week-long run's config
+must fail at start-up with the key's full path in the message, not be silently ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+
+UNTIE_CHOICES = ("attn", "ffn", "norm")
+NORM_PLACEMENTS = ("pre", "post")
+OBJECTIVES = ("ddpm", "flow")
+ATTN_BACKENDS = ("auto", "sdpa", "flex")
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be turned into a valid config."""
+
+
+@dataclass
+class ModelConfig:
+    """Shape of the MoT backbone and of its text and image ends, plus the training objective.
+
+    `untie` lists which parameter groups get one copy per modality: empty is the dense Transfusion
+    baseline, {"attn", "ffn", "norm"} is the full Mixture-of-Transformers of arXiv 2411.04996.
+    `norm_placement`: "pre" (Llama/Transfusion/BAGEL: x + f(norm(x)), the default because it is the
+    stable choice at every scale we tried) or "post" (the MoT paper's Eq. 2 / Chameleon: x + norm(f(x))).
+    """
+
+    dim: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    ffn_dim: int = 688
+    vocab_size: int = 261
+    latent_channels: int = 4
+    patch_size: int = 2
+    max_seq_len: int = 512
+    modalities: list[str] = field(default_factory=lambda: ["text", "image"])
+    untie: list[str] = field(default_factory=lambda: ["attn", "ffn", "norm"])
+    norm_placement: str = "pre"
+    qk_norm: bool = True
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    init_std: float = 0.02
+    attn_backend: str = "auto"
+    # objective: "ddpm" (epsilon prediction, cosine schedule) or "flow" (rectified flow, velocity)
+    objective: str = "ddpm"
+    num_train_timesteps: int = 1000
+    image_loss_weight: float = 5.0  # lambda in L = L_LM + lambda * L_diff
+    image_first_max_t: int = 500  # image-first (captioning) samples draw t <= this (of num_train_timesteps)
+    flow_logit_mean: float = 0.0
+    flow_logit_std: float = 1.0
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        def bad(msg: str) -> None:
+            raise ConfigError(f"model config: {msg}")
+
+        for name in ("dim", "n_layers", "n_heads", "ffn_dim", "vocab_size", "latent_channels",
+                     "patch_size", "max_seq_len", "num_train_timesteps"):
+            if int(getattr(self, name)) <= 0:
+                bad(f"{name} must be positive, got {getattr(self, name)}")
+        if self.dim % self.n_heads:
+            bad(f"dim ({self.dim}) must be divisible by n_heads ({self.n_heads})")
+        if (self.dim // self.n_heads) % 2:
+            bad(f"head dim ({self.dim // self.n_heads}) must be even for RoPE")
+        if len(set(self.modalities)) != len(self.modalities):
+            bad(f"modalities must be distinct, got {self.modalities}")
+        for required in ("text", "image"):
+            if required not in self.modalities:
+                bad(f"modalities must include {required!r}, got {self.modalities}")
+        unknown = sorted(set(self.untie) - set(UNTIE_CHOICES))
+        if unknown:
+            bad(f"untie: unknown group(s) {unknown}; choose a subset of {list(UNTIE_CHOICES)}")
+        if self.norm_placement not in NORM_PLACEMENTS:
+            bad(f"norm_placement must be one of {list(NORM_PLACEMENTS)}, got {self.norm_placement!r}")
+        if self.objective not in OBJECTIVES:
+            bad(f"objective must be one of {list(OBJECTIVES)}, got {self.objective!r}")
+        if self.attn_backend not in ATTN_BACKENDS:
+            bad(f"attn_backend must be one of {list(ATTN_BACKENDS)}, got {self.attn_backend!r}")
+        if not 0 <= self.image_first_max_t < self.num_train_timesteps:
+            bad(f"image_first_max_t must be in [0, {self.num_train_timesteps}), got {self.image_first_max_t}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def patch_dim(self) -> int:
+        return self.latent_channels * self.patch_size**2
+
+    @property
+    def num_modalities(self) -> int:
+        return len(self.modalities)
+
+    def untied(self, group: str) -> bool:
+        return group in self.untie
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "ModelConfig":
+        return load_yaml_config(cls, path)
+
+
+# --------------------------------------------------------------------------------------------------
+# strict loading
+
+
+def _strip_optional(tp: Any) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return tp
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    tp = _strip_optional(tp)
+    if value is None:
+        return None
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
+        return from_dict(tp, value, where)
+    origin = typing.get_origin(tp)
+    if origin in (list, tuple):
+        if isinstance(value, str) or not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        (item_tp, *_) = typing.get_args(tp) or (Any,)
+        return [_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return int(value)
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
+    """Build dataclass `cls` from a mapping, rejecting unknown keys and ill-typed values by key path."""
+    known = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in data.items():
+        path = f"{where}.{key}" if where else str(key)
+        if key not in known:
+            raise ConfigError(f"unknown config key {path!r} (known: {', '.join(sorted(known))})")
+        kwargs[key] = _coerce(value, hints[key], path)
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except TypeError as err:  # e.g. a missing required field
+        raise ConfigError(f"{where or cls.__name__}: {err}") from None
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def load_yaml_config(cls: type[T], path: str | Path, overrides: list[str] | None = None) -> T:
+    """Load `cls` from a YAML file, then apply `key.sub=value` overrides (values parsed as YAML)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: invalid YAML ({str(err).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    apply_overrides(data, overrides or [])
+    try:
+        return from_dict(cls, data)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> None:
+    """Apply `a.b=c` overrides in place; the value is parsed as YAML so `x=3`, `x=[a,b]` work."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key.path=value")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = data
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {part!r} is not a section")
+        node[parts[-1]] = yaml.safe_load(raw)
+
+
+def save_yaml_config(config: Any, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))

@@ -1,0 +1,111 @@
+"""The Transfusion attention mask, defined once, with two backends.
+
+A query may attend to a key when both are in the same document (packed samples never see each other) and
+either the key is not later than the query (causal) or both are patches of the same image (bidirectional
+inside an image). Padding keys are never visible; a padding query sees only itself so that no softmax row
+is empty (its output is never used).
+
+`transfusion_mask_mod` is the single definition. It is written with broadcasting tensor ops, so the same
+function serves as a FlexAttention `mask_mod` (called per (b, h, q, kv) under vmap) and builds the dense
+boolean mask for SDPA when called once on broadcast index grids.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+MaskMod = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
+
+
+def transfusion_mask_mod(doc_ids: Tensor, image_ids: Tensor, q_offset: int = 0) -> MaskMod:
+    """Mask function over (batch, head, query index, key index).
+
+    doc_ids, image_ids: (B, L_kv) long. doc_id -1 marks padding; image_id -1 marks a non-image token.
+    q_offset: queries are keys [q_offset, q_offset + L_q) (used when earlier keys come from a KV cache).
+    """
+
+    def mask_mod(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        q = q_idx + q_offset
+        q_doc = doc_ids[b, q]
+        kv_doc = doc_ids[b, kv_idx]
+        q_img = image_ids[b, q]
+        same_doc = (q_doc == kv_doc) & (kv_doc >= 0)
+        causal = kv_idx <= q
+        same_image = (q_img >= 0) & (q_img == image_ids[b, kv_idx])
+        return (same_doc & (causal | same_image)) | (q == kv_idx)
+
+    return mask_mod
+
+
+def dense_mask(mask_mod: MaskMod, batch: int, q_len: int, kv_len: int, device: torch.device) -> Tensor:
+    """Materialise `mask_mod` as a (B, 1, Q, KV) bool tensor for SDPA, by broadcasting (no Python loop)."""
+    b = torch.arange(batch, device=device).view(batch, 1, 1)
+    h = torch.zeros(1, 1, 1, dtype=torch.long, device=device)
+    q = torch.arange(q_len, device=device).view(1, q_len, 1)
+    kv = torch.arange(kv_len, device=device).view(1, 1, kv_len)
+    return mask_mod(b, h, q, kv).unsqueeze(1)
+
+
+def flex_available() -> bool:
+    try:
+        from torch.nn.attention import flex_attention  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+_compiled_flex = None
+
+
+def _flex_attention():
+    """torch.compile'd flex_attention: uncompiled it materialises scores and is slower than SDPA."""
+    global _compiled_flex
+    if _compiled_flex is None:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        _compiled_flex = torch.compile(flex_attention, dynamic=False)
+    return _compiled_flex
+
+
+class AttentionMask:
+    """The mask for one batch, built once per forward and shared by every layer.
+
+    backend "sdpa": dense bool mask (any device; the only backend whose backward runs on CPU).
+    backend "flex": FlexAttention BlockMask (CUDA); skips fully masked blocks, which pays off with packing.
+    """
+
+    def __init__(self, mask_mod: MaskMod, batch: int, q_len: int, kv_len: int, device: torch.device,
+                 backend: str) -> None:
+        self.backend = backend
+        self.mask_mod = mask_mod
+        if backend == "sdpa":
+            self.dense = dense_mask(mask_mod, batch, q_len, kv_len, device)
+        elif backend == "flex":
+            from torch.nn.attention.flex_attention import create_block_mask
+
+            self.block_mask = create_block_mask(mask_mod, batch, None, q_len, kv_len, device=device)
+        else:
+            raise ValueError(f"unknown attention backend {backend!r}")
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """q: (B, H, Q, d), k, v: (B, H, KV, d) -> (B, H, Q, d)."""
+        if self.backend == "sdpa":
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=self.dense)
+        return _flex_attention()(q, k, v, block_mask=self.block_mask)
+
+
+def resolve_backend(requested: str, device: torch.device) -> str:
+    """'auto' picks FlexAttention on CUDA (when present) and SDPA elsewhere."""
+    if requested == "auto":
+        return "flex" if device.type == "cuda" and flex_available() else "sdpa"
+    if requested == "flex":
+        if not flex_available():
+            raise ValueError("attn_backend 'flex' needs torch >= 2.5 (torch.nn.attention.flex_attention)")
+        if device.type != "cuda":
+            raise ValueError("attn_backend 'flex' needs CUDA: its backward is not implemented on CPU; "
+                             "use attn_backend: sdpa or auto")
+    return requested

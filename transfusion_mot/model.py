@@ -1,0 +1,300 @@
+"""Transfusion on a Mixture-of-Transformers backbone, top to bottom in one file.
+
+One sequence interleaves text tokens and VAE-latent image patches. Every layer runs ONE global
+self-attention over the whole sequence, but each token is processed by the weights of its own modality:
+Q/K/V/O projections, SwiGLU FFN and RMSNorms are copied per modality as `ModelConfig.untie` says
+(arXiv 2411.04996, Eq. 2). Routing is deterministic by modality: no router, no load balancing.
+
+Routing scheme. Tokens of a batch are sorted by modality once per forward (a stable argsort of the
+flattened modality ids), so each modality is one contiguous slice of the (tokens, dim) residual stream and
+every per-modality op is a plain dense op on a slice. The residual stream stays in sorted order through all
+layers; only attention needs the original layout (for the mask, RoPE and the (batch, seq) shape), which
+costs two index_selects per layer (un-sort q/k/v, re-sort the attention output). Gathering per projection
+(~7 per layer) or computing every expert on every token and selecting are both slower (DESIGN.md, §3).
+With nothing untied the permutation is skipped altogether, so the dense baseline runs the same modules
+with no routing overhead.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from .config import ModelConfig
+from .masks import AttentionMask, resolve_backend, transfusion_mask_mod
+
+# --------------------------------------------------------------------------------------------------
+# routing
+
+
+class Routing:
+    """Tokens sorted by modality once per batch: modality m is the m-th chunk of sizes `counts`."""
+
+    def __init__(self, modality: Tensor, num_modalities: int, sort: bool) -> None:
+        flat = modality.reshape(-1)
+        self.perm: Tensor | None = None
+        self.counts: list[int] = []
+        if sort:
+            self.perm = torch.argsort(flat, stable=True)
+            self.inv_perm = torch.empty_like(self.perm)
+            self.inv_perm[self.perm] = torch.arange(flat.numel(), device=flat.device)
+            self.counts = torch.bincount(flat, minlength=num_modalities).tolist()  # one host sync per batch
+
+    def sort(self, x: Tensor) -> Tensor:
+        """(T, ...) in original row-major order -> sorted by modality."""
+        return x if self.perm is None else x.index_select(0, self.perm)
+
+    def unsort(self, x: Tensor) -> Tensor:
+        return x if self.perm is None else x.index_select(0, self.inv_perm)
+
+    def apply(self, experts: nn.ModuleList, x: Tensor) -> Tensor:
+        """Run experts[m] on modality m's slice of sorted `x`; a single expert runs on everything."""
+        if len(experts) == 1:
+            return experts[0](x)
+        # split (not slicing): its backward is a single cat, where each slice's backward would allocate
+        # and zero-fill a full-size gradient
+        parts = [experts[m](chunk) for m, chunk in enumerate(x.split(self.counts)) if chunk.shape[0]]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+
+
+class Experts(nn.ModuleList):
+    """Per-modality copies of one module (index = modality id), or a single shared copy."""
+
+
+def experts(config: ModelConfig, group: str, make) -> Experts:
+    """One module per modality when `group` is untied, else one shared module."""
+    n = config.num_modalities if config.untied(group) else 1
+    return Experts([make() for _ in range(n)])
+
+
+# --------------------------------------------------------------------------------------------------
+# position encodings
+
+
+def rope_tables(positions: Tensor, head_dim: int, theta: float) -> tuple[Tensor, Tensor]:
+    """cos/sin of shape (B, L, 1, head_dim/2) for integer sequence positions (B, L)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim))
+    angles = positions.float()[..., None] * inv_freq
+    return angles.cos()[:, :, None, :], angles.sin()[:, :, None, :]
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate pairs (x[..., :d/2], x[..., d/2:]) (the Llama/NeoX convention). x: (B, L, H, d)."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).type_as(x)
+
+
+def sincos_2d(coords: Tensor, dim: int) -> Tensor:
+    """Fixed 2D sin-cos embedding (MAE/DiT) of patch (row, col) coordinates (P, 2) -> (P, dim)."""
+    if dim % 4:
+        raise ValueError(f"2D sin-cos position embedding needs dim divisible by 4, got {dim}")
+    quarter = dim // 4
+    omega = 1.0 / 10000 ** (torch.arange(quarter, device=coords.device, dtype=torch.float64) / quarter)
+    rows = coords[:, 0:1].double() * omega
+    cols = coords[:, 1:2].double() * omega
+    return torch.cat([rows.sin(), rows.cos(), cols.sin(), cols.cos()], dim=1).float()
+
+
+def timestep_frequencies(t: Tensor, dim: int = 256, max_period: float = 10000.0) -> Tensor:
+    """Sinusoidal features of (possibly fractional) diffusion timesteps in [0, T]."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = t.float()[:, None] * freqs[None]
+    return torch.cat([args.cos(), args.sin()], dim=-1)
+
+
+class TimestepEmbedder(nn.Module):
+    """Diffusion timestep -> model width, added to every patch of the image (DiT's embedder)."""
+
+    def __init__(self, dim: int, freq_dim: int = 256) -> None:
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+
+    def forward(self, t: Tensor) -> Tensor:
+        return self.mlp(timestep_frequencies(t, self.freq_dim))
+
+
+# --------------------------------------------------------------------------------------------------
+# the MoT block
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.gate_up = nn.Linear(dim, 2 * hidden, bias=False)  # w1 and w3 fused: one matmul
+        self.down = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
+
+
+class MoTAttention(nn.Module):
+    """Per-modality Q/K/V/O (and QK-norm) around one global attention over the whole sequence."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.n_heads = config.n_heads
+        self.head_dim = config.head_dim
+        d = config.dim
+        self.qkv = experts(config, "attn", lambda: nn.Linear(d, 3 * d, bias=False))
+        self.out = experts(config, "attn", lambda: nn.Linear(d, d, bias=False))
+        if config.qk_norm:
+            hd, eps = config.head_dim, config.norm_eps
+            self.q_norm = experts(config, "norm", lambda: nn.RMSNorm(hd, eps=eps))
+            self.k_norm = experts(config, "norm", lambda: nn.RMSNorm(hd, eps=eps))
+        else:
+            self.q_norm = self.k_norm = None
+
+    def forward(self, x: Tensor, routing: Routing, shape: tuple[int, int], rope: tuple[Tensor, Tensor],
+                mask: AttentionMask) -> Tensor:
+        batch, seq = shape
+        n, h, hd = x.shape[0], self.n_heads, self.head_dim
+        q, k, v = routing.apply(self.qkv, x).split(h * hd, dim=-1)
+        q, k, v = q.reshape(n, h, hd), k.reshape(n, h, hd), v.reshape(n, h, hd)
+        if self.q_norm is not None:
+            q, k = routing.apply(self.q_norm, q), routing.apply(self.k_norm, k)
+        # back to the (batch, seq) layout for RoPE and the global attention
+        q, k, v = (routing.unsort(t).view(batch, seq, h, hd) for t in (q, k, v))
+        cos, sin = rope
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        y = mask.attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        y = routing.sort(y.transpose(1, 2).reshape(n, h * hd))
+        return routing.apply(self.out, y)
+
+
+class MoTBlock(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        d, eps = config.dim, config.norm_eps
+        self.pre_norm = config.norm_placement == "pre"
+        self.attn_norm = experts(config, "norm", lambda: nn.RMSNorm(d, eps=eps))
+        self.attn = MoTAttention(config)
+        self.ffn_norm = experts(config, "norm", lambda: nn.RMSNorm(d, eps=eps))
+        self.ffn = experts(config, "ffn", lambda: SwiGLU(d, config.ffn_dim))
+
+    def forward(self, x: Tensor, routing: Routing, shape: tuple[int, int], rope: tuple[Tensor, Tensor],
+                mask: AttentionMask) -> Tensor:
+        if self.pre_norm:  # x + f(norm(x))
+            x = x + self.attn(routing.apply(self.attn_norm, x), routing, shape, rope, mask)
+            return x + routing.apply(self.ffn, routing.apply(self.ffn_norm, x))
+        # the MoT paper's Eq. 2: x + norm(f(x))
+        x = x + routing.apply(self.attn_norm, self.attn(x, routing, shape, rope, mask))
+        return x + routing.apply(self.ffn_norm, routing.apply(self.ffn, x))
+
+
+# --------------------------------------------------------------------------------------------------
+# the model
+
+
+@dataclass
+class ModelInputs:
+    """What the backbone consumes; `transfusion_mot.batch.Batch` produces it (see README, batch format).
+
+    tokens, modality, positions, doc_ids, image_ids: (B, L) long. patches: (P, patch_dim) noisy latent
+    patches in row-major sequence order; patch_coords: (P, 2) (row, col) in the image's patch grid;
+    patch_image: (P,) image index; timesteps: (I,) diffusion timestep of each image, in [0, T].
+    """
+
+    tokens: Tensor
+    modality: Tensor
+    positions: Tensor
+    doc_ids: Tensor
+    image_ids: Tensor
+    patches: Tensor
+    patch_coords: Tensor
+    patch_image: Tensor
+    timesteps: Tensor
+
+
+class TransfusionMoT(nn.Module):
+    """Text and image ends around a stack of MoT blocks. A plain nn.Module: parallelism, compile and
+    activation checkpointing are applied from outside (transfusion_mot.parallel)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.image_modality = config.modalities.index("image")
+        d = config.dim
+        self.tok_embed = nn.Embedding(config.vocab_size, d)
+        self.patch_embed = nn.Linear(config.patch_dim, d)  # linear patchify: latent patch -> width
+        self.time_embed = TimestepEmbedder(d)
+        self.blocks = nn.ModuleList([MoTBlock(config) for _ in range(config.n_layers)])
+        self.final_norm = experts(config, "norm", lambda: nn.RMSNorm(d, eps=config.norm_eps))
+        self.lm_head = nn.Linear(d, config.vocab_size, bias=False)
+        self.image_head = nn.Linear(d, config.patch_dim)  # width -> latent patch (epsilon or velocity)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        std = self.config.init_std
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, std=std)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.RMSNorm):
+                nn.init.ones_(module.weight)
+        # zero output head: the first image prediction is 0, as DiT initialises its final layer
+        nn.init.zeros_(self.image_head.weight)
+        nn.init.zeros_(self.image_head.bias)
+
+    def attention_backend(self, device: torch.device) -> str:
+        return resolve_backend(self.config.attn_backend, device)
+
+    def check_inputs(self, inputs: ModelInputs) -> None:
+        """ValueError naming the problem, for inputs a collator would not produce."""
+        cfg = self.config
+        if inputs.tokens.dim() != 2:
+            raise ValueError(f"tokens must be (batch, seq), got shape {tuple(inputs.tokens.shape)}")
+        batch, seq = inputs.tokens.shape
+        for name in ("modality", "positions", "doc_ids", "image_ids"):
+            if tuple(getattr(inputs, name).shape) != (batch, seq):
+                raise ValueError(f"{name} must have shape {(batch, seq)}, got {tuple(getattr(inputs, name).shape)}")
+        if seq > cfg.max_seq_len:
+            raise ValueError(f"sequence length {seq} exceeds max_seq_len {cfg.max_seq_len}")
+        lo, hi = torch.aminmax(inputs.tokens)
+        if lo.item() < 0 or hi.item() >= cfg.vocab_size:
+            raise ValueError(f"token ids must be in [0, {cfg.vocab_size}), got range [{lo.item()}, {hi.item()}]")
+        if inputs.patches.dim() != 2 or inputs.patches.shape[1] != cfg.patch_dim:
+            raise ValueError(f"patches must be (P, {cfg.patch_dim}) = (P, latent_channels*patch_size^2), "
+                             f"got {tuple(inputs.patches.shape)}")
+        n_image = int((inputs.modality == self.image_modality).sum())
+        if n_image != inputs.patches.shape[0]:
+            raise ValueError(f"{n_image} image positions in the sequence but {inputs.patches.shape[0]} patches")
+        m_lo, m_hi = torch.aminmax(inputs.modality)
+        if m_lo.item() < 0 or m_hi.item() >= cfg.num_modalities:
+            raise ValueError(f"modality ids must be in [0, {cfg.num_modalities}), got [{m_lo.item()}, {m_hi.item()}]")
+
+    def embed(self, inputs: ModelInputs) -> Tensor:
+        """(B*L, D) in original order: token embeddings, image positions replaced by embedded patches."""
+        x = self.tok_embed(inputs.tokens.reshape(-1))
+        if inputs.patches.shape[0]:
+            patch_x = (self.patch_embed(inputs.patches)
+                       + self.time_embed(inputs.timesteps)[inputs.patch_image]
+                       + sincos_2d(inputs.patch_coords, self.config.dim).to(x.dtype))
+            is_image = (inputs.modality.reshape(-1) == self.image_modality).nonzero().squeeze(1)
+            x = x.index_copy(0, is_image, patch_x.to(x.dtype))
+        return x
+
+    def forward(self, inputs: ModelInputs, check: bool = True) -> Tensor:
+        """Hidden states after the final norm, (B, L, D). Feed text positions to `lm_head` and image
+        positions (in row-major order, the order of `inputs.patches`) to `image_head`."""
+        if check:
+            self.check_inputs(inputs)
+        batch, seq = inputs.tokens.shape
+        device = inputs.tokens.device
+        routing = Routing(inputs.modality, self.config.num_modalities, sort=bool(self.config.untie))
+        mask = AttentionMask(transfusion_mask_mod(inputs.doc_ids, inputs.image_ids), batch, seq, seq, device,
+                             self.attention_backend(device))
+        rope = rope_tables(inputs.positions, self.config.head_dim, self.config.rope_theta)
+        x = routing.sort(self.embed(inputs))
+        for block in self.blocks:
+            x = block(x, routing, (batch, seq), rope, mask)
+        x = routing.apply(self.final_norm, x)
+        return routing.unsort(x).view(batch, seq, -1)
