@@ -1,0 +1,59 @@
+"""The command line: help texts, one-line errors with non-zero exit, and the demo's outputs."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tmot(*args, cwd=ROOT):
+    return subprocess.run([sys.executable, "-m", "transfusion_mot", *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=600)
+
+
+@pytest.mark.parametrize("command", [[], ["demo"], ["info"]])
+def test_help(command):
+    r = tmot(*command, "--help")
+    assert r.returncode == 0
+    assert "example" in r.stdout
+
+
+def test_unknown_config_key_is_one_line_error(tmp_path):
+    cfg = tmp_path / "m.yaml"
+    cfg.write_text("dim: 64\nn_heads: 4\nwidth: 3\n")
+    r = tmot("info", "--config", str(cfg))
+    assert r.returncode == 2
+    assert "unknown config key 'width'" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+
+
+def test_missing_config_file(tmp_path):
+    r = tmot("info", "--config", str(tmp_path / "none.yaml"))
+    assert r.returncode == 2 and "not found" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_info_accounts_the_7b_config():
+    r = tmot("info", "--config", "configs/model/7b.yaml", "--set", "untie=[]", "--json")
+    assert r.returncode == 0, r.stderr
+    info = json.loads(r.stdout)
+    assert 6.4e9 < info["total_params"] < 7.2e9
+    assert info["shared_params"] > 0.9 * info["total_params"]
+
+
+def test_demo_writes_report(tmp_path):
+    from transfusion_mot.demo import run_core_demo
+
+    report = run_core_demo(tmp_path / "demo", steps=3, batch_size=2)
+    assert set(report["models"]) == {"mot", "dense"}
+    mot, dense = report["models"]["mot"], report["models"]["dense"]
+    assert mot["accounting"]["total_params"] > dense["accounting"]["total_params"]
+    assert mot["accounting"]["active_params_per_token"] == dense["accounting"]["active_params_per_token"]
+    lines = (tmp_path / "demo" / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 6
+    for key in ("step", "loss", "text_loss", "image_loss", "lr", "tokens_per_s"):
+        assert key in json.loads(lines[0])
+    assert "| mot |" in (tmp_path / "demo" / "report.md").read_text()
