@@ -15,11 +15,27 @@ def tmot(*args, cwd=ROOT):
                           timeout=600)
 
 
-@pytest.mark.parametrize("command", [[], ["demo"], ["info"]])
+@pytest.mark.parametrize("command", [[], ["demo"], ["info"], ["data"], ["data", "shapes"], ["data", "emoji"],
+                                     ["data", "folder"], ["data", "tokenizer"], ["vae"], ["vae", "train"],
+                                     ["vae", "encode"], ["vae", "reconstruct"]])
 def test_help(command):
     r = tmot(*command, "--help")
     assert r.returncode == 0
     assert "example" in r.stdout
+
+
+@pytest.mark.parametrize("args,match", [
+    (["data", "shapes", "--out", "x", "--num", "0"], "expected a positive integer"),
+    (["data", "shapes", "--out", "x", "--val-fraction", "2"], "expected a number in [0, 1)"),
+    (["demo", "--steps", "-3"], "expected a positive integer"),
+    (["nonsense"], "invalid choice"),
+    (["data", "folder", "--src", "/does/not/exist", "--out", "x"], "source directory not found"),
+])
+def test_bad_arguments_are_one_line_errors(args, match, tmp_path):
+    r = tmot(*args, cwd=tmp_path)
+    assert r.returncode == 2
+    assert match in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
 
 
 def test_unknown_config_key_is_one_line_error(tmp_path):

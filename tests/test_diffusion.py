@@ -4,7 +4,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from conftest import random_samples, tiny_config
 from transfusion_mot.batch import IGNORE_INDEX, Collator

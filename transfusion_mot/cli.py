@@ -14,10 +14,45 @@ class UserError(Exception):
     """A mistake in the command line or its inputs: reported in one line, exit status 2."""
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, but a bad argument is one line (plus the --help hint), not a usage dump."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}") from None
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {value}")
+    return value
+
+
+def print_json(obj: dict) -> None:
+    print(json.dumps(obj, indent=2, default=str))
+
+
+# --------------------------------------------------------------------------------------------------
+# commands
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_core_demo
 
-    report = run_core_demo(args.out, steps=args.steps, seed=args.seed)
+    run_core_demo(args.out, steps=args.steps, seed=args.seed)
     out = Path(args.out)
     print((out / "report.md").read_text())
     print(f"report: {out / 'report.md'}  json: {out / 'report.json'}  per-step losses: {out / 'metrics.jsonl'}")
@@ -28,7 +63,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     import torch
 
     from .accounting import parameter_accounting
-    from .config import load_yaml_config, ModelConfig
+    from .config import ModelConfig, load_yaml_config
     from .model import TransfusionMoT
 
     cfg = load_yaml_config(ModelConfig, args.config, args.set)
@@ -38,46 +73,193 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_shapes(args: argparse.Namespace) -> int:
+    from .data.shapes import generate_shapes
+
+    print_json(generate_shapes(args.out, num=args.num, size=args.size, seed=args.seed, val_fraction=args.val_fraction,
+                               workers=args.workers))
+    return 0
+
+
+def cmd_data_emoji(args: argparse.Namespace) -> int:
+    from .data.emoji import generate_emoji
+
+    print_json(generate_emoji(args.out, size=args.size, font=args.font, val_fraction=args.val_fraction, seed=args.seed))
+    return 0
+
+
+def cmd_data_folder(args: argparse.Namespace) -> int:
+    src = Path(args.src)
+    if not src.is_dir():
+        raise UserError(f"source directory not found: {src}")
+    from .data.folder import import_folder
+
+    report = import_folder(src, args.out, size=args.size, val_fraction=args.val_fraction, seed=args.seed,
+                           max_pixels=args.max_pixels, min_side=args.min_side, workers=args.workers)
+    print_json(report)
+    return 0
+
+
+def cmd_data_tokenizer(args: argparse.Namespace) -> int:
+    from .tokenizer import train_tokenizer_from_folder
+
+    tok = train_tokenizer_from_folder(args.data, args.vocab_size, args.out)
+    print_json({"tokenizer": str(args.out), "vocab_size_with_specials": tok.vocab_size})
+    return 0
+
+
+def cmd_vae_train(args: argparse.Namespace) -> int:
+    from vae.train import train_vae
+
+    print_json(train_vae(args.config, args.data, args.out, max_steps=args.max_steps, overrides=args.set,
+                         resume=args.resume))
+    return 0
+
+
+def cmd_vae_encode(args: argparse.Namespace) -> int:
+    from vae.latents import encode_folder
+
+    print_json(encode_folder(args.vae, args.data, args.out, batch_size=args.batch_size, split=args.split))
+    return 0
+
+
+def cmd_vae_reconstruct(args: argparse.Namespace) -> int:
+    from vae.reconstruct import reconstruct
+
+    print_json(reconstruct(args.vae, args.data, args.out, n=args.n, split=args.split))
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------
+# parser
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    fmt = argparse.RawDescriptionHelpFormatter
+    parser = Parser(
         prog="tmot", description="Transfusion text-to-image models on a Mixture-of-Transformers backbone.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="examples:\n  tmot demo --out tmot_demo\n  tmot info --config configs/model/760m.yaml")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+        formatter_class=fmt,
+        epilog="examples:\n  tmot demo --out tmot_demo\n  tmot data shapes --out data/shapes --num 20000 --size 32\n"
+               "  tmot info --config configs/model/760m.yaml")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
 
-    p = sub.add_parser("demo", help="train a tiny MoT and its dense baseline side by side on embedded data",
-                       description="Train a tiny MoT and its dense baseline (same code, nothing untied) on "
-                                   "embedded synthetic image-caption data and report both losses.",
-                       epilog="example: tmot demo --out tmot_demo --steps 400")
+    def command(group, name: str, help_: str, example: str, func, description: str | None = None):
+        p = group.add_parser(name, help=help_, description=description or help_, epilog=f"example:\n  {example}",
+                             formatter_class=fmt)
+        p.set_defaults(func=func)
+        return p
+
+    p = command(sub, "demo", "train a tiny MoT and its dense baseline side by side on embedded data",
+                "tmot demo --out tmot_demo --steps 400", cmd_demo,
+                "Train a tiny MoT and its dense baseline (same code, nothing untied) on embedded synthetic "
+                "image-caption data and report both losses.")
     p.add_argument("--out", default="tmot_demo", help="output directory (default: tmot_demo)")
-    p.add_argument("--steps", type=int, default=400, help="training steps per model (default: 400)")
+    p.add_argument("--steps", type=positive_int, default=400, help="training steps per model (default: 400)")
     p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("info", help="parameter and FLOP accounting of a model config",
-                       description="Total, per-modality and active parameters per token, and training FLOPs "
-                                   "per token (6N + attention), without allocating the weights.",
-                       epilog="example: tmot info --config configs/model/760m.yaml --set untie=[]")
+    p = command(sub, "info", "parameter and FLOP accounting of a model config",
+                "tmot info --config configs/model/760m.yaml --set untie=[]", cmd_info,
+                "Total, per-modality and active parameters per token, and training FLOPs per token "
+                "(6N + attention), without allocating the weights.")
     p.add_argument("--config", required=True, help="model config YAML (configs/model/*.yaml)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
-    p.add_argument("--seq-len", type=int, default=None, help="context for the attention FLOPs (default: max_seq_len)")
+    p.add_argument("--seq-len", type=positive_int, default=None, help="context for attention FLOPs (default: max_seq_len)")
     p.add_argument("--json", action="store_true", help="one-line JSON")
-    p.set_defaults(func=cmd_info)
+
+    # tmot data ...
+    data = sub.add_parser("data", help="make or import image-caption data sets (image folder + metadata.jsonl)",
+                          description="Make or import image-caption data sets. Every subcommand writes an image "
+                                      "folder: DIR/metadata.jsonl (file_name, text, split, attributes) + PNGs.",
+                          formatter_class=fmt, epilog="example:\n  tmot data shapes --out data/shapes --num 20000")
+    dsub = data.add_subparsers(dest="data_command", required=True, metavar="SOURCE", parser_class=Parser)
+    p = command(dsub, "shapes", "procedural captioned shapes (the embedded default data set)",
+                "tmot data shapes --out data/shapes --num 20000 --size 32 --seed 0", cmd_data_shapes,
+                "Coloured shapes with captions such as 'a small red circle above a blue square'; the "
+                "structured attributes go to metadata.jsonl so generated images can be scored for alignment.")
+    p.add_argument("--out", required=True)
+    p.add_argument("--num", type=positive_int, default=20000)
+    p.add_argument("--size", type=positive_int, default=32)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--val-fraction", type=fraction, default=0.1)
+    p.add_argument("--workers", type=positive_int, default=1, help="processes (output is identical for any number)")
+
+    p = command(dsub, "emoji", "Noto Color Emoji rendered with captions from their Unicode names",
+                "tmot data emoji --out data/emoji --size 32", cmd_data_emoji,
+                "Renders the ~1,300 single-code-point emoji of Noto Color Emoji (Debian: apt-get install "
+                "fonts-noto-color-emoji) on white, captioned with unicodedata.name.")
+    p.add_argument("--out", required=True)
+    p.add_argument("--size", type=positive_int, default=32)
+    p.add_argument("--font", default=None, help="path to NotoColorEmoji.ttf (default: the Debian location)")
+    p.add_argument("--val-fraction", type=fraction, default=0.1)
+    p.add_argument("--seed", type=int, default=0, help="salt of the train/val split")
+
+    p = command(dsub, "folder", "import your own images with captions",
+                "tmot data folder --src photos/ --out data/photos --size 64", cmd_data_folder,
+                "Imports images with captions from SRC/metadata.jsonl, a CSV, or sidecar .txt files; converts "
+                "to RGB, centre-crops and resizes; skips (and counts) corrupt, truncated, empty, huge and "
+                "non-image files.")
+    p.add_argument("--src", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--size", type=positive_int, default=64)
+    p.add_argument("--val-fraction", type=fraction, default=0.1)
+    p.add_argument("--seed", type=int, default=0, help="salt of the train/val split")
+    p.add_argument("--max-pixels", type=positive_int, default=40_000_000, help="skip larger images (decompression bombs)")
+    p.add_argument("--min-side", type=positive_int, default=1, help="skip images whose shorter side is smaller")
+    p.add_argument("--workers", type=positive_int, default=1)
+
+    p = command(dsub, "tokenizer", "train a byte-level BPE tokenizer on a data set's captions",
+                "tmot data tokenizer --data data/shapes --vocab-size 512 --out data/shapes/tokenizer.json",
+                cmd_data_tokenizer)
+    p.add_argument("--data", required=True, help="image folder with metadata.jsonl")
+    p.add_argument("--vocab-size", type=positive_int, default=1024)
+    p.add_argument("--out", required=True, help="tokenizer.json to write")
+
+    # tmot vae ...
+    vae = sub.add_parser("vae", help="train, apply and check the image autoencoder (diffusers AutoencoderKL)",
+                         description="The image autoencoder: train a small AutoencoderKL, encode a data set to "
+                                     "cached latents, and check reconstructions.",
+                         formatter_class=fmt,
+                         epilog="example:\n  tmot vae train --config configs/vae/tiny-32.yaml --data data/shapes --out vae32")
+    vsub = vae.add_subparsers(dest="vae_command", required=True, metavar="ACTION", parser_class=Parser)
+    p = command(vsub, "train", "train an AutoencoderKL (reconstruction + KL) and save_pretrained it",
+                "tmot vae train --config configs/vae/tiny-32.yaml --data data/shapes --out vae32 --max-steps 3000",
+                cmd_vae_train)
+    p.add_argument("--config", required=True)
+    p.add_argument("--data", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--max-steps", type=positive_int, default=None)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
+
+    p = command(vsub, "encode", "encode an image folder to cached latents (safetensors shards)",
+                "tmot vae encode --vae vae32 --data data/shapes --out latents/shapes", cmd_vae_encode)
+    p.add_argument("--vae", required=True, help="directory written by tmot vae train, or a hub id")
+    p.add_argument("--data", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--batch-size", type=positive_int, default=64)
+    p.add_argument("--split", default=None, help="only this split (train/val); default: all")
+
+    p = command(vsub, "reconstruct", "side-by-side originals and reconstructions, with PSNR",
+                "tmot vae reconstruct --vae vae32 --data data/shapes --out recon.png", cmd_vae_reconstruct)
+    p.add_argument("--vae", required=True)
+    p.add_argument("--data", required=True)
+    p.add_argument("--out", required=True, help="PNG grid to write")
+    p.add_argument("--n", type=positive_int, default=16)
+    p.add_argument("--split", default="val")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if getattr(args, "steps", 1) is not None and getattr(args, "steps", 1) <= 0:
-        parser.error("--steps must be positive")
+    name = " ".join(filter(None, [args.command, getattr(args, "data_command", None), getattr(args, "vae_command", None)]))
     try:
         return args.func(args)
-    except (UserError, ConfigError, ValueError, FileNotFoundError) as err:
-        print(f"tmot {args.command}: error: {err}", file=sys.stderr)
+    except (UserError, ConfigError, ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as err:
+        print(f"tmot {name}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"tmot {args.command}: interrupted", file=sys.stderr)
+        print(f"tmot {name}: interrupted", file=sys.stderr)
         return 130
 
 

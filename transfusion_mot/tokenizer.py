@@ -1,0 +1,218 @@
+"""Text tokenizers: raw UTF-8 bytes, or a byte-level BPE (Hugging Face `tokenizers`) read from tokenizer.json.
+
+Both follow the vocabulary convention of `transfusion_mot.batch.SpecialTokens.at_end_of_vocab`: the text
+ids come first and the model's five special tokens (BOS, EOS, PAD, BOI, EOI) are the last five ids. So a
+model's `vocab_size` is always `tokenizer.vocab_size` (which already counts the specials), and `encode`
+never emits a special id: the collator adds them.
+
+For a BPE tokenizer with V entries in tokenizer.json (added tokens included), ids 0..V-1 are the file's
+and our specials are appended as V..V+4. Special tokens defined inside the file (e.g. "<|endoftext|>") are
+NOT used as ours: they stay ordinary ids of the file, which keeps any tokenizer.json usable as it is.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator, Protocol, Sequence, Union
+
+from .batch import SpecialTokens
+from .config import ConfigError
+
+NUM_SPECIALS = 5
+TOKENIZER_KINDS = ("bytes", "hf")
+OVERFLOW_CHOICES = ("error", "truncate")
+
+
+@dataclass
+class TokenizerConfig:
+    """Which tokenizer to use and what to do with captions longer than `max_text_tokens`.
+
+    kind: "bytes" (no file needed) or "hf" (a tokenizer.json at `path`, e.g. from `tmot data tokenizer`).
+    overflow: "error" fails loudly (a silently cut caption changes what the model learns); "truncate"
+    keeps the first `max_text_tokens` tokens.
+    """
+
+    kind: str = "bytes"
+    path: str | None = None
+    max_text_tokens: int | None = None
+    overflow: str = "error"
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        if self.kind not in TOKENIZER_KINDS:
+            raise ConfigError(f"tokenizer config: kind must be one of {list(TOKENIZER_KINDS)}, got {self.kind!r}")
+        if self.kind == "hf" and not self.path:
+            raise ConfigError("tokenizer config: kind 'hf' needs path: the tokenizer.json to load")
+        if self.overflow not in OVERFLOW_CHOICES:
+            raise ConfigError(f"tokenizer config: overflow must be one of {list(OVERFLOW_CHOICES)}, "
+                              f"got {self.overflow!r}")
+        if self.max_text_tokens is not None and int(self.max_text_tokens) <= 0:
+            raise ConfigError(f"tokenizer config: max_text_tokens must be positive, got {self.max_text_tokens}")
+
+
+class Tokenizer(Protocol):
+    vocab_size: int
+    specials: SpecialTokens
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, ids: Iterable[int]) -> str: ...
+
+
+class ByteTokenizer:
+    """ids 0..255 are UTF-8 bytes; 256..260 the specials. No file, no training, any text round-trips."""
+
+    vocab_size = 256 + NUM_SPECIALS
+
+    def __init__(self) -> None:
+        self.specials = SpecialTokens.at_end_of_vocab(self.vocab_size)
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Special ids (and anything out of range) are dropped; invalid UTF-8 becomes U+FFFD, never an error."""
+        data = bytes(int(i) for i in ids if 0 <= int(i) < 256)
+        return data.decode("utf-8", errors="replace")
+
+    def __repr__(self) -> str:
+        return "ByteTokenizer(vocab_size=261)"
+
+
+class HFTokenizer:
+    """A Hugging Face `tokenizers.Tokenizer` from a local tokenizer.json, with our specials appended."""
+
+    def __init__(self, path: str | Path) -> None:
+        from tokenizers import Tokenizer as _HFTok
+
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"tokenizer file not found: {path} (train one with `tmot data tokenizer "
+                                    f"--data DIR --out {path}` or use tokenizer kind 'bytes')")
+        try:
+            self.tok = _HFTok.from_file(str(path))
+        except Exception as err:  # the Rust side raises a bare Exception on malformed json
+            raise ValueError(f"{path}: not a valid tokenizer.json ({str(err).splitlines()[0]})") from None
+        self.path = path
+        self.text_vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
+        self.vocab_size = self.text_vocab_size + NUM_SPECIALS
+        self.specials = SpecialTokens.at_end_of_vocab(self.vocab_size)
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tok.encode(text, add_special_tokens=False).ids)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Our special ids are dropped; the file's own special tokens are kept (they are plain text to us)."""
+        keep = [int(i) for i in ids if 0 <= int(i) < self.text_vocab_size]
+        return self.tok.decode(keep, skip_special_tokens=False)
+
+    def __repr__(self) -> str:
+        return f"HFTokenizer({str(self.path)!r}, vocab_size={self.vocab_size})"
+
+
+AnyTokenizer = Union[ByteTokenizer, HFTokenizer]
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int, out_path: str | Path) -> HFTokenizer:
+    """Train a byte-level BPE on `texts` and save it as tokenizer.json at `out_path`.
+
+    `vocab_size` is the MODEL's vocabulary, the 5 specials included, so it can go into the model config as
+    is; the file gets `vocab_size - 5` entries, or fewer when the corpus runs out of pairs to merge (read
+    the returned tokenizer's `vocab_size`). All 256 byte symbols are always in the alphabet, so any text
+    round-trips. Same texts in the same order -> the same file.
+    """
+    from tokenizers import Tokenizer as _HFTok
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    if vocab_size < 256 + NUM_SPECIALS:
+        raise ValueError(f"vocab_size must be at least {256 + NUM_SPECIALS} (256 byte symbols + 5 specials), "
+                         f"got {vocab_size}")
+    tok = _HFTok(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size - NUM_SPECIALS, min_frequency=2, show_progress=False,
+                                  special_tokens=[], initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer=trainer)
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tok.save(str(out_path))
+    return HFTokenizer(out_path)
+
+
+def _folder_captions(data_dir: Path) -> Iterator[str]:
+    meta = data_dir / "metadata.jsonl"
+    with meta.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{meta}:{lineno}: invalid JSON ({err.msg})") from None
+            if row.get("split", "train") != "train":
+                continue
+            text = row.get("text")
+            if isinstance(text, str) and text:
+                yield text
+
+
+def train_tokenizer_from_folder(data_dir: str | Path, vocab_size: int, out: str | Path) -> HFTokenizer:
+    """Train on the `text` field of DIR/metadata.jsonl (rows of split "train" or with no split: the
+    validation captions stay unseen, like the validation images)."""
+    data_dir = Path(data_dir)
+    if not (data_dir / "metadata.jsonl").is_file():
+        raise FileNotFoundError(f"no metadata.jsonl in {data_dir} (expected an image folder made by "
+                                f"`tmot data ...`)")
+    count = 0
+
+    def counted() -> Iterator[str]:
+        nonlocal count
+        for text in _folder_captions(data_dir):
+            count += 1
+            yield text
+
+    tok = train_tokenizer(counted(), vocab_size, out)
+    if count == 0:
+        Path(out).unlink(missing_ok=True)
+        raise ValueError(f"{data_dir / 'metadata.jsonl'}: no training captions (field 'text') to learn from")
+    return tok
+
+
+def load_tokenizer(config_or_spec: TokenizerConfig | str | Path | None = None) -> AnyTokenizer:
+    """A tokenizer from a `TokenizerConfig`, the string "bytes" (or None), or a path to tokenizer.json."""
+    if config_or_spec is None:
+        return ByteTokenizer()
+    if isinstance(config_or_spec, TokenizerConfig):
+        if config_or_spec.kind == "bytes":
+            return ByteTokenizer()
+        return HFTokenizer(config_or_spec.path)  # type: ignore[arg-type]
+    if str(config_or_spec) == "bytes":
+        return ByteTokenizer()
+    return HFTokenizer(config_or_spec)
+
+
+def encode_caption(tokenizer: AnyTokenizer, text: str, max_text_tokens: int | None = None,
+                   overflow: str = "error") -> list[int]:
+    """Token ids of a caption (no specials), checked against `max_text_tokens`.
+
+    overflow="error" raises ValueError naming both lengths; "truncate" keeps the FIRST max_text_tokens ids
+    (the cut may fall inside a multi-byte character; decode then shows U+FFFD for the partial bytes).
+    """
+    if overflow not in OVERFLOW_CHOICES:
+        raise ValueError(f"overflow must be one of {list(OVERFLOW_CHOICES)}, got {overflow!r}")
+    ids = tokenizer.encode(text)
+    if max_text_tokens is not None and len(ids) > max_text_tokens:
+        if overflow == "error":
+            raise ValueError(f"caption has {len(ids)} tokens, more than max_text_tokens={max_text_tokens}; "
+                             f"set overflow: truncate to cut it")
+        ids = ids[:max_text_tokens]
+    return ids
+
+
+def encode_captions(tokenizer: AnyTokenizer, texts: Sequence[str], config: TokenizerConfig) -> list[list[int]]:
+    """`encode_caption` for each text with the limits of `config`."""
+    return [encode_caption(tokenizer, t, config.max_text_tokens, config.overflow) for t in texts]

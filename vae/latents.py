@@ -1,0 +1,311 @@
+"""Latent caches: encode an image folder once, then train the diffusion model on the cached latents.
+
+Layout of a cache directory `OUT`:
+  latents-00000.safetensors  tensors `latents` (N, C, h, w) float32 or bfloat16, normalised as the
+                             diffusion model sees them ((z - shift) * scale); `index` (N,) int64, the source
+                             row in metadata.jsonl; with mode "mean_logvar" also `logvar` (N, C, h, w), the
+                             posterior log-variance in the same normalised space (so z = latents +
+                             exp(logvar / 2) * eps samples the posterior).
+  latents-00000.jsonl        one line per latent, same order: {"index", "text", "meta": the metadata row}
+  index.json                 shard list and counts, latent shape, dtype, mode, the VAE path and its
+                             scaling/shift factors, the source data directory.
+Every file is written to a temporary name and renamed, and index.json last: a cache with index.json is
+complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .autoencoder import encode, latent_scale_shift, load_vae
+from .data import ImageFolderDataset
+
+MODES = ("mean", "mean_logvar", "sample")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+INDEX_FILE = "index.json"
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _atomic_save_safetensors(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str]) -> None:
+    from safetensors.torch import save
+
+    _atomic_write_bytes(path, save({k: v.contiguous() for k, v in tensors.items()}, metadata=metadata))
+
+
+@torch.no_grad()
+def encode_folder(vae_dir_or_model: str | Path | Any, data_dir: str | Path, out_dir: str | Path,
+                  batch_size: int = 64, shard_size: int = 4096, split: str | None = None, mode: str = "mean",
+                  dtype: str = "float32", seed: int = 0, device: str | torch.device | None = None,
+                  progress: bool = True) -> dict[str, Any]:
+    """Encode every image of an image folder (optionally one split) into a sharded latent cache.
+
+    `mode`: "mean" (posterior mean, deterministic: the default), "mean_logvar" (mean plus log-variance,
+    so training can re-sample), or "sample" (one draw with a generator seeded by `seed`). Returns the
+    index.json contents."""
+    from tqdm.auto import tqdm
+
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {list(MODES)}, got {mode!r}")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
+    if batch_size <= 0 or shard_size <= 0:
+        raise ValueError("batch_size and shard_size must be positive")
+    if isinstance(vae_dir_or_model, (str, Path)):
+        vae_path: str | None = str(vae_dir_or_model)
+        vae = load_vae(vae_dir_or_model, device=device)
+    else:
+        vae = vae_dir_or_model
+        vae_path = getattr(vae.config, "_name_or_path", None) or None
+        if device is not None:
+            vae.to(device)
+    was_training = vae.training
+    vae.eval()
+    scale, shift = latent_scale_shift(vae)
+    size = int(vae.config.sample_size) if vae.config.sample_size else None
+    dataset = ImageFolderDataset(data_dir, split=split, size=size)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / INDEX_FILE).unlink(missing_ok=True)  # the cache is incomplete until the new index lands
+    gen = torch.Generator(device=vae.device).manual_seed(seed)
+    torch_dtype = DTYPES[dtype]
+
+    shards: list[dict[str, Any]] = []
+    pending: dict[str, list[Tensor]] = {"latents": [], "index": [], "logvar": []}
+    pending_rows: list[dict[str, Any]] = []
+    latent_shape: list[int] | None = None
+
+    def flush() -> None:
+        if not pending_rows:
+            return
+        k = len(shards)
+        name = f"latents-{k:05d}"
+        tensors = {"latents": torch.cat(pending["latents"]).to(torch_dtype),
+                   "index": torch.cat(pending["index"]).to(torch.int64)}
+        if pending["logvar"]:
+            tensors["logvar"] = torch.cat(pending["logvar"]).to(torch_dtype)
+        _atomic_save_safetensors(tensors, out / f"{name}.safetensors", {"mode": mode})
+        lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in pending_rows)
+        _atomic_write_bytes(out / f"{name}.jsonl", lines.encode())
+        shards.append({"file": f"{name}.safetensors", "captions": f"{name}.jsonl", "count": len(pending_rows)})
+        for v in pending.values():
+            v.clear()
+        pending_rows.clear()
+
+    n = len(dataset)
+    bar = tqdm(total=n, disable=not progress, desc="encode", unit="img", dynamic_ncols=True)
+    for start in range(0, n, batch_size):
+        positions = list(range(start, min(n, start + batch_size)))
+        batch = dataset.batch(positions)
+        x = batch["image"].to(vae.device)
+        if mode == "mean":
+            z = encode(vae, x)
+        elif mode == "sample":
+            z = encode(vae, x, sample=True, generator=gen)
+        else:
+            posterior = vae.encode(x.to(vae.dtype)).latent_dist
+            z = (posterior.mean - shift) * scale
+            pending["logvar"].append((posterior.logvar + 2 * float(np.log(abs(scale)))).float().cpu())
+        latent_shape = list(z.shape[1:])
+        pending["latents"].append(z.float().cpu())
+        pending["index"].append(batch["index"])
+        for idx, text, meta in zip(batch["index"].tolist(), batch["text"], batch["meta"]):
+            pending_rows.append({"index": idx, "text": text, "meta": meta})
+        # shards hold exactly shard_size rows (the last one fewer), whatever batch_size is
+        while len(pending_rows) >= shard_size:
+            extra_rows = pending_rows[shard_size:]
+            del pending_rows[shard_size:]
+            extra = {}
+            for key, parts in pending.items():
+                if parts:
+                    cat = torch.cat(parts)
+                    parts[:] = [cat[:shard_size]]
+                    extra[key] = cat[shard_size:]
+            flush()
+            pending_rows.extend(extra_rows)
+            for key, rest in extra.items():
+                if len(rest):
+                    pending[key].append(rest)
+        bar.update(len(positions))
+    flush()
+    bar.close()
+    if was_training:
+        vae.train()
+
+    # shards from an earlier, larger cache in the same directory would confuse anyone listing files
+    keep = {s["file"] for s in shards} | {s["captions"] for s in shards}
+    for p in out.glob("latents-*"):
+        if p.name not in keep:
+            p.unlink()
+    index = {"format": "tmot-latents/1", "shards": shards, "count": sum(s["count"] for s in shards),
+             "latent_shape": latent_shape, "dtype": dtype, "mode": mode, "normalized": True,
+             "vae": str(Path(vae_path).resolve()) if vae_path and Path(vae_path).exists() else vae_path,
+             "scaling_factor": scale, "shift_factor": shift, "image_size": size,
+             "data_dir": str(Path(data_dir).resolve()), "split": split}
+    _atomic_write_bytes(out / INDEX_FILE, (json.dumps(index, indent=2) + "\n").encode())
+    return index
+
+
+class LatentDataset(torch.utils.data.Dataset):
+    """Random access into a latent cache without loading it: tensors come from memory-mapped safetensors
+    (`safe_open`, one row sliced per item), captions from byte offsets into the jsonl sidecars.
+
+    Items: {"latent": (C, h, w) float32, "text", "index" (source row), "meta"}, plus "logvar" for
+    mean_logvar caches. Picklable (file handles reopen lazily), so DataLoader workers work."""
+
+    def __init__(self, cache_dir: str | Path) -> None:
+        self.root = Path(cache_dir)
+        index_path = self.root / INDEX_FILE
+        if not index_path.is_file():
+            raise FileNotFoundError(f"{index_path}: not found (not a latent cache, or encoding did not "
+                                    "finish); create one with `tmot vae encode` / vae.latents.encode_folder")
+        self.info = json.loads(index_path.read_text())
+        self.shards = self.info["shards"]
+        counts = [int(s["count"]) for s in self.shards]
+        self._starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        self._offsets: list[np.ndarray | None] = [None] * len(self.shards)
+        self._handles: dict[int, Any] = {}
+
+    def __len__(self) -> int:
+        return int(self._starts[-1])
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_handles"] = {}
+        return state
+
+    @property
+    def latent_shape(self) -> tuple[int, ...]:
+        return tuple(self.info["latent_shape"])
+
+    @property
+    def scaling_factor(self) -> float:
+        return float(self.info["scaling_factor"])
+
+    @property
+    def shift_factor(self) -> float:
+        return float(self.info["shift_factor"])
+
+    def _locate(self, i: int) -> tuple[int, int]:
+        n = len(self)
+        if not -n <= i < n:
+            raise IndexError(f"latent index {i} out of range for {n} latents")
+        i %= n
+        shard = int(np.searchsorted(self._starts, i, side="right") - 1)
+        return shard, i - int(self._starts[shard])
+
+    def _handle(self, shard: int) -> Any:
+        from safetensors import safe_open
+
+        if shard not in self._handles:
+            self._handles[shard] = safe_open(str(self.root / self.shards[shard]["file"]), framework="pt")
+        return self._handles[shard]
+
+    def _line(self, shard: int, row: int) -> dict[str, Any]:
+        path = self.root / self.shards[shard]["captions"]
+        if self._offsets[shard] is None:
+            offsets = [0]
+            with path.open("rb") as f:
+                for line in f:
+                    offsets.append(offsets[-1] + len(line))
+            self._offsets[shard] = np.asarray(offsets, dtype=np.int64)
+        offsets = self._offsets[shard]
+        with path.open("rb") as f:
+            f.seek(int(offsets[row]))
+            return json.loads(f.read(int(offsets[row + 1] - offsets[row])))
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        shard, row = self._locate(int(i))
+        f = self._handle(shard)
+        item: dict[str, Any] = {"latent": f.get_slice("latents")[row].float()}
+        if "logvar" in f.keys():
+            item["logvar"] = f.get_slice("logvar")[row].float()
+        line = self._line(shard, row)
+        item["text"] = line["text"]
+        item["index"] = int(f.get_slice("index")[row : row + 1][0])
+        item["meta"] = line["meta"]
+        return item
+
+
+class LatentStream:
+    """Infinite, shuffled, resumable stream of a dataset's items for training.
+
+    Epoch e visits `randperm(N, generator seeded with seed + e)`; rank r of `world_size` takes the strided
+    slice perm[r::world_size] (disjoint, together covering every item once per epoch; with drop_last the
+    slices are cut to equal length so data-parallel ranks stay in step). `state_dict()` after k items
+    lets a fresh stream continue with exactly item k + 1."""
+
+    def __init__(self, dataset: Any, seed: int = 0, rank: int = 0, world_size: int = 1, shuffle: bool = True,
+                 drop_last: bool = False) -> None:
+        if world_size <= 0 or not 0 <= rank < world_size:
+            raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+        if len(dataset) < world_size:
+            raise ValueError(f"{len(dataset)} items cannot be shared by {world_size} ranks")
+        self.dataset = dataset
+        self.seed = int(seed)
+        self.rank = rank
+        self.world_size = world_size
+        self.shuffle = shuffle
+        self.drop_last = drop_last
+        self.epoch = 0
+        self.position = 0
+        self._order: Tensor | None = None
+
+    def epoch_order(self, epoch: int) -> Tensor:
+        """Dataset positions this rank visits in `epoch`, in order."""
+        n = len(self.dataset)
+        if self.shuffle:
+            perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed + epoch))
+        else:
+            perm = torch.arange(n)
+        if self.drop_last:
+            perm = perm[: n - n % self.world_size]
+        return perm[self.rank :: self.world_size]
+
+    def __iter__(self) -> Iterator[Any]:
+        return self
+
+    def next_index(self) -> int:
+        """Advance and return the dataset position of the next item (no data loaded)."""
+        if self._order is None:
+            self._order = self.epoch_order(self.epoch)
+        while self.position >= len(self._order):
+            self.epoch += 1
+            self.position = 0
+            self._order = self.epoch_order(self.epoch)
+        i = int(self._order[self.position])
+        self.position += 1
+        return i
+
+    def __next__(self) -> Any:
+        return self.dataset[self.next_index()]
+
+    def take(self, n: int) -> list[Any]:
+        """The next `n` items as a list (a training batch)."""
+        return [next(self) for _ in range(n)]
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch = int(state["epoch"])
+        self.position = int(state["position"])
+        self.seed = int(state["seed"])
+        self._order = None

@@ -1,0 +1,316 @@
+"""Train a small AutoencoderKL on an image folder.
+
+Batches are a pure function of (seed, step) (per-epoch permutations from a seeded generator), and the only
+other randomness, posterior sampling, uses a generator whose state is checkpointed. That is what makes a
+killed-and-resumed run produce bit-identical weights to an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from transfusion_mot.config import ConfigError, from_dict, save_yaml_config
+
+from .autoencoder import (VAERunConfig, build_vae, compute_latent_stats, load_vae_config, psnr_per_image,
+                          set_latent_stats)
+from .data import ImageFolderDataset, read_metadata
+
+CHECKPOINT_DIR = "checkpoints"
+
+
+# --------------------------------------------------------------------------------------------------
+# config resolution
+
+
+def resolve_config(config: str | Path | VAERunConfig | dict[str, Any],
+                   overrides: list[str] | None = None) -> VAERunConfig:
+    """A path (YAML), a dict, or a config object -> a validated VAERunConfig with `a.b=c` overrides."""
+    if isinstance(config, (str, Path)):
+        return load_vae_config(config, overrides)
+    if isinstance(config, dict):
+        config = from_dict(VAERunConfig, config)
+    if overrides:
+        from transfusion_mot.config import apply_overrides, to_dict
+
+        data = to_dict(config)
+        apply_overrides(data, overrides)
+        config = from_dict(VAERunConfig, data)
+    return config
+
+
+# --------------------------------------------------------------------------------------------------
+# perceptual loss (weights from disk only)
+
+VGG_LAYERS = (3, 8, 15, 22)  # relu1_2, relu2_2, relu3_3, relu4_3 of torchvision's vgg16().features
+
+
+class VGGPerceptual(torch.nn.Module):
+    """LPIPS-style feature distance on a frozen VGG16 loaded from a local state dict. Never downloads."""
+
+    def __init__(self, weights_path: str | Path) -> None:
+        super().__init__()
+        from torchvision.models import vgg16
+
+        features = vgg16(weights=None).features[: VGG_LAYERS[-1] + 1]
+        state = torch.load(weights_path, map_location="cpu", weights_only=True)
+        if isinstance(state, dict) and "state_dict" in state:
+            state = state["state_dict"]
+        state = {k.removeprefix("features."): v for k, v in state.items() if not k.startswith("classifier.")}
+        state = {k: v for k, v in state.items() if int(k.split(".")[0]) <= VGG_LAYERS[-1]}
+        missing, _ = features.load_state_dict(state, strict=False)
+        if missing:
+            raise ConfigError(f"perceptual_weights_path {weights_path}: not a torchvision VGG16 state dict "
+                              f"(missing {missing[:3]})")
+        self.features = features.eval().requires_grad_(False)
+        self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1))
+
+    def forward(self, a: Tensor, b: Tensor) -> Tensor:
+        x = torch.cat([a, b]).add(1).div(2).sub(self.mean).div(self.std)
+        loss = x.new_zeros(())
+        for i, layer in enumerate(self.features):
+            x = layer(x)
+            if i in VGG_LAYERS:
+                fa, fb = x.chunk(2)
+                fa = fa / (fa.norm(dim=1, keepdim=True) + 1e-10)
+                fb = fb / (fb.norm(dim=1, keepdim=True) + 1e-10)
+                loss = loss + (fa - fb).pow(2).sum(1).mean()
+        return loss
+
+
+def build_perceptual(cfg: VAERunConfig) -> VGGPerceptual | None:
+    t = cfg.train
+    if t.perceptual_weight <= 0:
+        return None
+    path = t.perceptual_weights_path
+    if not path or not Path(path).expanduser().is_file():
+        raise ConfigError(f"perceptual_weight is {t.perceptual_weight} but perceptual_weights_path "
+                          f"{path!r} is not a file: save a torchvision VGG16 state dict there (weights are "
+                          "never downloaded) or set perceptual_weight: 0")
+    return VGGPerceptual(Path(path).expanduser())
+
+
+# --------------------------------------------------------------------------------------------------
+# the schedule of batches and learning rates
+
+
+def batch_positions(step: int, n: int, batch_size: int, seed: int) -> Tensor:
+    """Dataset positions of the batch for 0-based `step`: per-epoch permutations (generator seed + epoch),
+    consecutive slices, the ragged tail dropped. A pure function, so resuming needs only the step."""
+    per_epoch = max(1, n // batch_size)
+    epoch, b = divmod(step, per_epoch)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+    return perm[b * batch_size:(b + 1) * batch_size]
+
+
+def lr_at(step: int, cfg: VAERunConfig, max_steps: int, time_fraction: float | None = None) -> float:
+    """Linear warm-up, then constant or cosine decay to min_lr_ratio * lr at max_steps (1-based step), or
+    at the end of the time budget when `time_fraction` (elapsed / budget) is given."""
+    t = cfg.train
+    if t.warmup_steps and step <= t.warmup_steps:
+        return t.lr * step / t.warmup_steps
+    if t.lr_schedule == "constant":
+        return t.lr
+    progress = min(1.0, (step - t.warmup_steps) / max(1, max_steps - t.warmup_steps))
+    if time_fraction is not None:
+        progress = max(progress, min(1.0, time_fraction))
+    return t.lr * (t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def reconstruction_loss(recon: Tensor, target: Tensor, kind: str) -> Tensor:
+    if kind == "l1":
+        return F.l1_loss(recon, target)
+    if kind == "mse":
+        return F.mse_loss(recon, target)
+    return F.l1_loss(recon, target) + F.mse_loss(recon, target)
+
+
+# --------------------------------------------------------------------------------------------------
+# checkpoints
+
+
+def _step_dirs(ckpt_root: Path) -> list[tuple[int, Path]]:
+    out = []
+    if ckpt_root.is_dir():
+        for p in ckpt_root.iterdir():
+            if p.is_dir() and p.name.startswith("step_") and p.name[5:].isdigit() and (p / "trainer.pt").is_file():
+                out.append((int(p.name[5:]), p))
+    return sorted(out)
+
+
+def latest_checkpoint(out_dir: str | Path) -> Path | None:
+    """The newest complete `out/checkpoints/step_N` (complete = renamed into place, so trainer.pt exists)."""
+    dirs = _step_dirs(Path(out_dir) / CHECKPOINT_DIR)
+    return dirs[-1][1] if dirs else None
+
+
+def save_checkpoint(out_dir: Path, step: int, vae: Any, opt: torch.optim.Optimizer, noise_gen: torch.Generator,
+                    keep: int) -> Path:
+    """Write to a temp dir, then rename into place: a kill mid-write never leaves a half checkpoint."""
+    from safetensors.torch import save_file
+
+    root = out_dir / CHECKPOINT_DIR
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step_{step}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-step_{step}-", dir=root))
+    save_file({k: v.detach().contiguous() for k, v in vae.state_dict().items()}, str(tmp / "model.safetensors"))
+    torch.save({"step": step, "optimizer": opt.state_dict(), "noise_generator": noise_gen.get_state(),
+                "torch_rng": torch.get_rng_state()}, tmp / "trainer.pt")
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    for _, old in _step_dirs(root)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(path: Path, vae: Any, opt: torch.optim.Optimizer, noise_gen: torch.Generator) -> int:
+    from safetensors.torch import load_file
+
+    vae.load_state_dict(load_file(str(path / "model.safetensors")))
+    state = torch.load(path / "trainer.pt", map_location="cpu", weights_only=True)
+    opt.load_state_dict(state["optimizer"])
+    noise_gen.set_state(state["noise_generator"])
+    torch.set_rng_state(state["torch_rng"])
+    return int(state["step"])
+
+
+# --------------------------------------------------------------------------------------------------
+# training
+
+
+def _training_dataset(data_dir: str | Path, cfg: VAERunConfig) -> ImageFolderDataset:
+    split = cfg.train.split
+    if split is not None and not any("split" in r for r in read_metadata(data_dir)):
+        split = None  # a folder without splits: train on everything
+    return ImageFolderDataset(data_dir, split=split, size=cfg.model.sample_size, cache=True)
+
+
+def train_vae(config_path_or_obj: str | Path | VAERunConfig | dict[str, Any], data_dir: str | Path,
+              out_dir: str | Path, max_steps: int | None = None, overrides: list[str] | None = None,
+              resume: bool = False, time_budget_s: float | None = None, schedule_by_time: bool = False,
+              progress: bool = True, device: str | torch.device = "cpu") -> dict[str, Any]:
+    """Train an AutoencoderKL; write `out_dir` as a `save_pretrained` directory (safetensors) with the latent
+    scale/shift computed from the training data, plus `train_log.jsonl`, `vae_config.yaml` and resumable
+    `checkpoints/step_N/`.
+
+    `max_steps` overrides the config's; `resume=True` continues from the newest checkpoint (model,
+    optimizer, step, RNG); with lr_schedule "cosine" the decay follows the max_steps in force, so resume
+    with the same max_steps for bit-identical results. `time_budget_s` stops early (the benchmark's
+    wall-clock budget); the LR schedule follows max_steps unless `schedule_by_time`, which decays it over
+    the budget instead (the benchmark's mode; not bit-reproducible, it depends on the machine's speed).
+    A fresh (non-resume) run in an existing `out_dir` deletes its old checkpoints and log, so a later
+    resume can never mix two runs. Returns a summary dict.
+    """
+    from tqdm.auto import tqdm
+
+    cfg = resolve_config(config_path_or_obj, overrides)
+    if max_steps is not None:
+        cfg.train.max_steps = int(max_steps)
+        cfg.train.validate()
+    t = cfg.train
+    out = Path(out_dir)
+    perceptual = build_perceptual(cfg)  # fails before any work if its weights are missing
+    dataset = _training_dataset(data_dir, cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    save_yaml_config(cfg, out / "vae_config.yaml")
+
+    torch.manual_seed(t.seed)
+    vae = build_vae(cfg.model).to(device).train()
+    if perceptual is not None:
+        perceptual.to(device)
+    opt = torch.optim.AdamW(vae.parameters(), lr=t.lr, betas=(0.9, 0.99), weight_decay=t.weight_decay)
+    noise_gen = torch.Generator(device=device).manual_seed(t.seed + 1)
+
+    start = 0
+    log_path = out / "train_log.jsonl"
+    ckpt = latest_checkpoint(out) if resume else None
+    if resume and ckpt is None:
+        print(f"resume: no checkpoint in {out / CHECKPOINT_DIR}, starting from step 0")
+    if ckpt is not None:
+        start = load_checkpoint(ckpt, vae, opt, noise_gen)
+        if log_path.exists():  # drop log lines a killed run wrote after its last checkpoint
+            kept = [ln for ln in log_path.read_text().splitlines() if ln and json.loads(ln)["step"] <= start]
+            log_path.write_text("".join(ln + "\n" for ln in kept))
+    else:
+        log_path.unlink(missing_ok=True)
+        shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)
+
+    n = len(dataset)
+    started = time.perf_counter()
+    last: dict[str, float] = {}
+    step = start
+    stopped_early = False
+    bar = tqdm(total=t.max_steps, initial=start, disable=not progress, desc="vae", dynamic_ncols=True)
+    with log_path.open("a") as log:
+        while step < t.max_steps:
+            if time_budget_s is not None and time.perf_counter() - started >= time_budget_s:
+                stopped_early = True
+                break
+            x = dataset.batch(batch_positions(step, n, t.batch_size, t.seed))["image"]
+            if t.hflip:
+                flip = torch.rand(len(x), generator=torch.Generator().manual_seed(t.seed * 7919 + step)) < 0.5
+                x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+            x = x.to(device)
+            step += 1
+            frac = (time.perf_counter() - started) / time_budget_s if schedule_by_time and time_budget_s else None
+            lr = lr_at(step, cfg, t.max_steps, frac)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            posterior = vae.encode(x).latent_dist
+            z = posterior.sample(generator=noise_gen)
+            recon = vae.decode(z).sample
+            rec = reconstruction_loss(recon, x, t.recon_loss)
+            kl = posterior.kl().mean() / z[0].numel()  # per latent element
+            loss = rec + t.kl_weight * kl
+            perc = None
+            if perceptual is not None:
+                perc = perceptual(recon, x)
+                loss = loss + t.perceptual_weight * perc
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if t.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(vae.parameters(), t.grad_clip)
+            opt.step()
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"vae training diverged at step {step} (loss {loss.item()}); "
+                                         "lower train.lr or raise train.warmup_steps")
+            if step % t.log_every == 0 or step == t.max_steps or step == start + 1:
+                with torch.no_grad():
+                    psnr = float(psnr_per_image(x, recon.detach()).mean())
+                last = {"step": step, "loss": loss.item(), "recon": rec.item(), "kl": kl.item(), "psnr": psnr,
+                        "lr": lr, "time_s": round(time.perf_counter() - started, 3)}
+                if perc is not None:
+                    last["perceptual"] = perc.item()
+                log.write(json.dumps(last) + "\n")
+                log.flush()
+                bar.set_postfix(loss=f"{last['loss']:.4f}", psnr=f"{psnr:.2f}")
+            bar.update(1)
+            if step % t.save_every == 0 or step == t.max_steps:
+                save_checkpoint(out, step, vae, opt, noise_gen, t.keep_checkpoints)
+    bar.close()
+    if stopped_early and step > start and step % t.save_every:
+        save_checkpoint(out, step, vae, opt, noise_gen, t.keep_checkpoints)
+    train_time = time.perf_counter() - started
+
+    vae.eval()
+    stats = compute_latent_stats(vae, dataset, n=t.stats_samples)
+    set_latent_stats(vae, stats.shift_factor, stats.scaling_factor)
+    vae.save_pretrained(out, safe_serialization=True)
+    summary = {"out_dir": str(out), "steps": step, "resumed_from": start, "stopped_early": stopped_early,
+               "train_time_s": round(train_time, 2), "train_images": n,
+               "params": sum(p.numel() for p in vae.parameters()),
+               "final": last, "scaling_factor": stats.scaling_factor, "shift_factor": stats.shift_factor,
+               "latent_shape": [cfg.model.latent_channels, cfg.model.latent_size, cfg.model.latent_size]}
+    return summary
