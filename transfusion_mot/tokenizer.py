@@ -12,7 +12,6 @@ NOT used as ours: they stay ordinary ids of the file, which keeps any tokenizer.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Protocol, Sequence, Union
@@ -144,20 +143,11 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out_path: str | Path)
 
 
 def _folder_captions(data_dir: Path) -> Iterator[str]:
-    meta = data_dir / "metadata.jsonl"
-    with meta.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{meta}:{lineno}: invalid JSON ({err.msg})") from None
-            if row.get("split", "train") != "train":
-                continue
-            text = row.get("text")
-            if isinstance(text, str) and text:
-                yield text
+    from .data.imageio import read_metadata
+
+    for row in read_metadata(data_dir, split="train"):
+        if row["text"]:
+            yield row["text"]
 
 
 def train_tokenizer_from_folder(data_dir: str | Path, vocab_size: int, out: str | Path) -> HFTokenizer:
