@@ -258,18 +258,19 @@ class TransfusionMoT(nn.Module):
                 raise ValueError(f"{name} must have shape {(batch, seq)}, got {tuple(getattr(inputs, name).shape)}")
         if seq > cfg.max_seq_len:
             raise ValueError(f"sequence length {seq} exceeds max_seq_len {cfg.max_seq_len}")
-        lo, hi = torch.aminmax(inputs.tokens)
-        if lo.item() < 0 or hi.item() >= cfg.vocab_size:
-            raise ValueError(f"token ids must be in [0, {cfg.vocab_size}), got range [{lo.item()}, {hi.item()}]")
         if inputs.patches.dim() != 2 or inputs.patches.shape[1] != cfg.patch_dim:
             raise ValueError(f"patches must be (P, {cfg.patch_dim}) = (P, latent_channels*patch_size^2), "
                              f"got {tuple(inputs.patches.shape)}")
-        n_image = int((inputs.modality == self.image_modality).sum())
+        # one host sync for all value checks (this runs every step)
+        lo, hi, m_lo, m_hi, n_image = torch.stack([
+            inputs.tokens.min(), inputs.tokens.max(), inputs.modality.min(), inputs.modality.max(),
+            (inputs.modality == self.image_modality).sum()]).tolist()
+        if lo < 0 or hi >= cfg.vocab_size:
+            raise ValueError(f"token ids must be in [0, {cfg.vocab_size}), got range [{lo}, {hi}]")
+        if m_lo < 0 or m_hi >= cfg.num_modalities:
+            raise ValueError(f"modality ids must be in [0, {cfg.num_modalities}), got [{m_lo}, {m_hi}]")
         if n_image != inputs.patches.shape[0]:
             raise ValueError(f"{n_image} image positions in the sequence but {inputs.patches.shape[0]} patches")
-        m_lo, m_hi = torch.aminmax(inputs.modality)
-        if m_lo.item() < 0 or m_hi.item() >= cfg.num_modalities:
-            raise ValueError(f"modality ids must be in [0, {cfg.num_modalities}), got [{m_lo.item()}, {m_hi.item()}]")
 
     def embed(self, inputs: ModelInputs) -> Tensor:
         """(B*L, D) in original order: token embeddings, image positions replaced by embedded patches."""
