@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from .config import ConfigError
+from .config import ConfigError, TrainingError
 
 
 class UserError(Exception):
@@ -130,6 +130,54 @@ def cmd_vae_reconstruct(args: argparse.Namespace) -> int:
     return 0
 
 
+def infer_data_kind(path: str) -> str:
+    """latents (a cache with index.json), folder (metadata.jsonl) or webdataset (.tar shards, braces ok)."""
+    p = Path(path)
+    if (p / "index.json").is_file():
+        return "latents"
+    if (p / "metadata.jsonl").is_file():
+        return "folder"
+    if ".tar" in path:
+        return "webdataset"
+    if not p.exists():
+        raise UserError(f"--data {path}: not found (expected a latent cache, an image folder or .tar shards)")
+    raise UserError(f"--data {path}: neither a latent cache (index.json), an image folder (metadata.jsonl) "
+                    "nor .tar shards")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .run import load_run_config
+    from .train import train
+
+    config_path = args.config
+    if config_path is None:
+        saved = Path(args.out) / "config.yaml"
+        if not (args.resume and saved.is_file()):
+            raise UserError("--config is required (except with --resume in a run directory that has config.yaml)")
+        config_path = saved
+    config = load_run_config(config_path, args.set)
+    if args.data:
+        config.data.path = args.data
+        config.data.kind = infer_data_kind(args.data)
+    if args.vae:
+        config.vae.path = args.vae
+    if args.max_steps:
+        config.train.max_steps = args.max_steps
+    if args.save_every:
+        config.train.save_every = args.save_every
+    if args.no_progress:
+        config.train.progress = False
+    result = train(config, args.out, resume=args.resume)
+    import os
+
+    if int(os.environ.get("RANK", "0")) == 0:
+        how = {"completed": "finished", "stopped": "stopped on request"}[result.status]
+        print(f"tmot train: {how} at step {result.step}; checkpoint {result.checkpoint}; "
+              f"metrics {Path(args.out) / 'metrics.jsonl'}; summary {Path(args.out) / 'summary.json'}"
+              + ("; continue with --resume" if result.status == "stopped" else ""))
+    return 0
+
+
 # --------------------------------------------------------------------------------------------------
 # parser
 
@@ -165,6 +213,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     p.add_argument("--seq-len", type=positive_int, default=None, help="context for attention FLOPs (default: max_seq_len)")
     p.add_argument("--json", action="store_true", help="one-line JSON")
+
+    p = command(sub, "train", "train a Transfusion MoT model (one process, or torchrun + FSDP2)",
+                "tmot train --config configs/train/shapes-tiny.yaml --out runs/shapes-tiny", cmd_train,
+                "Train from a config (configs/train/*.yaml: model, tokenizer, data, vae, optim, train sections). "
+                "Writes RUN/config.yaml, metrics.jsonl, TensorBoard events, summary.json and "
+                "checkpoints/step_N/. SIGTERM or Ctrl-C saves a checkpoint and exits; --resume continues "
+                "exactly. Multi-process: torchrun --standalone --nproc_per_node N -m transfusion_mot train ...")
+    p.add_argument("--config", default=None, help="training config YAML (optional with --resume)")
+    p.add_argument("--out", required=True, help="run directory")
+    p.add_argument("--data", default=None, help="latent cache, image folder or WebDataset shards (sets data.path)")
+    p.add_argument("--vae", default=None, help="VAE directory or hub id (sets vae.path)")
+    p.add_argument("--max-steps", type=positive_int, default=None, help="sets train.max_steps")
+    p.add_argument("--save-every", type=positive_int, default=None, help="sets train.save_every")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any config key, e.g. --set optim.lr=3e-4 --set model.untie=[]")
+    p.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (logs still go to metrics.jsonl)")
 
     # tmot data ...
     data = sub.add_parser("data", help="make or import image-caption data sets (image folder + metadata.jsonl)",
@@ -255,7 +320,8 @@ def main(argv: list[str] | None = None) -> int:
     name = " ".join(filter(None, [args.command, getattr(args, "data_command", None), getattr(args, "vae_command", None)]))
     try:
         return args.func(args)
-    except (UserError, ConfigError, ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as err:
+    except (UserError, ConfigError, ValueError, FileNotFoundError, NotADirectoryError, PermissionError,
+            TrainingError) as err:
         print(f"tmot {name}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -27,6 +27,10 @@ class ConfigError(ValueError):
     """A config file or override that cannot be turned into a valid config."""
 
 
+class TrainingError(RuntimeError):
+    """A run cannot go on (diverged, a final checkpoint could not be saved): one line, non-zero exit."""
+
+
 @dataclass
 class ModelConfig:
     """Shape of the MoT backbone and of its text and image ends, plus the training objective.

@@ -1,0 +1,154 @@
+"""The training sample stream: image-caption pairs (from a latent cache, or images encoded on the fly)
+mixed into Transfusion's directions, plus an optional text-only stream.
+
+Per sample slot, one seeded draw decides (Transfusion's recipe):
+  - text-only document, with probability `text_only_ratio` (LM loss only);
+  - otherwise an image-caption pair, image-first (captioning) with probability `image_first_ratio`,
+    else caption-first (generation) with the caption dropped (empty text) with probability
+    `caption_dropout`, which is what classifier-free guidance samples from.
+All randomness comes from one generator seeded by (seed, rank), and every source's position is in
+`state_dict()`, so a resumed run sees exactly the samples the uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..batch import Sample
+from ..tokenizer import encode_caption
+
+
+def read_text_documents(path: str | Path) -> list[str]:
+    """A text-only corpus: .jsonl with a "text" field per line, or plain text with one document per line."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"text-only corpus not found: {path}")
+    docs = []
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            line = line.strip()
+            if not line:
+                continue
+            if path.suffix == ".jsonl":
+                try:
+                    line = json.loads(line)["text"]
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    raise ValueError(f"{path}:{lineno}: expected a JSON object with a \"text\" field") from None
+            docs.append(line)
+    if not docs:
+        raise ValueError(f"{path}: no documents (empty file)")
+    return docs
+
+
+class ImagePairSource:
+    """Image-caption pairs as (latent (C, H, W), caption) from a map-style dataset or a WebDataset reader.
+
+    With a VAE, items carry images in [-1, 1] and are encoded here in one batch (posterior mean, so the
+    stream stays deterministic); without one, items carry cached latents."""
+
+    def __init__(self, stream: Any, vae: Any = None, device: torch.device | str = "cpu") -> None:
+        self.stream = stream
+        self.vae = vae
+        self.device = torch.device(device)
+        self._iter = None
+
+    def _next_item(self) -> dict[str, Any]:
+        if hasattr(self.stream, "take"):  # LatentStream over a map-style dataset
+            return next(self.stream)
+        while True:  # WebDatasetReader: one iter() is one epoch
+            if self._iter is None:
+                self._iter = iter(self.stream)
+            try:
+                return next(self._iter)
+            except StopIteration:
+                self._iter = None
+
+    def take(self, n: int) -> list[tuple[torch.Tensor, str]]:
+        items = [self._next_item() for _ in range(n)]
+        texts = [item["text"] or "" for item in items]
+        if self.vae is None:
+            return [(item["latent"], t) for item, t in zip(items, texts)]
+        from vae import encode
+
+        images = torch.stack([item["image"] for item in items]).to(self.device)
+        with torch.no_grad():
+            latents = encode(self.vae, images).float().cpu()
+        return list(zip(latents, texts))
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.stream.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.stream.load_state_dict(state)
+        self._iter = None
+
+
+class TrainingStream:
+    """Draws `Sample`s for training (see module docstring)."""
+
+    def __init__(self, pairs: ImagePairSource, tokenizer: Any, *, seed: int, rank: int = 0,
+                 image_first_ratio: float = 0.2, caption_dropout: float = 0.1, text_stream: Any = None,
+                 text_only_ratio: float = 0.0, max_text_tokens: int | None = None, overflow: str = "error",
+                 max_doc_tokens: int | None = None) -> None:
+        self.pairs = pairs
+        self.tokenizer = tokenizer
+        self.image_first_ratio = image_first_ratio
+        self.caption_dropout = caption_dropout
+        self.text_stream = text_stream
+        self.text_only_ratio = text_only_ratio if text_stream is not None else 0.0
+        self.max_text_tokens = max_text_tokens
+        self.overflow = overflow
+        self.max_doc_tokens = max_doc_tokens  # text-only documents are cut to fit the context
+        self.mix = torch.Generator().manual_seed(int(seed) * 1_000_003 + rank)
+        self.counts = {"caption_first": 0, "caption_dropped": 0, "image_first": 0, "text_only": 0}
+
+    def next_samples(self, n: int) -> list[Sample]:
+        draws = torch.rand(n, 3, generator=self.mix)  # (text-only?, image-first?, drop caption?) per slot
+        kinds = []
+        for u_text, u_first, u_drop in draws.tolist():
+            if u_text < self.text_only_ratio:
+                kinds.append("text_only")
+            elif u_first < self.image_first_ratio:
+                kinds.append("image_first")
+            elif u_drop < self.caption_dropout:
+                kinds.append("caption_dropped")
+            else:
+                kinds.append("caption_first")
+        n_pairs = sum(k != "text_only" for k in kinds)
+        pairs = iter(self.pairs.take(n_pairs)) if n_pairs else iter(())
+        samples = []
+        for kind in kinds:
+            self.counts[kind] += 1
+            if kind == "text_only":
+                ids = self.tokenizer.encode(next(self.text_stream))
+                if self.max_doc_tokens is not None:
+                    ids = ids[: self.max_doc_tokens]
+                samples.append(Sample([ids], image_first=False))
+                continue
+            latent, text = next(pairs)
+            if kind == "caption_dropped":
+                samples.append(Sample([latent], image_first=False))
+                continue
+            ids = encode_caption(self.tokenizer, text, self.max_text_tokens, self.overflow)
+            if kind == "image_first":
+                samples.append(Sample([latent, ids], image_first=True))
+            else:
+                samples.append(Sample([ids, latent], image_first=False))
+        return samples
+
+    def state_dict(self) -> dict[str, Any]:
+        state = {"mix": self.mix.get_state(), "pairs": self.pairs.state_dict(), "counts": dict(self.counts)}
+        if self.text_stream is not None:
+            state["text"] = self.text_stream.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.mix.set_state(state["mix"])
+        self.pairs.load_state_dict(state["pairs"])
+        self.counts = dict(state["counts"])
+        if self.text_stream is not None:
+            self.text_stream.load_state_dict(state["text"])

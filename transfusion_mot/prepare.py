@@ -1,0 +1,73 @@
+"""Build the embedded default data end to end (images -> tiny VAE -> latent cache), reusing whatever a
+previous call already finished. `tmot train` uses it when a config names `data.builtin`, and `tmot demo`
+builds the same artifacts, so the first command a user runs can train without any download.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+BUILTINS = ("shapes", "emoji")
+CONFIG_ROOT = Path(__file__).resolve().parents[1] / "configs"
+
+
+@dataclass
+class PreparedData:
+    data_dir: Path  # image folder (train and val splits in metadata.jsonl)
+    vae_dir: Path  # trained tiny AutoencoderKL (save_pretrained layout)
+    latents_dir: Path  # latent cache of the train split
+    info: dict[str, Any]
+
+
+def vae_config_for(image_size: int) -> Path:
+    path = CONFIG_ROOT / "vae" / f"tiny-{image_size}.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(f"no built-in VAE config for {image_size} px ({path}); use 32 or 64, or train a "
+                                "VAE with `tmot vae train` and pass --data/--vae")
+    return path
+
+
+def prepare_builtin(name: str, root: str | Path, image_size: int = 32, num_images: int = 20000,
+                    vae_steps: int = 1500, seed: int = 0, workers: int = 2, progress: bool = True,
+                    log=print) -> PreparedData:
+    """Images, VAE and train-split latents of a built-in data set under `root`; each stage is skipped when
+    its output is already complete (stages write their completion marker last)."""
+    from vae import encode_folder, train_vae
+
+    if name not in BUILTINS:
+        raise ValueError(f"unknown built-in data set {name!r}; choose one of {list(BUILTINS)}")
+    root = Path(root)
+    data_dir, vae_dir, latents_dir = root / "data", root / "vae", root / "latents"
+    info: dict[str, Any] = {"name": name, "image_size": image_size, "reused": []}
+
+    if (data_dir / "metadata.jsonl").is_file():
+        info["reused"].append("data")
+    else:
+        log(f"[prepare] generating {name} images ({image_size} px) in {data_dir}")
+        if name == "shapes":
+            from .data.shapes import generate_shapes
+
+            generate_shapes(data_dir, num=num_images, size=image_size, seed=seed, val_fraction=0.05,
+                            workers=workers)
+        else:
+            from .data.emoji import generate_emoji
+
+            generate_emoji(data_dir, size=image_size, seed=seed)
+
+    if (vae_dir / "config.json").is_file() and any(vae_dir.glob("*.safetensors")):
+        info["reused"].append("vae")
+    else:
+        log(f"[prepare] training the tiny VAE for {vae_steps} steps in {vae_dir}")
+        summary = train_vae(vae_config_for(image_size), data_dir, vae_dir, max_steps=vae_steps, progress=progress)
+        info["vae_train"] = {k: summary[k] for k in ("steps", "train_time_s", "final") if k in summary}
+
+    if (latents_dir / "index.json").is_file():
+        info["reused"].append("latents")
+    else:
+        log(f"[prepare] encoding the train split into {latents_dir}")
+        encode_folder(vae_dir, data_dir, latents_dir, split="train", progress=progress)
+    info["latents"] = json.loads((latents_dir / "index.json").read_text())["count"]
+    return PreparedData(data_dir, vae_dir, latents_dir, info)

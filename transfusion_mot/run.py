@@ -1,0 +1,255 @@
+"""The training run's configuration (model, tokenizer, data, vae, optim, train sections) and loading a
+trained model back from a run directory.
+
+A training config is one YAML file with those six sections; `model:` may also be the path of a model
+config (`model: ../model/tiny.yaml`) or `{base: PATH, key: value...}` to change some of its keys; paths are
+resolved relative to the training config's directory, then the working directory. `--set a.b=c` reaches any key. The fully resolved config is written to
+RUN/config.yaml, so a run directory alone says how it was made.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from .checkpoint import load_model_weights, resolve_checkpoint
+from .config import ConfigError, ModelConfig, apply_overrides, from_dict, to_dict
+from .tokenizer import TokenizerConfig
+
+DATA_KINDS = ("latents", "folder", "webdataset")
+PRECISIONS = ("fp32", "bf16")
+
+
+@dataclass
+class DataConfig:
+    """Where training samples come from and how they are mixed.
+
+    kind: "latents" (a cache from `tmot vae encode`: fastest), "folder" (image folder + metadata.jsonl) or
+    "webdataset" (tar shards; `path` may use braces, e.g. data/{00000..00099}.tar); the last two are
+    encoded on the fly by the VAE of the `vae` section.
+    """
+
+    kind: str = "latents"
+    path: str | None = None
+    # built-in data ("shapes" or "emoji") used when `path` is not set: images, a tiny VAE and the latent
+    # cache are built under `builtin_dir` on first use and reused afterwards (as `tmot demo` does)
+    builtin: str | None = None
+    builtin_dir: str = "tmot_data"
+    builtin_image_size: int = 32
+    builtin_num_images: int = 20000
+    builtin_vae_steps: int = 1500
+    split: str = "train"  # folder: which rows of metadata.jsonl
+    image_size: int | None = None  # folder/webdataset: resize to this (default: the VAE's sample_size)
+    image_first_ratio: float = 0.2  # captioning direction (Transfusion: 20%)
+    caption_dropout: float = 0.1  # caption-first samples whose caption is dropped, for CFG
+    text_only_path: str | None = None  # optional text-only stream: .txt (one document per line) or .jsonl
+    text_only_ratio: float = 0.0  # fraction of samples drawn from the text-only stream (LM loss only)
+    packing: bool = False  # several samples per row up to token_budget (document masks keep them apart)
+    token_budget: int | None = None  # default: model.max_seq_len
+    shuffle_buffer: int = 1000  # webdataset
+
+    def validate(self) -> None:
+        def bad(msg: str) -> None:
+            raise ConfigError(f"data config: {msg}")
+
+        if self.kind not in DATA_KINDS:
+            bad(f"kind must be one of {list(DATA_KINDS)}, got {self.kind!r}")
+        if self.builtin is not None and self.builtin not in ("shapes", "emoji"):
+            bad(f"builtin must be shapes or emoji, got {self.builtin!r}")
+        for name in ("image_first_ratio", "caption_dropout", "text_only_ratio"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                bad(f"{name} must be in [0, 1], got {value}")
+        if self.text_only_ratio > 0 and not self.text_only_path:
+            bad("text_only_ratio > 0 needs text_only_path")
+        if self.text_only_ratio >= 1.0:
+            bad("text_only_ratio must be below 1 (some samples must have images)")
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+
+@dataclass
+class VAERef:
+    """The autoencoder that made (or will make) the latents: a directory or a hub id.
+
+    Needed to encode folder/webdataset data on the fly and, later, to decode samples. For a latent cache
+    it defaults to the VAE recorded in the cache's index.json."""
+
+    path: str | None = None
+
+
+@dataclass
+class OptimConfig:
+    """The paper's recipe: AdamW (0.9, 0.95), eps 1e-8, lr 3e-4, 4000 warm-up steps, cosine to 1.5e-5,
+    weight decay 0.1, gradient clipping at 1.0. Small configs scale these down."""
+
+    lr: float = 3e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    warmup_steps: int = 4000
+    min_lr: float = 1.5e-5
+    decay_steps: int | None = None  # length of the cosine; default train.max_steps
+    grad_clip: float = 1.0  # 0: no clipping (the norm is still logged)
+    ema_decay: float = 0.9999  # 0: no EMA
+
+    def __post_init__(self) -> None:
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ConfigError(f"optim config: betas must be two numbers in [0, 1), got {self.betas}")
+        if self.lr <= 0 or self.min_lr < 0:
+            raise ConfigError("optim config: lr must be positive and min_lr non-negative")
+        if not 0 <= self.ema_decay < 1:
+            raise ConfigError(f"optim config: ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.warmup_steps < 0 or self.grad_clip < 0:
+            raise ConfigError("optim config: warmup_steps and grad_clip must be non-negative")
+
+
+@dataclass
+class TrainConfig:
+    """The loop. batch_size is per process and per micro-batch; one optimizer step sees
+    batch_size x grad_accum x world_size samples."""
+
+    max_steps: int = 1000
+    batch_size: int = 16
+    grad_accum: int = 1
+    precision: str = "fp32"  # "bf16": autocast (CPU and CUDA) and bf16 FSDP all-gathers
+    compile: bool = False  # torch.compile each block
+    activation_checkpointing: bool = False
+    seed: int = 0
+    device: str = "auto"  # auto: cuda when available
+    log_every: int = 10
+    save_every: int = 500
+    keep_checkpoints: int = 3
+    max_bad_steps: int = 20  # this many consecutive non-finite losses/gradients stop the run
+    progress: bool = True  # tqdm bar on the main process
+    tensorboard: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("max_steps", "batch_size", "grad_accum", "log_every", "save_every", "max_bad_steps"):
+            if int(getattr(self, name)) <= 0:
+                raise ConfigError(f"train config: {name} must be positive, got {getattr(self, name)}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"train config: precision must be one of {list(PRECISIONS)}, got {self.precision!r}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ConfigError(f"train config: device must be auto, cpu or cuda, got {self.device!r}")
+        if self.keep_checkpoints < 0:
+            raise ConfigError("train config: keep_checkpoints must be >= 0 (0 keeps all)")
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    vae: VAERef = field(default_factory=VAERef)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        if self.data.token_budget is not None and self.data.token_budget > self.model.max_seq_len:
+            raise ConfigError(f"data.token_budget {self.data.token_budget} exceeds model.max_seq_len "
+                              f"{self.model.max_seq_len}")
+
+
+# keys that may change when a run is resumed (they do not change what the run computes per step)
+RESUMABLE_KEYS = ("train.max_steps", "train.log_every", "train.save_every", "train.keep_checkpoints",
+                  "train.progress", "train.tensorboard", "train.max_bad_steps", "train.compile",
+                  "train.activation_checkpointing", "data.path", "data.builtin_dir", "data.text_only_path", "vae.path",
+                  "tokenizer.path")
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: invalid YAML ({str(err).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    return data
+
+
+def _resolve_model_file(spec: str, base: Path) -> dict[str, Any]:
+    for candidate in (base / spec, Path(spec)):
+        if candidate.is_file():
+            return _read_yaml(candidate)
+    raise ConfigError(f"model: config file {spec!r} not found (looked in {base} and the working directory)")
+
+
+def run_config_from_dict(data: dict[str, Any], overrides: list[str] | None = None, base: Path | None = None,
+                         where: str = "") -> RunConfig:
+    data = dict(data)
+    model = data.get("model")
+    if isinstance(model, str):
+        data["model"] = _resolve_model_file(model, base or Path("."))
+    elif isinstance(model, dict) and "base" in model:  # a model file plus keys that change it
+        rest = {k: v for k, v in model.items() if k != "base"}
+        data["model"] = {**_resolve_model_file(str(model["base"]), base or Path(".")), **rest}
+    apply_overrides(data, overrides or [])
+    try:
+        return from_dict(RunConfig, data)
+    except ConfigError as err:
+        raise ConfigError(f"{where}{err}") from None
+
+
+def load_run_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """A training config from YAML with `a.b=c` overrides; unknown keys fail with their path."""
+    path = Path(path)
+    return run_config_from_dict(_read_yaml(path), overrides, base=path.parent, where=f"{path}: ")
+
+
+def run_config_to_dict(config: RunConfig) -> dict[str, Any]:
+    return to_dict(config)
+
+
+def save_run_config(config: RunConfig, path: str | Path) -> None:
+    header = "# The fully resolved training config of this run (written by tmot train).\n"
+    Path(path).write_text(header + yaml.safe_dump(run_config_to_dict(config), sort_keys=False))
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            flat.update(_flatten(v, key + "."))
+        else:
+            flat[key] = v
+    return flat
+
+
+def config_differences(a: RunConfig, b: RunConfig, ignore: tuple[str, ...] = ()) -> list[str]:
+    """Dotted keys whose values differ, outside `ignore`."""
+    fa, fb = _flatten(run_config_to_dict(a)), _flatten(run_config_to_dict(b))
+    return sorted(k for k in set(fa) | set(fb) if fa.get(k) != fb.get(k) and k not in ignore)
+
+
+def load_run_model(run_dir: str | Path, step: int | None = None, ema: bool = True,
+                   device: str | torch.device = "cpu") -> tuple[Any, RunConfig, dict[str, Any]]:
+    """(model in eval mode, run config, info) from a run directory, in one process, whatever number of
+    processes trained it. info: checkpoint path, step and which weights (EMA or raw) were loaded."""
+    import json
+
+    from .model import TransfusionMoT
+
+    run_dir = Path(run_dir)
+    config_path = run_dir / "config.yaml"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{run_dir}: no config.yaml (not a run directory written by `tmot train`)")
+    config = load_run_config(config_path)
+    checkpoint = resolve_checkpoint(run_dir, step)
+    state, which = load_model_weights(checkpoint, ema=ema)
+    model = TransfusionMoT(config.model)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{checkpoint}: weights do not match the run's model config "
+                         f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    model.to(device).eval()
+    meta = json.loads((checkpoint / "state.json").read_text())
+    return model, config, {"checkpoint": str(checkpoint), "step": meta["step"], "weights": which}
