@@ -371,7 +371,7 @@ def test_two_process_resume_is_exact(tmp_path, data):
               "-m", "transfusion_mot", "train"]
     for args in (["--config", str(cfg), "--out", str(tmp_path / "straight")],
                  ["--config", str(cfg), "--out", str(tmp_path / "split"), "--max-steps", "3"],
-                 ["--out", str(tmp_path / "split"), "--resume"]):
+                 ["--out", str(tmp_path / "split"), "--resume", "--max-steps", "6"]):
         proc = subprocess.run(launch + args, env=_cli_env(), capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
     assert losses(tmp_path / "straight") == losses(tmp_path / "split")
