@@ -61,7 +61,7 @@ def test_info_accounts_the_7b_config():
 
 
 def test_demo_writes_report(tmp_path):
-    from transfusion_mot.demo import run_core_demo
+    from transfusion_mot.core_demo import run_core_demo
 
     report = run_core_demo(tmp_path / "demo", steps=3, batch_size=2)
     assert set(report["models"]) == {"mot", "dense"}

@@ -50,12 +50,14 @@ def print_json(obj: dict) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_core_demo
+    from .demo import run_demo
 
-    run_core_demo(args.out, steps=args.steps, seed=args.seed)
+    report = run_demo(args.out, train_steps=args.steps, fid_images=args.fid_images, seed=args.seed,
+                      progress=not args.no_progress)
     out = Path(args.out)
     print((out / "report.md").read_text())
-    print(f"report: {out / 'report.md'}  json: {out / 'report.json'}  per-step losses: {out / 'metrics.jsonl'}")
+    print(f"tmot demo: done in {report['total_seconds'] / 60:.1f} min. Report: {out / 'report.md'} (and report.json); "
+          f"samples: {out / 'samples.png'}; run: {out / 'run'}. Re-running reuses what is built.")
     return 0
 
 
@@ -178,6 +180,96 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def read_prompts(args: argparse.Namespace) -> list[str]:
+    """--prompt (repeatable) and/or --prompts FILE (.txt: one per line; .jsonl: "prompt" or "text")."""
+    prompts = list(args.prompt or [])
+    if args.prompts:
+        path = Path(args.prompts)
+        if not path.is_file():
+            raise UserError(f"prompt file not found: {path}")
+        for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            if path.suffix == ".jsonl":
+                try:
+                    row = json.loads(line)
+                    line = row.get("prompt", row.get("text"))
+                except (json.JSONDecodeError, AttributeError):
+                    line = None
+                if not isinstance(line, str):
+                    raise UserError(f"{path}:{lineno}: expected a JSON object with a \"prompt\" or \"text\" string")
+            prompts.append(line.strip())
+        if not prompts:
+            raise UserError(f"prompt file {path} has no prompts (it is empty)")
+    if not prompts:
+        raise UserError("give a prompt: --prompt TEXT (repeatable) or --prompts FILE")
+    return prompts
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from .pipeline import image_grid, load_pipeline
+
+    prompts = read_prompts(args)
+    pipe = load_pipeline(args.run, step=args.step, ema=not args.no_ema, device=args.device)
+    scheduler = args.scheduler or ("flow" if pipe.model.config.objective == "flow" else "ddpm")
+    expanded = [p for p in prompts for _ in range(args.n)]
+    seeds = [args.seed + k for k in range(len(expanded))]
+    images = pipe.generate(expanded, seed=seeds, cfg_scale=args.cfg, num_steps=args.steps, scheduler=scheduler,
+                           use_kv_cache=not args.no_kv_cache, batch_size=args.batch_size)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for k, (prompt, seed, image) in enumerate(zip(expanded, seeds, images)):
+        name = f"{k:05d}.png"
+        image.save(out / name)
+        rows.append({"file": name, "prompt": prompt, "seed": seed})
+    image_grid(images, cols=args.n if args.n > 1 else None).save(out / "grid.png")
+    manifest = {"source": str(args.run), "checkpoint": pipe.info.get("checkpoint"), "step": pipe.info.get("step"),
+                "weights": pipe.info.get("weights"), "cfg": args.cfg, "steps": args.steps, "scheduler": scheduler,
+                "kv_cache": not args.no_kv_cache, "image_size": pipe.image_size, "images": rows}
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    print(f"tmot sample: {len(images)} images in {out} (grid.png, manifest.json)")
+    return 0
+
+
+def cmd_caption(args: argparse.Namespace) -> int:
+    from .pipeline import load_pipeline
+
+    missing = [p for p in args.images if not Path(p).is_file()]
+    if missing:
+        raise UserError(f"image not found: {missing[0]}")
+    pipe = load_pipeline(args.run, step=args.step, ema=not args.no_ema, device=args.device)
+    captions = pipe.caption(args.images, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                            top_k=args.top_k, seed=args.seed, use_kv_cache=not args.no_kv_cache)
+    if args.json:
+        print(json.dumps([{"image": p, "caption": c} for p, c in zip(args.images, captions)]))
+    else:
+        for path, caption in zip(args.images, captions):
+            print(f"{path}\t{caption}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .pipeline import Pipeline
+
+    pipe = Pipeline.from_run(args.run, step=args.step, ema=not args.no_ema, device="cpu")
+    out = pipe.save_pretrained(args.out)
+    print(f"tmot export: {out} (load with Pipeline.from_pretrained or tmot sample --run {out})")
+    return 0
+
+
+def bench_loader(run: str, device: str):
+    """For `tmot eval bench`: a run or saved pipeline as a `generate(prompts, seed) -> images` callable."""
+    from .pipeline import load_pipeline
+
+    pipe = load_pipeline(run, device=device)
+
+    def generate(prompts: list[str], seed: int, **kwargs):
+        return pipe.generate(prompts, seed=seed, **kwargs)
+
+    return generate
+
+
 # --------------------------------------------------------------------------------------------------
 # parser
 
@@ -197,13 +289,17 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
         return p
 
-    p = command(sub, "demo", "train a tiny MoT and its dense baseline side by side on embedded data",
-                "tmot demo --out tmot_demo --steps 400", cmd_demo,
-                "Train a tiny MoT and its dense baseline (same code, nothing untied) on embedded synthetic "
-                "image-caption data and report both losses.")
+    p = command(sub, "demo", "the whole system on the embedded shapes data (about 10 minutes on 2 CPU cores)",
+                "tmot demo --out tmot_demo", cmd_demo,
+                "Generate the shapes data, train a tiny VAE, encode latents, train a tiny MoT, sample a grid for "
+                "fixed prompts, score alignment with the shapes classifier and FID against the validation split "
+                "(when Inception weights are available); writes report.md, report.json and samples.png. "
+                "Re-running reuses what is already built.")
     p.add_argument("--out", default="tmot_demo", help="output directory (default: tmot_demo)")
-    p.add_argument("--steps", type=positive_int, default=400, help="training steps per model (default: 400)")
+    p.add_argument("--steps", type=positive_int, default=1500, help="MoT training steps (default: 1500)")
+    p.add_argument("--fid-images", type=int, default=200, help="images per side for FID (0: skip FID)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true")
 
     p = command(sub, "info", "parameter and FLOP accounting of a model config",
                 "tmot info --config configs/model/760m.yaml --set untie=[]", cmd_info,
@@ -230,6 +326,47 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override any config key, e.g. --set optim.lr=3e-4 --set model.untie=[]")
     p.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs still go to metrics.jsonl)")
+
+    def source_flags(p) -> None:
+        p.add_argument("--run", required=True, help="run directory (tmot train --out) or a saved pipeline (tmot export)")
+        p.add_argument("--step", type=positive_int, default=None, help="checkpoint step (default: the last)")
+        p.add_argument("--no-ema", action="store_true", help="raw weights instead of the EMA weights")
+        p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda")
+
+    p = command(sub, "sample", "generate images from prompts (classifier-free guidance, KV-cached caption)",
+                'tmot sample --run runs/shapes-tiny --prompt "a large red circle" --n 4 --cfg 3 --steps 50 --out samples',
+                cmd_sample,
+                "Text -> image with a trained run: the caption's keys/values are computed once (KV cache) and each "
+                "denoising step runs only the image tokens; conditional and unconditional rows are batched "
+                "together. Writes PATH/00000.png..., PATH/grid.png and PATH/manifest.json.")
+    source_flags(p)
+    p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
+    p.add_argument("--prompts", default=None, help="file of prompts: .txt one per line, or .jsonl with 'prompt'/'text'")
+    p.add_argument("--n", type=positive_int, default=1, help="images per prompt")
+    p.add_argument("--seed", type=int, default=0, help="image k uses seed + k")
+    p.add_argument("--cfg", type=float, default=3.0, help="guidance scale (1: no guidance)")
+    p.add_argument("--steps", type=positive_int, default=50, help="denoising steps")
+    p.add_argument("--scheduler", choices=["ddpm", "ddim", "flow"], default=None,
+                   help="default: ddpm for DDPM models, flow for flow models")
+    p.add_argument("--batch-size", type=positive_int, default=16, help="prompts per forward")
+    p.add_argument("--no-kv-cache", action="store_true", help="re-run the caption every step (slow, exact; for checks)")
+    p.add_argument("--out", required=True, help="output directory")
+
+    p = command(sub, "caption", "caption images with a trained run (image first, then causal text decoding)",
+                "tmot caption --run runs/shapes-tiny img1.png img2.png", cmd_caption)
+    source_flags(p)
+    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p.add_argument("--max-new-tokens", type=positive_int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    p.add_argument("--top-k", type=positive_int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-kv-cache", action="store_true")
+    p.add_argument("--json", action="store_true")
+
+    p = command(sub, "export", "save a run's model, tokenizer and VAE as a self-contained pipeline directory",
+                "tmot export --run runs/shapes-tiny --out shapes-tiny-model", cmd_export)
+    source_flags(p)
+    p.add_argument("--out", required=True)
 
     # tmot data ...
     data = sub.add_parser("data", help="make or import image-caption data sets (image folder + metadata.jsonl)",

@@ -13,6 +13,11 @@ costs two index_selects per layer (un-sort q/k/v, re-sort the attention output).
 (~7 per layer) or computing every expert on every token and selecting are both slower (DESIGN.md, §3).
 With nothing untied the permutation is skipped altogether, so the dense baseline runs the same modules
 with no routing overhead.
+
+KV cache. A position's keys and values depend only on positions it can see, and under the causal mask
+those are never later positions. So keys/values of a prefix (a caption before its image, an image before
+its caption, text decoded so far) can be computed once (`KVCache`) and a later chunk of positions run alone
+against them: exact, and far cheaper when the chunk is short (sampling.py).
 """
 
 from __future__ import annotations
@@ -21,9 +26,8 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from .config import ModelConfig
 from .masks import AttentionMask, resolve_backend, transfusion_mask_mod
@@ -121,6 +125,47 @@ class TimestepEmbedder(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------------
+# KV cache
+
+
+@dataclass
+class LayerKV:
+    """One layer's cached keys and values, (B, H, L_cached, head_dim), after QK-norm and RoPE."""
+
+    k: Tensor | None = None
+    v: Tensor | None = None
+
+    def extend(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Cached keys/values followed by the chunk's (the chunk's queries attend to all of them); kept."""
+        if self.k is not None:
+            k, v = torch.cat([self.k, k], dim=2), torch.cat([self.v, v], dim=2)
+        self.k, self.v = k, v
+        return k, v
+
+
+@dataclass
+class KVCache:
+    """Keys/values of earlier positions, per layer, plus their doc_ids/image_ids (B, L_cached) for the mask.
+
+    Start with `KVCache.empty(...)` and run the prefix with `extend_cache=True`; later chunks either extend
+    it (decoded text) or only read it (`extend_cache=False`: diffusion steps, whose image tokens change at
+    every step). Image ids must not repeat between cached and new positions of a row.
+    """
+
+    layers: list[LayerKV]
+    doc_ids: Tensor
+    image_ids: Tensor
+
+    @classmethod
+    def empty(cls, n_layers: int, batch: int, device: torch.device | str | None = None) -> KVCache:
+        none = torch.zeros(batch, 0, dtype=torch.long, device=device)
+        return cls([LayerKV() for _ in range(n_layers)], none, none.clone())
+
+    def __len__(self) -> int:
+        return self.doc_ids.shape[1]
+
+
+# --------------------------------------------------------------------------------------------------
 # the MoT block
 
 
@@ -153,7 +198,7 @@ class MoTAttention(nn.Module):
             self.q_norm = self.k_norm = None
 
     def forward(self, x: Tensor, routing: Routing, shape: tuple[int, int], rope: tuple[Tensor, Tensor],
-                mask: AttentionMask) -> Tensor:
+                mask: AttentionMask, kv: LayerKV | None = None) -> Tensor:
         batch, seq = shape
         n, h, hd = x.shape[0], self.n_heads, self.head_dim
         q, k, v = routing.apply(self.qkv, x).split(h * hd, dim=-1)
@@ -164,7 +209,10 @@ class MoTAttention(nn.Module):
         q, k, v = (routing.unsort(t).view(batch, seq, h, hd) for t in (q, k, v))
         cos, sin = rope
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        y = mask.attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if kv is not None:  # earlier positions' keys/values come first
+            k, v = kv.extend(k, v)
+        y = mask.attend(q, k, v)
         y = routing.sort(y.transpose(1, 2).reshape(n, h * hd))
         return routing.apply(self.out, y)
 
@@ -180,12 +228,12 @@ class MoTBlock(nn.Module):
         self.ffn = experts(config, "ffn", lambda: SwiGLU(d, config.ffn_dim))
 
     def forward(self, x: Tensor, routing: Routing, shape: tuple[int, int], rope: tuple[Tensor, Tensor],
-                mask: AttentionMask) -> Tensor:
+                mask: AttentionMask, kv: LayerKV | None = None) -> Tensor:
         if self.pre_norm:  # x + f(norm(x))
-            x = x + self.attn(routing.apply(self.attn_norm, x), routing, shape, rope, mask)
+            x = x + self.attn(routing.apply(self.attn_norm, x), routing, shape, rope, mask, kv)
             return x + routing.apply(self.ffn, routing.apply(self.ffn_norm, x))
         # the MoT paper's Eq. 2: x + norm(f(x))
-        x = x + routing.apply(self.attn_norm, self.attn(x, routing, shape, rope, mask))
+        x = x + routing.apply(self.attn_norm, self.attn(x, routing, shape, rope, mask, kv))
         return x + routing.apply(self.ffn_norm, routing.apply(self.ffn, x))
 
 
@@ -283,19 +331,42 @@ class TransfusionMoT(nn.Module):
             x = x.index_copy(0, is_image, patch_x.to(x.dtype))
         return x
 
-    def forward(self, inputs: ModelInputs, check: bool = True) -> Tensor:
+    def forward(self, inputs: ModelInputs, check: bool = True, cache: KVCache | None = None,
+                extend_cache: bool = True) -> Tensor:
         """Hidden states after the final norm, (B, L, D). Feed text positions to `lm_head` and image
-        positions (in row-major order, the order of `inputs.patches`) to `image_head`."""
+        positions (in row-major order, the order of `inputs.patches`) to `image_head`.
+
+        With `cache`, `inputs` are a chunk of positions that come after the cached ones (their
+        `positions` continue each document's) and attend to them too; `extend_cache` appends the chunk's
+        keys/values to the cache. Cached chunks always use SDPA (the chunk is short and its length
+        changes at every decoding step, which a compiled FlexAttention would recompile for).
+        """
         if check:
             self.check_inputs(inputs)
         batch, seq = inputs.tokens.shape
         device = inputs.tokens.device
+        past = 0 if cache is None else len(cache)
+        doc_ids, image_ids, kvs = inputs.doc_ids, inputs.image_ids, [None] * len(self.blocks)
+        backend = self.attention_backend(device)
+        if cache is not None:
+            if cache.doc_ids.shape[0] != batch or len(cache.layers) != len(self.blocks):
+                raise ValueError(f"KV cache holds {cache.doc_ids.shape[0]} rows and {len(cache.layers)} layers, "
+                                 f"the chunk has {batch} rows and the model {len(self.blocks)} layers")
+            if past + seq > self.config.max_seq_len:
+                raise ValueError(f"{past} cached + {seq} new positions exceed max_seq_len {self.config.max_seq_len}")
+            doc_ids = torch.cat([cache.doc_ids, doc_ids], dim=1)
+            image_ids = torch.cat([cache.image_ids, image_ids], dim=1)
+            # without extending, layers work on copies of the per-layer entries (the tensors are shared)
+            kvs = cache.layers if extend_cache else [LayerKV(kv.k, kv.v) for kv in cache.layers]
+            backend = "sdpa"
         routing = Routing(inputs.modality, self.config.num_modalities, sort=bool(self.config.untie))
-        mask = AttentionMask(transfusion_mask_mod(inputs.doc_ids, inputs.image_ids), batch, seq, seq, device,
-                             self.attention_backend(device))
+        mask = AttentionMask(transfusion_mask_mod(doc_ids, image_ids, q_offset=past), batch, seq, past + seq,
+                             device, backend)
         rope = rope_tables(inputs.positions, self.config.head_dim, self.config.rope_theta)
         x = routing.sort(self.embed(inputs))
-        for block in self.blocks:
-            x = block(x, routing, (batch, seq), rope, mask)
+        for block, kv in zip(self.blocks, kvs):
+            x = block(x, routing, (batch, seq), rope, mask, kv)
         x = routing.apply(self.final_norm, x)
+        if cache is not None and extend_cache:
+            cache.doc_ids, cache.image_ids = doc_ids, image_ids
         return routing.unsort(x).view(batch, seq, -1)

@@ -1,0 +1,219 @@
+"""`Pipeline`: a trained model with its tokenizer and VAE, for text -> image and image -> text.
+
+    pipe = Pipeline.from_run("runs/shapes-tiny")            # EMA weights of the last checkpoint
+    images = pipe.generate(["a small red circle above a large blue square"], seed=0, cfg_scale=3.0)
+    captions = pipe.caption(images)
+    pipe.save_pretrained("shapes-tiny-model")               # self-contained: no run directory needed
+    pipe = Pipeline.from_pretrained("shapes-tiny-model")
+
+A saved pipeline directory holds `pipeline.json` (format, provenance, default sampling settings),
+`model_config.yaml`, `model.safetensors`, `tokenizer/` (tokenizer.yaml and, for BPE, tokenizer.json) and
+`vae/` (a diffusers `save_pretrained` AutoencoderKL).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+from .config import ConfigError, ModelConfig, from_dict, load_yaml_config, save_yaml_config
+from .model import TransfusionMoT
+from .sampling import caption_images, generate_latents
+from .tokenizer import TokenizerConfig, load_tokenizer
+
+PIPELINE_FORMAT = "tmot-pipeline/1"
+
+
+def _device(device: str | torch.device | None) -> torch.device:
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def to_pil(images: Tensor) -> list[Image.Image]:
+    """(N, 3, H, W) in about [-1, 1] -> RGB PIL images."""
+    arr = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(a) for a in arr]
+
+
+def image_grid(images: Sequence[Image.Image], cols: int | None = None, pad: int = 2) -> Image.Image:
+    """Images in a grid (row-major), `pad` pixels apart on a white background."""
+    if not images:
+        raise ValueError("no images for a grid")
+    n = len(images)
+    cols = cols or int(np.ceil(np.sqrt(n)))
+    rows = (n + cols - 1) // cols
+    w, h = images[0].size
+    grid = Image.new("RGB", (cols * (w + pad) + pad, rows * (h + pad) + pad), (255, 255, 255))
+    for i, im in enumerate(images):
+        grid.paste(im, (pad + (i % cols) * (w + pad), pad + (i // cols) * (h + pad)))
+    return grid
+
+
+class Pipeline:
+    """Model + tokenizer + VAE. `generate` and `caption` are thin wrappers over `transfusion_mot.sampling`."""
+
+    def __init__(self, model: TransfusionMoT, tokenizer: Any, tokenizer_config: TokenizerConfig, vae: Any,
+                 info: dict[str, Any] | None = None) -> None:
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.tokenizer_config = tokenizer_config
+        self.vae = vae.eval()
+        self.info = dict(info or {})
+        vcfg = vae.config
+        factor = 2 ** (len(vcfg.block_out_channels) - 1)
+        self.image_size = int(vcfg.sample_size)
+        self.latent_shape = (int(vcfg.latent_channels), self.image_size // factor, self.image_size // factor)
+        if self.latent_shape[0] != model.config.latent_channels:
+            raise ValueError(f"the VAE has {self.latent_shape[0]} latent channels but the model expects "
+                             f"{model.config.latent_channels}")
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    # -- loading -----------------------------------------------------------------------------------
+
+    @classmethod
+    def from_run(cls, run_dir: str | Path, step: int | None = None, ema: bool = True, vae: str | None = None,
+                 device: str | torch.device | None = None) -> Pipeline:
+        """The run's checkpoint `step` (default: the last), EMA weights unless `ema=False`; the VAE the run
+        trained on (from its config or latent cache) unless `vae` names another."""
+        from vae import load_vae
+
+        from .run import load_run_model
+
+        dev = _device(device)
+        model, config, loaded = load_run_model(run_dir, step=step, ema=ema, device=dev)
+        state = json.loads((Path(loaded["checkpoint"]) / "state.json").read_text())
+        vae_path = vae or config.vae.path or state.get("vae")
+        if not vae_path:
+            raise FileNotFoundError(f"{run_dir}: the run records no VAE; pass one (--vae DIR or hub id)")
+        info = {"source": "run", "run": str(Path(run_dir).resolve()), **loaded, "vae": str(vae_path),
+                "objective": config.model.objective}
+        tokenizer = load_tokenizer(config.tokenizer)
+        return cls(model, tokenizer, config.tokenizer, load_vae(vae_path, device=dev), info)
+
+    def save_pretrained(self, out: str | Path) -> Path:
+        """A self-contained directory (written to a temporary name, then renamed)."""
+        from safetensors.torch import save_file
+
+        out = Path(out)
+        tmp = out.with_name(f".tmp-{out.name}")
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        (tmp / "tokenizer").mkdir(parents=True)
+        save_yaml_config(self.model.config, tmp / "model_config.yaml")
+        weights = {k: v.detach().float().cpu().contiguous() for k, v in self.model.state_dict().items()}
+        save_file(weights, str(tmp / "model.safetensors"), metadata={"format": PIPELINE_FORMAT})
+        tok_cfg = TokenizerConfig(**vars(self.tokenizer_config))
+        if tok_cfg.kind == "hf":
+            shutil.copyfile(tok_cfg.path, tmp / "tokenizer" / "tokenizer.json")
+            tok_cfg.path = "tokenizer.json"
+        save_yaml_config(tok_cfg, tmp / "tokenizer" / "tokenizer.yaml")
+        self.vae.save_pretrained(tmp / "vae", safe_serialization=True)
+        meta = {"format": PIPELINE_FORMAT, "latent_shape": list(self.latent_shape), "image_size": self.image_size,
+                "source": {k: v for k, v in self.info.items() if k != "source_dir"}}
+        (tmp / "pipeline.json").write_text(json.dumps(meta, indent=2) + "\n")
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+        return out
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, device: str | torch.device | None = None) -> Pipeline:
+        from safetensors.torch import load_file
+        from vae import load_vae
+
+        path = Path(path)
+        meta_path = path / "pipeline.json"
+        if not meta_path.is_file():
+            raise FileNotFoundError(f"{path}: no pipeline.json (write one with Pipeline.save_pretrained or "
+                                    "`tmot export`; for a run directory use Pipeline.from_run)")
+        meta = json.loads(meta_path.read_text())
+        if meta.get("format") != PIPELINE_FORMAT:
+            raise ValueError(f"{path}: unknown pipeline format {meta.get('format')!r} (expected {PIPELINE_FORMAT})")
+        dev = _device(device)
+        model = TransfusionMoT(load_yaml_config(ModelConfig, path / "model_config.yaml"))
+        model.load_state_dict(load_file(str(path / "model.safetensors")))
+        tok_cfg = load_yaml_config(TokenizerConfig, path / "tokenizer" / "tokenizer.yaml")
+        if tok_cfg.kind == "hf":
+            tok_cfg = from_dict(TokenizerConfig, {**vars(tok_cfg), "path": str(path / "tokenizer" / tok_cfg.path)})
+        info = {**meta.get("source", {}), "source": "pretrained", "source_dir": str(path.resolve())}
+        return cls(model.to(dev), load_tokenizer(tok_cfg), tok_cfg, load_vae(path / "vae", device=dev), info)
+
+    # -- text -> image -----------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate_latents(self, prompts: Sequence[str], **kwargs: Any) -> Tensor:
+        return generate_latents(self.model, self.tokenizer, list(prompts), latent_shape=self.latent_shape,
+                                device=self.device, **kwargs)
+
+    @torch.no_grad()
+    def decode(self, latents: Tensor, batch_size: int = 64) -> list[Image.Image]:
+        from vae import decode
+
+        images: list[Image.Image] = []
+        for i in range(0, len(latents), batch_size):
+            images += to_pil(decode(self.vae, latents[i:i + batch_size].to(self.device)))
+        return images
+
+    def generate(self, prompts: Sequence[str], *, seed: int | Sequence[int] = 0, cfg_scale: float = 3.0,
+                 num_steps: int = 50, scheduler: str | None = None, use_kv_cache: bool = True,
+                 batch_size: int = 16, dtype: torch.dtype | None = None) -> list[Image.Image]:
+        """One image per prompt. seed: an int (prompt i uses seed + i) or one seed per prompt."""
+        latents = self.generate_latents(prompts, seed=seed, cfg_scale=cfg_scale, num_steps=num_steps,
+                                        scheduler=scheduler, use_kv_cache=use_kv_cache, batch_size=batch_size,
+                                        dtype=dtype)
+        return self.decode(latents)
+
+    # -- image -> text -----------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def encode_images(self, images: Sequence[Image.Image | str | Path]) -> Tensor:
+        """Images (PIL or paths; any size, centre-cropped and resized to the VAE's) -> latents."""
+        from vae import encode
+
+        from .data.imageio import BadImage, center_crop_resize, load_rgb
+        from .data.readers import to_tensor
+
+        tensors = []
+        for im in images:
+            if not isinstance(im, Image.Image):
+                try:
+                    im = load_rgb(im)
+                except BadImage as err:
+                    raise ValueError(f"{im}: cannot read image ({err})") from None
+            tensors.append(to_tensor(center_crop_resize(im.convert("RGB"), self.image_size)))
+        if not tensors:
+            raise ValueError("no images to caption")
+        return encode(self.vae, torch.stack(tensors).to(self.device)).float()
+
+    def caption(self, images: Sequence[Image.Image | str | Path], *, max_new_tokens: int = 64,
+                temperature: float = 0.0, top_k: int | None = None, seed: int | Sequence[int] = 0,
+                use_kv_cache: bool = True) -> list[str]:
+        latents = self.encode_images(images)
+        return caption_images(self.model, self.tokenizer, latents, max_new_tokens=max_new_tokens,
+                              temperature=temperature, top_k=top_k, seed=seed, use_kv_cache=use_kv_cache,
+                              device=self.device)
+
+
+def load_pipeline(source: str | Path, *, step: int | None = None, ema: bool = True,
+                  device: str | torch.device | None = None) -> Pipeline:
+    """A run directory (config.yaml + checkpoints/) or a saved pipeline directory (pipeline.json)."""
+    source = Path(source)
+    if (source / "pipeline.json").is_file():
+        return Pipeline.from_pretrained(source, device=device)
+    if (source / "config.yaml").is_file():
+        return Pipeline.from_run(source, step=step, ema=ema, device=device)
+    if not source.exists():
+        raise FileNotFoundError(f"{source}: not found (expected a run directory or a saved pipeline)")
+    raise ConfigError(f"{source}: neither a run directory (config.yaml) nor a saved pipeline (pipeline.json)")

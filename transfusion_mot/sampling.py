@@ -1,0 +1,322 @@
+"""Text -> image (diffusion over the image patches) and image -> text (captioning), with a KV cache.
+
+Both directions use the training layout of `batch.Collator`:
+
+    generation:  BOS caption BOI p_1 .. p_N EOI ...      (the caption is a causal prefix)
+    captioning:  BOS BOI p_1 .. p_N EOI caption EOS      (the clean image, timestep 0, is the prefix)
+
+Neither prefix can see what follows it, so its keys/values are computed once (`model.KVCache`): each
+denoising step then runs only the N image tokens against the cached prefix, and each decoded token runs
+alone. `use_kv_cache=False` is the slow exact path that re-runs the whole sequence (built by the Collator)
+at every step; the tests check that both paths agree.
+
+Classifier-free guidance: the unconditional prompt is the empty caption (`BOS BOI`), as in training's 10%
+caption drop. Conditional and unconditional rows go through the model in one forward per step and
+`eps = eps_u + s * (eps_c - eps_u)`; s = 1 skips the unconditional rows. Prefixes of different lengths
+share a batch by right-padding (doc_id -1: the mask hides pad keys); positions restart at 0 per document as
+in training, so padding changes nothing but float rounding.
+
+Randomness: each image has its own CPU `torch.Generator` (seeded per prompt) for its initial noise and for
+the scheduler's noise, so a seed gives the same image whatever else is in the batch and on any device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from dataclasses import replace
+
+import torch
+from torch import Tensor
+
+from .batch import Collator, Sample, SpecialTokens, patchify, unpatchify
+from .diffusion import make_objective
+from .model import KVCache, ModelInputs, TransfusionMoT
+from .tokenizer import AnyTokenizer
+
+SCHEDULERS = ("ddpm", "ddim", "flow")
+Predictor = Callable[[Tensor, Tensor], Tensor]  # (rows, N, patch_dim) noisy patches, (rows,) t -> prediction
+
+
+# --------------------------------------------------------------------------------------------------
+# small helpers
+
+
+def _seeds(seed: int | Sequence[int], n: int) -> list[int]:
+    """One seed per item: `seed + i` for an int, or the given list (one per item)."""
+    if isinstance(seed, int):
+        return [seed + i for i in range(n)]
+    seeds = [int(s) for s in seed]
+    if len(seeds) != n:
+        raise ValueError(f"got {len(seeds)} seeds for {n} items; pass one int or one seed per item")
+    return seeds
+
+
+def _resolve_device(model: TransfusionMoT, device: torch.device | str | None) -> torch.device:
+    return torch.device(device) if device is not None else next(model.parameters()).device
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    """Run the backbone in `dtype` (e.g. bf16) under autocast; None or float32: as the weights are."""
+    if dtype is None or dtype == torch.float32:
+        return nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def _specials(tokenizer: AnyTokenizer, model: TransfusionMoT) -> SpecialTokens:
+    if tokenizer.vocab_size != model.config.vocab_size:
+        raise ValueError(f"tokenizer has {tokenizer.vocab_size} ids but the model's vocab_size is "
+                         f"{model.config.vocab_size}")
+    return tokenizer.specials
+
+
+def _patch_coords(grid_h: int, grid_w: int, device: torch.device) -> Tensor:
+    rr, cc = torch.meshgrid(torch.arange(grid_h), torch.arange(grid_w), indexing="ij")
+    return torch.stack([rr.reshape(-1), cc.reshape(-1)], dim=1).to(device)
+
+
+# --------------------------------------------------------------------------------------------------
+# text -> image
+
+
+def _prefix_inputs(prefixes: list[list[int]], model: TransfusionMoT, pad: int, device: torch.device) -> ModelInputs:
+    """Text-only rows `BOS caption BOI`, right-padded (doc_id -1) to the longest."""
+    cfg = model.config
+    b, length = len(prefixes), max(len(p) for p in prefixes)
+    tokens = torch.full((b, length), pad, dtype=torch.long)
+    doc_ids = torch.full((b, length), -1, dtype=torch.long)
+    positions = torch.zeros((b, length), dtype=torch.long)
+    for r, ids in enumerate(prefixes):
+        tokens[r, :len(ids)] = torch.tensor(ids)
+        doc_ids[r, :len(ids)] = 0
+        positions[r, :len(ids)] = torch.arange(len(ids))
+    text = cfg.modalities.index("text")
+    return ModelInputs(
+        tokens=tokens.to(device), modality=torch.full_like(tokens, text).to(device), positions=positions.to(device),
+        doc_ids=doc_ids.to(device), image_ids=torch.full_like(tokens, -1).to(device),
+        patches=torch.zeros(0, cfg.patch_dim, device=device),
+        patch_coords=torch.zeros(0, 2, dtype=torch.long, device=device),
+        patch_image=torch.zeros(0, dtype=torch.long, device=device),
+        timesteps=torch.zeros(0, device=device))
+
+
+def _cached_predictor(model: TransfusionMoT, prefixes: list[list[int]], grid: tuple[int, int], pad: int,
+                      device: torch.device) -> Predictor:
+    """Prefix keys/values computed once; each call runs only the N image tokens of every row."""
+    cfg = model.config
+    rows, n = len(prefixes), grid[0] * grid[1]
+    cache = KVCache.empty(cfg.n_layers, rows, device)
+    model(_prefix_inputs(prefixes, model, pad, device), cache=cache, extend_cache=True)
+    lengths = torch.tensor([len(p) for p in prefixes], device=device)
+    image = cfg.modalities.index("image")
+    chunk = ModelInputs(
+        tokens=torch.full((rows, n), pad, dtype=torch.long, device=device),
+        modality=torch.full((rows, n), image, dtype=torch.long, device=device),
+        positions=lengths[:, None] + torch.arange(n, device=device),  # continue each document's positions
+        doc_ids=torch.zeros((rows, n), dtype=torch.long, device=device),
+        image_ids=torch.zeros((rows, n), dtype=torch.long, device=device),
+        patches=torch.zeros(rows * n, cfg.patch_dim, device=device),  # replaced at every step
+        patch_coords=_patch_coords(*grid, device).repeat(rows, 1),
+        patch_image=torch.arange(rows, device=device).repeat_interleave(n),
+        timesteps=torch.zeros(rows, device=device),
+    )
+
+    def predict(patches: Tensor, t: Tensor) -> Tensor:
+        inputs = replace(chunk, patches=patches.reshape(rows * n, -1), timesteps=t)
+        hidden = model(inputs, check=False, cache=cache, extend_cache=False)
+        return model.image_head(hidden.reshape(rows * n, -1)).reshape(rows, n, -1)
+
+    return predict
+
+
+def _full_predictor(model: TransfusionMoT, captions: list[list[int]], latent_shape: tuple[int, int, int],
+                    specials: SpecialTokens, device: torch.device) -> Predictor:
+    """The slow exact path: the whole training-layout sequence (Collator) at every step."""
+    placeholder = torch.zeros(latent_shape)
+    batch = Collator(model.config, specials).collate_padded([Sample([c, placeholder]) for c in captions]).to(device)
+    is_image = batch.modality == model.image_modality
+    rows = len(captions)
+
+    def predict(patches: Tensor, t: Tensor) -> Tensor:
+        hidden = model(batch.model_inputs(patches.reshape(-1, patches.shape[-1]), t), check=False)
+        return model.image_head(hidden[is_image]).reshape(rows, -1, patches.shape[-1])
+
+    return predict
+
+
+def _denoise(predict: Predictor, scheduler, noise: Tensor, generators: list[torch.Generator], cfg_scale: float,
+             patch: int) -> Tensor:
+    """Run the scheduler from `noise` (n, C, H, W), fp32, guiding with the second half of the rows when
+    cfg_scale != 1. Model timesteps are on the [0, T] scale: DDPM/DDIM's integer steps, and for
+    FlowMatchEuler its `timesteps`, which are already sigma * num_train_timesteps."""
+    _, c, h, w = noise.shape
+    guided = cfg_scale != 1.0
+    # DDPM/DDIM/FlowMatchEuler start from unit noise and feed x_t to the model as is; the getattr calls
+    # keep schedulers that do scale (e.g. Euler on the DDPM schedule) correct
+    x = noise * getattr(scheduler, "init_noise_sigma", 1.0)
+    scale_input = getattr(scheduler, "scale_model_input", lambda sample, _t: sample)
+    for t in scheduler.timesteps:
+        model_in = scale_input(x, t)
+        patches = torch.stack([patchify(img, patch) for img in model_in])
+        if guided:
+            patches = torch.cat([patches, patches])
+        t_model = t.float().expand(patches.shape[0]).to(x.device)
+        pred = predict(patches, t_model).float()
+        if guided:
+            cond, uncond = pred.chunk(2)
+            pred = uncond + cfg_scale * (cond - uncond)
+        out = torch.stack([unpatchify(p, c, h, w, patch) for p in pred])
+        x = scheduler.step(out, t, x, generator=generators).prev_sample
+    return x
+
+
+def generate_latents(model: TransfusionMoT, tokenizer: AnyTokenizer, prompts: Sequence[str], *,
+                     latent_shape: tuple[int, int, int], scheduler: str | None = None, num_steps: int = 50,
+                     cfg_scale: float = 3.0, seed: int | Sequence[int] = 0, use_kv_cache: bool = True,
+                     batch_size: int = 8, device: torch.device | str | None = None,
+                     dtype: torch.dtype | None = None) -> Tensor:
+    """Latents (N, C, H, W) for N prompts (decode them with the VAE).
+
+    scheduler: "ddpm" or "ddim" for a ddpm-objective model, "flow" for a flow model (None: the objective's
+    own). batch_size: prompts per forward (twice as many rows with guidance). seed: an int (prompt i uses
+    seed + i) or one seed per prompt; the image of a prompt depends only on its seed, not on the batch it
+    lands in. dtype: the backbone's compute dtype under autocast (None: the weights' dtype); the scheduler
+    arithmetic stays in float32. ValueError for no prompts, or a prompt too long for the model's context.
+    """
+    cfg = model.config
+    if not prompts:
+        raise ValueError("no prompts to generate from")
+    if batch_size < 1 or num_steps < 1:
+        raise ValueError(f"batch_size and num_steps must be positive, got {batch_size} and {num_steps}")
+    c, h, w = latent_shape
+    p = cfg.patch_size
+    if c != cfg.latent_channels or h % p or w % p:
+        raise ValueError(f"latent_shape {tuple(latent_shape)} must be ({cfg.latent_channels}, H, W) with H and W "
+                         f"divisible by patch_size {p}")
+    specials = _specials(tokenizer, model)
+    captions = [tokenizer.encode(text) for text in prompts]
+    n_image = (h // p) * (w // p)
+    for i, ids in enumerate(captions):
+        total = len(ids) + n_image + 4  # BOS caption BOI patches EOI EOS, as in training
+        if total > cfg.max_seq_len:
+            raise ValueError(f"prompt {i} has {len(ids)} tokens; with {n_image} image tokens and 4 special tokens "
+                             f"that is {total}, more than the model's max_seq_len {cfg.max_seq_len}")
+    seeds = _seeds(seed, len(prompts))
+    device = _resolve_device(model, device)
+    objective = make_objective(cfg)
+    if scheduler is not None and scheduler not in SCHEDULERS:
+        raise ValueError(f"unknown scheduler {scheduler!r}; choose one of {list(SCHEDULERS)}")
+    objective.make_scheduler(scheduler)  # a scheduler that does not fit the objective fails before any work
+    guided = cfg_scale != 1.0
+    out = []
+    with torch.no_grad(), _autocast(device, dtype):
+        for start in range(0, len(prompts), batch_size):
+            caps = captions[start:start + batch_size]
+            rows = caps + [[] for _ in caps] if guided else caps  # unconditional rows: the empty caption
+            if use_kv_cache:
+                prefixes = [[specials.bos, *ids, specials.boi] for ids in rows]
+                predict = _cached_predictor(model, prefixes, (h // p, w // p), specials.pad, device)
+            else:
+                predict = _full_predictor(model, rows, (c, h, w), specials, device)
+            generators = [torch.Generator().manual_seed(s) for s in seeds[start:start + batch_size]]
+            noise = torch.stack([torch.randn((c, h, w), generator=g) for g in generators]).to(device)
+            sched = objective.make_scheduler(scheduler)
+            sched.set_timesteps(num_steps)  # timesteps stay on the CPU, where the schedule tables are
+            out.append(_denoise(predict, sched, noise, generators, cfg_scale, p))
+    return torch.cat(out)
+
+
+# --------------------------------------------------------------------------------------------------
+# image -> text
+
+
+def _pick_tokens(logits: Tensor, temperature: float, top_k: int | None,
+                 generators: list[torch.Generator]) -> Tensor:
+    """Greedy when temperature is 0, else sampling from the (top-k) softmax, row r with generators[r]."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = logits.softmax(dim=-1).cpu()
+    picks = [torch.multinomial(probs[r], 1, generator=g) for r, g in enumerate(generators)]
+    return torch.cat(picks).to(logits.device)
+
+
+def caption_images(model: TransfusionMoT, tokenizer: AnyTokenizer, latents: Tensor, *, max_new_tokens: int = 64,
+                   temperature: float = 0.0, top_k: int | None = None, seed: int | Sequence[int] = 0,
+                   use_kv_cache: bool = True, device: torch.device | str | None = None) -> list[str]:
+    """One caption per latent (N, C, H, W): `BOS BOI patches EOI` with the clean image (timestep 0), then
+    text decoded until EOS, `max_new_tokens`, or the model's context, whichever comes first.
+
+    temperature 0 is greedy; otherwise sample (from the top_k most likely tokens when given), image i
+    with its own generator seeded by `seed + i` (or seed[i]).
+    """
+    cfg = model.config
+    if latents.dim() != 4 or latents.shape[0] == 0:
+        raise ValueError(f"latents must be a non-empty (N, C, H, W) tensor, got shape {tuple(latents.shape)}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be positive, got {top_k}")
+    specials = _specials(tokenizer, model)
+    device = _resolve_device(model, device)
+    n, c, h, w = latents.shape
+    p = cfg.patch_size
+    if c != cfg.latent_channels or h % p or w % p:
+        raise ValueError(f"latents {tuple(latents.shape)} must be (N, {cfg.latent_channels}, H, W) with H and W "
+                         f"divisible by patch_size {p}")
+    prompt_len = (h // p) * (w // p) + 3  # BOS BOI patches EOI
+    if prompt_len >= cfg.max_seq_len:
+        raise ValueError(f"the image takes {prompt_len} of the model's {cfg.max_seq_len} positions: no room for text")
+    budget = min(max_new_tokens, cfg.max_seq_len - prompt_len)
+    # the Collator lays out BOS BOI patches EOI EOS; the prompt is all but the trailing EOS
+    samples = [Sample([img.float().cpu()], image_first=True) for img in latents]
+    batch = Collator(cfg, specials).collate_padded(samples).to(device)
+    # the full sequence (prompt, then room for `budget` tokens of document 0); steps read column ranges
+    total = prompt_len + budget
+    tokens = torch.full((n, total), specials.pad, dtype=torch.long, device=device)
+    tokens[:, :prompt_len] = batch.tokens[:, :prompt_len]
+    modality = torch.full_like(tokens, cfg.modalities.index("text"))
+    modality[:, :prompt_len] = batch.modality[:, :prompt_len]
+    image_ids = torch.full_like(tokens, -1)
+    image_ids[:, :prompt_len] = batch.image_ids[:, :prompt_len]
+    positions = torch.arange(total, device=device).expand(n, total)
+    doc_ids = torch.zeros_like(tokens)
+    timesteps = torch.zeros(n, device=device)  # the clean image
+
+    def columns(a: int, b: int) -> ModelInputs:
+        """Positions [a, b) of every row; the image's patches only when the range starts at 0."""
+        with_image = a == 0
+        return ModelInputs(
+            tokens[:, a:b], modality[:, a:b], positions[:, a:b], doc_ids[:, a:b], image_ids[:, a:b],
+            patches=batch.patches if with_image else batch.patches[:0],
+            patch_coords=batch.patch_coords if with_image else batch.patch_coords[:0],
+            patch_image=batch.patch_image if with_image else batch.patch_image[:0],
+            timesteps=timesteps if with_image else timesteps[:0])
+
+    generators = [torch.Generator().manual_seed(s) for s in _seeds(seed, n)]
+    done = torch.zeros(n, dtype=torch.bool, device=device)
+    length = prompt_len  # positions filled so far
+    with torch.no_grad():
+        cache = KVCache.empty(cfg.n_layers, n, device) if use_kv_cache else None
+        for _ in range(budget):
+            if cache is None:  # the whole sequence every step
+                hidden = model(columns(0, length), check=False)
+            elif length == prompt_len:  # the image prompt, once
+                hidden = model(columns(0, length), check=False, cache=cache)
+            else:  # only the newest token
+                hidden = model(columns(length - 1, length), check=False, cache=cache)
+            token = _pick_tokens(model.lm_head(hidden[:, -1]), temperature, top_k, generators)
+            token = torch.where(done, torch.full_like(token, specials.eos), token)
+            tokens[:, length] = token
+            length += 1
+            done |= token == specials.eos
+            if bool(done.all()):
+                break
+    generated = tokens[:, prompt_len:length]
+    captions = []
+    for row in generated.tolist():
+        if specials.eos in row:
+            row = row[:row.index(specials.eos)]
+        captions.append(tokenizer.decode(row))
+    return captions
