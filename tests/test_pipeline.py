@@ -1,0 +1,107 @@
+"""Pipeline.from_run / save_pretrained / from_pretrained and the sample, caption and export commands."""
+
+import json
+
+import numpy as np
+
+import pytest
+import torch
+from PIL import Image
+from test_train import make_config, make_folder
+
+from transfusion_mot.cli import main
+from transfusion_mot.pipeline import Pipeline, load_pipeline
+from transfusion_mot.train import train
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A 6-step run on 24 images (16 px -> 8x8x4 latents) with EMA."""
+    from vae import VAEConfig, build_vae, encode_folder, set_latent_stats
+
+    root = tmp_path_factory.mktemp("piperun")
+    folder = make_folder(root / "images", 24)
+    torch.manual_seed(0)
+    vae = build_vae(VAEConfig(block_out_channels=[8, 16], norm_num_groups=8, sample_size=16))
+    set_latent_stats(vae, shift_factor=0.0, scaling_factor=1.0)
+    vae.save_pretrained(root / "vae")
+    encode_folder(root / "vae", folder, root / "latents", batch_size=8, progress=False)
+    data = {"latents": root / "latents", "folder": folder, "vae": root / "vae"}
+    train(make_config(data, train={"max_steps": 6, "save_every": 3}), root / "run")
+    return root / "run"
+
+
+def test_from_run_uses_ema_and_the_recorded_vae(run):
+    pipe = Pipeline.from_run(run)
+    assert pipe.info["weights"] == "ema.safetensors" and pipe.info["step"] == 6
+    assert pipe.latent_shape == (4, 8, 8) and pipe.image_size == 16
+    raw = Pipeline.from_run(run, ema=False, step=3)
+    assert raw.info["weights"] == "model.safetensors" and raw.info["step"] == 3
+    ema_w = dict(pipe.model.named_parameters())
+    assert any(not torch.equal(p, ema_w[n]) for n, p in raw.model.named_parameters())
+
+
+def test_saved_pipeline_gives_identical_samples_and_captions(run, tmp_path):
+    pipe = Pipeline.from_run(run)
+    prompts = ["a red square", "a blue square"]
+    before = pipe.generate_latents(prompts, seed=3, num_steps=4, cfg_scale=2.0)
+    saved = pipe.save_pretrained(tmp_path / "model")
+    assert {"pipeline.json", "model_config.yaml", "model.safetensors", "tokenizer", "vae"} <= {p.name for p in saved.iterdir()}
+    again = Pipeline.from_pretrained(saved)
+    after = again.generate_latents(prompts, seed=3, num_steps=4, cfg_scale=2.0)
+    assert torch.equal(before, after)
+    images = pipe.decode(before)
+    assert [im.size for im in images] == [(16, 16)] * 2
+    assert pipe.caption(images, max_new_tokens=5) == again.caption(images, max_new_tokens=5)
+    assert load_pipeline(saved).info["source"] == "pretrained"
+    with pytest.raises(FileNotFoundError, match="pipeline.json"):
+        Pipeline.from_pretrained(tmp_path)
+
+
+def test_sample_command_writes_images_grid_and_manifest(run, tmp_path, capsys):
+    out = tmp_path / "samples"
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red square\n\na green square\n")
+    assert main(["sample", "--run", str(run), "--prompts", str(prompts), "--n", "2", "--seed", "5", "--cfg", "2",
+                 "--steps", "3", "--out", str(out), "--device", "cpu"]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["cfg"] == 2 and manifest["steps"] == 3 and manifest["scheduler"] == "ddpm"
+    assert manifest["checkpoint"].endswith("step_6") and manifest["weights"] == "ema.safetensors"
+    assert [r["prompt"] for r in manifest["images"]] == ["a red square"] * 2 + ["a green square"] * 2
+    assert [r["seed"] for r in manifest["images"]] == [5, 6, 7, 8]
+    assert (out / "grid.png").is_file() and len(list(out.glob("0*.png"))) == 4
+    # the files are the pipeline's images for those seeds
+    pipe = Pipeline.from_run(run)
+    expected = pipe.generate(["a red square"], seed=[5], num_steps=3, cfg_scale=2.0)[0]
+    assert np.array_equal(np.asarray(Image.open(out / "00000.png").convert("RGB")), np.asarray(expected))
+
+
+@pytest.mark.parametrize("case", ["too_long", "empty_file", "no_prompt", "bad_run", "wrong_scheduler"])
+def test_sample_bad_input_is_one_line(run, tmp_path, capsys, case):
+    args = ["sample", "--run", str(run), "--out", str(tmp_path / "o"), "--steps", "2"]
+    if case == "too_long":
+        args += ["--prompt", "x" * 200]
+    elif case == "empty_file":
+        (tmp_path / "p.txt").write_text("\n \n")
+        args += ["--prompts", str(tmp_path / "p.txt")]
+    elif case == "bad_run":
+        args = ["sample", "--run", str(tmp_path / "nope"), "--prompt", "a", "--out", str(tmp_path / "o")]
+    elif case == "wrong_scheduler":
+        args += ["--prompt", "a red square", "--scheduler", "flow"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("tmot sample: error:") and "\n" not in err
+    if case == "too_long":
+        assert "max_seq_len" in err
+
+
+def test_caption_and_export_commands(run, tmp_path, capsys):
+    img = tmp_path / "x.png"
+    Image.new("RGB", (20, 24), (230, 30, 30)).save(img)
+    assert main(["caption", "--run", str(run), str(img), "--max-new-tokens", "4", "--json", "--device", "cpu"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert rows[0]["image"] == str(img)
+    assert rows[0]["caption"] == Pipeline.from_run(run).caption([img], max_new_tokens=4)[0]
+    assert main(["caption", "--run", str(run), str(tmp_path / "missing.png")]) == 2
+    assert main(["export", "--run", str(run), "--out", str(tmp_path / "exported")]) == 0
+    assert (tmp_path / "exported" / "pipeline.json").is_file()
