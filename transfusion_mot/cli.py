@@ -368,6 +368,10 @@ def build_parser() -> argparse.ArgumentParser:
     source_flags(p)
     p.add_argument("--out", required=True)
 
+    from eval.cli import register as register_eval
+
+    register_eval(sub, bench_loader=bench_loader)
+
     # tmot data ...
     data = sub.add_parser("data", help="make or import image-caption data sets (image folder + metadata.jsonl)",
                           description="Make or import image-caption data sets. Every subcommand writes an image "
@@ -454,7 +458,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    name = " ".join(filter(None, [args.command, getattr(args, "data_command", None), getattr(args, "vae_command", None)]))
+    name = " ".join(filter(None, [args.command, getattr(args, "data_command", None), getattr(args, "vae_command", None),
+                                  getattr(args, "eval_command", None)]))
     try:
         return args.func(args)
     except (UserError, ConfigError, ValueError, FileNotFoundError, NotADirectoryError, PermissionError,

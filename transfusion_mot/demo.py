@@ -84,7 +84,8 @@ def run_demo(out: str | Path = "tmot_demo", *, num_images: int = 20000, vae_step
     else:
         reused = False
         config = _train_config(prepared.latents_dir, prepared.vae_dir, train_steps, seed, progress)
-        train(config, run, resume=bool(done))
+        if train(config, run, resume=bool(done)).status != "completed":  # SIGTERM / Ctrl-C: checkpoint saved
+            raise KeyboardInterrupt("training stopped on request; run `tmot demo` again to continue")
     summary = json.loads((run / "summary.json").read_text())
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     last = metrics[-1]

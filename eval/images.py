@@ -1,0 +1,162 @@
+"""Image inputs shared by every metric: folders, captioned folders, in-memory images, grids.
+
+Why one module: every metric must read a folder the same way (recursive, sorted, the same
+extensions) and must count, not crash on, the one corrupt file in 30k generated images.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from transfusion_mot.data.imageio import BadImage, load_rgb, read_metadata
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+class ImageFolderNotFound(FileNotFoundError):
+    """A folder of images that does not exist or holds no images."""
+
+
+def list_images(folder: str | os.PathLike) -> list[Path]:
+    """All image files under ``folder`` (recursive, sorted, extensions case-insensitive)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ImageFolderNotFound(f"image folder not found: {folder}")
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    if not files:
+        raise ImageFolderNotFound(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {folder}")
+    return files
+
+
+def to_uint8_array(image: Any) -> np.ndarray:
+    """PIL image, uint8 array (H, W, 3) or (3, H, W), or uint8 torch tensor -> uint8 (H, W, 3).
+
+    Float arrays are refused rather than guessed ([0, 1] or [0, 255]?): convert them explicitly.
+    """
+    if isinstance(image, Image.Image):
+        return np.asarray(image if image.mode == "RGB" else image.convert("RGB"))
+    if hasattr(image, "detach") and hasattr(image, "cpu"):  # torch tensor
+        image = image.detach().cpu().numpy()
+    array = np.asarray(image)
+    if array.dtype != np.uint8:
+        raise ValueError(f"expected a PIL image or a uint8 array, got an array of {array.dtype}; "
+                         "convert with (x * 255).round().clip(0, 255).astype(np.uint8)")
+    if array.ndim == 2:
+        array = np.repeat(array[:, :, None], 3, axis=2)
+    if array.ndim == 3 and array.shape[0] in (1, 3) and array.shape[2] not in (1, 3):
+        array = array.transpose(1, 2, 0)
+    if array.ndim != 3 or array.shape[2] not in (1, 3):
+        raise ValueError(f"expected an image of shape (H, W, 3) or (3, H, W), got {array.shape}")
+    if array.shape[2] == 1:
+        array = np.repeat(array, 3, axis=2)
+    return np.ascontiguousarray(array)
+
+
+def to_pil(image: Any) -> Image.Image:
+    if isinstance(image, Image.Image) and image.mode == "RGB":
+        return image
+    return Image.fromarray(to_uint8_array(image), "RGB")
+
+
+def split_batch(batch: Any) -> list[Any]:
+    """A generator's output as a list of single images: a list stays a list, an (N, ...) array or
+    tensor is split along its first axis."""
+    if isinstance(batch, (list, tuple)):
+        return list(batch)
+    if hasattr(batch, "ndim") and batch.ndim == 4:
+        return [batch[i] for i in range(batch.shape[0])]
+    raise ValueError(f"expected a list of images or an (N, H, W, 3) / (N, 3, H, W) array, got {type(batch).__name__}")
+
+
+class SkipCounter:
+    """Counts unreadable images by reason ("corrupt", "truncated", ...) and remembers a few."""
+
+    def __init__(self) -> None:
+        self.reasons: Counter[str] = Counter()
+        self.examples: list[str] = []
+
+    def add(self, error: BadImage) -> None:
+        self.reasons[error.reason] += 1
+        if len(self.examples) < 5:
+            self.examples.append(str(error))
+
+    @property
+    def total(self) -> int:
+        return sum(self.reasons.values())
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"count": self.total, "reasons": dict(self.reasons), "examples": self.examples}
+
+
+def iter_loaded(paths: Sequence[Path], skipped: SkipCounter) -> Iterator[tuple[Path, np.ndarray]]:
+    """(path, uint8 HWC array) for every readable image; broken ones are counted in ``skipped``."""
+    for path in paths:
+        try:
+            yield path, np.asarray(load_rgb(path, max_pixels=None))
+        except BadImage as err:
+            skipped.add(err)
+
+
+class LazyImages(Sequence):
+    """Image files decoded on access (a batch at a time), so 30k images never sit in memory.
+
+    With ``skipped`` given, unreadable files are left out of every slice and counted there (use
+    it where order does not pair images with anything, e.g. a real set for CMMD); without it, an
+    unreadable file is a ValueError.
+    """
+
+    def __init__(self, paths: Sequence[str | os.PathLike], skipped: SkipCounter | None = None) -> None:
+        self.paths = [Path(p) for p in paths]
+        self.skipped = skipped
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index):  # type: ignore[override]
+        if isinstance(index, slice):
+            if self.skipped is not None:
+                return [array for _, array in iter_loaded(self.paths[index], self.skipped)]
+            return [self._load(p) for p in self.paths[index]]
+        return self._load(self.paths[index])
+
+    @staticmethod
+    def _load(path: Path) -> np.ndarray:
+        try:
+            return np.asarray(load_rgb(path, max_pixels=None))
+        except BadImage as err:
+            raise ValueError(f"unreadable image {path}: {err}") from None
+
+
+def captioned_images(folder: str | os.PathLike, split: str | None = None) -> tuple[list[Path], list[str]]:
+    """Image paths and captions of an image folder with metadata.jsonl (file_name, text)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ImageFolderNotFound(f"image folder not found: {folder}")
+    rows = read_metadata(folder, split=split)
+    if not rows:
+        raise ValueError(f"{folder}/metadata.jsonl lists no images" + (f" of split {split!r}" if split else ""))
+    return [folder / r["file_name"] for r in rows], [r["text"] for r in rows]
+
+
+def make_grid(images: Sequence[Any], columns: int | None = None, pad: int = 2, cell: int | None = None) -> Image.Image:
+    """Images tiled on a dark grid (all resized to ``cell`` px, default: the first image's size)."""
+    if not images:
+        raise ValueError("no images to tile")
+    pils = [to_pil(im) for im in images]
+    cell = cell or pils[0].size[0]
+    columns = columns or math.ceil(math.sqrt(len(pils)))
+    rows = math.ceil(len(pils) / columns)
+    grid = Image.new("RGB", (columns * (cell + pad) + pad, rows * (cell + pad) + pad), (16, 16, 16))
+    for i, im in enumerate(pils):
+        if im.size != (cell, cell):
+            im = im.resize((cell, cell), Image.Resampling.BICUBIC)
+        grid.paste(im, (pad + (i % columns) * (cell + pad), pad + (i // columns) * (cell + pad)))
+    return grid
