@@ -46,10 +46,10 @@ def _stage(report: dict[str, Any], name: str, start: float, log, **extra: Any) -
     log(f"[demo] {name}: {seconds:.1f} s" + (f" ({', '.join(f'{k}={v}' for k, v in extra.items())})" if extra else ""))
 
 
-def run_demo(out: str | Path = "tmot_demo", *, num_images: int = 20000, vae_steps: int = 600,
-             train_steps: int = 1500, classifier_steps: int = 1200, images_per_prompt: int = 2,
-             sample_steps: int = 50, cfg_scale: float = 3.0, fid_images: int = 200, seed: int = 0,
-             progress: bool = True, log=print) -> dict[str, Any]:
+def run_demo(out: str | Path = "tmot_demo", *, num_images: int = 20000, vae_steps: int = 300,
+             train_steps: int = 1500, classifier_steps: int = 1000, images_per_prompt: int = 2,
+             sample_steps: int = 50, scheduler: str = "ddim", cfg_scale: float = 3.0, fid_images: int = 200,
+             seed: int = 0, progress: bool = True, log=print) -> dict[str, Any]:
     """Run (or finish) the demo in `out`; returns the report dict (also written to report.json)."""
     from eval.align import load_classifier, score_alignment, train_shapes_classifier
 
@@ -64,7 +64,7 @@ def run_demo(out: str | Path = "tmot_demo", *, num_images: int = 20000, vae_step
     report: dict[str, Any] = {"machine": {"cpu": platform.processor() or platform.machine(),
                                           "threads": torch.get_num_threads()},
                               "settings": {"num_images": num_images, "vae_steps": vae_steps, "train_steps": train_steps,
-                                           "classifier_steps": classifier_steps, "sample_steps": sample_steps,
+                                           "classifier_steps": classifier_steps, "sample_steps": sample_steps, "scheduler": scheduler,
                                            "cfg_scale": cfg_scale, "images_per_prompt": images_per_prompt,
                                            "fid_images": fid_images, "seed": seed},
                               "stages": {}}
@@ -100,14 +100,15 @@ def run_demo(out: str | Path = "tmot_demo", *, num_images: int = 20000, vae_step
     pipe = Pipeline.from_run(run, device="cpu")
     prompts = [p for p in DEMO_PROMPTS + RELATION_PROMPTS for _ in range(images_per_prompt)]
     seeds = [seed + k for k in range(len(prompts))]
-    images = pipe.generate(prompts, seed=seeds, cfg_scale=cfg_scale, num_steps=sample_steps, batch_size=32)
+    images = pipe.generate(prompts, seed=seeds, cfg_scale=cfg_scale, num_steps=sample_steps, scheduler=scheduler,
+                           batch_size=32)
     sample_dir = out / "samples"
     sample_dir.mkdir(exist_ok=True)
     for k, image in enumerate(images):
         image.save(sample_dir / f"{k:05d}.png")
     (sample_dir / "manifest.json").write_text(json.dumps(
         {"checkpoint": pipe.info["checkpoint"], "weights": pipe.info["weights"], "cfg": cfg_scale, "steps": sample_steps,
-         "scheduler": "ddpm", "images": [{"file": f"{k:05d}.png", "prompt": p, "seed": s}
+         "scheduler": scheduler, "images": [{"file": f"{k:05d}.png", "prompt": p, "seed": s}
                                          for k, (p, s) in enumerate(zip(prompts, seeds))]}, indent=2))
     # the grid: one row per colour, shapes (x images per prompt) across; relation prompts last
     grid = image_grid([im.resize((64, 64), resample=0) for im in images],
@@ -137,7 +138,7 @@ def run_demo(out: str | Path = "tmot_demo", *, num_images: int = 20000, vae_step
 
     # 5. FID against the validation split
     t = time.perf_counter()
-    report["fid"] = _fid(pipe, prepared.data_dir, fid_images, sample_steps, cfg_scale, seed)
+    report["fid"] = _fid(pipe, prepared.data_dir, fid_images, sample_steps, scheduler, cfg_scale, seed)
     _stage(report, "fid", t, log)
 
     report["total_seconds"] = round(time.perf_counter() - t_all, 1)
@@ -160,7 +161,7 @@ def _val_images(data_dir: Path, n: int) -> list[tuple[Path, str]]:
     return [(data_dir / r["file_name"], r["text"]) for r in rows]
 
 
-def _fid(pipe, data_dir: Path, n: int, steps: int, cfg_scale: float, seed: int) -> dict[str, Any]:
+def _fid(pipe, data_dir: Path, n: int, steps: int, scheduler: str, cfg_scale: float, seed: int) -> dict[str, Any]:
     """FID (clean-fid protocol) of n images generated from val captions against those n val images."""
     from eval.fid import compute_fid
     from eval.inception import resolve_inception_weights
@@ -173,7 +174,7 @@ def _fid(pipe, data_dir: Path, n: int, steps: int, cfg_scale: float, seed: int) 
         return {"skipped": str(err)}
     val = _val_images(data_dir, n)
     fakes = pipe.generate([c for _, c in val], seed=seed + 100_000, cfg_scale=cfg_scale, num_steps=steps,
-                          batch_size=32)
+                          scheduler=scheduler, batch_size=32)
     result = compute_fid([p for p, _ in val], fakes, kid=False)
     return {"fid": round(result["fid"], 2), "n_real": result["n_real"], "n_fake": result["n_fake"],
             "extractor_sha256": result.get("extractor_sha256"), "mode": result.get("mode"),
@@ -192,7 +193,7 @@ def render_report(report: dict[str, Any]) -> str:
         f"Tiny MoT ({p['total']:,} parameters; active per token: text {p['active_per_token']['text']:,}, "
         f"image {p['active_per_token']['image']:,}) trained {tr['steps']} steps on the built-in shapes data "
         f"({report['stages']['data_vae_latents']['latents']:,} training images, 32 px, tiny VAE -> 8x8x4 latents). "
-        f"Sampling: {s['sample_steps']} DDPM steps, CFG {s['cfg_scale']}, EMA weights. "
+        f"Sampling: {s['sample_steps']} {s['scheduler'].upper()} steps, CFG {s['cfg_scale']}, EMA weights. "
         f"Total {report['total_seconds'] / 60:.1f} min on {report['machine']['threads']} CPU threads.", "",
         "## Alignment (shapes classifier: a GenEval in miniature)", "",
         "| prompts | images | colour | shape | size | position | all correct |", "|---|---|---|---|---|---|---|"]
