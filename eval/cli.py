@@ -16,21 +16,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from transfusion_mot.cli import positive_int  # the shared argparse type (transfusion_mot.cli imports eval.cli lazily)
+
 BenchLoader = Callable[[str, str], Callable[[list[str], int], list[Any]]]
 
 
 class BenchUnavailable(ValueError):
     """`eval bench` / `eval geneval-export` without a model loader (no transfusion_mot CLI)."""
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
 
 
 DEFAULT_CLIP_MODEL = "openai/clip-vit-large-patch14"  # same as eval.clip (not imported: keeps --help fast)
@@ -323,11 +315,11 @@ def register(subparsers: Any, bench_loader: BenchLoader | None = None) -> argpar
     p.add_argument("--real", required=True, help="reference image folder or statistics .npz")
     p.add_argument("--fake", default=None, help="generated image folder or statistics .npz")
     p.add_argument("--save-stats", default=None, metavar="NPZ", help="save --real's statistics (and features, for KID)")
-    p.add_argument("--max-images", type=_positive_int, default=None, help="use at most this many images per folder")
-    p.add_argument("--batch-size", type=_positive_int, default=32)
+    p.add_argument("--max-images", type=positive_int, default=None, help="use at most this many images per folder")
+    p.add_argument("--batch-size", type=positive_int, default=32)
     p.add_argument("--workers", type=int, default=0, help="threads for the clean resize (worth it when Inception runs on a GPU)")
     p.add_argument("--no-kid", action="store_true", help="skip KID")
-    p.add_argument("--kid-subsets", type=_positive_int, default=100)
+    p.add_argument("--kid-subsets", type=positive_int, default=100)
     p.add_argument("--seed", type=int, default=0, help="seed of KID's subsets")
     p.add_argument("--device", default="auto", help="cpu, cuda, ... (default: cuda if available)")
     inception_flags(p)
@@ -339,7 +331,7 @@ def register(subparsers: Any, bench_loader: BenchLoader | None = None) -> argpar
     p.add_argument("--images", required=True, help="image folder with metadata.jsonl")
     p.add_argument("--captions", default=None, help="metadata.jsonl to use instead of DIR/metadata.jsonl")
     p.add_argument("--model", default=DEFAULT_CLIP_MODEL, help=f"CLIP hub id or local directory (default: {DEFAULT_CLIP_MODEL})")
-    p.add_argument("--batch-size", type=_positive_int, default=32)
+    p.add_argument("--batch-size", type=positive_int, default=32)
     p.add_argument("--device", default="auto", help="cpu, cuda, ... (default: cuda if available)")
 
     p = command("cmmd", "CMMD between two image folders (CLIP embeddings, Gaussian MMD, x1000)",
@@ -348,15 +340,15 @@ def register(subparsers: Any, bench_loader: BenchLoader | None = None) -> argpar
     p.add_argument("--real", required=True)
     p.add_argument("--fake", required=True)
     p.add_argument("--clip-model", default=DEFAULT_CMMD_MODEL, help=f"CLIP hub id or directory (default: {DEFAULT_CMMD_MODEL})")
-    p.add_argument("--max-images", type=_positive_int, default=None)
-    p.add_argument("--batch-size", type=_positive_int, default=32)
+    p.add_argument("--max-images", type=positive_int, default=None)
+    p.add_argument("--batch-size", type=positive_int, default=32)
     p.add_argument("--device", default="auto", help="cpu, cuda, ... (default: cuda if available)")
 
     def align_flags(p: argparse.ArgumentParser) -> None:
         p.add_argument("--out", default=None, help="(train) directory to save the classifier to")
-        p.add_argument("--steps", type=_positive_int, default=1000, help="(train) training steps (default: 1000)")
-        p.add_argument("--image-size", type=_positive_int, default=32, help="(train) image size of the data")
-        p.add_argument("--threads", type=_positive_int, default=1,
+        p.add_argument("--steps", type=positive_int, default=1000, help="(train) training steps (default: 1000)")
+        p.add_argument("--image-size", type=positive_int, default=32, help="(train) image size of the data")
+        p.add_argument("--threads", type=positive_int, default=1,
                        help="(train) torch threads (default 1: robust on a busy machine; 2 is ~1.6x faster on an idle one)")
         p.add_argument("--eval-images", type=int, default=2000,
                        help="(train) held-out renders to measure accuracy on (default: 2000)")
@@ -390,13 +382,13 @@ def register(subparsers: Any, bench_loader: BenchLoader | None = None) -> argpar
     p.add_argument("--split", default="val")
     p.add_argument("--coco-captions", default=None, metavar="JSON", help="COCO captions_val2014.json")
     p.add_argument("--prompts", default=None, metavar="FILE", help="prompt file (.txt one per line, or GenEval .jsonl)")
-    p.add_argument("--n", type=_positive_int, default=1000, help="number of images (default: 1000)")
+    p.add_argument("--n", type=positive_int, default=1000, help="number of images (default: 1000)")
     p.add_argument("--ref-stats", default=None, metavar="NPZ", help="reference statistics for FID")
     p.add_argument("--real", default=None, metavar="DIR", help="real image folder (FID/KID/CMMD)")
     p.add_argument("--clip-model", default=None, help="CLIP hub id or directory (CLIP score and CMMD)")
     p.add_argument("--classifier", default=None, help="shapes classifier directory (alignment)")
     p.add_argument("--out", default=None, help="output directory (default: RUN/bench)")
-    p.add_argument("--batch-size", type=_positive_int, default=16)
+    p.add_argument("--batch-size", type=positive_int, default=16)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="cpu, cuda, ... (default: cuda if available)")
     inception_flags(p)
@@ -411,8 +403,8 @@ def register(subparsers: Any, bench_loader: BenchLoader | None = None) -> argpar
     p.add_argument("--out", required=True, help="prompts .jsonl (prompts) or image folder (reference)")
     p.add_argument("--images", default=None, help="(reference) COCO val2014 image folder")
     p.add_argument("--stats", default=None, metavar="NPZ", help="(reference) also save FID statistics here")
-    p.add_argument("--n", type=_positive_int, default=30_000)
-    p.add_argument("--size", type=_positive_int, default=256)
+    p.add_argument("--n", type=positive_int, default=30_000)
+    p.add_argument("--size", type=positive_int, default=256)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="cpu, cuda, ... (default: cuda if available)")
     inception_flags(p)
@@ -424,8 +416,8 @@ def register(subparsers: Any, bench_loader: BenchLoader | None = None) -> argpar
     p.add_argument("--run", required=True)
     p.add_argument("--metadata", required=True, help="GenEval evaluation_metadata.jsonl")
     p.add_argument("--out", required=True)
-    p.add_argument("--n-samples", type=_positive_int, default=4, help="images per prompt (GenEval uses 4)")
-    p.add_argument("--n", type=_positive_int, default=None, help="only the first N prompts")
+    p.add_argument("--n-samples", type=positive_int, default=4, help="images per prompt (GenEval uses 4)")
+    p.add_argument("--n", type=positive_int, default=None, help="only the first N prompts")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="cpu, cuda, ... (default: cuda if available)")
     return ev

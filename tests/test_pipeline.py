@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_train import make_config, make_folder
+from test_train import make_config, make_training_data
 
 from transfusion_mot.cli import main
 from transfusion_mot.pipeline import Pipeline, load_pipeline
@@ -17,16 +17,8 @@ from transfusion_mot.train import train
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """A 6-step run on 24 images (16 px -> 8x8x4 latents) with EMA."""
-    from vae import VAEConfig, build_vae, encode_folder, set_latent_stats
-
     root = tmp_path_factory.mktemp("piperun")
-    folder = make_folder(root / "images", 24)
-    torch.manual_seed(0)
-    vae = build_vae(VAEConfig(block_out_channels=[8, 16], norm_num_groups=8, sample_size=16))
-    set_latent_stats(vae, shift_factor=0.0, scaling_factor=1.0)
-    vae.save_pretrained(root / "vae")
-    encode_folder(root / "vae", folder, root / "latents", batch_size=8, progress=False)
-    data = {"latents": root / "latents", "folder": folder, "vae": root / "vae"}
+    data = make_training_data(root)
     train(make_config(data, train={"max_steps": 6, "save_every": 3}), root / "run")
     return root / "run"
 

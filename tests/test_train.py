@@ -37,12 +37,10 @@ def make_folder(root: Path, n: int, size: int = 16) -> Path:
     return root
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
+def make_training_data(root: Path) -> dict[str, Path]:
     """(image folder, VAE dir, latent cache) with 24 images of 16 px -> 8x8x4 latents."""
     from vae import VAEConfig, build_vae, encode_folder, set_latent_stats
 
-    root = tmp_path_factory.mktemp("traindata")
     folder = make_folder(root / "images", 24)
     torch.manual_seed(0)
     vae = build_vae(VAEConfig(block_out_channels=[8, 16], norm_num_groups=8, sample_size=16))
@@ -50,6 +48,11 @@ def data(tmp_path_factory):
     vae.save_pretrained(root / "vae")
     encode_folder(root / "vae", folder, root / "latents", batch_size=8, progress=False)
     return {"folder": folder, "vae": root / "vae", "latents": root / "latents"}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_training_data(tmp_path_factory.mktemp("traindata"))
 
 
 def config_dict(d, **sections):

@@ -189,8 +189,8 @@ def to_dict(config: Any) -> dict[str, Any]:
     return dataclasses.asdict(config)
 
 
-def load_yaml_config(cls: type[T], path: str | Path, overrides: list[str] | None = None) -> T:
-    """Load `cls` from a YAML file, then apply `key.sub=value` overrides (values parsed as YAML)."""
+def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
+    """The top-level mapping of a YAML file; a missing file or bad YAML is a one-line ConfigError."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
@@ -200,6 +200,13 @@ def load_yaml_config(cls: type[T], path: str | Path, overrides: list[str] | None
         raise ConfigError(f"{path}: invalid YAML ({str(err).splitlines()[0]})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping")
+    return data
+
+
+def load_yaml_config(cls: type[T], path: str | Path, overrides: list[str] | None = None) -> T:
+    """Load `cls` from a YAML file, then apply `key.sub=value` overrides (values parsed as YAML)."""
+    path = Path(path)
+    data = read_yaml_mapping(path)
     apply_overrides(data, overrides or [])
     try:
         return from_dict(cls, data)

@@ -17,7 +17,7 @@ import torch
 import yaml
 
 from .checkpoint import load_model_weights, resolve_checkpoint
-from .config import ConfigError, ModelConfig, apply_overrides, from_dict, to_dict
+from .config import ConfigError, ModelConfig, apply_overrides, from_dict, read_yaml_mapping, to_dict
 from .tokenizer import TokenizerConfig
 
 DATA_KINDS = ("latents", "folder", "webdataset")
@@ -163,22 +163,10 @@ RESUMABLE_KEYS = ("train.max_steps", "train.log_every", "train.save_every", "tra
                   "tokenizer.path")
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: invalid YAML ({str(err).splitlines()[0]})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: top level must be a mapping")
-    return data
-
-
 def _resolve_model_file(spec: str, base: Path) -> dict[str, Any]:
     for candidate in (base / spec, Path(spec)):
         if candidate.is_file():
-            return _read_yaml(candidate)
+            return read_yaml_mapping(candidate)
     raise ConfigError(f"model: config file {spec!r} not found (looked in {base} and the working directory)")
 
 
@@ -201,7 +189,7 @@ def run_config_from_dict(data: dict[str, Any], overrides: list[str] | None = Non
 def load_run_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
     """A training config from YAML with `a.b=c` overrides; unknown keys fail with their path."""
     path = Path(path)
-    return run_config_from_dict(_read_yaml(path), overrides, base=path.parent, where=f"{path}: ")
+    return run_config_from_dict(read_yaml_mapping(path), overrides, base=path.parent, where=f"{path}: ")
 
 
 def run_config_to_dict(config: RunConfig) -> dict[str, Any]:

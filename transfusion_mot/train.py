@@ -371,7 +371,9 @@ class Trainer:
             return self.collator.collate_packed(samples, self.config.data.token_budget)
         return self.collator.collate_padded(samples)
 
-    def train_step(self, step: int) -> dict[str, float]:
+    def train_step(self, step: int, stop_requested: bool = False) -> dict[str, float]:
+        """One optimizer step. `stop_requested` (this process got SIGTERM/Ctrl-C) is shared with every rank in
+        the step's one all-reduce; the result's "stop" says whether any rank asked."""
         tc, oc = self.config.train, self.config.optim
         lr = warmup_cosine(step, oc.lr, oc.warmup_steps, oc.decay_steps or tc.max_steps, oc.min_lr)
         for group in self.optimizer.param_groups:
@@ -393,7 +395,8 @@ class Trainer:
         grad_norm = ckpt.full_tensor(grad_norm).float().cpu()
         # one all-reduce: mean losses over ranks, total tokens, and whether any rank saw a non-finite value
         local_bad = float(not torch.isfinite(sums[:3]).all())
-        reduced = all_reduce_sum(torch.cat([sums, torch.tensor([local_bad], dtype=torch.float64)]), self.info)
+        flags = torch.tensor([local_bad, float(stop_requested)], dtype=torch.float64)
+        reduced = all_reduce_sum(torch.cat([sums, flags]), self.info)
         world = self.info.world_size
         bad = reduced[4].item() > 0 or not math.isfinite(grad_norm.item())
         if bad:
@@ -410,7 +413,7 @@ class Trainer:
         self.tokens_seen += tokens
         return {"loss": reduced[0].item() / world, "text_loss": reduced[1].item() / world,
                 "image_loss": reduced[2].item() / world, "lr": lr, "grad_norm": grad_norm.item(),
-                "tokens": tokens, "skipped": bad}
+                "tokens": tokens, "skipped": bad, "stop": reduced[5].item() > 0}
 
     def run(self) -> TrainResult:
         tc = self.config.train
@@ -432,7 +435,7 @@ class Trainer:
         try:
             with _StopRequest() as stop:
                 while step < tc.max_steps:
-                    out = self.train_step(step)
+                    out = self.train_step(step, stop_requested=stop.signal is not None)
                     step += 1
                     window_tokens += out["tokens"]
                     if self.bad_in_a_row >= tc.max_bad_steps:
@@ -453,7 +456,7 @@ class Trainer:
                                             refresh=False)
                     if bar is not None:
                         bar.update(1)
-                    requested = all_reduce_sum(torch.tensor([float(stop.signal is not None)]), self.info).item() > 0
+                    requested = out["stop"]
                     if step % tc.save_every == 0 or step == tc.max_steps or requested:
                         saved = self.save(step)
                         if saved is not None:
