@@ -1,25 +1,275 @@
-"""MoT versus its dense baseline (same code, nothing untied), trained side by side on embedded synthetic
-latents: held-out text and image losses and tokens/s of each. Writes OUT/report.md, report.json, metrics.jsonl.
+"""MoT versus its dense baseline (and the MoT and Transfusion ablations) trained on real data.
 
-    python benchmarks/mot_vs_dense.py [--out mot_vs_dense --steps 400 --seed 0]
+Every variant is the same training config with one change (`tmot train --set ...`), so the variants share
+the code path, the seed, the data order, the timesteps and noise of every step, and are scored on the same
+held-out draws (`train.eval_every`: fixed timesteps and noise, see transfusion_mot/validation.py):
+
+    dense         model.untie=[]                  the Transfusion baseline
+    ffn           model.untie=[ffn]               MoT ablation: only the FFN untied
+    ffn_attn      model.untie=[ffn,attn]          FFN and attention projections untied
+    mot           model.untie=[attn,ffn,norm]     the full Mixture-of-Transformers
+    *_causal      + model.image_attention=causal  Transfusion's mask ablation (e.g. dense_causal, mot_causal)
+
+Outputs in OUT: runs/VARIANT (ordinary run directories), curves.png (held-out text and image loss against
+steps and against training time), results.md (the table), results.json; on shapes data also each variant's
+alignment (the shapes classifier) and FID at equal n (`tmot eval bench` on validation captions). The last
+stdout line is one JSON object with mot_/dense_val_image_loss, mot_/dense_val_text_loss, steps_ratio and
+time_ratio: the first evaluated step (training time) at which MoT's held-out image loss is at or below
+dense's final one, over dense's steps (time); null if never.
+
+    python benchmarks/mot_vs_dense.py --data shapes --steps 1500
+    python benchmarks/mot_vs_dense.py --data emoji --steps 3000 --variants dense,ffn,ffn_attn,mot
+    python benchmarks/mot_vs_dense.py --data shapes --steps 1500 --variants dense,mot,dense_causal,mot_causal
+    python benchmarks/mot_vs_dense.py --data LATENTS --val-data VAL_LATENTS --config my.yaml --steps 5000
+    python benchmarks/mot_vs_dense.py --data IMAGE_FOLDER --vae VAE_DIR --config my.yaml --steps 5000
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
-from transfusion_mot.core_demo import run_core_demo
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+UNTIE = {"dense": "[]", "ffn": "[ffn]", "ffn_attn": "[ffn,attn]", "mot": "[attn,ffn,norm]"}
+BUILTIN_CONFIGS = {"shapes": REPO / "configs/train/shapes-tiny.yaml", "emoji": REPO / "configs/train/emoji-tiny.yaml"}
+
+
+def variant_overrides(name: str) -> list[str]:
+    """`dense`, `ffn`, `ffn_attn`, `mot`, each optionally with `_causal`."""
+    base, causal = (name[: -len("_causal")], True) if name.endswith("_causal") else (name, False)
+    if base not in UNTIE:
+        raise SystemExit(f"unknown variant {name!r}: use {', '.join(UNTIE)}, optionally with _causal")
+    return [f"model.untie={UNTIE[base]}"] + (["model.image_attention=causal"] if causal else [])
+
+
+def prepare_data(args: argparse.Namespace) -> dict[str, Any]:
+    """Training data, held-out data, VAE and the config every variant starts from."""
+    from transfusion_mot.run import load_run_config
+
+    if args.data in BUILTIN_CONFIGS:
+        from transfusion_mot.prepare import prepare_builtin
+
+        config_path = Path(args.config or BUILTIN_CONFIGS[args.data])
+        config = load_run_config(config_path, args.set)
+        d = config.data
+        root = Path(d.builtin_dir) / f"{args.data}-{d.builtin_image_size}"
+        bpe = config.model.vocab_size if config.tokenizer.kind == "hf" and not config.tokenizer.path else None
+        prepared = prepare_builtin(args.data, root, image_size=d.builtin_image_size, num_images=d.builtin_num_images,
+                                   vae_steps=d.builtin_vae_steps, seed=args.seed, progress=False, tokenizer_vocab=bpe)
+        return {"config": config_path, "data": str(prepared.latents_dir), "val": str(prepared.val_latents_dir),
+                "vae": str(prepared.vae_dir), "images": str(prepared.data_dir), "shapes": args.data == "shapes",
+                "tokenizer": str(prepared.tokenizer) if prepared.tokenizer else None}
+    path = Path(args.data)
+    if not args.config:
+        raise SystemExit("--config is required with your own data (e.g. configs/train/shapes-tiny.yaml)")
+    if (path / "index.json").is_file():
+        if not args.val_data:
+            raise SystemExit("a latent cache needs --val-data: a cache of held-out images (tmot vae encode --split val)")
+        index = json.loads((path / "index.json").read_text())
+        images = index.get("data_dir")
+        return {"config": Path(args.config), "data": str(path), "val": args.val_data, "vae": args.vae or index.get("vae"),
+                "images": images, "shapes": _is_shapes(images)}
+    if (path / "metadata.jsonl").is_file():
+        if not args.vae:
+            raise SystemExit("an image folder is encoded on the fly: pass --vae DIR_OR_HUB_ID")
+        return {"config": Path(args.config), "data": str(path), "val": args.val_data, "vae": args.vae,
+                "images": str(path), "shapes": _is_shapes(str(path))}
+    raise SystemExit(f"--data {args.data}: not shapes, emoji, a latent cache (index.json) or an image folder")
+
+
+def _is_shapes(images: str | None) -> bool:
+    """An image folder written by `tmot data shapes` (its rows carry the objects the classifier checks)."""
+    if not images or not (Path(images) / "metadata.jsonl").is_file():
+        return False
+    with open(Path(images) / "metadata.jsonl", encoding="utf-8") as f:
+        first = json.loads(f.readline() or "{}")
+    return "objects" in first
+
+
+def train_variant(name: str, data: dict[str, Any], args: argparse.Namespace, out: Path) -> Path:
+    run = out / "runs" / name
+    if (run / "summary.json").is_file() and json.loads((run / "summary.json").read_text()).get("step") == args.steps:
+        return run  # finished earlier: reuse
+    cmd = [sys.executable, "-m", "transfusion_mot", "train", "--config", str(data["config"]), "--out", str(run),
+           "--data", data["data"], "--max-steps", str(args.steps), "--eval-every", str(args.eval_every),
+           "--no-progress", "--save-every", str(args.steps),
+           "--set", f"train.seed={args.seed}", "--set", f"train.eval_samples={args.eval_samples}",
+           "--set", "train.tensorboard=false", "--set", "data.builtin=null"]
+    if data["val"]:
+        cmd += ["--val-data", data["val"]]
+    if data["vae"]:
+        cmd += ["--vae", data["vae"]]
+    if data.get("tokenizer"):
+        cmd += ["--set", f"tokenizer.path={data['tokenizer']}"]
+    for override in [*args.set, *variant_overrides(name)]:
+        cmd += ["--set", override]
+    if run.exists():
+        import shutil
+
+        shutil.rmtree(run)
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode:
+        raise SystemExit(f"training {name} failed:\n{proc.stderr[-3000:]}")
+    print(f"[mot_vs_dense] {name}: {args.steps} steps in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+    return run
+
+
+def bench_variant(run: Path, data: dict[str, Any], args: argparse.Namespace, classifier: Path | None) -> dict[str, Any]:
+    """Alignment and FID at equal n on validation captions, through `tmot eval bench` (same seeds for all)."""
+    cmd = [sys.executable, "-m", "transfusion_mot", "eval", "bench", "--run", str(run), "--data", data["images"],
+           "--n", str(args.bench_n), "--seed", str(args.seed), "--json", "--device", "cpu", "--out", str(run / "bench")]
+    if classifier is not None:
+        cmd += ["--classifier", str(classifier)]
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode:
+        raise SystemExit(f"bench of {run} failed:\n{proc.stderr[-3000:]}")
+    summary = json.loads(proc.stdout)
+    align = summary["report"].get("align", {})
+    return {"fid": summary.get("fid"), "n": args.bench_n,
+            **{f"align_{k}": align.get(k) for k in ("colour", "shape", "size", "position", "all_correct")}}
+
+
+def reach(records: list[dict[str, Any]], target: float) -> dict[str, Any] | None:
+    """The first evaluation whose held-out image loss is at or below `target`."""
+    return next((r for r in records if "val_image_loss" in r and r["val_image_loss"] <= target), None)
+
+
+def summarise(runs: dict[str, list[dict[str, Any]]], summaries: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    final = {name: [r for r in records if "val_image_loss" in r][-1] for name, records in runs.items()}
+    result: dict[str, Any] = {}
+    for name in ("mot", "dense"):
+        result[f"{name}_val_image_loss"] = final[name]["val_image_loss"] if name in final else None
+        result[f"{name}_val_text_loss"] = final[name]["val_text_loss"] if name in final else None
+    result["steps_ratio"] = result["time_ratio"] = None
+    if "mot" in runs and "dense" in runs:
+        dense_final = final["dense"]
+        hit = reach(runs["mot"], dense_final["val_image_loss"])
+        if hit is not None:
+            result["steps_ratio"] = round(hit["step"] / dense_final["step"], 4)
+            result["time_ratio"] = round(hit["train_time_s"] / dense_final["train_time_s"], 4)
+    variants = {}
+    for name, records in runs.items():
+        params = summaries[name]["parameters"]
+        f = final[name]
+        variants[name] = {
+            "untie": summaries[name]["model"]["untie"], "params": params["total"],
+            "active_per_token": params["active_per_token"], "steps": f["step"],
+            "train_time_s": round(f["train_time_s"], 1),
+            "tokens_per_s": round(summaries[name]["tokens_seen"] / summaries[name]["train_time_s"], 1),
+            **{k: round(v, 5) for k, v in f.items() if k.startswith("val_")}}
+        if "dense" in runs and name != "dense":
+            hit = reach(records, final["dense"]["val_image_loss"])
+            variants[name]["reaches_dense_final_at_step"] = hit["step"] if hit else None
+    result["variants"] = variants
+    return result
+
+
+def render_table(result: dict[str, Any], title: str) -> str:
+    lines = [f"### {title}", "",
+             "| variant | untie | params | active/token (text, image) | val image loss | val text loss | "
+             "val caption loss | reaches dense's final image loss at | tokens/s | train s | colour | shape | "
+             "all correct | FID |", "|" + "---|" * 14]
+
+    def pct(v: Any) -> str:
+        return "–" if v is None else f"{100 * v:.1f}%"
+
+    for name, v in result["variants"].items():
+        act = v["active_per_token"]
+        reach_at = v.get("reaches_dense_final_at_step", "–") if name != "dense" else "–"
+        fid = v.get("fid")
+        lines.append(
+            f"| {name} | {','.join(v['untie']) or '-'} | {v['params']:,} | {act['text']:,}, {act['image']:,} | "
+            f"{v['val_image_loss']:.4f} | {v['val_text_loss']:.4f} | {v['val_caption_loss']:.4f} | "
+            f"{'never' if reach_at is None else reach_at} | {v['tokens_per_s']:,.0f} | {v['train_time_s']:.0f} | "
+            f"{pct(v.get('align_colour'))} | {pct(v.get('align_shape'))} | {pct(v.get('align_all_correct'))} | "
+            f"{'–' if fid is None else f'{fid:.1f}'} |")
+    lines += ["", f"steps_ratio {result['steps_ratio']}, time_ratio {result['time_ratio']} (MoT's first evaluation at or "
+              "below dense's final held-out image loss, over dense's steps / training time; null: never)."]
+    buckets = [k for k in next(iter(result["variants"].values())) if k.startswith("val_image_loss_t")]
+    if buckets:
+        lines += ["", "Held-out image loss per timestep quarter:", "",
+                  "| variant | " + " | ".join(b[len("val_image_loss_"):] for b in buckets) + " |",
+                  "|---|" + "---|" * len(buckets)]
+        for name, v in result["variants"].items():
+            lines.append(f"| {name} | " + " | ".join(f"{v[b]:.4f}" for b in buckets) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default="mot_vs_dense")
-    ap.add_argument("--steps", type=int, default=400)
+    ap.add_argument("--data", default="shapes", help="shapes | emoji | a latent cache | an image folder")
+    ap.add_argument("--val-data", default=None, help="held-out latent cache (with a latent cache as --data)")
+    ap.add_argument("--vae", default=None, help="VAE dir or hub id (with an image folder as --data)")
+    ap.add_argument("--config", default=None, help="training config (default: the built-in data's tiny config)")
+    ap.add_argument("--steps", type=int, default=1500)
+    ap.add_argument("--eval-every", type=int, default=None, help="default: steps / 10")
+    ap.add_argument("--eval-samples", type=int, default=512)
+    ap.add_argument("--variants", default="mot,dense", help="comma-separated; see the module docstring")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="applies to every variant")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--jobs", type=int, default=1, help="variants trained at once (give each --threads cores)")
+    ap.add_argument("--threads", type=int, default=max(1, torch.get_num_threads()), help="threads per training job")
+    ap.add_argument("--bench-n", type=int, default=None,
+                    help="images per variant for FID and alignment (default: 256 on shapes data, else 0)")
+    ap.add_argument("--out", default="mot_vs_dense")
     args = ap.parse_args()
-    run_core_demo(args.out, steps=args.steps, seed=args.seed)
-    print((Path(args.out) / "report.md").read_text())
+    args.eval_every = args.eval_every or max(1, args.steps // 10)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    names = [n.strip() for n in args.variants.split(",") if n.strip()]
+    for name in names:
+        variant_overrides(name)
+
+    t0 = time.perf_counter()
+    data = prepare_data(args)
+    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        run_dirs = dict(zip(names, pool.map(lambda n: train_variant(n, data, args, out), names)))
+
+    from transfusion_mot.curves import plot_curves, read_metrics
+
+    runs = {name: read_metrics(run) for name, run in run_dirs.items()}
+    summaries = {name: json.loads((run / "summary.json").read_text()) for name, run in run_dirs.items()}
+    result = summarise(runs, summaries)
+
+    bench_n = args.bench_n if args.bench_n is not None else (256 if data["shapes"] else 0)
+    args.bench_n = bench_n
+    if bench_n > 0 and data["images"]:
+        classifier = None
+        if data["shapes"]:
+            classifier = out / "shapes-classifier"
+            if not (classifier / "config.json").is_file():
+                from eval.align import train_shapes_classifier
+
+                train_shapes_classifier(classifier, image_size=32, steps=1000, seed=args.seed)
+        with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+            benches = dict(zip(names, pool.map(lambda n: bench_variant(run_dirs[n], data, args, classifier), names)))
+        for name, bench in benches.items():
+            result["variants"][name].update(bench)
+
+    title = (f"{args.data}: {args.steps} steps, evaluated every {args.eval_every} on {args.eval_samples} held-out "
+             f"samples (fixed draws)")
+    plot_curves(runs, out / "curves.png", title=title)
+    result.update({"data": args.data, "steps": args.steps, "eval_every": args.eval_every, "seed": args.seed,
+                   "overrides": args.set, "threads": args.threads, "jobs": args.jobs,
+                   "machine": f"{platform.machine()}, {os.cpu_count()} cpus", "wall_s": round(time.perf_counter() - t0, 1),
+                   "command": " ".join(["python benchmarks/mot_vs_dense.py", *sys.argv[1:]])})
+    (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / "results.md").write_text(render_table(result, title) + f"\n![curves](curves.png)\n\n`{result['command']}`\n")
+    print((out / "results.md").read_text())
+    print(json.dumps({k: v for k, v in result.items() if k != "variants"} | {"out": str(out)}))
 
 
 if __name__ == "__main__":

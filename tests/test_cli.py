@@ -58,18 +58,3 @@ def test_info_accounts_the_7b_config():
     info = json.loads(r.stdout)
     assert 6.4e9 < info["total_params"] < 7.2e9
     assert info["shared_params"] > 0.9 * info["total_params"]
-
-
-def test_demo_writes_report(tmp_path):
-    from transfusion_mot.core_demo import run_core_demo
-
-    report = run_core_demo(tmp_path / "demo", steps=3, batch_size=2)
-    assert set(report["models"]) == {"mot", "dense"}
-    mot, dense = report["models"]["mot"], report["models"]["dense"]
-    assert mot["accounting"]["total_params"] > dense["accounting"]["total_params"]
-    assert mot["accounting"]["active_params_per_token"] == dense["accounting"]["active_params_per_token"]
-    lines = (tmp_path / "demo" / "metrics.jsonl").read_text().splitlines()
-    assert len(lines) == 6
-    for key in ("step", "loss", "text_loss", "image_loss", "lr", "tokens_per_s"):
-        assert key in json.loads(lines[0])
-    assert "| mot |" in (tmp_path / "demo" / "report.md").read_text()

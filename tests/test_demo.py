@@ -2,26 +2,49 @@
 
 import json
 
-from transfusion_mot.demo import DEMO_PROMPTS, run_demo
+from transfusion_mot.demo import DEMO_PROMPTS, RELATION_PROMPTS, heldout_prompts, run_demo
+from transfusion_mot.data.shapes import parse_caption
+
+
+def test_heldout_prompts_are_other_prompts_and_valid_captions():
+    sets = heldout_prompts()
+    assert set(sets) == {"small objects", "single object with a position", "two objects with a relation"}
+    for prompts in sets.values():
+        assert len(prompts) == 32 and not set(prompts) & set(DEMO_PROMPTS)
+        for p in prompts:
+            parse_caption(p)  # every held-out prompt is scoreable by the classifier
+    assert all(parse_caption(p)["position"] for p in sets["single object with a position"])
+    assert all(parse_caption(p)["relation"] for p in sets["two objects with a relation"])
+    assert heldout_prompts() == sets and heldout_prompts(seed=2) != sets  # fixed by the seed
 
 
 def test_demo_pipeline_end_to_end_and_reuse(tmp_path):
     kwargs = dict(num_images=200, vae_steps=3, train_steps=4, classifier_steps=3, images_per_prompt=1,
-                  sample_steps=2, fid_images=0, progress=False, log=lambda *a: None)
+                  sample_steps=2, fid_images=0, eval_every=2, progress=False, log=lambda *a: None)
     report = run_demo(tmp_path / "demo", **kwargs)
     out = tmp_path / "demo"
-    assert (out / "samples.png").is_file() and (out / "report.md").is_file()
+    for name in ("samples.png", "curves.png", "report.md", "report.json"):
+        assert (out / name).is_file(), name
     saved = json.loads((out / "report.json").read_text())
     assert saved["train"]["steps"] == 4 and saved["fid"] == {"skipped": "disabled (--fid-images 0)"}
-    demo = saved["alignment"]["demo_prompts"]
+    assert set(saved["train"]["validation"]) >= {"val_image_loss", "val_text_loss", "val_caption_loss"}
+    demo = saved["alignment"]["demo prompts (every colour x shape)"]
     assert demo["n_scored"] == len(DEMO_PROMPTS)
+    for name in ("held out: small objects", "held out: single object with a position",
+                 "held out: two objects with a relation", "real val images (reference)"):
+        assert saved["alignment"][name]["n_scored"] > 0, name
     for key in ("colour", "shape", "all_correct"):
         assert 0.0 <= demo[key] <= 1.0
     manifest = json.loads((out / "samples" / "manifest.json").read_text())
-    assert manifest["scheduler"] == "ddim" and len(manifest["images"]) == len(DEMO_PROMPTS) + 4
-    assert "## Alignment" in (out / "report.md").read_text()
+    assert manifest["scheduler"] == "flow" and len(manifest["images"]) == len(DEMO_PROMPTS) + 3 * 32
+    assert {row["set"] for row in manifest["images"]} == set(saved["alignment"]) - {"real val images (reference)"}
+    seeds = [row["seed"] for row in manifest["images"]]
+    assert len(set(seeds)) == len(seeds)  # held-out prompts use other seeds than the demo prompts
+    text = (out / "report.md").read_text()
+    assert "![samples](samples.png)" in text and "![curves](curves.png)" in text and "## Alignment" in text
     assert report["stages"]["train"]["reused"] is False
     again = run_demo(out, **kwargs)
-    assert again["stages"]["data_vae_latents"]["reused"] == ["data", "vae", "latents"]
+    assert again["stages"]["data_vae_latents"]["reused"] == ["data", "vae", "latents", "latents-val", "tokenizer"]
     assert again["stages"]["train"]["reused"] is True and again["stages"]["align"]["classifier_reused"] is True
-    assert again["alignment"]["demo_prompts"] == report["alignment"]["demo_prompts"]  # same seeds, same images
+    assert again["alignment"] == report["alignment"]  # same seeds, same images
+    assert len(RELATION_PROMPTS) == 4

@@ -31,12 +31,12 @@ def per_token(fn, x, modality):
     return torch.stack([fn(int(m), row) for m, row in zip(modality, x)])
 
 
-def naive_mask(doc, img, i, j):
+def naive_mask(doc, img, i, j, bidirectional_images=True):
     if doc[j] < 0:
         return i == j
     if doc[i] != doc[j]:
         return i == j
-    return j <= i or (img[i] >= 0 and img[i] == img[j])
+    return j <= i or (bidirectional_images and img[i] >= 0 and img[i] == img[j])
 
 
 def reference_forward(model, inputs):
@@ -56,9 +56,28 @@ def reference_forward(model, inputs):
         pos = torch.cat([(r * omega).sin(), (r * omega).cos(), (c * omega).sin(), (c * omega).cos()]).float()
         b, l = divmod(row, L)
         x[b, l] = inputs.patches[p] @ model.patch_embed.weight.T + model.patch_embed.bias \
-            + t_emb[inputs.patch_image[p]] + pos
+            + t_emb[inputs.patch_image[p]] + cfg.pos_embed_scale * pos
     x = x.reshape(B * L, D)
     mods = flat_mod
+    # adaLN: each image row's (shift, scale, gate, ...) from its own image's timestep, one row at a time
+    image_of_row = {row: int(inputs.patch_image[p]) for p, row in enumerate(image_rows)}
+
+    def modulation(linear, row, n):
+        return (linear.weight @ F.silu(t_emb[image_of_row[row]]) + linear.bias).chunk(n)
+
+    def modulate(h, linear, n, which):  # which: 0 -> (shift, scale) of attention, 1 -> of the FFN
+        out = h.clone()
+        for row in image_rows:
+            parts = modulation(linear, row, n)
+            shift, scale = parts[3 * which], parts[3 * which + 1]
+            out[row] = h[row] * (1 + scale) + shift
+        return out
+
+    def gate(h, linear, which):
+        out = h.clone()
+        for row in image_rows:
+            out[row] = h[row] * modulation(linear, row, 6)[3 * which + 2]
+        return out
 
     def linear(experts, x_):
         return per_token(lambda m, row: pick(experts, m).weight @ row, x_, mods)
@@ -82,7 +101,8 @@ def reference_forward(model, inputs):
     for b in range(B):
         for i in range(L):
             for j in range(L):
-                allowed[b, i, j] = naive_mask(inputs.doc_ids[b], inputs.image_ids[b], i, j)
+                allowed[b, i, j] = naive_mask(inputs.doc_ids[b], inputs.image_ids[b], i, j,
+                                              cfg.image_attention == "bidirectional")
 
     def attention(blk, h):
         qkv = linear(blk.attn.qkv, h)
@@ -105,13 +125,18 @@ def reference_forward(model, inputs):
         return per_token(one, h, mods)
 
     for blk in model.blocks:
-        if cfg.norm_placement == "pre":
+        if cfg.time_conditioning == "adaln":
+            x = x + gate(attention(blk, modulate(norm(blk.attn_norm, x), blk.modulation, 6, 0)), blk.modulation, 0)
+            x = x + gate(ffn(blk, modulate(norm(blk.ffn_norm, x), blk.modulation, 6, 1)), blk.modulation, 1)
+        elif cfg.norm_placement == "pre":
             x = x + attention(blk, norm(blk.attn_norm, x))
             x = x + ffn(blk, norm(blk.ffn_norm, x))
         else:
             x = x + norm(blk.attn_norm, attention(blk, x))
             x = x + norm(blk.ffn_norm, ffn(blk, x))
     x = norm(model.final_norm, x)
+    if cfg.time_conditioning == "adaln":
+        x = modulate(x, model.final_modulation, 2, 0)
     return x.reshape(B, L, D)
 
 
@@ -291,6 +316,98 @@ def test_mot_model_matches_naive_per_token_reference(untie):
     inputs = dataclasses.replace(inputs, modality=mod)
     with torch.no_grad():
         torch.testing.assert_close(model(inputs), reference_forward(model, inputs), atol=2e-5, rtol=2e-5)
+
+
+# -------------------------------------------------------------------------------------------------
+# options: adaLN timestep conditioning, position-embedding scale, causal image attention
+
+
+def randomize_modulation(model, seed=2):
+    """adaLN starts at zero (identity); give it weights so the reference has something to check."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in [blk.modulation for blk in model.blocks] + [model.final_modulation]:
+            module.weight.normal_(0, 0.05, generator=g)
+            module.bias.normal_(0, 0.05, generator=g)
+
+
+@pytest.mark.parametrize("untie", [ALL, []])
+@pytest.mark.parametrize("packed", [False, True])
+def test_adaln_matches_naive_reference(untie, packed):
+    cfg = tiny_config(untie=untie, time_conditioning="adaln", pos_embed_scale=0.3)
+    model = TransfusionMoT(cfg)
+    randomize_norms(model)
+    randomize_modulation(model)
+    _, inputs = make_inputs(cfg, random_samples(cfg, n=3), packed=packed)
+    with torch.no_grad():
+        torch.testing.assert_close(model(inputs), reference_forward(model, inputs), atol=2e-5, rtol=2e-5)
+
+
+def test_adaln_starts_as_identity_on_image_blocks_and_is_per_image():
+    """adaLN-Zero: at init every image token's block output equals its input; once trained, image
+    tokens of two images with different timesteps are modulated differently, text tokens never."""
+    cfg = tiny_config(time_conditioning="adaln")
+    model = TransfusionMoT(cfg)
+    assert all(torch.count_nonzero(blk.modulation.weight) == 0 for blk in model.blocks)
+    _, inputs = make_inputs(cfg, [Sample([[1, 2, 3], torch.randn(4, 4, 4)])])
+    routing = Routing(inputs.modality, cfg.num_modalities, sort=True)
+    mod = model.image_modulation(inputs, routing)
+    is_image = routing.sort(inputs.modality.reshape(-1)) == model.image_modality
+    assert torch.equal(mod.index, is_image.nonzero().squeeze(1))  # the image rows of the sorted stream
+    from transfusion_mot.masks import AttentionMask, transfusion_mask_mod
+    from transfusion_mot.model import rope_tables
+
+    attn_mask = AttentionMask(transfusion_mask_mod(inputs.doc_ids, inputs.image_ids), 1, inputs.tokens.shape[1],
+                              inputs.tokens.shape[1], torch.device("cpu"), "sdpa")
+    x = routing.sort(model.embed(inputs))
+    rope = rope_tables(inputs.positions, cfg.head_dim, cfg.rope_theta)
+    with torch.no_grad():
+        y = model.blocks[0](x, routing, tuple(inputs.tokens.shape), rope, attn_mask, None, mod)
+    assert torch.equal(y[is_image], x[is_image]) and not torch.equal(y[~is_image], x[~is_image])
+
+
+def test_causal_image_attention_is_the_only_difference_in_the_mask():
+    cfg = tiny_config()
+    batch, inputs = make_inputs(cfg, random_samples(cfg, n=3))
+    from transfusion_mot.masks import dense_mask, transfusion_mask_mod
+
+    B, L = inputs.tokens.shape
+    bi = dense_mask(transfusion_mask_mod(inputs.doc_ids, inputs.image_ids), B, L, L, torch.device("cpu"))[:, 0]
+    causal = dense_mask(transfusion_mask_mod(inputs.doc_ids, inputs.image_ids, bidirectional_images=False), B, L, L,
+                        torch.device("cpu"))[:, 0]
+    tri = torch.ones(L, L, dtype=torch.bool).tril()
+    assert torch.equal(causal, bi & (tri | torch.eye(L, dtype=torch.bool)))  # causal: nothing above the diagonal
+    same_image = (inputs.image_ids[:, :, None] == inputs.image_ids[:, None, :]) & (inputs.image_ids[:, :, None] >= 0)
+    assert torch.equal(bi & ~causal, same_image & ~tri)  # what is lost: later patches of the same image
+    model = TransfusionMoT(dataclasses.replace(cfg, image_attention="causal"))
+    randomize_norms(model)
+    with torch.no_grad():
+        torch.testing.assert_close(model(inputs), reference_forward(model, inputs), atol=2e-5, rtol=2e-5)
+
+
+def test_option_values_are_checked():
+    from transfusion_mot.config import ConfigError
+
+    with pytest.raises(ConfigError, match="time_conditioning must be one of"):
+        tiny_config(time_conditioning="film")
+    with pytest.raises(ConfigError, match="image_attention must be one of"):
+        tiny_config(image_attention="full")
+    with pytest.raises(ConfigError, match="needs norm_placement pre"):
+        tiny_config(time_conditioning="adaln", norm_placement="post")
+    with pytest.raises(ConfigError, match="pos_embed_scale"):
+        tiny_config(pos_embed_scale=float("nan"))
+
+
+def test_adaln_parameters_are_image_side_and_per_image_in_accounting():
+    from transfusion_mot.accounting import parameter_accounting
+
+    plain = parameter_accounting(TransfusionMoT(tiny_config()))
+    adaln = parameter_accounting(TransfusionMoT(tiny_config(time_conditioning="adaln")))
+    D, n_layers = 64, 2
+    extra = n_layers * (D * 6 * D + 6 * D) + (D * 2 * D + 2 * D)
+    assert adaln["total_params"] - plain["total_params"] == extra
+    assert adaln["params_per_modality"]["image"] - plain["params_per_modality"]["image"] == extra
+    assert adaln["active_params_per_token"] == plain["active_params_per_token"]  # run once per image
 
 
 # -------------------------------------------------------------------------------------------------

@@ -117,8 +117,13 @@ def test_overflow_error_and_truncate():
 def test_tokenizer_config_validation():
     with pytest.raises(ConfigError, match="kind"):
         TokenizerConfig(kind="sentencepiece")
-    with pytest.raises(ConfigError, match="path"):
-        TokenizerConfig(kind="hf")
+    with pytest.raises(ConfigError, match="needs path"):
+        load_tokenizer(TokenizerConfig(kind="hf"))  # a path-less hf config is only for built-in data
+    from transfusion_mot.run import run_config_from_dict
+
+    with pytest.raises(ConfigError, match="needs path"):
+        run_config_from_dict({"tokenizer": {"kind": "hf"}, "data": {"path": "somewhere"}})
+    assert run_config_from_dict({"tokenizer": {"kind": "hf"}, "data": {"builtin": "shapes"}}).tokenizer.path is None
     with pytest.raises(ConfigError, match="overflow"):
         TokenizerConfig(overflow="cut")
     with pytest.raises(ConfigError, match="max_text_tokens"):

@@ -3,8 +3,8 @@
 Conventions. Parameters of a per-modality expert copy belong to that modality; one shared copy is shared.
 The token embedding and the LM head serve the discrete (non-image) modalities; the patch embedding, the
 timestep embedder and the image head serve the image modality. Active parameters per token count what
-one token of a modality multiplies by, excluding the token-embedding lookup and the timestep embedder
-(run once per image, not per token). Training FLOPs per token follow PaLM (arXiv 2204.02311, App. B):
+one token of a modality multiplies by, excluding the token-embedding lookup, the timestep embedder and
+the adaLN modulation (run once per image, not per token). Training FLOPs per token follow PaLM (arXiv 2204.02311, App. B):
 6 * active_params + 12 * n_layers * dim * seq_len, the second term being attention scores and values
 over a full context of `seq_len` (no discount for causality).
 """
@@ -29,9 +29,12 @@ def parameter_accounting(model: TransfusionMoT, seq_len: int | None = None) -> d
                 for p in copy.parameters():
                     expert_param_ids[id(p)] = m if len(module) > 1 else None
 
-    image_end = {id(p) for mod in (model.patch_embed, model.time_embed, model.image_head) for p in mod.parameters()}
+    # adaLN modulation (time_conditioning: adaln) runs once per image, like the timestep embedder
+    per_image = [model.time_embed] + [m for m in [b.modulation for b in model.blocks] + [model.final_modulation]
+                                      if m is not None]
+    image_end = {id(p) for mod in (model.patch_embed, model.image_head, *per_image) for p in mod.parameters()}
     text_end = {id(p) for mod in (model.tok_embed, model.lm_head) for p in mod.parameters()}
-    per_token_excluded = {id(p) for mod in (model.tok_embed, model.time_embed) for p in mod.parameters()}
+    per_token_excluded = {id(p) for mod in (model.tok_embed, *per_image) for p in mod.parameters()}
     active = [0] * k
     for p in model.parameters():
         n = p.numel()

@@ -31,6 +31,16 @@ def positive_int(text: str) -> int:
     return value
 
 
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
+
+
 def fraction(text: str) -> float:
     try:
         value = float(text)
@@ -163,6 +173,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         config.data.kind = infer_data_kind(args.data)
     if args.vae:
         config.vae.path = args.vae
+    if args.val_data:
+        config.data.val_path = args.val_data
+    if args.eval_every is not None:
+        config.train.eval_every = args.eval_every
     if args.max_steps:
         config.train.max_steps = args.max_steps
     if args.save_every:
@@ -320,6 +334,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="run directory")
     p.add_argument("--data", default=None, help="latent cache, image folder or WebDataset shards (sets data.path)")
     p.add_argument("--vae", default=None, help="VAE directory or hub id (sets vae.path)")
+    p.add_argument("--val-data", default=None,
+                   help="held-out data of the same kind as --data (sets data.val_path; a folder's own val split "
+                        "is used by default)")
+    p.add_argument("--eval-every", type=non_negative_int, default=None,
+                   help="held-out losses every N steps on fixed draws (sets train.eval_every; 0: never)")
     p.add_argument("--max-steps", type=positive_int, default=None, help="sets train.max_steps")
     p.add_argument("--save-every", type=positive_int, default=None, help="sets train.save_every")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

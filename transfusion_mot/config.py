@@ -21,6 +21,8 @@ UNTIE_CHOICES = ("attn", "ffn", "norm")
 NORM_PLACEMENTS = ("pre", "post")
 OBJECTIVES = ("ddpm", "flow")
 ATTN_BACKENDS = ("auto", "sdpa", "flex")
+TIME_CONDITIONINGS = ("add", "adaln")
+IMAGE_ATTENTIONS = ("bidirectional", "causal")
 
 
 class ConfigError(ValueError):
@@ -57,6 +59,13 @@ class ModelConfig:
     rope_theta: float = 10000.0
     init_std: float = 0.02
     attn_backend: str = "auto"
+    # "bidirectional": a patch sees every patch of its image (Transfusion); "causal": the paper's ablation
+    image_attention: str = "bidirectional"
+    # how image tokens learn their diffusion timestep: "add" (Transfusion: an embedding added to every
+    # patch at the input) or "adaln" (also DiT's adaLN-Zero: the image experts' norms are scaled and shifted
+    # and their residual branches gated by the timestep, in every block)
+    time_conditioning: str = "add"
+    pos_embed_scale: float = 1.0  # multiplies the fixed 2D sin-cos position embedding of patches
     # objective: "ddpm" (epsilon prediction, cosine schedule) or "flow" (rectified flow, velocity)
     objective: str = "ddpm"
     num_train_timesteps: int = 1000
@@ -94,6 +103,14 @@ class ModelConfig:
             bad(f"objective must be one of {list(OBJECTIVES)}, got {self.objective!r}")
         if self.attn_backend not in ATTN_BACKENDS:
             bad(f"attn_backend must be one of {list(ATTN_BACKENDS)}, got {self.attn_backend!r}")
+        if self.image_attention not in IMAGE_ATTENTIONS:
+            bad(f"image_attention must be one of {list(IMAGE_ATTENTIONS)}, got {self.image_attention!r}")
+        if self.time_conditioning not in TIME_CONDITIONINGS:
+            bad(f"time_conditioning must be one of {list(TIME_CONDITIONINGS)}, got {self.time_conditioning!r}")
+        if self.time_conditioning == "adaln" and self.norm_placement != "pre":
+            bad("time_conditioning adaln modulates the pre-norms: it needs norm_placement pre")
+        if not (self.pos_embed_scale >= 0 and self.pos_embed_scale < float("inf")):
+            bad(f"pos_embed_scale must be a finite number >= 0, got {self.pos_embed_scale}")
         if not 0 <= self.image_first_max_t < self.num_train_timesteps:
             bad(f"image_first_max_t must be in [0, {self.num_train_timesteps}), got {self.image_first_max_t}")
 

@@ -1,18 +1,23 @@
-"""`tmot demo`: the whole system on the embedded shapes data, on a CPU, in about ten minutes.
+"""`tmot demo`: the whole system on the embedded shapes data, on a CPU, in under ten minutes.
 
 Stages (each reuses its output when it is already complete, so a re-run only does what is missing):
-  1. shapes images (train/val) -> a tiny VAE -> the train split's latent cache   (transfusion_mot.prepare)
-  2. a tiny MoT trained with configs/train/shapes-tiny.yaml                       (transfusion_mot.train)
-  3. samples for fixed prompts (every colour x shape), classifier-free guidance  (transfusion_mot.pipeline)
-  4. the shapes classifier (a GenEval in miniature) scores colour/shape/position  (eval.align)
+  1. shapes images (train/val) -> a tiny VAE -> latent caches of both splits, and a BPE tokenizer of
+     the training captions                                                        (transfusion_mot.prepare)
+  2. a tiny MoT trained with configs/train/shapes-tiny.yaml, with held-out losses on fixed draws
+                                                                                  (transfusion_mot.train)
+  3. samples for the demo prompts (every colour x shape) and for prompts the recipe was not tuned on
+     (small objects, positions, two objects with a relation; other seeds)       (transfusion_mot.pipeline)
+  4. the shapes classifier (a GenEval in miniature) scores colour, shape, size, position (eval.align)
   5. FID of generated images against the validation split, when Inception weights can be found (eval.fid)
-Writes OUT/report.md, OUT/report.json and OUT/samples.png.
+Writes OUT/report.md (with the samples grid and the loss curves), OUT/report.json, OUT/samples.png,
+OUT/curves.png.
 """
 
 from __future__ import annotations
 
 import json
 import platform
+import random
 import time
 from pathlib import Path
 from typing import Any
@@ -20,24 +25,56 @@ from typing import Any
 import torch
 from PIL import Image
 
-from .data.shapes import COLOURS, SHAPES
+from .data.shapes import COLOURS, POSITIONS, SHAPES, SIZES, make_caption
 
+# the prompts the demo shows (and the recipe was chosen on): every colour x shape, large, no position
 DEMO_PROMPTS = [f"a large {colour} {shape}" for colour in COLOURS for shape in SHAPES]
 RELATION_PROMPTS = ["a large red circle above a large blue square", "a large yellow triangle below a large green circle",
                     "a large white cross to the left of a large purple square",
                     "a large cyan square to the right of a large orange triangle"]
+HELDOUT_SEED_OFFSET = 10_000  # held-out prompts are sampled with other seeds than the demo prompts
 
 
-def _train_config(latents: Path, vae: Path, steps: int, seed: int, progress: bool):
+def heldout_prompts(n: int = 32, seed: int = 1) -> dict[str, list[str]]:
+    """Prompt sets the demo's recipe was NOT tuned on: the other size of every colour x shape, single
+    objects with a position phrase, and two objects with a relation (drawn with a fixed seed)."""
+    rng = random.Random(f"heldout:{seed}")
+    sizes, colours, relations = list(SIZES), list(COLOURS), ["above", "below", "left of", "right of"]
+
+    def obj(size: str | None = None) -> dict[str, str]:
+        return {"size": size or rng.choice(sizes), "colour": rng.choice(colours), "shape": rng.choice(SHAPES)}
+
+    small = [f"a small {colour} {shape}" for colour in COLOURS for shape in SHAPES]
+    positioned = [make_caption([obj()], position=rng.choice(list(POSITIONS))) for _ in range(n)]
+    pairs = []
+    while len(pairs) < n:
+        a, b = obj(), obj()
+        if (a["colour"], a["shape"]) != (b["colour"], b["shape"]):
+            pairs.append(make_caption([a, b], relation=rng.choice(relations)))
+    return {"small objects": small, "single object with a position": positioned, "two objects with a relation": pairs}
+
+
+def _train_config(prepared: Any, steps: int, seed: int, progress: bool, eval_every: int):
     from .prepare import CONFIG_ROOT
     from .run import load_run_config
 
     config = load_run_config(CONFIG_ROOT / "train" / "shapes-tiny.yaml",
                              [f"train.max_steps={steps}", f"train.seed={seed}", f"train.progress={str(progress).lower()}",
-                              f"train.save_every={max(steps // 4, 1)}"])
-    config.data.path, config.data.builtin = str(latents), None
-    config.vae.path = str(vae)
+                              f"train.save_every={steps}", f"train.eval_every={eval_every}"])
+    config.data.path, config.data.val_path, config.data.builtin = str(prepared.latents_dir), str(prepared.val_latents_dir), None
+    config.vae.path = str(prepared.vae_dir)
+    if prepared.tokenizer is not None:
+        config.tokenizer.path = str(prepared.tokenizer)
     return config
+
+
+def _demo_tokenizer_vocab() -> int | None:
+    """The vocabulary of the BPE the shipped config asks the built-in data to train (None: bytes)."""
+    from .prepare import CONFIG_ROOT
+    from .run import load_run_config
+
+    config = load_run_config(CONFIG_ROOT / "train" / "shapes-tiny.yaml")
+    return config.model.vocab_size if config.tokenizer.kind == "hf" and not config.tokenizer.path else None
 
 
 def _stage(report: dict[str, Any], name: str, start: float, log, **extra: Any) -> None:
@@ -47,13 +84,16 @@ def _stage(report: dict[str, Any], name: str, start: float, log, **extra: Any) -
 
 
 def run_demo(out: str | Path = "tmot_demo", *, num_images: int = 20000, vae_steps: int = 300,
-             train_steps: int = 1500, classifier_steps: int = 1000, images_per_prompt: int = 2,
-             sample_steps: int = 50, scheduler: str = "ddim", cfg_scale: float = 3.0, fid_images: int = 200,
-             seed: int = 0, progress: bool = True, log=print) -> dict[str, Any]:
-    """Run (or finish) the demo in `out`; returns the report dict (also written to report.json)."""
+             train_steps: int = 3300, classifier_steps: int = 1000, images_per_prompt: int = 4,
+             sample_steps: int = 50, scheduler: str | None = None, cfg_scale: float = 5.0, fid_images: int = 200,
+             eval_every: int | None = None, seed: int = 0, progress: bool = True, log=print) -> dict[str, Any]:
+    """Run (or finish) the demo in `out`; returns the report dict (also written to report.json).
+
+    scheduler None samples with the objective's own (flow for flow models, ddpm for ddpm ones)."""
     from eval.align import load_classifier, score_alignment, train_shapes_classifier
 
     from .checkpoint import list_checkpoints
+    from .curves import TRAINING_PANELS, plot_curves, read_metrics
     from .pipeline import Pipeline, image_grid
     from .prepare import prepare_builtin
     from .train import train
@@ -61,21 +101,23 @@ def run_demo(out: str | Path = "tmot_demo", *, num_images: int = 20000, vae_step
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t_all = time.perf_counter()
+    eval_every = eval_every or max(1, train_steps // 10)
     report: dict[str, Any] = {"machine": {"cpu": platform.processor() or platform.machine(),
                                           "threads": torch.get_num_threads()},
                               "settings": {"num_images": num_images, "vae_steps": vae_steps, "train_steps": train_steps,
-                                           "classifier_steps": classifier_steps, "sample_steps": sample_steps, "scheduler": scheduler,
-                                           "cfg_scale": cfg_scale, "images_per_prompt": images_per_prompt,
-                                           "fid_images": fid_images, "seed": seed},
+                                           "classifier_steps": classifier_steps, "sample_steps": sample_steps,
+                                           "scheduler": scheduler, "cfg_scale": cfg_scale,
+                                           "images_per_prompt": images_per_prompt, "fid_images": fid_images,
+                                           "eval_every": eval_every, "seed": seed},
                               "stages": {}}
 
-    # 1. data, VAE, latents
+    # 1. data, VAE, latents, tokenizer
     t = time.perf_counter()
     prepared = prepare_builtin("shapes", out / "shapes-32", image_size=32, num_images=num_images, vae_steps=vae_steps,
-                               seed=seed, progress=progress, log=log)
+                               seed=seed, progress=progress, tokenizer_vocab=_demo_tokenizer_vocab(), log=log)
     _stage(report, "data_vae_latents", t, log, reused=prepared.info["reused"], latents=prepared.info["latents"])
 
-    # 2. the MoT
+    # 2. the MoT, with held-out losses
     t = time.perf_counter()
     run = out / "run"
     done = [s for s, _ in list_checkpoints(run)]
@@ -83,38 +125,54 @@ def run_demo(out: str | Path = "tmot_demo", *, num_images: int = 20000, vae_step
         reused = True
     else:
         reused = False
-        config = _train_config(prepared.latents_dir, prepared.vae_dir, train_steps, seed, progress)
+        config = _train_config(prepared, train_steps, seed, progress, eval_every)
         if train(config, run, resume=bool(done)).status != "completed":  # SIGTERM / Ctrl-C: checkpoint saved
             raise KeyboardInterrupt("training stopped on request; run `tmot demo` again to continue")
     summary = json.loads((run / "summary.json").read_text())
-    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    last = metrics[-1]
+    metrics = read_metrics(run)
     _stage(report, "train", t, log, reused=reused, steps=train_steps)
+    last = metrics[-1]
+    window = metrics[-10:]
     report["train"] = {"run": str(run), "steps": train_steps, "parameters": summary["parameters"],
                        "final": {k: round(last[k], 4) for k in ("loss", "text_loss", "image_loss")},
                        "first": {k: round(metrics[0][k], 4) for k in ("loss", "text_loss", "image_loss")},
-                       "tokens_per_s": round(sum(m["tokens_per_s"] for m in metrics[-10:]) / min(10, len(metrics)), 1)}
+                       "validation": {k: round(v, 4) for k, v in last.items() if k.startswith("val_")},
+                       "train_time_s": round(summary.get("train_time_s", 0.0), 1),
+                       "tokens_per_s": round(sum(m["tokens_per_s"] for m in window) / len(window), 1)}
+    plot_curves({"demo": metrics}, out / "curves.png", panels=TRAINING_PANELS,
+                title=f"tmot demo: training and held-out losses ({train_steps} steps)")
 
-    # 3. samples for the fixed prompts
+    # 3. samples: the demo prompts (the grid), then held-out prompt sets with other seeds
     t = time.perf_counter()
     pipe = Pipeline.from_run(run, device="cpu")
-    prompts = [p for p in DEMO_PROMPTS + RELATION_PROMPTS for _ in range(images_per_prompt)]
-    seeds = [seed + k for k in range(len(prompts))]
-    images = pipe.generate(prompts, seed=seeds, cfg_scale=cfg_scale, num_steps=sample_steps, scheduler=scheduler,
-                           batch_size=32)
+    sampling = dict(cfg_scale=cfg_scale, num_steps=sample_steps, scheduler=scheduler, batch_size=64)
+    sets: dict[str, tuple[list[str], list[int]]] = {}
+    demo = [p for p in DEMO_PROMPTS for _ in range(images_per_prompt)]
+    sets["demo prompts (every colour x shape)"] = (demo, [seed + k for k in range(len(demo))])
+    offset = seed + HELDOUT_SEED_OFFSET
+    for name, prompts in heldout_prompts(seed=seed + 1).items():
+        sets[f"held out: {name}"] = (prompts, [offset + k for k in range(len(prompts))])
+        offset += len(prompts)
+    images: dict[str, list[Image.Image]] = {name: pipe.generate(prompts, seed=seeds, **sampling)
+                                             for name, (prompts, seeds) in sets.items()}
     sample_dir = out / "samples"
     sample_dir.mkdir(exist_ok=True)
-    for k, image in enumerate(images):
-        image.save(sample_dir / f"{k:05d}.png")
+    rows, k = [], 0
+    for name, (prompts, seeds) in sets.items():
+        for prompt, s, image in zip(prompts, seeds, images[name]):
+            image.save(sample_dir / f"{k:05d}.png")
+            rows.append({"file": f"{k:05d}.png", "prompt": prompt, "seed": s, "set": name})
+            k += 1
     (sample_dir / "manifest.json").write_text(json.dumps(
         {"checkpoint": pipe.info["checkpoint"], "weights": pipe.info["weights"], "cfg": cfg_scale, "steps": sample_steps,
-         "scheduler": scheduler, "images": [{"file": f"{k:05d}.png", "prompt": p, "seed": s}
-                                         for k, (p, s) in enumerate(zip(prompts, seeds))]}, indent=2))
+         "scheduler": scheduler or pipe.info["objective"], "images": rows}, indent=2))
     # the grid: one row per colour, shapes (x images per prompt) across; relation prompts last
-    grid = image_grid([im.resize((64, 64), resample=0) for im in images],
+    relation = pipe.generate(RELATION_PROMPTS, seed=seed, **sampling)
+    grid = image_grid([im.resize((64, 64), resample=Image.NEAREST)
+                       for im in images["demo prompts (every colour x shape)"] + relation],
                       cols=len(SHAPES) * images_per_prompt)
     grid.save(out / "samples.png")
-    _stage(report, "sample", t, log, images=len(images))
+    _stage(report, "sample", t, log, images=k + len(relation))
 
     # 4. alignment
     t = time.perf_counter()
@@ -125,26 +183,24 @@ def run_demo(out: str | Path = "tmot_demo", *, num_images: int = 20000, vae_step
     else:
         classifier = train_shapes_classifier(classifier_dir, image_size=32, steps=classifier_steps, seed=seed)
         reused = False
-    n_single = len(DEMO_PROMPTS) * images_per_prompt
-    single = score_alignment(classifier, images[:n_single], prompts[:n_single])
-    relation = score_alignment(classifier, images[n_single:], prompts[n_single:])
+    alignment = {name: _strip(score_alignment(classifier, images[name], prompts))
+                 for name, (prompts, _) in sets.items()}
     real_val = _val_images(prepared.data_dir, 256)
-    reference = score_alignment(classifier, [Image.open(p).convert("RGB") for p, _ in real_val],
-                                [c for _, c in real_val])
-    report["alignment"] = {"demo_prompts": _strip(single), "relation_prompts": _strip(relation),
-                           "real_val_images": _strip(reference),
-                           "classifier_heldout": classifier.metrics.get("heldout")}
+    alignment["real val images (reference)"] = _strip(score_alignment(
+        classifier, [Image.open(p).convert("RGB") for p, _ in real_val], [c for _, c in real_val]))
+    report["alignment"] = alignment
+    report["classifier_heldout"] = classifier.metrics.get("heldout")
     _stage(report, "align", t, log, classifier_reused=reused)
 
     # 5. FID against the validation split
     t = time.perf_counter()
-    report["fid"] = _fid(pipe, prepared.data_dir, fid_images, sample_steps, scheduler, cfg_scale, seed)
+    report["fid"] = _fid(pipe, prepared.data_dir, fid_images, sampling, seed)
     _stage(report, "fid", t, log)
 
     report["total_seconds"] = round(time.perf_counter() - t_all, 1)
     report["outputs"] = {"report_md": str(out / "report.md"), "samples_png": str(out / "samples.png"),
-                         "samples_dir": str(sample_dir), "run": str(run), "vae": str(prepared.vae_dir),
-                         "data": str(prepared.data_dir), "classifier": str(classifier_dir)}
+                         "curves_png": str(out / "curves.png"), "samples_dir": str(sample_dir), "run": str(run),
+                         "vae": str(prepared.vae_dir), "data": str(prepared.data_dir), "classifier": str(classifier_dir)}
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / "report.md").write_text(render_report(report))
     return report
@@ -161,7 +217,7 @@ def _val_images(data_dir: Path, n: int) -> list[tuple[Path, str]]:
     return [(data_dir / r["file_name"], r["text"]) for r in rows]
 
 
-def _fid(pipe, data_dir: Path, n: int, steps: int, scheduler: str, cfg_scale: float, seed: int) -> dict[str, Any]:
+def _fid(pipe, data_dir: Path, n: int, sampling: dict[str, Any], seed: int) -> dict[str, Any]:
     """FID (clean-fid protocol) of n images generated from val captions against those n val images."""
     from eval.fid import compute_fid
     from eval.inception import resolve_inception_weights
@@ -173,8 +229,7 @@ def _fid(pipe, data_dir: Path, n: int, steps: int, scheduler: str, cfg_scale: fl
     except FileNotFoundError as err:
         return {"skipped": str(err)}
     val = _val_images(data_dir, n)
-    fakes = pipe.generate([c for _, c in val], seed=seed + 100_000, cfg_scale=cfg_scale, num_steps=steps,
-                          scheduler=scheduler, batch_size=32)
+    fakes = pipe.generate([c for _, c in val], seed=seed + 100_000, **sampling)
     result = compute_fid([p for p, _ in val], fakes, kid=False)
     return {"fid": round(result["fid"], 2), "n_real": result["n_real"], "n_fake": result["n_fake"],
             "extractor_sha256": result.get("extractor_sha256"), "mode": result.get("mode"),
@@ -188,40 +243,45 @@ def _pct(value: float | None) -> str:
 def render_report(report: dict[str, Any]) -> str:
     tr, al, s = report["train"], report["alignment"], report["settings"]
     p = tr["parameters"]
+    scheduler = s["scheduler"].upper() if s["scheduler"] else "the objective's own"
     lines = [
         "# tmot demo report", "",
         f"Tiny MoT ({p['total']:,} parameters; active per token: text {p['active_per_token']['text']:,}, "
         f"image {p['active_per_token']['image']:,}) trained {tr['steps']} steps on the built-in shapes data "
         f"({report['stages']['data_vae_latents']['latents']:,} training images, 32 px, tiny VAE -> 8x8x4 latents). "
-        f"Sampling: {s['sample_steps']} {s['scheduler'].upper()} steps, CFG {s['cfg_scale']}, EMA weights. "
+        f"Sampling: {s['sample_steps']} steps ({scheduler} scheduler), CFG {s['cfg_scale']}, EMA weights. "
         f"Total {report['total_seconds'] / 60:.1f} min on {report['machine']['threads']} CPU threads.", "",
+        "![samples](samples.png)", "",
+        f"Rows: colours; columns: shapes x {s['images_per_prompt']} seeds (\"a large red circle\", ...); "
+        "last row: two objects with a relation.", "",
         "## Alignment (shapes classifier: a GenEval in miniature)", "",
         "| prompts | images | colour | shape | size | position | all correct |", "|---|---|---|---|---|---|---|"]
-    for name, key in (("demo prompts (every colour x shape)", "demo_prompts"),
-                      ("two objects with a relation", "relation_prompts"), ("real val images (reference)", "real_val_images")):
-        a = al[key]
+    for name, a in al.items():
         lines.append(f"| {name} | {a['n_scored']} | {_pct(a.get('colour'))} | {_pct(a.get('shape'))} | "
                      f"{_pct(a.get('size'))} | {_pct(a.get('position'))} | {_pct(a.get('all_correct'))} |")
-    held = al.get("classifier_heldout") or {}
+    held = report.get("classifier_heldout") or {}
     if held:
         lines += ["", "Classifier accuracy on held-out renders: " +
                   ", ".join(f"{k} {_pct(v)}" for k, v in held.items() if isinstance(v, float) and k != "center_error_px")]
     fid = report["fid"]
+    val = tr["validation"]
     lines += ["", "## FID", "",
               (f"FID {fid['fid']} ({fid['n_fake']} generated vs {fid['n_real']} validation images, clean-fid protocol, "
                f"Inception sha256 {str(fid.get('extractor_sha256'))[:12]}...; {fid['note']})")
               if "fid" in fid else f"skipped: {fid['skipped']}",
-              "", "## Training", "",
+              "", "## Training", "", "![curves](curves.png)", "",
               f"loss {tr['first']['loss']} -> {tr['final']['loss']} (text {tr['first']['text_loss']} -> "
               f"{tr['final']['text_loss']}, image {tr['first']['image_loss']} -> {tr['final']['image_loss']}); "
-              f"{tr['tokens_per_s']:,.0f} tokens/s at the end.", "",
-              "## Stages", "", "| stage | seconds | |", "|---|---|---|"]
+              f"{tr['tokens_per_s']:,.0f} tokens/s at the end, {tr['train_time_s']} s in training steps."]
+    if val:
+        lines += ["", "Held-out (fixed timesteps and noise): " + ", ".join(f"{k} {v}" for k, v in val.items())]
+    lines += ["", "## Stages", "", "| stage | seconds | |", "|---|---|---|"]
     for name, st in report["stages"].items():
         extra = ", ".join(f"{k}={v}" for k, v in st.items() if k != "seconds")
         lines.append(f"| {name} | {st['seconds']} | {extra} |")
     o = report["outputs"]
-    lines += ["", "## Where things are", "", f"- samples grid: `{o['samples_png']}` (rows: colours; columns: shapes x "
-              f"{s['images_per_prompt']} seeds; last row: relation prompts)", f"- samples and manifest: `{o['samples_dir']}`",
+    lines += ["", "## Where things are", "", f"- samples grid: `{o['samples_png']}`, loss curves: `{o['curves_png']}`",
+              f"- samples and manifest (prompt, seed, set of every image): `{o['samples_dir']}`",
               f"- training run: `{o['run']}` (metrics.jsonl, summary.json, checkpoints)", f"- VAE: `{o['vae']}`",
               f"- data: `{o['data']}`", f"- shapes classifier: `{o['classifier']}`", ""]
     return "\n".join(lines)

@@ -13,31 +13,53 @@ from .model import TransfusionMoT
 
 def transfusion_loss(model: TransfusionMoT, batch: Batch, objective: DiffusionObjective,
                      generator: torch.Generator | None = None, image_loss_weight: float | None = None,
-                     check: bool = True) -> dict[str, Tensor]:
+                     check: bool = True, timesteps: Tensor | None = None, noise: Tensor | None = None,
+                     details: bool = False) -> dict[str, Tensor]:
     """Noise the batch's images, run the model once, return {loss, text_loss, image_loss}.
 
     text_loss: next-token cross-entropy averaged over positions with a text target.
     image_loss: MSE between predicted and target (epsilon or velocity) over all latent patch elements.
     Random draws (timesteps, noise) come from `generator` on the CPU, so a seeded run is reproducible on
-    any device and resumes exactly.
+    any device and resumes exactly; `timesteps` (I,) and `noise` (P, patch_dim) replace the draws (fixed
+    validation draws). `details` adds sums for held-out evaluation: `text_nll_sum` and `text_tokens`
+    (cross-entropy summed over text targets, and their count) and `image_mse_per_image` (I,).
     """
     weight = model.config.image_loss_weight if image_loss_weight is None else image_loss_weight
     device = batch.tokens.device
-    timesteps = objective.sample_timesteps(batch.image_first, generator).to(device)
-    noise = torch.randn(batch.patches.shape, generator=generator).to(device=device, dtype=batch.patches.dtype)
+    if timesteps is None:
+        timesteps = objective.sample_timesteps(batch.image_first, generator)
+    timesteps = timesteps.to(device)
+    if noise is None:
+        noise = torch.randn(batch.patches.shape, generator=generator)
+    noise = noise.to(device=device, dtype=batch.patches.dtype)
     noisy = objective.add_noise(batch.patches, noise, timesteps[batch.patch_image])
     hidden = model(batch.model_inputs(noisy, timesteps), check=check)
 
+    out: dict[str, Tensor] = {}
     text_positions = batch.text_targets != IGNORE_INDEX
     if text_positions.any():
-        logits = model.lm_head(hidden[text_positions])
-        text_loss = F.cross_entropy(logits.float(), batch.text_targets[text_positions])
+        logits = model.lm_head(hidden[text_positions]).float()
+        targets = batch.text_targets[text_positions]
+        text_loss = F.cross_entropy(logits, targets)
+        if details:
+            out["text_nll_sum"] = F.cross_entropy(logits, targets, reduction="sum")
+            out["text_tokens"] = targets.new_tensor(targets.numel())
     else:
         text_loss = hidden.sum() * 0.0
+        if details:
+            out["text_nll_sum"], out["text_tokens"] = text_loss.detach(), batch.tokens.new_tensor(0)
     image_positions = batch.modality == model.image_modality
     if batch.patches.shape[0]:
         prediction = model.image_head(hidden[image_positions])
         image_loss = objective.loss(prediction, batch.patches, noise)
+        if details:
+            sq = (prediction.float() - objective.target(batch.patches, noise).float()).pow(2).mean(dim=1)  # (P,)
+            per_image = torch.zeros(batch.num_images, device=device).index_add_(0, batch.patch_image, sq)
+            patches_per_image = torch.bincount(batch.patch_image, minlength=batch.num_images)
+            out["image_mse_per_image"] = per_image / patches_per_image.clamp(min=1)
     else:
         image_loss = hidden.sum() * 0.0
-    return {"loss": text_loss + weight * image_loss, "text_loss": text_loss, "image_loss": image_loss}
+        if details:
+            out["image_mse_per_image"] = hidden.new_zeros(0)
+    out.update(loss=text_loss + weight * image_loss, text_loss=text_loss, image_loss=image_loss)
+    return out

@@ -17,26 +17,32 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 MaskMod = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
+# on CPU, bf16 rows with at most this many keys use SDPA's math kernel (see AttentionMask.attend)
+CPU_MATH_MAX_KV = 256
 
 
-def transfusion_mask_mod(doc_ids: Tensor, image_ids: Tensor, q_offset: int = 0) -> MaskMod:
+def transfusion_mask_mod(doc_ids: Tensor, image_ids: Tensor, q_offset: int = 0,
+                         bidirectional_images: bool = True) -> MaskMod:
     """Mask function over (batch, head, query index, key index).
 
     doc_ids, image_ids: (B, L_kv) long. doc_id -1 marks padding; image_id -1 marks a non-image token.
     q_offset: queries are keys [q_offset, q_offset + L_q) (used when earlier keys come from a KV cache).
+    bidirectional_images: False gives the Transfusion paper's ablation (causal attention inside images too).
     """
 
     def mask_mod(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
         q = q_idx + q_offset
         q_doc = doc_ids[b, q]
         kv_doc = doc_ids[b, kv_idx]
-        q_img = image_ids[b, q]
         same_doc = (q_doc == kv_doc) & (kv_doc >= 0)
-        causal = kv_idx <= q
-        same_image = (q_img >= 0) & (q_img == image_ids[b, kv_idx])
-        return (same_doc & (causal | same_image)) | (q == kv_idx)
+        visible = kv_idx <= q  # causal
+        if bidirectional_images:
+            q_img = image_ids[b, q]
+            visible = visible | ((q_img >= 0) & (q_img == image_ids[b, kv_idx]))
+        return (same_doc & visible) | (q == kv_idx)
 
     return mask_mod
 
@@ -94,6 +100,11 @@ class AttentionMask:
     def attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         """q: (B, H, Q, d), k, v: (B, H, KV, d) -> (B, H, Q, d)."""
         if self.backend == "sdpa":
+            if q.device.type == "cpu" and q.dtype != torch.float32 and k.shape[2] <= CPU_MATH_MAX_KV:
+                # PyTorch's CPU flash kernel is ~3.5x slower than the math kernel on short bf16 rows
+                # (benchmarks/attention_cpu.py); on long rows, or in fp32, it is the faster one
+                with sdpa_kernel(SDPBackend.MATH):
+                    return F.scaled_dot_product_attention(q, k, v, attn_mask=self.dense)
             return F.scaled_dot_product_attention(q, k, v, attn_mask=self.dense)
         return _flex_attention()(q, k, v, block_mask=self.block_mask)
 

@@ -124,6 +124,30 @@ class TimestepEmbedder(nn.Module):
         return self.mlp(timestep_frequencies(t, self.freq_dim))
 
 
+class ImageModulation:
+    """adaLN-Zero for the image tokens of one forward (time_conditioning: adaln; DiT, arXiv 2212.09748).
+
+    `index` holds the positions of the image tokens in the (modality-sorted) residual stream, in patch
+    order; `cond` is SiLU of each image's timestep embedding, (I, D), and `patch_image` maps a patch to its
+    image. Text tokens are never modulated, so text computes exactly what it would without this."""
+
+    def __init__(self, index: Tensor, cond: Tensor, patch_image: Tensor) -> None:
+        self.index = index
+        self.cond = cond
+        self.patch_image = patch_image
+
+    def params(self, linear: nn.Linear, n: int) -> list[Tensor]:
+        """`linear` applied once per image, then gathered per image token and split into n (N_img, D)."""
+        return list(linear(self.cond)[self.patch_image].chunk(n, dim=-1))
+
+    def modulate(self, x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+        rows = x.index_select(0, self.index)
+        return x.index_copy(0, self.index, (rows * (1 + scale) + shift).to(x.dtype))
+
+    def gate(self, x: Tensor, gate: Tensor) -> Tensor:
+        return x.index_copy(0, self.index, (x.index_select(0, self.index) * gate).to(x.dtype))
+
+
 # --------------------------------------------------------------------------------------------------
 # KV cache
 
@@ -226,9 +250,17 @@ class MoTBlock(nn.Module):
         self.attn = MoTAttention(config)
         self.ffn_norm = experts(config, "norm", lambda: nn.RMSNorm(d, eps=eps))
         self.ffn = experts(config, "ffn", lambda: SwiGLU(d, config.ffn_dim))
+        # adaLN-Zero of the image tokens: shift, scale, gate for attention and for the FFN
+        self.modulation = nn.Linear(d, 6 * d) if config.time_conditioning == "adaln" else None
 
     def forward(self, x: Tensor, routing: Routing, shape: tuple[int, int], rope: tuple[Tensor, Tensor],
-                mask: AttentionMask, kv: LayerKV | None = None) -> Tensor:
+                mask: AttentionMask, kv: LayerKV | None = None, mod: ImageModulation | None = None) -> Tensor:
+        if mod is not None:  # pre-norm with the image rows modulated by their timestep
+            shift_a, scale_a, gate_a, shift_f, scale_f, gate_f = mod.params(self.modulation, 6)
+            h = mod.modulate(routing.apply(self.attn_norm, x), shift_a, scale_a)
+            x = x + mod.gate(self.attn(h, routing, shape, rope, mask, kv), gate_a)
+            h = mod.modulate(routing.apply(self.ffn_norm, x), shift_f, scale_f)
+            return x + mod.gate(routing.apply(self.ffn, h), gate_f)
         if self.pre_norm:  # x + f(norm(x))
             x = x + self.attn(routing.apply(self.attn_norm, x), routing, shape, rope, mask, kv)
             return x + routing.apply(self.ffn, routing.apply(self.ffn_norm, x))
@@ -275,6 +307,8 @@ class TransfusionMoT(nn.Module):
         self.time_embed = TimestepEmbedder(d)
         self.blocks = nn.ModuleList([MoTBlock(config) for _ in range(config.n_layers)])
         self.final_norm = experts(config, "norm", lambda: nn.RMSNorm(d, eps=config.norm_eps))
+        # adaLN: shift and scale of the image tokens after the final norm (DiT's final layer)
+        self.final_modulation = nn.Linear(d, 2 * d) if config.time_conditioning == "adaln" else None
         self.lm_head = nn.Linear(d, config.vocab_size, bias=False)
         self.image_head = nn.Linear(d, config.patch_dim)  # width -> latent patch (epsilon or velocity)
         self.reset_parameters()
@@ -291,6 +325,11 @@ class TransfusionMoT(nn.Module):
         # zero output head: the first image prediction is 0, as DiT initialises its final layer
         nn.init.zeros_(self.image_head.weight)
         nn.init.zeros_(self.image_head.bias)
+        # adaLN-Zero: every modulation starts at scale 0, shift 0, gate 0 (image blocks start as identity)
+        for module in [blk.modulation for blk in self.blocks] + [self.final_modulation]:
+            if module is not None:
+                nn.init.zeros_(module.weight)
+                nn.init.zeros_(module.bias)
 
     def attention_backend(self, device: torch.device) -> str:
         return resolve_backend(self.config.attn_backend, device)
@@ -326,10 +365,19 @@ class TransfusionMoT(nn.Module):
         if inputs.patches.shape[0]:
             patch_x = (self.patch_embed(inputs.patches)
                        + self.time_embed(inputs.timesteps)[inputs.patch_image]
-                       + sincos_2d(inputs.patch_coords, self.config.dim).to(x.dtype))
+                       + self.config.pos_embed_scale * sincos_2d(inputs.patch_coords, self.config.dim).to(x.dtype))
             is_image = (inputs.modality.reshape(-1) == self.image_modality).nonzero().squeeze(1)
             x = x.index_copy(0, is_image, patch_x.to(x.dtype))
         return x
+
+    def image_modulation(self, inputs: ModelInputs, routing: Routing) -> ImageModulation | None:
+        """The adaLN conditioning of this forward's image tokens (None without adaLN or image tokens)."""
+        if self.config.time_conditioning != "adaln" or inputs.patches.shape[0] == 0:
+            return None
+        index = (inputs.modality.reshape(-1) == self.image_modality).nonzero().squeeze(1)  # row-major = patch order
+        if routing.perm is not None:
+            index = routing.inv_perm[index]  # where those tokens sit in the modality-sorted stream
+        return ImageModulation(index, F.silu(self.time_embed(inputs.timesteps)), inputs.patch_image)
 
     def forward(self, inputs: ModelInputs, check: bool = True, cache: KVCache | None = None,
                 extend_cache: bool = True) -> Tensor:
@@ -360,13 +408,17 @@ class TransfusionMoT(nn.Module):
             kvs = cache.layers if extend_cache else [LayerKV(kv.k, kv.v) for kv in cache.layers]
             backend = "sdpa"
         routing = Routing(inputs.modality, self.config.num_modalities, sort=bool(self.config.untie))
-        mask = AttentionMask(transfusion_mask_mod(doc_ids, image_ids, q_offset=past), batch, seq, past + seq,
-                             device, backend)
+        mask_mod = transfusion_mask_mod(doc_ids, image_ids, q_offset=past,
+                                        bidirectional_images=self.config.image_attention == "bidirectional")
+        mask = AttentionMask(mask_mod, batch, seq, past + seq, device, backend)
         rope = rope_tables(inputs.positions, self.config.head_dim, self.config.rope_theta)
+        mod = self.image_modulation(inputs, routing)
         x = routing.sort(self.embed(inputs))
         for block, kv in zip(self.blocks, kvs):
-            x = block(x, routing, (batch, seq), rope, mask, kv)
+            x = block(x, routing, (batch, seq), rope, mask, kv, mod)
         x = routing.apply(self.final_norm, x)
+        if mod is not None:
+            x = mod.modulate(x, *mod.params(self.final_modulation, 2))
         if cache is not None and extend_cache:
             cache.doc_ids, cache.image_ids = doc_ids, image_ids
         return routing.unsort(x).view(batch, seq, -1)

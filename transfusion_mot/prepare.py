@@ -1,6 +1,7 @@
-"""Build the embedded default data end to end (images -> tiny VAE -> latent cache), reusing whatever a
-previous call already finished. `tmot train` uses it when a config names `data.builtin`, and `tmot demo`
-builds the same artifacts, so the first command a user runs can train without any download.
+"""Build the embedded default data end to end (images -> tiny VAE -> latent caches of the train and val
+splits), reusing whatever a previous call already finished. `tmot train` uses it when a config names
+`data.builtin`, and `tmot demo` builds the same artifacts, so the first command a user runs can train
+without any download.
 """
 
 from __future__ import annotations
@@ -9,6 +10,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from .config import ConfigError
 
 BUILTINS = ("shapes", "emoji")
 CONFIG_ROOT = Path(__file__).resolve().parents[1] / "configs"
@@ -19,7 +22,9 @@ class PreparedData:
     data_dir: Path  # image folder (train and val splits in metadata.jsonl)
     vae_dir: Path  # trained tiny AutoencoderKL (save_pretrained layout)
     latents_dir: Path  # latent cache of the train split
+    val_latents_dir: Path  # latent cache of the val split (held-out losses)
     info: dict[str, Any]
+    tokenizer: Path | None = None  # BPE tokenizer.json trained on the train captions (when asked for)
 
 
 def vae_config_for(image_size: int) -> Path:
@@ -32,15 +37,16 @@ def vae_config_for(image_size: int) -> Path:
 
 def prepare_builtin(name: str, root: str | Path, image_size: int = 32, num_images: int = 20000,
                     vae_steps: int = 1500, seed: int = 0, workers: int = 2, progress: bool = True,
-                    log=print) -> PreparedData:
-    """Images, VAE and train-split latents of a built-in data set under `root`; each stage is skipped when
-    its output is already complete (stages write their completion marker last)."""
+                    tokenizer_vocab: int | None = None, log=print) -> PreparedData:
+    """Images, VAE and train/val latents of a built-in data set under `root`, and with `tokenizer_vocab` a
+    byte-level BPE of that many ids (specials included) trained on the train captions; each stage is
+    skipped when its output is already complete (stages write their completion marker last)."""
     from vae import encode_folder, train_vae
 
     if name not in BUILTINS:
         raise ValueError(f"unknown built-in data set {name!r}; choose one of {list(BUILTINS)}")
     root = Path(root)
-    data_dir, vae_dir, latents_dir = root / "data", root / "vae", root / "latents"
+    data_dir, vae_dir, latents_dir, val_dir = root / "data", root / "vae", root / "latents", root / "latents-val"
     info: dict[str, Any] = {"name": name, "image_size": image_size, "reused": []}
 
     if (data_dir / "metadata.jsonl").is_file():
@@ -64,10 +70,27 @@ def prepare_builtin(name: str, root: str | Path, image_size: int = 32, num_image
         summary = train_vae(vae_config_for(image_size), data_dir, vae_dir, max_steps=vae_steps, progress=progress)
         info["vae_train"] = {k: summary[k] for k in ("steps", "train_time_s", "final") if k in summary}
 
-    if (latents_dir / "index.json").is_file():
-        info["reused"].append("latents")
-    else:
-        log(f"[prepare] encoding the train split into {latents_dir}")
-        encode_folder(vae_dir, data_dir, latents_dir, split="train", progress=progress)
+    for split, cache in (("train", latents_dir), ("val", val_dir)):
+        if (cache / "index.json").is_file():
+            info["reused"].append("latents" if split == "train" else "latents-val")
+        else:
+            log(f"[prepare] encoding the {split} split into {cache}")
+            encode_folder(vae_dir, data_dir, cache, split=split, progress=progress)
     info["latents"] = json.loads((latents_dir / "index.json").read_text())["count"]
-    return PreparedData(data_dir, vae_dir, latents_dir, info)
+    info["val_latents"] = json.loads((val_dir / "index.json").read_text())["count"]
+    tokenizer = None
+    if tokenizer_vocab is not None:
+        tokenizer = root / f"tokenizer-{tokenizer_vocab}.json"
+        if tokenizer.is_file():
+            info["reused"].append("tokenizer")
+        else:  # written to a temporary name first: a tokenizer file that exists is complete
+            from .tokenizer import train_tokenizer_from_folder
+
+            partial = tokenizer.with_name(f".tmp-{tokenizer.name}")
+            trained = train_tokenizer_from_folder(data_dir, tokenizer_vocab, partial)
+            if trained.vocab_size != tokenizer_vocab:
+                partial.unlink()
+                raise ConfigError(f"a BPE trained on the {name} captions has {trained.vocab_size} ids (specials "
+                                  f"included), not {tokenizer_vocab}: set model.vocab_size={trained.vocab_size}")
+            partial.replace(tokenizer)
+    return PreparedData(data_dir, vae_dir, latents_dir, val_dir, info, tokenizer)

@@ -51,6 +51,10 @@ class DataConfig:
     packing: bool = False  # several samples per row up to token_budget (document masks keep them apart)
     token_budget: int | None = None  # default: model.max_seq_len
     shuffle_buffer: int = 1000  # webdataset
+    # held-out data for train.eval_every: a latent cache / image folder / shard pattern of the same kind as
+    # `path` (default for a folder: `path` itself, rows of split `val_split`)
+    val_path: str | None = None
+    val_split: str = "val"
 
     def validate(self) -> None:
         def bad(msg: str) -> None:
@@ -128,9 +132,20 @@ class TrainConfig:
     max_bad_steps: int = 20  # this many consecutive non-finite losses/gradients stop the run
     progress: bool = True  # tqdm bar on the main process
     tensorboard: bool = True
+    # held-out losses every eval_every steps (0: never) on eval_samples pairs of the data's val split, with
+    # timesteps and noise fixed by eval_seed (identical in every evaluation and every run); eval_ema also
+    # scores the EMA weights (val_ema_* keys)
+    eval_every: int = 0
+    eval_samples: int = 256
+    eval_batch_size: int = 64
+    eval_seed: int = 1234
+    eval_ema: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("max_steps", "batch_size", "grad_accum", "log_every", "save_every", "max_bad_steps"):
+        if self.eval_every < 0:
+            raise ConfigError(f"train config: eval_every must be >= 0 (0: no validation), got {self.eval_every}")
+        for name in ("max_steps", "batch_size", "grad_accum", "log_every", "save_every", "max_bad_steps",
+                     "eval_samples", "eval_batch_size"):
             if int(getattr(self, name)) <= 0:
                 raise ConfigError(f"train config: {name} must be positive, got {getattr(self, name)}")
         if self.precision not in PRECISIONS:
@@ -151,6 +166,9 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self) -> None:
+        if self.tokenizer.kind == "hf" and not self.tokenizer.path and not (self.data.builtin and not self.data.path):
+            raise ConfigError("tokenizer config: kind 'hf' needs path: the tokenizer.json to load (only built-in data "
+                              "trains one itself)")
         if self.data.token_budget is not None and self.data.token_budget > self.model.max_seq_len:
             raise ConfigError(f"data.token_budget {self.data.token_budget} exceeds model.max_seq_len "
                               f"{self.model.max_seq_len}")
@@ -160,7 +178,8 @@ class RunConfig:
 RESUMABLE_KEYS = ("train.max_steps", "train.log_every", "train.save_every", "train.keep_checkpoints",
                   "train.progress", "train.tensorboard", "train.max_bad_steps", "train.compile",
                   "train.activation_checkpointing", "data.path", "data.builtin_dir", "data.text_only_path", "vae.path",
-                  "tokenizer.path")
+                  "tokenizer.path", "train.eval_every", "train.eval_samples", "train.eval_batch_size",
+                  "train.eval_seed", "train.eval_ema", "data.val_path", "data.val_split")
 
 
 def _resolve_model_file(spec: str, base: Path) -> dict[str, Any]:

@@ -28,7 +28,8 @@ OVERFLOW_CHOICES = ("error", "truncate")
 class TokenizerConfig:
     """Which tokenizer to use and what to do with captions longer than `max_text_tokens`.
 
-    kind: "bytes" (no file needed) or "hf" (a tokenizer.json at `path`, e.g. from `tmot data tokenizer`).
+    kind: "bytes" (no file needed) or "hf" (a tokenizer.json at `path`, e.g. from `tmot data tokenizer`; for
+    built-in data with `path: null`, a BPE of `model.vocab_size` ids is trained on the training captions).
     overflow: "error" fails loudly (a silently cut caption changes what the model learns); "truncate"
     keeps the first `max_text_tokens` tokens.
     """
@@ -44,8 +45,6 @@ class TokenizerConfig:
     def validate(self) -> None:
         if self.kind not in TOKENIZER_KINDS:
             raise ConfigError(f"tokenizer config: kind must be one of {list(TOKENIZER_KINDS)}, got {self.kind!r}")
-        if self.kind == "hf" and not self.path:
-            raise ConfigError("tokenizer config: kind 'hf' needs path: the tokenizer.json to load")
         if self.overflow not in OVERFLOW_CHOICES:
             raise ConfigError(f"tokenizer config: overflow must be one of {list(OVERFLOW_CHOICES)}, "
                               f"got {self.overflow!r}")
@@ -179,7 +178,10 @@ def load_tokenizer(config_or_spec: TokenizerConfig | str | Path | None = None) -
     if isinstance(config_or_spec, TokenizerConfig):
         if config_or_spec.kind == "bytes":
             return ByteTokenizer()
-        return HFTokenizer(config_or_spec.path)  # type: ignore[arg-type]
+        if not config_or_spec.path:
+            raise ConfigError("tokenizer config: kind 'hf' needs path: the tokenizer.json to load (with "
+                              "data.builtin, one is trained on the built-in captions when path is null)")
+        return HFTokenizer(config_or_spec.path)
     if str(config_or_spec) == "bytes":
         return ByteTokenizer()
     return HFTokenizer(config_or_spec)

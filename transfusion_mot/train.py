@@ -30,6 +30,7 @@ from . import checkpoint as ckpt
 from .accounting import parameter_accounting
 from .batch import Batch, Collator
 from .config import ConfigError, TrainingError
+from .curves import read_metrics
 from .diffusion import DiffusionObjective, make_objective
 from .losses import transfusion_loss
 from .model import TransfusionMoT
@@ -37,6 +38,7 @@ from .optim import EMA, param_groups, warmup_cosine
 from .parallel import (DistInfo, all_reduce_sum, apply_activation_checkpointing, apply_compile, apply_fsdp,
                        barrier, init_distributed, shutdown_distributed)
 from .run import (RESUMABLE_KEYS, RunConfig, config_differences, load_run_config, save_run_config)
+from .validation import ValidationSet, load_validation_pairs
 
 
 @dataclass
@@ -57,8 +59,9 @@ class TransfusionStep(nn.Module):
         self.model = model
         self.objective = objective
 
-    def forward(self, batch: Batch, generator: torch.Generator) -> dict[str, torch.Tensor]:
-        return transfusion_loss(self.model, batch, self.objective, generator)
+    def forward(self, batch: Batch, generator: torch.Generator | None = None, **draws: Any) -> dict[str, torch.Tensor]:
+        """Training: draws from `generator`. Validation: fixed `timesteps`, `noise` and `details=True`."""
+        return transfusion_loss(self.model, batch, self.objective, generator, **draws)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -74,7 +77,8 @@ def resolve_device(name: str, info: DistInfo) -> torch.device:
 
 
 def build_stream(config: RunConfig, tokenizer: Any, info: DistInfo, device: torch.device):
-    """The TrainingStream of this rank (and the VAE path the samples' latents belong to)."""
+    """(TrainingStream of this rank, latent shape, the VAE path the latents belong to, the VAE model when
+    images are encoded on the fly, else None)."""
     from vae.latents import LatentDataset, LatentStream
 
     from .data.mixing import ImagePairSource, TrainingStream, read_text_documents
@@ -84,6 +88,7 @@ def build_stream(config: RunConfig, tokenizer: Any, info: DistInfo, device: torc
         raise ConfigError("data.path is not set: pass --data (a latent cache, image folder or shard pattern) "
                           "or set data.builtin: shapes")
     vae_path = config.vae.path
+    vae_model = None
     if data.kind == "latents":
         dataset = LatentDataset(data.path)
         latent_shape = tuple(dataset.latent_shape)
@@ -121,7 +126,7 @@ def build_stream(config: RunConfig, tokenizer: Any, info: DistInfo, device: torc
                             text_stream=text_stream, text_only_ratio=data.text_only_ratio,
                             max_text_tokens=config.tokenizer.max_text_tokens, overflow=config.tokenizer.overflow,
                             max_doc_tokens=max_doc)
-    return stream, latent_shape, vae_path
+    return stream, latent_shape, vae_path, vae_model
 
 
 def check_latent_shape(config: RunConfig, latent_shape: tuple[int, ...]) -> None:
@@ -231,18 +236,65 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(param_groups(self.model, oc.weight_decay), lr=oc.lr,
                                            betas=tuple(oc.betas), eps=oc.eps)
         self.ema = EMA(self.model, oc.ema_decay) if oc.ema_decay > 0 else None
-        self.stream, latent_shape, self.vae_path = build_stream(config, self.tokenizer, self.info, self.device)
+        self.stream, latent_shape, self.vae_path, vae_model = build_stream(config, self.tokenizer, self.info,
+                                                                           self.device)
         check_latent_shape(config, latent_shape)
         self.latent_shape = latent_shape
         self.collator = Collator(config.model, self.tokenizer.specials, max_len=config.model.max_seq_len)
+        self.validation, self.validation_source = self._build_validation(vae_model) if tc.eval_every else (None, None)
         torch.manual_seed(tc.seed * 1_000_003 + self.info.rank)
         self.noise = torch.Generator().manual_seed(tc.seed * 7_919 + self.info.rank)
         self.skipped_steps = 0
         self.bad_in_a_row = 0
         self.tokens_seen = 0
         self.failed_saves = 0
+        self.train_time = 0.0  # seconds spent in training steps (no evaluation, no checkpointing)
         if self.resume_from is not None:
             self._load(self.resume_from)
+
+    def _build_validation(self, vae_model: Any) -> tuple[ValidationSet, str]:
+        """The held-out set with its fixed draws; every rank scores all of it (identical forwards, as FSDP
+        needs), so no reduction is needed."""
+        config = self.config
+        size = config.data.image_size or (int(vae_model.config.sample_size) if vae_model is not None else None)
+        pairs, source = load_validation_pairs(config.data, config.train.eval_samples, vae=vae_model,
+                                              device=self.device, image_size=size)
+        shapes = {tuple(latent.shape) for latent, _ in pairs}
+        if shapes != {tuple(self.latent_shape)}:
+            raise ConfigError(f"validation data {source}: latents of shape {sorted(shapes)}, but the training data's "
+                              f"are {tuple(self.latent_shape)}; use held-out data encoded by the same VAE")
+        valset = ValidationSet(pairs, self.tokenizer, self.collator, self.objective, seed=config.train.eval_seed,
+                               batch_size=config.train.eval_batch_size,
+                               max_text_tokens=config.tokenizer.max_text_tokens, overflow=config.tokenizer.overflow,
+                               device=self.device)
+        return valset, source
+
+    def evaluate(self) -> dict[str, float]:
+        """Held-out losses of the current weights (and of the EMA weights with train.eval_ema)."""
+        weight = self.config.model.image_loss_weight
+        step_module = self.step_module
+
+        def loss_fn(batch: Batch, **draws: Any) -> dict[str, torch.Tensor]:
+            return step_module(batch, None, **draws)
+
+        self.model.eval()
+        try:
+            with self._autocast():
+                result = self.validation.evaluate(loss_fn, weight)
+                if self.ema is not None and self.config.train.eval_ema:
+                    params = dict(self.model.named_parameters())
+                    raw = {name: p.detach().clone() for name, p in params.items()}
+                    self.ema.copy_to(self.model)
+                    try:
+                        ema = self.validation.evaluate(loss_fn, weight)
+                    finally:
+                        with torch.no_grad():
+                            for name, p in params.items():
+                                p.copy_(raw[name])
+                    result.update({"val_ema_" + k[len("val_"):]: v for k, v in ema.items()})
+        finally:
+            self.model.train()
+        return result
 
     def _prepare_builtin(self) -> None:
         """Build (main process) or wait for the built-in data set, then point data/vae at it."""
@@ -250,12 +302,18 @@ class Trainer:
 
         d = self.config.data
         root = Path(d.builtin_dir) / f"{d.builtin}-{d.builtin_image_size}"
+        # tokenizer kind hf without a file: a BPE of model.vocab_size ids trained on the built-in captions
+        bpe_vocab = self.config.model.vocab_size if self.config.tokenizer.kind == "hf" and not self.config.tokenizer.path \
+            else None
         if self.info.is_main:
             prepare_builtin(d.builtin, root, image_size=d.builtin_image_size, num_images=d.builtin_num_images,
                             vae_steps=d.builtin_vae_steps, seed=self.config.train.seed,
-                            progress=self.config.train.progress)
+                            progress=self.config.train.progress, tokenizer_vocab=bpe_vocab)
         barrier(self.info)
+        if bpe_vocab is not None:
+            self.config.tokenizer.path = str(root / f"tokenizer-{bpe_vocab}.json")
         d.kind, d.path = "latents", str(root / "latents")
+        d.val_path = d.val_path or str(root / "latents-val")
         self.config.vae.path = self.config.vae.path or str(root / "vae")
 
     # -- run directory -----------------------------------------------------------------------------
@@ -306,6 +364,7 @@ class Trainer:
         self.skipped_steps = int(state.get("skipped_steps", 0))
         self.bad_in_a_row = int(state.get("bad_in_a_row", 0))
         self.tokens_seen = int(state.get("tokens_seen", 0))
+        self.train_time = float(state.get("train_time_s", 0.0))
 
     def save(self, step: int) -> Path | None:
         """Write checkpoint `step`; on failure warn, leave every earlier checkpoint untouched, return None."""
@@ -353,7 +412,7 @@ class Trainer:
     def _state(self, step: int) -> dict[str, Any]:
         return {"step": step, "world_size": self.info.world_size, "skipped_steps": self.skipped_steps,
                 "bad_in_a_row": self.bad_in_a_row, "tokens_seen": self.tokens_seen, "time": time.time(),
-                "vae": self.vae_path}
+                "train_time_s": self.train_time, "vae": self.vae_path}
 
     # -- the loop ----------------------------------------------------------------------------------
 
@@ -435,20 +494,27 @@ class Trainer:
         try:
             with _StopRequest() as stop:
                 while step < tc.max_steps:
+                    t_step = time.perf_counter()
                     out = self.train_step(step, stop_requested=stop.signal is not None)
+                    self.train_time += time.perf_counter() - t_step
                     step += 1
                     window_tokens += out["tokens"]
                     if self.bad_in_a_row >= tc.max_bad_steps:
                         status = "diverged"
                         break
-                    if step % tc.log_every == 0 or step == tc.max_steps:
+                    evaluate = self.validation is not None and (step % tc.eval_every == 0 or step == tc.max_steps)
+                    if step % tc.log_every == 0 or step == tc.max_steps or evaluate:
                         now = time.perf_counter()
                         tokens_per_s = window_tokens / max(now - window_start, 1e-9)
-                        window_tokens, window_start = 0, now
                         record = {"step": step, "loss": out["loss"], "text_loss": out["text_loss"],
                                   "image_loss": out["image_loss"], "lr": out["lr"], "tokens_per_s": tokens_per_s,
                                   "grad_norm": out["grad_norm"], "skipped_steps": self.skipped_steps,
-                                  "tokens_seen": self.tokens_seen, "elapsed_s": now - t0}
+                                  "tokens_seen": self.tokens_seen, "elapsed_s": now - t0,
+                                  "train_time_s": self.train_time}
+                        if evaluate:
+                            record.update(self.evaluate())
+                            record["eval_s"] = time.perf_counter() - now
+                        window_tokens, window_start = 0, time.perf_counter()  # evaluation is not training time
                         logger.log(record)
                         if bar is not None:
                             bar.set_postfix(loss=f"{out['loss']:.3f}", text=f"{out['text_loss']:.3f}",
@@ -472,6 +538,8 @@ class Trainer:
                 bar.close()
             logger.close()
         summary.update(self._summary_end(status, step, time.perf_counter() - t0, last_saved))
+        if self.validation is not None and self.info.is_main:
+            summary["validation"] = self._validation_summary()
         if self.info.is_main:
             _write_json(self.run_dir / "summary.json", summary)
         if status == "diverged":
@@ -492,8 +560,22 @@ class Trainer:
                 "precision": self.config.train.precision, "latent_shape": list(self.latent_shape),
                 "vae": self.vae_path, "resumed_from": str(self.resume_from) if self.resume_from else None}
 
+    def _validation_summary(self) -> dict[str, Any]:
+        """Where the held-out set came from, the last evaluation and the best image loss of the whole run
+        (read back from metrics.jsonl, so a resumed run includes evaluations from before the resume)."""
+        records = read_metrics(self.run_dir)
+        evals = [{k: v for k, v in r.items() if k == "step" or k.startswith("val_")} for r in records
+                 if "val_image_loss" in r]
+        best = min(evals, key=lambda r: r["val_image_loss"]) if evals else None
+        return {"source": self.validation_source, "samples": self.validation.num_samples,
+                "draw_seed": self.config.train.eval_seed, "every": self.config.train.eval_every,
+                "timestep_buckets": self.validation.bucket_names, "evaluations": len(evals),
+                "final": evals[-1] if evals else None,
+                "best_image_loss": {"step": best["step"], "val_image_loss": best["val_image_loss"]} if best else None}
+
     def _summary_end(self, status: str, step: int, seconds: float, last: Path | None) -> dict[str, Any]:
-        return {"status": status, "step": step, "wall_time_s": seconds, "tokens_seen": self.tokens_seen,
+        return {"status": status, "step": step, "wall_time_s": seconds, "train_time_s": self.train_time,
+                "tokens_seen": self.tokens_seen,
                 "skipped_steps": self.skipped_steps, "failed_saves": self.failed_saves,
                 "data_mix": self.stream.counts, "last_checkpoint": str(last) if last else None}
 
@@ -533,8 +615,9 @@ class MetricsLogger:
         self.file.flush()
         if self.writer is not None:
             for key, value in record.items():
-                if key != "step":
-                    self.writer.add_scalar(f"train/{key}", value, record["step"])
+                if key != "step":  # val_image_loss -> val/image_loss
+                    tag = f"val/{key[len('val_'):]}" if key.startswith("val_") else f"train/{key}"
+                    self.writer.add_scalar(tag, value, record["step"])
 
     def close(self) -> None:
         if self.file is not None:

@@ -1,0 +1,111 @@
+"""One point of the shapes-recipe sweep: train configs/train/shapes-tiny.yaml with overrides, then score
+what it draws with the shapes classifier on the demo's prompts and on prompts it was not tuned on.
+
+Each call appends one JSON row to OUT/results.jsonl (and prints it last): the overrides, steps, training
+time, held-out losses (fixed draws), and per prompt set and sampler setting colour / shape / size /
+position / all-correct. The data (images, VAE, latents, tokenizer) and the classifier are built once under
+--data-dir and reused, as `tmot demo` builds them. Run two at a time with --threads 1 to use both cores
+for quality sweeps at equal steps; time per step is only comparable between runs made alone.
+
+    python benchmarks/shapes_recipe.py --name base --steps 4000
+    python benchmarks/shapes_recipe.py --name lr2e-3 --steps 4000 --set optim.lr=0.002
+    python benchmarks/shapes_recipe.py --name ddpm --steps 4000 --set model.objective=ddpm --samplers ddim:50:5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--name", required=True)
+    ap.add_argument("--steps", type=int, default=4000)
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="training config override")
+    ap.add_argument("--config", default=str(REPO / "configs/train/shapes-tiny.yaml"))
+    ap.add_argument("--samplers", default="default:50:5",
+                    help="comma-separated SCHEDULER:STEPS:CFG (default = the objective's own scheduler)")
+    ap.add_argument("--images-per-prompt", type=int, default=4)
+    ap.add_argument("--vae-steps", type=int, default=300)
+    ap.add_argument("--num-images", type=int, default=20000)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--data-dir", default="tmot_data/recipe")
+    ap.add_argument("--out", default="shapes_recipe")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    from eval.align import load_classifier, score_alignment, train_shapes_classifier
+    from transfusion_mot.curves import read_metrics
+    from transfusion_mot.demo import DEMO_PROMPTS, HELDOUT_SEED_OFFSET, heldout_prompts
+    from transfusion_mot.pipeline import Pipeline, image_grid
+    from transfusion_mot.prepare import prepare_builtin
+    from transfusion_mot.run import load_run_config
+    from transfusion_mot.train import train
+
+    config = load_run_config(args.config, [f"train.max_steps={args.steps}", "train.progress=false",
+                                           "train.tensorboard=false", f"train.save_every={args.steps}",
+                                           f"train.seed={args.seed}", *args.set])
+    bpe = config.model.vocab_size if config.tokenizer.kind == "hf" and not config.tokenizer.path else None
+    data_root = Path(args.data_dir) / f"shapes-32-n{args.num_images}-vae{args.vae_steps}"
+    prepared = prepare_builtin("shapes", data_root, image_size=32, num_images=args.num_images,
+                               vae_steps=args.vae_steps, seed=args.seed, progress=False, tokenizer_vocab=bpe)
+    config.data.path, config.data.val_path, config.data.builtin = (str(prepared.latents_dir),
+                                                                   str(prepared.val_latents_dir), None)
+    config.vae.path = str(prepared.vae_dir)
+    if bpe is not None:
+        config.tokenizer.path = str(prepared.tokenizer)
+    config.train.eval_every = config.train.eval_every or max(1, args.steps // 8)
+
+    out = Path(args.out)
+    run = out / "runs" / args.name
+    shutil.rmtree(run, ignore_errors=True)
+    t0 = time.perf_counter()
+    train(config, run)
+    wall = time.perf_counter() - t0
+    metrics = read_metrics(run)
+    summary = json.loads((run / "summary.json").read_text())
+    evals = [m for m in metrics if "val_image_loss" in m]
+    row = {"name": args.name, "steps": args.steps, "set": args.set, "threads": torch.get_num_threads(),
+           "train_time_s": round(summary["train_time_s"], 1), "wall_s": round(wall, 1),
+           "s_per_step": round(summary["train_time_s"] / args.steps, 4),
+           "val": {k: round(v, 4) for k, v in evals[-1].items() if k.startswith("val_")},
+           "val_image_curve": [(m["step"], round(m["val_image_loss"], 4)) for m in evals]}
+
+    classifier_dir = Path(args.data_dir) / "shapes-classifier"
+    if not (classifier_dir / "config.json").is_file():
+        train_shapes_classifier(classifier_dir, image_size=32, steps=1000, seed=0)
+    classifier = load_classifier(classifier_dir)
+    pipe = Pipeline.from_run(run, device="cpu")
+    demo = [p for p in DEMO_PROMPTS for _ in range(args.images_per_prompt)]
+    sets = {"demo": (demo, [args.seed + k for k in range(len(demo))])}
+    offset = args.seed + HELDOUT_SEED_OFFSET
+    for name, prompts in heldout_prompts(seed=args.seed + 1).items():
+        sets[name] = (prompts, [offset + k for k in range(len(prompts))])
+        offset += len(prompts)
+    for spec in args.samplers.split(","):
+        scheduler, steps, cfg = spec.split(":")
+        for name, (prompts, seeds) in sets.items():
+            images = pipe.generate(prompts, seed=seeds, cfg_scale=float(cfg), num_steps=int(steps),
+                                   scheduler=None if scheduler == "default" else scheduler, batch_size=64)
+            score = score_alignment(classifier, images, prompts)
+            row[f"{name} @ {spec}"] = {k: score[k] for k in ("colour", "shape", "size", "position", "all_correct")}
+            if name == "demo":
+                image_grid([im.resize((64, 64), resample=0) for im in images],
+                           cols=4 * args.images_per_prompt).save(run / f"grid-{scheduler}-{steps}-{cfg}.png")
+    with open(out / "results.jsonl", "a") as f:
+        f.write(json.dumps(row) + "\n")
+    print(json.dumps(row))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,72 @@
+"""Loss curves of training runs as one PNG (matplotlib), read from their metrics.jsonl.
+
+One panel per (title, metric keys); one line per run and key, against optimizer steps and, when asked,
+against training wall time (`train_time_s`: seconds spent in training steps, without evaluation or
+checkpointing), so runs of different speed are compared at equal compute time as well as equal steps.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+# x axes: metrics.jsonl key -> axis label
+X_AXES = {"step": "step", "train_time_s": "training time (s)"}
+VALIDATION_PANELS = (("held-out image loss", ("val_image_loss",)), ("held-out text loss", ("val_text_loss",)))
+TRAINING_PANELS = (("image loss", ("image_loss", "val_image_loss")), ("text loss", ("text_loss", "val_text_loss")))
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The records of RUN/metrics.jsonl (one JSON object per logged step), in order."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{run_dir}: no metrics.jsonl (not a training run directory)")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_curves(runs: Mapping[str, Sequence[Mapping[str, Any]]], out: str | Path,
+                panels: Sequence[tuple[str, Sequence[str]]] = VALIDATION_PANELS,
+                x_axes: Sequence[str] = ("step", "train_time_s"), title: str | None = None,
+                log_y: bool = True) -> Path:
+    """Write a grid of panels (rows) x x-axes (columns) to `out`; returns the path.
+
+    runs: name -> metric records (`read_metrics`); a key a record lacks is skipped for that record, so
+    validation keys (logged every eval_every steps) and training keys (every log_every) share a panel."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display needed
+    import matplotlib.pyplot as plt
+
+    unknown = [x for x in x_axes if x not in X_AXES]
+    if unknown:
+        raise ValueError(f"unknown x axis {unknown[0]!r}; choose from {list(X_AXES)}")
+    fig, axes = plt.subplots(len(panels), len(x_axes), figsize=(5.2 * len(x_axes), 3.4 * len(panels)), squeeze=False)
+    for row, (panel_title, keys) in enumerate(panels):
+        for col, x_key in enumerate(x_axes):
+            ax = axes[row][col]
+            for run_name, records in runs.items():
+                for key in keys:
+                    points = [(r[x_key], r[key]) for r in records if x_key in r and key in r]
+                    if not points:
+                        continue
+                    label = run_name if len(keys) == 1 else f"{run_name} {key}"
+                    style = "-o" if key.startswith("val_") and len(points) < 40 else "-"
+                    ax.plot(*zip(*points), style, label=label, markersize=3, linewidth=1.2,
+                            alpha=0.6 if not key.startswith("val_") and len(keys) > 1 else 1.0)
+            ax.set_xlabel(X_AXES[x_key])
+            ax.set_title(panel_title)
+            if log_y:
+                ax.set_yscale("log")
+            ax.grid(True, alpha=0.3)
+            if ax.has_data():
+                ax.legend(fontsize=7)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out

@@ -1,0 +1,166 @@
+"""Held-out losses on fixed draws, so that every evaluation of every run does identical work.
+
+A training loss is measured on fresh data with fresh timesteps and noise at every step: too noisy to
+compare two runs, and blind to over-fitting. Here a fixed set of held-out image-caption pairs is scored
+with draws fixed once: timesteps stratified over [0, T) (equal numbers in each quarter) and one noise
+tensor per image, from a generator seeded by `train.eval_seed`, not by the training seed. The draws are
+made per sample, in sample order, on the latent before patchifying, so they do not depend on the batch
+size, the patch size, the model or the number of processes: two runs evaluated on the same samples are
+compared on exactly the same work.
+
+Each sample is scored in both of Transfusion's layouts:
+  generation   BOS caption BOI noisy image EOI EOS  ->  val_image_loss (and per timestep quarter),
+                                                        val_text_loss (the caption as language modelling)
+  captioning   BOS BOI clean image EOI caption EOS  ->  val_caption_loss (text given the image, t = 0)
+val_loss = val_text_loss + lambda * val_image_loss, the training loss's formula on the generation layout.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .batch import Batch, Collator, Sample, patchify
+from .config import ConfigError
+from .diffusion import DiffusionObjective
+from .tokenizer import encode_caption
+
+NUM_BUCKETS = 4  # timestep quarters reported separately
+LossFn = Callable[..., dict[str, Tensor]]  # (batch, timesteps=, noise=, details=True) -> transfusion_loss dict
+
+
+def stratified_timesteps(n: int, num_train_timesteps: int, generator: torch.Generator, discrete: bool) -> Tensor:
+    """n timesteps in [0, T): sample i lies in the i-th of n equal strata, then the strata are shuffled,
+    so every quarter of [0, T) gets n/4 samples (to within one) whatever n is."""
+    t = (torch.arange(n, dtype=torch.float64) + torch.rand(n, generator=generator, dtype=torch.float64)) / n
+    t = t[torch.randperm(n, generator=generator)] * num_train_timesteps
+    return t.floor().clamp(max=num_train_timesteps - 1).float() if discrete else t.float()
+
+
+def bucket_names(num_train_timesteps: int) -> list[str]:
+    step = num_train_timesteps / NUM_BUCKETS
+    return [f"t{round(i * step)}-{round((i + 1) * step)}" for i in range(NUM_BUCKETS)]
+
+
+class ValidationSet:
+    """Held-out pairs laid out, with their draws, once; `evaluate` runs the model over them."""
+
+    def __init__(self, pairs: Sequence[tuple[Tensor, str]], tokenizer: Any, collator: Collator,
+                 objective: DiffusionObjective, *, seed: int, batch_size: int = 64,
+                 max_text_tokens: int | None = None, overflow: str = "error",
+                 device: torch.device | str = "cpu") -> None:
+        if not pairs:
+            raise ConfigError("validation: no held-out samples")
+        if batch_size < 1:
+            raise ConfigError(f"validation: batch size must be positive, got {batch_size}")
+        self.num_samples = len(pairs)
+        self.num_train_timesteps = objective.num_train_timesteps
+        self.bucket_names = bucket_names(self.num_train_timesteps)
+        generator = torch.Generator().manual_seed(int(seed))
+        discrete = objective.name == "ddpm"
+        timesteps = stratified_timesteps(len(pairs), self.num_train_timesteps, generator, discrete)
+        patch = collator.config.patch_size
+        noises = [patchify(torch.randn(latent.shape, generator=generator), patch) for latent, _ in pairs]
+        captions = [encode_caption(tokenizer, text, max_text_tokens, overflow) for _, text in pairs]
+        self.batches: list[tuple[Batch, Tensor, Tensor, Batch, Tensor]] = []
+        for start in range(0, len(pairs), batch_size):
+            rows = range(start, min(start + batch_size, len(pairs)))
+            generation = collator.collate_padded([Sample([captions[i], pairs[i][0]]) for i in rows])
+            captioning = collator.collate_padded([Sample([pairs[i][0], captions[i]], image_first=True) for i in rows])
+            t = timesteps[start:rows.stop]
+            self.batches.append((generation.to(device), t.to(device), torch.cat([noises[i] for i in rows]).to(device),
+                                 captioning.to(device), t))
+
+    @torch.no_grad()
+    def evaluate(self, loss_fn: LossFn, image_loss_weight: float) -> dict[str, float]:
+        """{val_loss, val_text_loss, val_caption_loss, val_image_loss, val_image_loss_<bucket>...}."""
+        text_nll = text_tokens = caption_nll = caption_tokens = 0.0
+        mse, ts = [], []
+        for generation, t, noise, captioning, t_cpu in self.batches:
+            out = loss_fn(generation, timesteps=t, noise=noise, details=True)
+            text_nll += out["text_nll_sum"].item()
+            text_tokens += out["text_tokens"].item()
+            mse.append(out["image_mse_per_image"].float().cpu())
+            ts.append(t_cpu)
+            clean = torch.zeros(captioning.num_images, device=t.device)
+            out = loss_fn(captioning, timesteps=clean, noise=torch.zeros_like(captioning.patches), details=True)
+            caption_nll += out["text_nll_sum"].item()
+            caption_tokens += out["text_tokens"].item()
+        mse_all, t_all = torch.cat(mse).double(), torch.cat(ts)
+        result = {"val_text_loss": text_nll / max(text_tokens, 1), "val_caption_loss": caption_nll / max(caption_tokens, 1),
+                  "val_image_loss": mse_all.mean().item()}
+        result["val_loss"] = result["val_text_loss"] + image_loss_weight * result["val_image_loss"]
+        bucket = (t_all / self.num_train_timesteps * NUM_BUCKETS).long().clamp(max=NUM_BUCKETS - 1)
+        for k, name in enumerate(self.bucket_names):
+            chosen = mse_all[bucket == k]
+            result[f"val_image_loss_{name}"] = chosen.mean().item() if len(chosen) else float("nan")
+        return result
+
+
+def evenly_spaced(total: int, n: int) -> list[int]:
+    """n indices spread over range(total) (all of them when n >= total): a held-out subset that does not
+    depend on how the source happens to be ordered at its start."""
+    if n >= total:
+        return list(range(total))
+    return [int(i * total / n) for i in range(n)]
+
+
+def load_validation_pairs(data: Any, n: int, vae: Any = None, device: torch.device | str = "cpu",
+                          image_size: int | None = None) -> tuple[list[tuple[Tensor, str]], str]:
+    """Up to n held-out (latent (C, H, W), caption) pairs and a description of where they came from.
+
+    data.kind "latents": the cache at data.val_path (`tmot vae encode --split val`); "folder": the rows of
+    split data.val_split in data.val_path (default: data.path); "webdataset": the first n samples of the
+    shards at data.val_path. Images are encoded by `vae` (posterior mean)."""
+    kind = data.kind
+    if kind == "latents":
+        if not data.val_path:
+            raise ConfigError("validation (train.eval_every > 0) needs held-out latents: set data.val_path (or "
+                              "--val-data) to a cache of the val split, e.g. `tmot vae encode --split val`")
+        from vae.latents import LatentDataset
+
+        dataset = LatentDataset(data.val_path)
+        items = [dataset[i] for i in evenly_spaced(len(dataset), n)]
+        return [(item["latent"].float(), item["text"] or "") for item in items], str(data.val_path)
+    if vae is None:
+        raise ConfigError(f"validation on data.kind {kind!r} encodes images: it needs a VAE (vae.path)")
+    if kind == "folder":
+        from .data.readers import ImageFolderReader
+
+        path = data.val_path or data.path
+        reader = ImageFolderReader(path, split=data.val_split, size=image_size)
+        if len(reader) == 0:
+            raise ConfigError(f"validation: {path}/metadata.jsonl has no rows with split {data.val_split!r}; "
+                              "set data.val_split or data.val_path, or train.eval_every=0")
+        items = [reader[i] for i in evenly_spaced(len(reader), n)]
+        source = f"{path} (split {data.val_split})"
+    elif kind == "webdataset":
+        if not data.val_path:
+            raise ConfigError("validation on WebDataset shards needs data.val_path: held-out shards (braces ok)")
+        from .data.readers import WebDatasetReader
+
+        reader = WebDatasetReader(data.val_path, shuffle_buffer=0, seed=0, size=image_size)
+        items = []
+        for item in reader:
+            items.append(item)
+            if len(items) == n:
+                break
+        if not items:
+            raise ConfigError(f"validation: no readable samples in {data.val_path}")
+        source = str(data.val_path)
+    else:  # pragma: no cover - DataConfig.validate rejects other kinds
+        raise ConfigError(f"unknown data.kind {kind!r}")
+    from vae import encode
+
+    latents = []
+    for start in range(0, len(items), 64):
+        images = torch.stack([item["image"] for item in items[start:start + 64]]).to(device)
+        latents.append(encode(vae, images).float().cpu())
+    return [(z, item["text"] or "") for z, item in zip(torch.cat(latents), items)], source
+
+
+__all__ = ["NUM_BUCKETS", "ValidationSet", "bucket_names", "evenly_spaced", "load_validation_pairs",
+           "stratified_timesteps"]
