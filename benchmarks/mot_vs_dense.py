@@ -57,18 +57,14 @@ def prepare_data(args: argparse.Namespace) -> dict[str, Any]:
     from transfusion_mot.run import load_run_config
 
     if args.data in BUILTIN_CONFIGS:
-        from transfusion_mot.prepare import prepare_builtin
+        from transfusion_mot.prepare import prepare_for_run
 
         config_path = Path(args.config or BUILTIN_CONFIGS[args.data])
-        config = load_run_config(config_path, args.set)
-        d = config.data
-        root = Path(d.builtin_dir) / f"{args.data}-{d.builtin_image_size}"
-        bpe = config.model.vocab_size if config.tokenizer.kind == "hf" and not config.tokenizer.path else None
-        prepared = prepare_builtin(args.data, root, image_size=d.builtin_image_size, num_images=d.builtin_num_images,
-                                   vae_steps=d.builtin_vae_steps, seed=args.seed, progress=False, tokenizer_vocab=bpe)
-        return {"config": config_path, "data": str(prepared.latents_dir), "val": str(prepared.val_latents_dir),
-                "vae": str(prepared.vae_dir), "images": str(prepared.data_dir), "shapes": args.data == "shapes",
-                "tokenizer": str(prepared.tokenizer) if prepared.tokenizer else None}
+        config = load_run_config(config_path, [*args.set, f"train.seed={args.seed}", f"data.builtin={args.data}"])
+        prepared = prepare_for_run(config, progress=False)
+        return {"config": config_path, "data": config.data.path, "val": config.data.val_path, "vae": config.vae.path,
+                "images": str(prepared.data_dir), "shapes": args.data == "shapes",
+                "tokenizer": config.tokenizer.path if prepared.tokenizer else None}
     path = Path(args.data)
     if not args.config:
         raise SystemExit("--config is required with your own data (e.g. configs/train/shapes-tiny.yaml)")

@@ -48,22 +48,16 @@ def main() -> None:
     from transfusion_mot.curves import read_metrics
     from transfusion_mot.demo import DEMO_PROMPTS, HELDOUT_SEED_OFFSET, heldout_prompts
     from transfusion_mot.pipeline import Pipeline, image_grid
-    from transfusion_mot.prepare import prepare_builtin
+    from transfusion_mot.prepare import prepare_for_run
     from transfusion_mot.run import load_run_config
     from transfusion_mot.train import train
 
     config = load_run_config(args.config, [f"train.max_steps={args.steps}", "train.progress=false",
                                            "train.tensorboard=false", f"train.save_every={args.steps}",
                                            f"train.seed={args.seed}", *args.set])
-    bpe = config.model.vocab_size if config.tokenizer.kind == "hf" and not config.tokenizer.path else None
-    data_root = Path(args.data_dir) / f"shapes-32-n{args.num_images}-vae{args.vae_steps}"
-    prepared = prepare_builtin("shapes", data_root, image_size=32, num_images=args.num_images,
-                               vae_steps=args.vae_steps, seed=args.seed, progress=False, tokenizer_vocab=bpe)
-    config.data.path, config.data.val_path, config.data.builtin = (str(prepared.latents_dir),
-                                                                   str(prepared.val_latents_dir), None)
-    config.vae.path = str(prepared.vae_dir)
-    if bpe is not None:
-        config.tokenizer.path = str(prepared.tokenizer)
+    config.data.builtin_num_images, config.data.builtin_vae_steps = args.num_images, args.vae_steps
+    prepare_for_run(config, root=Path(args.data_dir) / f"shapes-32-n{args.num_images}-vae{args.vae_steps}",
+                    progress=False)
     config.train.eval_every = config.train.eval_every or max(1, args.steps // 8)
 
     out = Path(args.out)

@@ -54,27 +54,15 @@ def heldout_prompts(n: int = 32, seed: int = 1) -> dict[str, list[str]]:
     return {"small objects": small, "single object with a position": positioned, "two objects with a relation": pairs}
 
 
-def _train_config(prepared: Any, steps: int, seed: int, progress: bool, eval_every: int):
+def demo_config(steps: int, seed: int, progress: bool, eval_every: int, num_images: int, vae_steps: int):
+    """configs/train/shapes-tiny.yaml (the recipe) with the demo's length, seed and data size."""
     from .prepare import CONFIG_ROOT
     from .run import load_run_config
 
-    config = load_run_config(CONFIG_ROOT / "train" / "shapes-tiny.yaml",
-                             [f"train.max_steps={steps}", f"train.seed={seed}", f"train.progress={str(progress).lower()}",
-                              f"train.save_every={steps}", f"train.eval_every={eval_every}"])
-    config.data.path, config.data.val_path, config.data.builtin = str(prepared.latents_dir), str(prepared.val_latents_dir), None
-    config.vae.path = str(prepared.vae_dir)
-    if prepared.tokenizer is not None:
-        config.tokenizer.path = str(prepared.tokenizer)
-    return config
-
-
-def _demo_tokenizer_vocab() -> int | None:
-    """The vocabulary of the BPE the shipped config asks the built-in data to train (None: bytes)."""
-    from .prepare import CONFIG_ROOT
-    from .run import load_run_config
-
-    config = load_run_config(CONFIG_ROOT / "train" / "shapes-tiny.yaml")
-    return config.model.vocab_size if config.tokenizer.kind == "hf" and not config.tokenizer.path else None
+    return load_run_config(CONFIG_ROOT / "train" / "shapes-tiny.yaml", [
+        f"train.max_steps={steps}", f"train.seed={seed}", f"train.progress={str(progress).lower()}",
+        f"train.save_every={steps}", f"train.eval_every={eval_every}", f"data.builtin_num_images={num_images}",
+        f"data.builtin_vae_steps={vae_steps}"])
 
 
 def _stage(report: dict[str, Any], name: str, start: float, log, **extra: Any) -> None:
@@ -95,7 +83,7 @@ def run_demo(out: str | Path = "tmot_demo", *, num_images: int = 20000, vae_step
     from .checkpoint import list_checkpoints
     from .curves import TRAINING_PANELS, plot_curves, read_metrics
     from .pipeline import Pipeline, image_grid
-    from .prepare import prepare_builtin
+    from .prepare import prepare_for_run
     from .train import train
 
     out = Path(out)
@@ -113,8 +101,8 @@ def run_demo(out: str | Path = "tmot_demo", *, num_images: int = 20000, vae_step
 
     # 1. data, VAE, latents, tokenizer
     t = time.perf_counter()
-    prepared = prepare_builtin("shapes", out / "shapes-32", image_size=32, num_images=num_images, vae_steps=vae_steps,
-                               seed=seed, progress=progress, tokenizer_vocab=_demo_tokenizer_vocab(), log=log)
+    config = demo_config(train_steps, seed, progress, eval_every, num_images, vae_steps)
+    prepared = prepare_for_run(config, root=out / "shapes-32", progress=progress, log=log)
     _stage(report, "data_vae_latents", t, log, reused=prepared.info["reused"], latents=prepared.info["latents"])
 
     # 2. the MoT, with held-out losses
@@ -125,7 +113,6 @@ def run_demo(out: str | Path = "tmot_demo", *, num_images: int = 20000, vae_step
         reused = True
     else:
         reused = False
-        config = _train_config(prepared, train_steps, seed, progress, eval_every)
         if train(config, run, resume=bool(done)).status != "completed":  # SIGTERM / Ctrl-C: checkpoint saved
             raise KeyboardInterrupt("training stopped on request; run `tmot demo` again to continue")
     summary = json.loads((run / "summary.json").read_text())

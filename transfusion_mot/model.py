@@ -127,12 +127,13 @@ class TimestepEmbedder(nn.Module):
 class ImageModulation:
     """adaLN-Zero for the image tokens of one forward (time_conditioning: adaln; DiT, arXiv 2212.09748).
 
-    `index` holds the positions of the image tokens in the (modality-sorted) residual stream, in patch
-    order; `cond` is SiLU of each image's timestep embedding, (I, D), and `patch_image` maps a patch to its
-    image. Text tokens are never modulated, so text computes exactly what it would without this."""
+    With adaLN the residual stream is always modality-sorted, so the image tokens are one contiguous slice
+    (`sizes` = tokens before it, in it, after it), in patch order; `cond` is SiLU of each image's timestep
+    embedding, (I, D), and `patch_image` maps a patch to its image. Text tokens are never modulated, so
+    text computes exactly what it would without this."""
 
-    def __init__(self, index: Tensor, cond: Tensor, patch_image: Tensor) -> None:
-        self.index = index
+    def __init__(self, sizes: list[int], cond: Tensor, patch_image: Tensor) -> None:
+        self.sizes = sizes
         self.cond = cond
         self.patch_image = patch_image
 
@@ -140,12 +141,15 @@ class ImageModulation:
         """`linear` applied once per image, then gathered per image token and split into n (N_img, D)."""
         return list(linear(self.cond)[self.patch_image].chunk(n, dim=-1))
 
+    def _on_images(self, x: Tensor, fn) -> Tensor:
+        before, images, after = x.split(self.sizes)  # split: one cat in backward, no zero-filled gradients
+        return torch.cat([before, fn(images).to(x.dtype), after])
+
     def modulate(self, x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
-        rows = x.index_select(0, self.index)
-        return x.index_copy(0, self.index, (rows * (1 + scale) + shift).to(x.dtype))
+        return self._on_images(x, lambda rows: rows * (1 + scale) + shift)
 
     def gate(self, x: Tensor, gate: Tensor) -> Tensor:
-        return x.index_copy(0, self.index, (x.index_select(0, self.index) * gate).to(x.dtype))
+        return self._on_images(x, lambda rows: rows * gate)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -374,10 +378,10 @@ class TransfusionMoT(nn.Module):
         """The adaLN conditioning of this forward's image tokens (None without adaLN or image tokens)."""
         if self.config.time_conditioning != "adaln" or inputs.patches.shape[0] == 0:
             return None
-        index = (inputs.modality.reshape(-1) == self.image_modality).nonzero().squeeze(1)  # row-major = patch order
-        if routing.perm is not None:
-            index = routing.inv_perm[index]  # where those tokens sit in the modality-sorted stream
-        return ImageModulation(index, F.silu(self.time_embed(inputs.timesteps)), inputs.patch_image)
+        m = self.image_modality
+        before = sum(routing.counts[:m])
+        sizes = [before, routing.counts[m], sum(routing.counts) - before - routing.counts[m]]
+        return ImageModulation(sizes, F.silu(self.time_embed(inputs.timesteps)), inputs.patch_image)
 
     def forward(self, inputs: ModelInputs, check: bool = True, cache: KVCache | None = None,
                 extend_cache: bool = True) -> Tensor:
@@ -407,7 +411,9 @@ class TransfusionMoT(nn.Module):
             # without extending, layers work on copies of the per-layer entries (the tensors are shared)
             kvs = cache.layers if extend_cache else [LayerKV(kv.k, kv.v) for kv in cache.layers]
             backend = "sdpa"
-        routing = Routing(inputs.modality, self.config.num_modalities, sort=bool(self.config.untie))
+        # sorted by modality when anything is untied, and with adaLN (image tokens then form one slice)
+        routing = Routing(inputs.modality, self.config.num_modalities,
+                          sort=bool(self.config.untie) or self.config.time_conditioning == "adaln")
         mask_mod = transfusion_mask_mod(doc_ids, image_ids, q_offset=past,
                                         bidirectional_images=self.config.image_attention == "bidirectional")
         mask = AttentionMask(mask_mod, batch, seq, past + seq, device, backend)

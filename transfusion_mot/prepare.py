@@ -94,3 +94,36 @@ def prepare_builtin(name: str, root: str | Path, image_size: int = 32, num_image
                                   f"included), not {tokenizer_vocab}: set model.vocab_size={trained.vocab_size}")
             partial.replace(tokenizer)
     return PreparedData(data_dir, vae_dir, latents_dir, val_dir, info, tokenizer)
+
+
+def builtin_tokenizer_vocab(config: Any) -> int | None:
+    """A run config asks for a BPE trained on the built-in captions when its tokenizer is `hf` with no file:
+    then of `model.vocab_size` ids. None: the config brings its own tokenizer (or uses bytes)."""
+    tok = config.tokenizer
+    return config.model.vocab_size if tok.kind == "hf" and not tok.path else None
+
+
+def prepare_for_run(config: Any, root: str | Path | None = None, build: bool = True, progress: bool = True,
+                    log=print) -> PreparedData:
+    """Build the built-in data set a run config names (`data.builtin`, with its size, VAE steps and seed)
+    and point the config at it: data.path (train latents), data.val_path, vae.path and, for a BPE, the
+    tokenizer. `root` defaults to data.builtin_dir/NAME-SIZE. With build=False only the paths are set (the
+    other ranks of a multi-process run, after the main one built them)."""
+    d = config.data
+    if not d.builtin:
+        raise ConfigError("data.builtin is not set: there is no built-in data set to prepare")
+    root = Path(root) if root is not None else Path(d.builtin_dir) / f"{d.builtin}-{d.builtin_image_size}"
+    vocab = builtin_tokenizer_vocab(config)
+    if build:
+        prepared = prepare_builtin(d.builtin, root, image_size=d.builtin_image_size, num_images=d.builtin_num_images,
+                                   vae_steps=d.builtin_vae_steps, seed=config.train.seed, progress=progress,
+                                   tokenizer_vocab=vocab, log=log)
+    else:
+        prepared = PreparedData(root / "data", root / "vae", root / "latents", root / "latents-val", {},
+                                root / f"tokenizer-{vocab}.json" if vocab is not None else None)
+    d.kind, d.path = "latents", str(prepared.latents_dir)
+    d.val_path = d.val_path or str(prepared.val_latents_dir)
+    config.vae.path = config.vae.path or str(prepared.vae_dir)
+    if prepared.tokenizer is not None:
+        config.tokenizer.path = str(prepared.tokenizer)
+    return prepared

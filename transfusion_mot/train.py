@@ -297,24 +297,14 @@ class Trainer:
         return result
 
     def _prepare_builtin(self) -> None:
-        """Build (main process) or wait for the built-in data set, then point data/vae at it."""
-        from .prepare import prepare_builtin
+        """Build (main process) or wait for the built-in data set, then point data/vae/tokenizer at it."""
+        from .prepare import prepare_for_run
 
-        d = self.config.data
-        root = Path(d.builtin_dir) / f"{d.builtin}-{d.builtin_image_size}"
-        # tokenizer kind hf without a file: a BPE of model.vocab_size ids trained on the built-in captions
-        bpe_vocab = self.config.model.vocab_size if self.config.tokenizer.kind == "hf" and not self.config.tokenizer.path \
-            else None
         if self.info.is_main:
-            prepare_builtin(d.builtin, root, image_size=d.builtin_image_size, num_images=d.builtin_num_images,
-                            vae_steps=d.builtin_vae_steps, seed=self.config.train.seed,
-                            progress=self.config.train.progress, tokenizer_vocab=bpe_vocab)
+            prepare_for_run(self.config, progress=self.config.train.progress)
         barrier(self.info)
-        if bpe_vocab is not None:
-            self.config.tokenizer.path = str(root / f"tokenizer-{bpe_vocab}.json")
-        d.kind, d.path = "latents", str(root / "latents")
-        d.val_path = d.val_path or str(root / "latents-val")
-        self.config.vae.path = self.config.vae.path or str(root / "vae")
+        if not self.info.is_main:
+            prepare_for_run(self.config, build=False)
 
     # -- run directory -----------------------------------------------------------------------------
 
