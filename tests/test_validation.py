@@ -163,7 +163,7 @@ def test_validation_is_the_same_in_runs_with_other_training_seeds(data, tmp_path
     """eval_seed, not train.seed, fixes the draws: two runs are scored on identical work."""
     a = Trainer(val_config(data, seed=0), tmp_path / "a")
     b = Trainer(val_config(data, seed=5), tmp_path / "b")
-    for (ga, ta, na, _, _), (gb, tb, nb, _, _) in zip(a.validation.batches, b.validation.batches):
+    for (ga, ta, na, _), (gb, tb, nb, _) in zip(a.validation.batches, b.validation.batches):
         assert torch.equal(ta, tb) and torch.equal(na, nb) and torch.equal(ga.patches, gb.patches)
     b.model.load_state_dict(a.model.state_dict())
     assert a.evaluate() == b.evaluate()

@@ -18,7 +18,7 @@ val_loss = val_text_loss + lambda * val_image_loss, the training loss's formula 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -45,6 +45,13 @@ def bucket_names(num_train_timesteps: int) -> list[str]:
     return [f"t{round(i * step)}-{round((i + 1) * step)}" for i in range(NUM_BUCKETS)]
 
 
+class ValidationBatch(NamedTuple):
+    generation: Batch  # BOS caption BOI image EOI EOS
+    timesteps: Tensor  # (I,) on the model's device
+    noise: Tensor  # (P, patch_dim) on the model's device
+    captioning: Batch  # BOS BOI image EOI caption EOS
+
+
 class ValidationSet:
     """Held-out pairs laid out, with their draws, once; `evaluate` runs the model over them."""
 
@@ -65,31 +72,30 @@ class ValidationSet:
         patch = collator.config.patch_size
         noises = [patchify(torch.randn(latent.shape, generator=generator), patch) for latent, _ in pairs]
         captions = [encode_caption(tokenizer, text, max_text_tokens, overflow) for _, text in pairs]
-        self.batches: list[tuple[Batch, Tensor, Tensor, Batch, Tensor]] = []
+        self.timesteps = timesteps  # (N,) in sample order, on the CPU
+        self.batches: list[ValidationBatch] = []
         for start in range(0, len(pairs), batch_size):
             rows = range(start, min(start + batch_size, len(pairs)))
             generation = collator.collate_padded([Sample([captions[i], pairs[i][0]]) for i in rows])
             captioning = collator.collate_padded([Sample([pairs[i][0], captions[i]], image_first=True) for i in rows])
-            t = timesteps[start:rows.stop]
-            self.batches.append((generation.to(device), t.to(device), torch.cat([noises[i] for i in rows]).to(device),
-                                 captioning.to(device), t))
+            self.batches.append(ValidationBatch(generation.to(device), timesteps[start:rows.stop].to(device),
+                                                torch.cat([noises[i] for i in rows]).to(device), captioning.to(device)))
 
     @torch.no_grad()
     def evaluate(self, loss_fn: LossFn, image_loss_weight: float) -> dict[str, float]:
         """{val_loss, val_text_loss, val_caption_loss, val_image_loss, val_image_loss_<bucket>...}."""
         text_nll = text_tokens = caption_nll = caption_tokens = 0.0
-        mse, ts = [], []
-        for generation, t, noise, captioning, t_cpu in self.batches:
+        mse = []
+        for generation, t, noise, captioning in self.batches:
             out = loss_fn(generation, timesteps=t, noise=noise, details=True)
             text_nll += out["text_nll_sum"].item()
             text_tokens += out["text_tokens"].item()
             mse.append(out["image_mse_per_image"].float().cpu())
-            ts.append(t_cpu)
             clean = torch.zeros(captioning.num_images, device=t.device)
             out = loss_fn(captioning, timesteps=clean, noise=torch.zeros_like(captioning.patches), details=True)
             caption_nll += out["text_nll_sum"].item()
             caption_tokens += out["text_tokens"].item()
-        mse_all, t_all = torch.cat(mse).double(), torch.cat(ts)
+        mse_all, t_all = torch.cat(mse).double(), self.timesteps
         result = {"val_text_loss": text_nll / max(text_tokens, 1), "val_caption_loss": caption_nll / max(caption_tokens, 1),
                   "val_image_loss": mse_all.mean().item()}
         result["val_loss"] = result["val_text_loss"] + image_loss_weight * result["val_image_loss"]
@@ -162,5 +168,5 @@ def load_validation_pairs(data: Any, n: int, vae: Any = None, device: torch.devi
     return [(z, item["text"] or "") for z, item in zip(torch.cat(latents), items)], source
 
 
-__all__ = ["NUM_BUCKETS", "ValidationSet", "bucket_names", "evenly_spaced", "load_validation_pairs",
+__all__ = ["NUM_BUCKETS", "ValidationBatch", "ValidationSet", "bucket_names", "evenly_spaced", "load_validation_pairs",
            "stratified_timesteps"]
