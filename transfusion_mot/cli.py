@@ -304,7 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
         return p
 
-    p = command(sub, "demo", "the whole system on the embedded shapes data (about 10 minutes on 2 CPU cores)",
+    p = command(sub, "demo", "the whole system on the embedded shapes data (about 9 minutes on 2 CPU cores)",
                 "tmot demo --out tmot_demo", cmd_demo,
                 "Generate the shapes data, train a tiny VAE, encode latents, train a tiny MoT, sample a grid for "
                 "fixed prompts, score alignment with the shapes classifier and FID against the validation split "

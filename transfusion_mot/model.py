@@ -10,7 +10,7 @@ flattened modality ids), so each modality is one contiguous slice of the (tokens
 every per-modality op is a plain dense op on a slice. The residual stream stays in sorted order through all
 layers; only attention needs the original layout (for the mask, RoPE and the (batch, seq) shape), which
 costs two index_selects per layer (un-sort q/k/v, re-sort the attention output). Gathering per projection
-(~7 per layer) or computing every expert on every token and selecting are both slower (DESIGN.md, §3).
+(~7 per layer) or computing every expert on every token and selecting are both slower.
 With nothing untied the permutation is skipped altogether, so the dense baseline runs the same modules
 with no routing overhead.
 
