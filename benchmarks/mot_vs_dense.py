@@ -15,7 +15,8 @@ steps and against training time), results.md (the table), results.json; on shape
 alignment (the shapes classifier) and FID at equal n (`tmot eval bench` on validation captions). The last
 stdout line is one JSON object with mot_/dense_val_image_loss, mot_/dense_val_text_loss, steps_ratio and
 time_ratio: the first evaluated step (training time) at which MoT's held-out image loss is at or below
-dense's final one, over dense's steps (time); null if never.
+dense's final one, over dense's steps (time); null if never; and mot_/dense_best_val_image_loss (the lowest
+evaluation: on small data sets the held-out loss can rise again, and the table flags it).
 
     python benchmarks/mot_vs_dense.py --data shapes --steps 1500
     python benchmarks/mot_vs_dense.py --data emoji --steps 3000 --variants dense,ffn,ffn_attn,mot
@@ -149,6 +150,9 @@ def summarise(runs: dict[str, list[dict[str, Any]]], summaries: dict[str, dict[s
     for name in ("mot", "dense"):
         result[f"{name}_val_image_loss"] = final[name]["val_image_loss"] if name in final else None
         result[f"{name}_val_text_loss"] = final[name]["val_text_loss"] if name in final else None
+    for name in ("mot", "dense"):
+        best = min((r for r in runs.get(name, []) if "val_image_loss" in r), key=lambda r: r["val_image_loss"], default=None)
+        result[f"{name}_best_val_image_loss"] = best["val_image_loss"] if best else None
     result["steps_ratio"] = result["time_ratio"] = None
     if "mot" in runs and "dense" in runs:
         dense_final = final["dense"]
@@ -160,11 +164,13 @@ def summarise(runs: dict[str, list[dict[str, Any]]], summaries: dict[str, dict[s
     for name, records in runs.items():
         params = summaries[name]["parameters"]
         f = final[name]
+        best = min((r for r in records if "val_image_loss" in r), key=lambda r: r["val_image_loss"])
         variants[name] = {
             "untie": summaries[name]["model"]["untie"], "params": params["total"],
             "active_per_token": params["active_per_token"], "steps": f["step"],
             "train_time_s": round(f["train_time_s"], 1),
             "tokens_per_s": round(summaries[name]["tokens_seen"] / summaries[name]["train_time_s"], 1),
+            "best_val_image_loss": round(best["val_image_loss"], 5), "best_step": best["step"],
             **{k: round(v, 5) for k, v in f.items() if k.startswith("val_")}}
         if "dense" in runs and name != "dense":
             hit = reach(records, final["dense"]["val_image_loss"])
@@ -175,9 +181,9 @@ def summarise(runs: dict[str, list[dict[str, Any]]], summaries: dict[str, dict[s
 
 def render_table(result: dict[str, Any], title: str) -> str:
     lines = [f"### {title}", "",
-             "| variant | untie | params | active/token (text, image) | val image loss | val text loss | "
+             "| variant | untie | params | active/token (text, image) | val image loss | best (at step) | val text loss | "
              "val caption loss | reaches dense's final image loss at | tokens/s | train s | colour | shape | "
-             "all correct | FID |", "|" + "---|" * 14]
+             "all correct | FID |", "|" + "---|" * 15]
 
     def pct(v: Any) -> str:
         return "–" if v is None else f"{100 * v:.1f}%"
@@ -188,12 +194,17 @@ def render_table(result: dict[str, Any], title: str) -> str:
         fid = v.get("fid")
         lines.append(
             f"| {name} | {','.join(v['untie']) or '-'} | {v['params']:,} | {act['text']:,}, {act['image']:,} | "
-            f"{v['val_image_loss']:.4f} | {v['val_text_loss']:.4f} | {v['val_caption_loss']:.4f} | "
+            f"{v['val_image_loss']:.4f} | {v['best_val_image_loss']:.4f} ({v['best_step']}) | {v['val_text_loss']:.4f} | {v['val_caption_loss']:.4f} | "
             f"{'never' if reach_at is None else reach_at} | {v['tokens_per_s']:,.0f} | {v['train_time_s']:.0f} | "
             f"{pct(v.get('align_colour'))} | {pct(v.get('align_shape'))} | {pct(v.get('align_all_correct'))} | "
             f"{'–' if fid is None else f'{fid:.1f}'} |")
     lines += ["", f"steps_ratio {result['steps_ratio']}, time_ratio {result['time_ratio']} (MoT's first evaluation at or "
               "below dense's final held-out image loss, over dense's steps / training time; null: never)."]
+    rising = [name for name, v in result["variants"].items() if v["best_val_image_loss"] < 0.98 * v["val_image_loss"]]
+    if rising:
+        lines += ["", f"Held-out image loss rises after its best for {', '.join(rising)} (overfitting: the data is "
+                  "small for this many steps); the ratios above compare against dense's final loss, so read the "
+                  "best column too."]
     buckets = [k for k in next(iter(result["variants"].values())) if k.startswith("val_image_loss_t")]
     if buckets:
         lines += ["", "Held-out image loss per timestep quarter:", "",

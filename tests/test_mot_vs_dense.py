@@ -50,6 +50,21 @@ def test_steps_and_time_ratios():
     assert never["variants"]["mot"]["reaches_dense_final_at_step"] is None
 
 
+def test_best_loss_and_overfitting_flag():
+    # dense overfits (best 0.2 at step 20, final 0.3): MoT reaches dense's final loss early, and the table says
+    # that the ratio is against a loss that rose again
+    runs = {"dense": records([0.4, 0.2, 0.3]), "mot": records([0.35, 0.25, 0.28])}
+    result = bench.summarise(runs, {"dense": summary(10, 30.0), "mot": summary(20, 30.0)})
+    assert result["dense_best_val_image_loss"] == 0.2 and result["mot_best_val_image_loss"] == 0.25
+    assert result["variants"]["dense"]["best_step"] == 20 and result["variants"]["mot"]["best_step"] == 20
+    assert result["steps_ratio"] == 0.6667  # rounded to 4 places
+    table = bench.render_table(result, "t")
+    assert "| 0.3000 | 0.2000 (20) |" in table and "rises after its best for dense, mot" in table
+    steady = bench.render_table(bench.summarise({"dense": records([0.4, 0.3]), "mot": records([0.4, 0.2])},
+                                                {"dense": summary(1, 1.0), "mot": summary(1, 1.0)}), "t")
+    assert "rises after its best" not in steady
+
+
 def test_toy_end_to_end(tmp_path):
     d = make_training_data(tmp_path / "data")
     cfg = config_dict(d)
