@@ -378,3 +378,16 @@ def test_two_process_resume_is_exact(tmp_path, data):
         proc = subprocess.run(launch + args, env=_cli_env(), capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
     assert losses(tmp_path / "straight") == losses(tmp_path / "split")
+
+
+def test_precision_auto_is_bf16_only_where_native(monkeypatch):
+    from transfusion_mot.run import resolve_precision
+
+    cpu = torch.device("cpu")
+    assert resolve_precision("fp32", cpu) == "fp32" and resolve_precision("bf16", cpu) == "bf16"
+    for caps, expected in (({"avx512_bf16": False, "amx_bf16": False}, "fp32"), ({"avx512_bf16": True}, "bf16"),
+                           ({"amx_bf16": True}, "bf16")):
+        monkeypatch.setattr(torch.cpu, "get_capabilities", lambda caps=caps: caps)
+        assert resolve_precision("auto", cpu) == expected
+    with pytest.raises(ConfigError, match="precision must be one of"):
+        run_config_from_dict({"train": {"precision": "fp16"}})

@@ -21,7 +21,7 @@ from .config import ConfigError, ModelConfig, apply_overrides, from_dict, read_y
 from .tokenizer import TokenizerConfig
 
 DATA_KINDS = ("latents", "folder", "webdataset")
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("fp32", "bf16", "auto")
 
 
 @dataclass
@@ -121,7 +121,10 @@ class TrainConfig:
     max_steps: int = 1000
     batch_size: int = 16
     grad_accum: int = 1
-    precision: str = "fp32"  # "bf16": autocast (CPU and CUDA) and bf16 FSDP all-gathers
+    # "bf16": autocast (CPU and CUDA) and bf16 FSDP all-gathers; "auto": bf16 where the hardware computes
+    # in bf16 natively (CUDA with bf16 support; CPUs with AVX512-BF16 or AMX), else fp32 (without native
+    # bf16 a CPU emulates it, about 2x slower than fp32)
+    precision: str = "fp32"
     compile: bool = False  # torch.compile each block
     activation_checkpointing: bool = False
     seed: int = 0
@@ -180,6 +183,18 @@ RESUMABLE_KEYS = ("train.max_steps", "train.log_every", "train.save_every", "tra
                   "train.activation_checkpointing", "data.path", "data.builtin_dir", "data.text_only_path", "vae.path",
                   "tokenizer.path", "train.eval_every", "train.eval_samples", "train.eval_batch_size",
                   "train.eval_seed", "train.eval_ema", "data.val_path", "data.val_split")
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """"fp32" or "bf16" for train.precision on `device` ("auto": bf16 only where it is native)."""
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    if device.type == "cpu":
+        caps = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
+        return "bf16" if caps.get("avx512_bf16") or caps.get("amx_bf16") else "fp32"
+    return "fp32"
 
 
 def _resolve_model_file(spec: str, base: Path) -> dict[str, Any]:

@@ -37,7 +37,8 @@ from .model import TransfusionMoT
 from .optim import EMA, param_groups, warmup_cosine
 from .parallel import (DistInfo, all_reduce_sum, apply_activation_checkpointing, apply_compile, apply_fsdp,
                        barrier, init_distributed, shutdown_distributed)
-from .run import (RESUMABLE_KEYS, RunConfig, config_differences, load_run_config, save_run_config)
+from .run import (RESUMABLE_KEYS, RunConfig, config_differences, load_run_config, resolve_precision,
+                  save_run_config)
 from .validation import ValidationSet, load_validation_pairs
 
 
@@ -208,7 +209,8 @@ class Trainer:
         tc = config.train
         self.info = init_distributed("cuda" if tc.device != "cpu" and torch.cuda.is_available() else "cpu")
         self.device = resolve_device(tc.device, self.info)
-        self.bf16 = tc.precision == "bf16"
+        self.precision = resolve_precision(tc.precision, self.device)
+        self.bf16 = self.precision == "bf16"
         if config.data.path is None and config.data.builtin:
             self._prepare_builtin()
 
@@ -547,7 +549,7 @@ class Trainer:
                 "model": {"untie": self.config.model.untie, "dim": self.config.model.dim,
                           "n_layers": self.config.model.n_layers},
                 "world_size": self.info.world_size, "device": str(self.device),
-                "precision": self.config.train.precision, "latent_shape": list(self.latent_shape),
+                "precision": self.precision, "latent_shape": list(self.latent_shape),
                 "vae": self.vae_path, "resumed_from": str(self.resume_from) if self.resume_from else None}
 
     def _validation_summary(self) -> dict[str, Any]:
