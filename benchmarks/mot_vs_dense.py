@@ -58,7 +58,7 @@ def prepare_data(args: argparse.Namespace) -> dict[str, Any]:
     from transfusion_mot.run import load_run_config
 
     if args.data in BUILTIN_CONFIGS:
-        from transfusion_mot.prepare import prepare_for_run
+        from transfusion_mot.recipes.prepare import prepare_for_run
 
         config_path = Path(args.config or BUILTIN_CONFIGS[args.data])
         config = load_run_config(config_path, [*args.set, f"train.seed={args.seed}", f"data.builtin={args.data}"])
@@ -245,7 +245,8 @@ def main() -> None:
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
         run_dirs = dict(zip(names, pool.map(lambda n: train_variant(n, data, args, out), names)))
 
-    from transfusion_mot.curves import plot_curves, read_metrics
+    from transfusion_mot.training.curves import plot_curves
+    from transfusion_mot.training.metrics import read_metrics
 
     runs = {name: read_metrics(run) for name, run in run_dirs.items()}
     summaries = {name: json.loads((run / "summary.json").read_text()) for name, run in run_dirs.items()}

@@ -32,8 +32,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from transfusion_mot.config import ModelConfig
+from transfusion_mot.inference.sampling import caption_images, generate_latents
 from transfusion_mot.model import TransfusionMoT
-from transfusion_mot.sampling import caption_images, generate_latents
 from transfusion_mot.tokenizer import ByteTokenizer
 from vae.autoencoder import build_vae, decode, load_vae_config
 

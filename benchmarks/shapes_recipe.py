@@ -45,12 +45,13 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     from eval.align import load_classifier, score_alignment, train_shapes_classifier
-    from transfusion_mot.curves import read_metrics
-    from transfusion_mot.demo import DEMO_PROMPTS, HELDOUT_SEED_OFFSET, heldout_prompts
-    from transfusion_mot.pipeline import Pipeline, image_grid
-    from transfusion_mot.prepare import prepare_for_run
+    from transfusion_mot.common.images import image_grid
+    from transfusion_mot.inference.pipeline import Pipeline
+    from transfusion_mot.recipes.demo import DEMO_PROMPTS, HELDOUT_SEED_OFFSET, heldout_prompts
+    from transfusion_mot.recipes.prepare import prepare_for_run
+    from transfusion_mot.recipes.train import train
     from transfusion_mot.run import load_run_config
-    from transfusion_mot.train import train
+    from transfusion_mot.training.metrics import read_metrics
 
     config = load_run_config(args.config, [f"train.max_steps={args.steps}", "train.progress=false",
                                            "train.tensorboard=false", f"train.save_every={args.steps}",

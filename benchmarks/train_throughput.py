@@ -1,7 +1,7 @@
 """Training throughput of the tiny configs: dense vs MoT, fp32 vs bf16, side by side in one process.
 
-Each variant is a real `Trainer` (data stream, collation, forward, backward, clipping, AdamW, EMA) on the
-same latent cache: 32 px shapes images encoded by a tiny VAE (8x8x4 latents -> 16 image tokens, captions
+Each variant is a real `Trainer` (built by `recipes.train.build_run`: data stream, collation, forward,
+backward, clipping, AdamW, EMA) on the same latent cache: 32 px shapes images encoded by a tiny VAE (8x8x4 latents -> 16 image tokens, captions
 of ~40 bytes). Steps are timed interleaved (variant A, B, C, D, A, B, ...) after warm-up, so machine noise
 hits all alike; tokens/s counts non-padding tokens. The last line is one JSON object.
 
@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
+from transfusion_mot.recipes.train import build_run
 from transfusion_mot.run import run_config_from_dict
-from transfusion_mot.train import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -60,7 +60,7 @@ def main() -> None:
                     "train": {"max_steps": 10**6, "batch_size": args.batch, "precision": precision, "device": "cpu",
                               "progress": False, "tensorboard": False}},
                     [f"model.untie={json.dumps(untie)}"])
-                trainers[name] = Trainer(cfg, tmp / name)
+                trainers[name] = build_run(cfg, tmp / name).trainer
         times: dict[str, list[float]] = {n: [] for n in trainers}
         tokens: dict[str, list[int]] = {n: [] for n in trainers}
         for step in range(args.warmup + args.steps):

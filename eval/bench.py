@@ -18,9 +18,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from transfusion_mot.data.imageio import save_png, write_metadata
+from transfusion_mot.common.errors import InvalidInput
+from transfusion_mot.common.files import write_jsonl
+from transfusion_mot.common.images import image_grid, save_images, to_pil
+from transfusion_mot.data.imageio import write_metadata
 
-from .images import LazyImages, SkipCounter, list_images, make_grid, to_pil
+from .images import LazyImages, SkipCounter, list_images
 
 GenerateFn = Callable[[list[str], int], list[Any]]
 
@@ -35,24 +38,21 @@ def generate_images(generate: GenerateFn, prompts: Sequence[str], out_dir: str |
     """Write ``generate``'s images for ``prompts`` to ``out_dir/images`` with metadata.jsonl and
     prompts.jsonl. The batch starting at prompt ``i`` is generated with seed ``seed + i``."""
     out = Path(out_dir)
-    (out / "images").mkdir(parents=True, exist_ok=True)
-    rows, t0 = [], time.perf_counter()
+    rows: list[dict[str, Any]] = []
+    t0 = time.perf_counter()
     for start in range(0, len(prompts), batch_size):
         batch = list(prompts[start:start + batch_size])
         images = generate(batch, seed + start)
         if len(images) != len(batch):
             raise ValueError(f"generate returned {len(images)} images for {len(batch)} prompts")
-        for offset, (prompt, image) in enumerate(zip(batch, images)):
-            index = start + offset
-            name = f"images/{index:06d}.png"
-            save_png(to_pil(image), out / name)
-            rows.append({"file_name": name, "text": prompt, "split": "val", "index": index, "seed": seed + start})
+        rows += save_images(images, out, [{"text": p, "split": "val", "index": start + k, "seed": seed + start}
+                                          for k, p in enumerate(batch)],
+                            name="images/{index:06d}.png", key="file_name", start=start)
         _log(f"bench: generated {min(start + batch_size, len(prompts))}/{len(prompts)} images", quiet)
     seconds = time.perf_counter() - t0
     write_metadata(out, rows)  # the image-folder contract: `tmot eval clip|align --images OUT` work on it
-    with open(out / "prompts.jsonl", "w", encoding="utf-8") as f:
-        f.writelines(json.dumps({"index": row["index"], "text": row["text"], "seed": row["seed"],
-                                "file_name": row["file_name"]}, ensure_ascii=False) + "\n" for row in rows)
+    write_jsonl(out / "prompts.jsonl", [{"index": r["index"], "text": r["text"], "seed": r["seed"],
+                                         "file_name": r["file_name"]} for r in rows])
     return {"n": len(rows), "seconds": round(seconds, 2), "images_per_s": round(len(rows) / seconds, 3) if seconds else None,
             "paths": [str(out / r["file_name"]) for r in rows]}
 
@@ -75,7 +75,7 @@ def run_bench(generate: GenerateFn, prompts: Sequence[str], out_dir: str | os.Pa
     ``metadata.jsonl``; returns the report.
     """
     if not prompts:
-        raise ValueError("no prompts to generate")
+        raise InvalidInput("no prompts to generate")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {"n": len(prompts), "seed": seed, "batch_size": batch_size, **(extra or {})}
@@ -130,7 +130,8 @@ def run_bench(generate: GenerateFn, prompts: Sequence[str], out_dir: str | os.Pa
         report["align"] = result if result["n_scored"] else {"skipped": "no prompt is a shapes caption"}
 
     report["summary"] = summarise(report)
-    grid = make_grid([fakes[i] for i in range(min(grid_size, len(fakes)))], cell=max(64, to_pil(fakes[0]).size[0]))
+    grid = image_grid([fakes[i] for i in range(min(grid_size, len(fakes)))], cell=max(64, to_pil(fakes[0]).size[0]),
+                      background=(16, 16, 16))
     grid.save(out / "samples.png")
     (out / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
     (out / "report.md").write_text(render_markdown(report, prompts))

@@ -1,8 +1,8 @@
 """`tmot eval ...`: command-line access to every metric of this package.
 
-``register(subparsers)`` adds the ``eval`` command to the main ``tmot`` parser (which turns
-ValueError / FileNotFoundError into a one-line error and exit status 2); ``python -m eval`` runs the
-same commands standalone. Each sub-command prints a short human summary, or with ``--json``
+``register(subparsers)`` adds the ``eval`` command to the main ``tmot`` parser (which prints a
+user mistake, the project's ``UserError``, as one line with exit status 2); ``python -m eval`` runs
+the same commands standalone. Each sub-command prints a short human summary, or with ``--json``
 exactly one JSON object on one line.
 """
 
@@ -16,12 +16,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from transfusion_mot.cli import positive_int  # the shared argparse type (transfusion_mot.cli imports eval.cli lazily)
+from transfusion_mot.common.cli import Parser, positive_int, run_command
+from transfusion_mot.common.errors import InputNotFound, InvalidInput
+from transfusion_mot.common.files import iter_jsonl, write_jsonl
 
 BenchLoader = Callable[[str, str], Callable[[list[str], int], list[Any]]]
 
 
-class BenchUnavailable(ValueError):
+class BenchUnavailable(InvalidInput):
     """`eval bench` / `eval geneval-export` without a model loader (no transfusion_mot CLI)."""
 
 
@@ -31,11 +33,9 @@ DEFAULT_CMMD_MODEL = "openai/clip-vit-large-patch14-336"
 
 def _device(args: argparse.Namespace) -> str:
     """--device auto -> cuda when available."""
-    if args.device != "auto":
-        return args.device
-    import torch
+    from transfusion_mot.common.device import resolve_device
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    return str(resolve_device(args.device))
 
 
 def _emit(result: dict[str, Any], as_json: bool, lines: list[str]) -> None:
@@ -57,14 +57,14 @@ def cmd_fid(args: argparse.Namespace) -> int:
     from .fid import compute_fid, save_reference_stats
 
     if args.fake is None and args.save_stats is None:
-        raise ValueError("give --fake (to compute FID) and/or --save-stats (to save --real's statistics)")
+        raise InvalidInput("give --fake (to compute FID) and/or --save-stats (to save --real's statistics)")
     common = {"inception": args.inception, "batch_size": args.batch_size, "device": _device(args),
               "allow_download": args.allow_download, "workers": args.workers}
     saved = None
     real: Any = args.real
     if args.save_stats:
         if str(args.real).endswith(".npz"):
-            raise ValueError("--save-stats needs --real to be an image folder, not a statistics file")
+            raise InvalidInput("--save-stats needs --real to be an image folder, not a statistics file")
         saved = save_reference_stats(args.real, args.save_stats, max_images=args.max_images, **common)
         real = args.save_stats
     if args.fake is None:
@@ -84,18 +84,10 @@ def cmd_fid(args: argparse.Namespace) -> int:
 
 def _read_captions_file(path: str | os.PathLike, images_dir: Path) -> tuple[list[Path], list[str]]:
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{lineno}: invalid JSON: {err}") from None
-            if not isinstance(row, dict) or not isinstance(row.get("file_name"), str) or not isinstance(
-                    row.get("text", row.get("caption")), str):
-                raise ValueError(f"{path}:{lineno}: each line needs 'file_name' and 'text'")  # noqa: TRY004 - bad file
-            rows.append(row)
+    for lineno, row in iter_jsonl(path, "captions file"):
+        if not isinstance(row.get("file_name"), str) or not isinstance(row.get("text", row.get("caption")), str):
+            raise InvalidInput(f"{path}:{lineno}: each line needs 'file_name' and 'text'")
+        rows.append(row)
     return [images_dir / r["file_name"] for r in rows], [r.get("text", r.get("caption")) for r in rows]
 
 
@@ -105,10 +97,8 @@ def _captioned_paths(images: str, captions: str | None) -> tuple[list[Path], lis
 
     folder = Path(images)
     if not folder.is_dir():
-        raise FileNotFoundError(f"image folder not found: {folder}")
+        raise InputNotFound(f"image folder not found: {folder}")
     if captions:
-        if not Path(captions).is_file():
-            raise FileNotFoundError(f"captions file not found: {captions}")
         return _read_captions_file(captions, folder)
     return captioned_images(folder)
 
@@ -165,15 +155,15 @@ def cmd_align(args: argparse.Namespace) -> int:
     if args.action == "train":
         return cmd_align_train(args)
     if not args.images:
-        raise ValueError("tmot eval align needs --images DIR (image folder with metadata.jsonl)")
+        raise InvalidInput("tmot eval align needs --images DIR (image folder with metadata.jsonl)")
     if not args.classifier:
-        raise ValueError("tmot eval align needs --classifier DIR (train one with: tmot eval align train --out DIR)")
+        raise InvalidInput("tmot eval align needs --classifier DIR (train one with: tmot eval align train --out DIR)")
     from .align import score_alignment
 
     images, texts, skipped = _captioned(args.images, args.captions)
     result = score_alignment(args.classifier, images, texts, details=bool(args.details))
     if args.details:
-        Path(args.details).write_text("".join(json.dumps(r) + "\n" for r in result.pop("per_image")))
+        write_jsonl(args.details, result.pop("per_image"))
     result["skipped"] = skipped
     _emit(result, args.json, [(f"alignment on {result['n_scored']} shapes prompts ({result['n_unparsed']} not shapes "
                               f"captions): all correct {_fmt(result['all_correct'])}"),
@@ -184,11 +174,12 @@ def cmd_align(args: argparse.Namespace) -> int:
 
 def cmd_align_train(args: argparse.Namespace) -> int:
     if not args.out:
-        raise ValueError("training the shapes classifier needs --out DIR")
+        raise InvalidInput("training the shapes classifier needs --out DIR")
     from .align import train_shapes_classifier
 
     model = train_shapes_classifier(args.out, image_size=args.image_size, steps=args.steps, seed=args.seed,
                                     eval_images=args.eval_images, threads=args.threads,
+                                    save_every=args.save_every, resume=args.resume,
                                     log_every=0 if args.json else 100)
     result = {"out": str(args.out), **model.metrics}
     held = model.metrics.get("heldout", {})
@@ -229,7 +220,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import run_bench
 
     if sum(bool(x) for x in (args.data, args.coco_captions, args.prompts)) != 1:
-        raise ValueError("give exactly one prompt source: --data DIR, --coco-captions JSON or --prompts FILE")
+        raise InvalidInput("give exactly one prompt source: --data DIR, --coco-captions JSON or --prompts FILE")
     prompts, data_real = _bench_prompts(args)
     real = args.real or data_real
     out = args.out or str(Path(args.run) / "bench")
@@ -253,7 +244,7 @@ def cmd_coco(args: argparse.Namespace) -> int:
         _emit({"prompts": str(path), "n": len(rows)}, args.json, [f"wrote {len(rows)} prompts to {path}"])
         return 0
     if not args.images:
-        raise ValueError("tmot eval coco reference needs --images DIR (the val2014 image folder)")
+        raise InvalidInput("tmot eval coco reference needs --images DIR (the val2014 image folder)")
     result = prepare_coco_reference(rows, args.images, args.out, size=args.size)
     if args.stats:
         from .fid import save_reference_stats
@@ -353,6 +344,9 @@ def register(subparsers: Any, bench_loader: BenchLoader | None = None) -> argpar
         p.add_argument("--eval-images", type=int, default=2000,
                        help="(train) held-out renders to measure accuracy on (default: 2000)")
         p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--save-every", type=int, default=0,
+                       help="(train) checkpoint every N steps into OUT/checkpoints (default 0: none)")
+        p.add_argument("--resume", action="store_true", help="(train) continue from the last checkpoint in OUT")
 
     p = command("align", "shapes alignment: does each image show what its caption says?",
                 "tmot eval align --images run/bench --classifier shapes_clf\n  tmot eval align train --out shapes_clf",
@@ -423,19 +417,10 @@ def register(subparsers: Any, bench_loader: BenchLoader | None = None) -> argpar
     return ev
 
 
-class _OneLineParser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
 def main(argv: list[str] | None = None, bench_loader: BenchLoader | None = None) -> int:
     """``python -m eval METRIC ...``: the same commands without the tmot front end."""
-    parser = _OneLineParser(prog="python -m", description="transfusion-mot evaluation")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_OneLineParser)
+    parser = Parser(prog="python -m", description="transfusion-mot evaluation")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     register(sub, bench_loader)
     args = parser.parse_args(["eval", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        return args.func(args)
-    except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as err:
-        print(f"eval {args.eval_command}: error: {err}", file=sys.stderr)
-        return 2
+    return run_command(f"eval {args.eval_command}", lambda: args.func(args))

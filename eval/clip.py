@@ -19,15 +19,17 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from transfusion_mot.common.errors import InputNotFound, InvalidInput
+from transfusion_mot.common.images import to_pil
 from transfusion_mot.data.imageio import BadImage, load_rgb
 
-from .images import SkipCounter, to_pil
+from .images import SkipCounter
 
 DEFAULT_CLIP_MODEL = "openai/clip-vit-large-patch14"
 CLIP_SCALE = 100.0
 
 
-class ClipModelNotFound(FileNotFoundError):
+class ClipModelNotFound(InputNotFound):
     """A CLIP model directory that does not exist, or a hub id that cannot be loaded (offline)."""
 
 
@@ -146,7 +148,7 @@ def clip_score(clip: ClipBundle | str | os.PathLike, images: Sequence[Any], capt
     if len(images) != len(captions):
         raise ValueError(f"{len(images)} images but {len(captions)} captions")
     if not images:
-        raise ValueError("no images to score")
+        raise InvalidInput("no images to score")
     bundle = clip if isinstance(clip, ClipBundle) else load_clip(clip, device)
     return _summary(_pair_cosines(bundle, images, captions, batch_size), bundle, per_image)
 
@@ -171,7 +173,7 @@ def clip_score_files(clip: ClipBundle | str | os.PathLike, paths: Sequence[str |
         if images:
             cosines.append(_pair_cosines(bundle, images, texts, batch_size))
     if not cosines:
-        raise ValueError(f"no readable images to score ({skipped.total} unreadable)")
+        raise InvalidInput(f"no readable images to score ({skipped.total} unreadable)")
     result = _summary(torch.cat(cosines), bundle, per_image=False)
     result["skipped"] = skipped.as_dict()
     return result

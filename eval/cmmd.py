@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from transfusion_mot.common.errors import InvalidInput
+
 from .clip import ClipBundle, image_embeddings, load_clip
 
 SIGMA = 10.0
@@ -38,7 +40,7 @@ def mmd(x: np.ndarray, y: np.ndarray, sigma: float = SIGMA, scale: float = SCALE
     if x.ndim != 2 or y.ndim != 2 or x.shape[1] != y.shape[1]:
         raise ValueError(f"expected two (n, d) embedding arrays of the same d, got {x.shape} and {y.shape}")
     if len(x) == 0 or len(y) == 0:
-        raise ValueError("CMMD needs at least one embedding on each side")
+        raise InvalidInput("CMMD needs at least one embedding on each side")
     gamma = 1.0 / (2 * sigma ** 2)
     x_sq, y_sq = np.einsum("ij,ij->i", x, x), np.einsum("ij,ij->i", y, y)
     k_xx = _kernel_mean(x, x, gamma, x_sq, x_sq, block)

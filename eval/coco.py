@@ -17,14 +17,12 @@ from typing import Any
 
 from PIL import Image
 
-from transfusion_mot.data.imageio import (
-    BadImage,
-    center_crop_resize,
-    load_rgb,
-    save_png,
-)
+from transfusion_mot.common.errors import InputNotFound, InvalidInput
+from transfusion_mot.common.files import iter_jsonl, read_prompts, write_jsonl
+from transfusion_mot.common.images import save_images, save_png
+from transfusion_mot.data.imageio import BadImage, center_crop_resize, load_rgb
 
-from .images import SkipCounter, to_pil
+from .images import SkipCounter
 
 COCO_SIZE = 256
 
@@ -33,7 +31,7 @@ def load_coco_captions(path: str | os.PathLike) -> tuple[dict[int, str], dict[in
     """(image id -> file name, image id -> captions) from a COCO captions JSON (captions_val2014.json)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"COCO captions file not found: {path}")
+        raise InputNotFound(f"COCO captions file not found: {path}")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
         files = {int(im["id"]): str(im["file_name"]) for im in data["images"]}
@@ -41,7 +39,7 @@ def load_coco_captions(path: str | os.PathLike) -> tuple[dict[int, str], dict[in
         for ann in data["annotations"]:
             captions.setdefault(int(ann["image_id"]), []).append(" ".join(str(ann["caption"]).split()))
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
-        raise ValueError(f"{path} is not a COCO captions file (needs 'images' and 'annotations'): {err}") from None
+        raise InvalidInput(f"{path} is not a COCO captions file (needs 'images' and 'annotations'): {err}") from None
     return files, captions
 
 
@@ -54,7 +52,7 @@ def coco_prompts(captions_json: str | os.PathLike, n: int = 30_000, seed: int = 
     files, captions = load_coco_captions(captions_json)
     ids = sorted(i for i in captions if i in files)
     if n > len(ids):
-        raise ValueError(f"asked for {n} prompts but {captions_json} has captions for only {len(ids)} images")
+        raise InvalidInput(f"asked for {n} prompts but {captions_json} has captions for only {len(ids)} images")
     random.Random(seed).shuffle(ids)
     return [{"image_id": i, "file_name": files[i],
              "caption": random.Random(f"coco:{seed}:{i}").choice(sorted(captions[i]))} for i in ids[:n]]
@@ -68,7 +66,7 @@ def prepare_coco_reference(prompts: Sequence[dict[str, Any]], images_dir: str | 
     """
     images_dir, out_dir = Path(images_dir), Path(out_dir)
     if not images_dir.is_dir():
-        raise FileNotFoundError(f"COCO images folder not found: {images_dir}")
+        raise InputNotFound(f"COCO images folder not found: {images_dir}")
     out_dir.mkdir(parents=True, exist_ok=True)
     skipped = SkipCounter()
     written = 0
@@ -91,8 +89,7 @@ def write_prompts(prompts: Sequence[dict[str, Any]], path: str | os.PathLike) ->
     """One JSON object per line (image_id, file_name, caption)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in prompts)
+    write_jsonl(path, prompts)
     return path
 
 
@@ -100,21 +97,12 @@ def read_geneval_metadata(path: str | os.PathLike) -> list[dict[str, Any]]:
     """GenEval's evaluation_metadata.jsonl (one object with at least 'prompt' per line). A plain
     text file is read as one prompt per line."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"prompt metadata file not found: {path}")
+    if path.suffix == ".txt":
+        return [{"prompt": p} for p in read_prompts(path)]
     rows = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        if path.suffix == ".txt":
-            rows.append({"prompt": line.strip()})
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}:{lineno}: invalid JSON: {err}") from None
-        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
-            raise ValueError(f"{path}:{lineno}: each line needs a string 'prompt'")  # noqa: TRY004 - bad file
+    for lineno, row in iter_jsonl(path, "prompt metadata file"):
+        if not isinstance(row.get("prompt"), str):
+            raise InvalidInput(f"{path}:{lineno}: each line needs a string 'prompt'")
         rows.append(row)
     return rows
 
@@ -133,8 +121,7 @@ def export_geneval(generate: Callable[[list[str], int], list[Any]], metadata: Se
         images = generate([meta["prompt"]] * n_samples, seed + index)
         if len(images) != n_samples:
             raise ValueError(f"generate returned {len(images)} images for {n_samples} prompts")
-        for k, image in enumerate(images):
-            save_png(to_pil(image), folder / "samples" / f"{k:04d}.png")
+        save_images(images, folder / "samples", [{}] * len(images), name="{index:04d}.png")
         # GenEval reads this file with json.load: one object, the prompt's metadata line
         (folder / "metadata.jsonl").write_text(json.dumps(meta, ensure_ascii=False))
     return {"out": str(out_dir), "prompts": len(metadata), "samples_per_prompt": n_samples,

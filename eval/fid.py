@@ -29,7 +29,10 @@ import numpy as np
 import torch
 from scipy import linalg
 
-from .images import SkipCounter, iter_loaded, list_images, split_batch, to_uint8_array
+from transfusion_mot.common.errors import InputNotFound, InvalidInput
+from transfusion_mot.common.images import to_uint8_array
+
+from .images import SkipCounter, iter_loaded, list_images, split_batch
 from .inception import RESOLUTION, load_inception
 
 MODE = "clean"
@@ -40,11 +43,11 @@ Extractor = Callable[[torch.Tensor], Any]
 ImageSource = str | os.PathLike | Sequence[Any]
 
 
-class StatsNotFound(FileNotFoundError):
+class StatsNotFound(InputNotFound):
     """A reference statistics file that does not exist."""
 
 
-class StatsMismatch(ValueError):
+class StatsMismatch(InvalidInput):
     """Reference statistics computed with another extractor, resize mode or resolution."""
 
 
@@ -175,7 +178,7 @@ class FeatureStats:
     @classmethod
     def from_features(cls, fs: FeatureSet, identity: dict[str, str]) -> FeatureStats:
         if fs.n < 2:
-            raise ValueError(f"need at least 2 readable images for FID statistics, got {fs.n} from {fs.source}"
+            raise InvalidInput(f"need at least 2 readable images for FID statistics, got {fs.n} from {fs.source}"
                              + (f" ({fs.skipped.total} skipped as unreadable)" if fs.skipped.total else ""))
         feats = fs.features
         return cls(mu=np.mean(feats.astype(np.float64), axis=0), sigma=np.cov(feats.astype(np.float64), rowvar=False),
@@ -211,12 +214,12 @@ class FeatureStats:
             with np.load(path, allow_pickle=False) as data:
                 arrays = {k: data[k] for k in data.files}
         except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
-            raise ValueError(f"{path} is not a statistics .npz file: {type(err).__name__}: {err}") from None
+            raise InvalidInput(f"{path} is not a statistics .npz file: {type(err).__name__}: {err}") from None
         if "mu" not in arrays or "sigma" not in arrays:
-            raise ValueError(f"{path} lacks 'mu' and 'sigma' arrays: not FID statistics")
+            raise InvalidInput(f"{path} lacks 'mu' and 'sigma' arrays: not FID statistics")
         mu, sigma = arrays["mu"].astype(np.float64), arrays["sigma"].astype(np.float64)
         if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
-            raise ValueError(f"{path}: mu {mu.shape} and sigma {sigma.shape} do not fit together")
+            raise InvalidInput(f"{path}: mu {mu.shape} and sigma {sigma.shape} do not fit together")
         meta = json.loads(str(arrays["meta"])) if "meta" in arrays else {}
         feats = arrays.get("feats")
         return cls(mu=mu, sigma=sigma, n=int(meta.get("n", feats.shape[0] if feats is not None else 0)),
@@ -243,7 +246,7 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     mu1, mu2 = np.atleast_1d(mu1), np.atleast_1d(mu2)
     sigma1, sigma2 = np.atleast_2d(sigma1), np.atleast_2d(sigma2)
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
-        raise ValueError(f"feature dimensions differ: {mu1.shape[0]} vs {mu2.shape[0]}")
+        raise InvalidInput(f"feature dimensions differ: {mu1.shape[0]} vs {mu2.shape[0]}")
     diff = mu1 - mu2
     covmean = linalg.sqrtm(sigma1.dot(sigma2))
     if not np.isfinite(covmean).all():
@@ -251,7 +254,7 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
         covmean = linalg.sqrtm((sigma1 + offset).dot(sigma2 + offset))
     if np.iscomplexobj(covmean):
         if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
-            raise ValueError(f"FID: imaginary component {np.max(np.abs(covmean.imag)):.3g} in sqrtm (too few images?)")
+            raise InvalidInput(f"FID: imaginary component {np.max(np.abs(covmean.imag)):.3g} in sqrtm (too few images?)")
         covmean = covmean.real
     return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
 
@@ -263,7 +266,7 @@ def kernel_distance(feats1: np.ndarray, feats2: np.ndarray, num_subsets: int = 1
     from cleanfid.fid import kernel_distance as cleanfid_kernel_distance
 
     if min(feats1.shape[0], feats2.shape[0]) < 2:
-        raise ValueError("KID needs at least 2 images on each side")
+        raise InvalidInput("KID needs at least 2 images on each side")
     state = np.random.get_state()
     np.random.seed(seed)
     try:

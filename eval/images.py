@@ -1,4 +1,4 @@
-"""Image inputs shared by every metric: folders, captioned folders, in-memory images, grids.
+"""Image inputs shared by every metric: folders, captioned folders, lazily decoded image lists.
 
 Why one module: every metric must read a folder the same way (recursive, sorted, the same
 extensions) and must count, not crash on, the one corrupt file in 30k generated images.
@@ -6,7 +6,6 @@ extensions) and must count, not crash on, the one corrupt file in 30k generated 
 
 from __future__ import annotations
 
-import math
 import os
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -14,14 +13,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
+from transfusion_mot.common.errors import InputNotFound, InvalidInput
 from transfusion_mot.data.imageio import BadImage, load_rgb, read_metadata
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
-class ImageFolderNotFound(FileNotFoundError):
+class ImageFolderNotFound(InputNotFound):
     """A folder of images that does not exist or holds no images."""
 
 
@@ -34,36 +33,6 @@ def list_images(folder: str | os.PathLike) -> list[Path]:
     if not files:
         raise ImageFolderNotFound(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {folder}")
     return files
-
-
-def to_uint8_array(image: Any) -> np.ndarray:
-    """PIL image, uint8 array (H, W, 3) or (3, H, W), or uint8 torch tensor -> uint8 (H, W, 3).
-
-    Float arrays are refused rather than guessed ([0, 1] or [0, 255]?): convert them explicitly.
-    """
-    if isinstance(image, Image.Image):
-        return np.asarray(image if image.mode == "RGB" else image.convert("RGB"))
-    if hasattr(image, "detach") and hasattr(image, "cpu"):  # torch tensor
-        image = image.detach().cpu().numpy()
-    array = np.asarray(image)
-    if array.dtype != np.uint8:
-        raise ValueError(f"expected a PIL image or a uint8 array, got an array of {array.dtype}; "
-                         "convert with (x * 255).round().clip(0, 255).astype(np.uint8)")
-    if array.ndim == 2:
-        array = np.repeat(array[:, :, None], 3, axis=2)
-    if array.ndim == 3 and array.shape[0] in (1, 3) and array.shape[2] not in (1, 3):
-        array = array.transpose(1, 2, 0)
-    if array.ndim != 3 or array.shape[2] not in (1, 3):
-        raise ValueError(f"expected an image of shape (H, W, 3) or (3, H, W), got {array.shape}")
-    if array.shape[2] == 1:
-        array = np.repeat(array, 3, axis=2)
-    return np.ascontiguousarray(array)
-
-
-def to_pil(image: Any) -> Image.Image:
-    if isinstance(image, Image.Image) and image.mode == "RGB":
-        return image
-    return Image.fromarray(to_uint8_array(image), "RGB")
 
 
 def split_batch(batch: Any) -> list[Any]:
@@ -132,7 +101,7 @@ class LazyImages(Sequence):
         try:
             return np.asarray(load_rgb(path, max_pixels=None))
         except BadImage as err:
-            raise ValueError(f"unreadable image {path}: {err}") from None
+            raise InvalidInput(f"unreadable image {path}: {err}") from None
 
 
 def captioned_images(folder: str | os.PathLike, split: str | None = None) -> tuple[list[Path], list[str]]:
@@ -142,21 +111,5 @@ def captioned_images(folder: str | os.PathLike, split: str | None = None) -> tup
         raise ImageFolderNotFound(f"image folder not found: {folder}")
     rows = read_metadata(folder, split=split)
     if not rows:
-        raise ValueError(f"{folder}/metadata.jsonl lists no images" + (f" of split {split!r}" if split else ""))
+        raise InvalidInput(f"{folder}/metadata.jsonl lists no images" + (f" of split {split!r}" if split else ""))
     return [folder / r["file_name"] for r in rows], [r["text"] for r in rows]
-
-
-def make_grid(images: Sequence[Any], columns: int | None = None, pad: int = 2, cell: int | None = None) -> Image.Image:
-    """Images tiled on a dark grid (all resized to ``cell`` px, default: the first image's size)."""
-    if not images:
-        raise ValueError("no images to tile")
-    pils = [to_pil(im) for im in images]
-    cell = cell or pils[0].size[0]
-    columns = columns or math.ceil(math.sqrt(len(pils)))
-    rows = math.ceil(len(pils) / columns)
-    grid = Image.new("RGB", (columns * (cell + pad) + pad, rows * (cell + pad) + pad), (16, 16, 16))
-    for i, im in enumerate(pils):
-        if im.size != (cell, cell):
-            im = im.resize((cell, cell), Image.Resampling.BICUBIC)
-        grid.paste(im, (pad + (i % columns) * (cell + pad), pad + (i // columns) * (cell + pad)))
-    return grid

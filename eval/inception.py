@@ -18,6 +18,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from transfusion_mot.common.errors import InputNotFound, InvalidInput
+
 INCEPTION_FILE = "inception-2015-12-05.pt"
 INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
 ENV_WEIGHTS = "TMOT_INCEPTION_WEIGHTS"
@@ -28,7 +30,7 @@ FEATURE_DIM = 2048
 RESOLUTION = 299
 
 
-class InceptionWeightsNotFound(FileNotFoundError):
+class InceptionWeightsNotFound(InputNotFound):
     """No Inception weights file could be found (or a given path does not exist)."""
 
 
@@ -135,7 +137,7 @@ class InceptionFeatures(nn.Module):
         elif hasattr(scripted, "net") and hasattr(scripted.net, "layers"):
             self.layers = scripted.net.layers
         else:
-            raise ValueError(f"{path} is not an Inception TorchScript file (no `layers` or `net.layers` module)")
+            raise InvalidInput(f"{path} is not an Inception TorchScript file (no `layers` or `net.layers` module)")
         self.path, self.sha256, self.source = path, sha256, source
         self.feature_dim = FEATURE_DIM
 
@@ -158,5 +160,5 @@ def load_inception(path: str | os.PathLike | None = None, device: str | torch.de
         try:
             scripted = torch.jit.load(str(file), map_location=device).eval()
         except RuntimeError as err:
-            raise ValueError(f"{file} is not a loadable TorchScript file: {str(err).splitlines()[0]}") from None
+            raise InvalidInput(f"{file} is not a loadable TorchScript file: {str(err).splitlines()[0]}") from None
     return InceptionFeatures(scripted, file, sha256_file(file), source).to(device).eval()

@@ -5,7 +5,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from transfusion_mot.config import ConfigError, ModelConfig, load_yaml_config
+from transfusion_mot.common.config import load_yaml_config
+from transfusion_mot.common.errors import ConfigError
+from transfusion_mot.config import ModelConfig
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "model"
 

@@ -10,8 +10,14 @@ import pytest
 from PIL import Image
 
 from transfusion_mot.data.folder import import_folder
-from transfusion_mot.data.imageio import (BadImage, assign_split, center_crop_resize, load_rgb, read_metadata,
-                                          write_metadata)
+from transfusion_mot.data.imageio import (
+    BadImage,
+    assign_split,
+    center_crop_resize,
+    load_rgb,
+    read_metadata,
+    write_metadata,
+)
 
 SIZE = 16
 MAX_PIXELS = 50_000  # "huge.png" (300 x 300 = 90,000 px) exceeds it

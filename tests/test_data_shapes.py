@@ -10,8 +10,18 @@ import pytest
 from PIL import Image
 
 from transfusion_mot.data.imageio import read_metadata
-from transfusion_mot.data.shapes import (BACKGROUND, COLOURS, RELATIONS, SHAPES, SIZES, make_caption,
-                                         parse_caption, render_shapes, sample_scene, generate_shapes)
+from transfusion_mot.data.shapes import (
+    BACKGROUND,
+    COLOURS,
+    RELATIONS,
+    SHAPES,
+    SIZES,
+    generate_shapes,
+    make_caption,
+    parse_caption,
+    render_shapes,
+    sample_scene,
+)
 
 
 def _digest(folder: Path) -> str:

@@ -2,8 +2,8 @@
 
 import json
 
-from transfusion_mot.demo import DEMO_PROMPTS, RELATION_PROMPTS, heldout_prompts, run_demo
 from transfusion_mot.data.shapes import parse_caption
+from transfusion_mot.recipes.demo import DEMO_PROMPTS, RELATION_PROMPTS, heldout_prompts, run_demo
 
 
 def test_heldout_prompts_are_other_prompts_and_valid_captions():

@@ -4,8 +4,8 @@ import math
 
 import pytest
 import torch
-
 from conftest import random_samples, tiny_config
+
 from transfusion_mot.batch import IGNORE_INDEX, Collator
 from transfusion_mot.diffusion import make_objective
 from transfusion_mot.losses import transfusion_loss

@@ -9,8 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from vae import (LatentDataset, LatentStream, VAEConfig, build_vae, encode, encode_folder, load_vae,
-                 set_latent_stats)
+from vae import LatentDataset, LatentStream, VAEConfig, build_vae, encode, encode_folder, load_vae, set_latent_stats
 
 
 def make_folder(root: Path, n: int, size: int = 16) -> Path:

@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import random_samples, tiny_config
+
 from transfusion_mot.batch import Collator, Sample
 from transfusion_mot.model import Experts, Routing, TransfusionMoT
 
@@ -387,7 +387,7 @@ def test_causal_image_attention_is_the_only_difference_in_the_mask():
 
 
 def test_option_values_are_checked():
-    from transfusion_mot.config import ConfigError
+    from transfusion_mot.common.errors import ConfigError
 
     with pytest.raises(ConfigError, match="time_conditioning must be one of"):
         tiny_config(time_conditioning="film")

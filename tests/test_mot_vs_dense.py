@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from test_train import config_dict, make_training_data
 
 REPO = Path(__file__).resolve().parents[1]

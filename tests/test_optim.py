@@ -4,7 +4,8 @@ import math
 
 import torch
 
-from transfusion_mot.optim import EMA, param_groups, warmup_cosine
+from transfusion_mot.common.schedule import warmup_cosine
+from transfusion_mot.training.optim import EMA, param_groups
 
 
 def test_warmup_cosine_closed_form():

@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-
 from conftest import tiny_config
+
 from transfusion_mot.batch import Collator, Sample
 from transfusion_mot.diffusion import make_objective
 from transfusion_mot.losses import transfusion_loss

@@ -3,15 +3,14 @@
 import json
 
 import numpy as np
-
 import pytest
 import torch
 from PIL import Image
 from test_train import make_config, make_training_data
 
 from transfusion_mot.cli import main
-from transfusion_mot.pipeline import Pipeline, load_pipeline
-from transfusion_mot.train import train
+from transfusion_mot.inference.pipeline import Pipeline, load_pipeline
+from transfusion_mot.recipes.train import train
 
 
 @pytest.fixture(scope="module")

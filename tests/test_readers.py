@@ -8,8 +8,13 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from transfusion_mot.data.readers import (ImageFolderReader, WebDatasetReader, center_crop_resize,
-                                          expand_braces, expand_urls)
+from transfusion_mot.data.readers import (
+    ImageFolderReader,
+    WebDatasetReader,
+    center_crop_resize,
+    expand_braces,
+    expand_urls,
+)
 
 pytestmark = pytest.mark.filterwarnings("ignore:skipping")
 

@@ -5,10 +5,10 @@ import pytest
 import torch
 from conftest import random_samples, tiny_config
 
-from transfusion_mot.batch import Collator, Sample, patchify, unpatchify
+from transfusion_mot.batch import Collator, ModelInputs, Sample, patchify, unpatchify
 from transfusion_mot.diffusion import make_objective
-from transfusion_mot.model import KVCache, ModelInputs, TransfusionMoT
-from transfusion_mot.sampling import _denoise, caption_images, generate_latents
+from transfusion_mot.inference.sampling import _denoise, caption_images, generate_latents
+from transfusion_mot.model import KVCache, TransfusionMoT
 from transfusion_mot.tokenizer import ByteTokenizer
 
 TOK = ByteTokenizer()

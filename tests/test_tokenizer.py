@@ -3,9 +3,16 @@ import json
 import pytest
 
 from transfusion_mot.batch import SpecialTokens
-from transfusion_mot.config import ConfigError
-from transfusion_mot.tokenizer import (ByteTokenizer, HFTokenizer, TokenizerConfig, encode_caption,
-                                       load_tokenizer, train_tokenizer, train_tokenizer_from_folder)
+from transfusion_mot.common.errors import ConfigError
+from transfusion_mot.tokenizer import (
+    ByteTokenizer,
+    HFTokenizer,
+    TokenizerConfig,
+    encode_caption,
+    load_tokenizer,
+    train_tokenizer,
+    train_tokenizer_from_folder,
+)
 
 UNICODE = ["", "a red circle", "naïve café — “quotes”", "中文字符 and 日本語", "emoji 🦄🔥👩‍👩‍👧 mix",
            "  leading and trailing  ", "tabs\tand\nnewlines\r\n", "\x00 nul byte", "Ωmega ∑ 🏳️‍🌈"]

@@ -13,11 +13,11 @@ import torch
 import yaml
 from PIL import Image
 
-from transfusion_mot import checkpoint as ckpt
 from transfusion_mot.cli import main
-from transfusion_mot.config import ConfigError, TrainingError
+from transfusion_mot.common import checkpoint as ckpt
+from transfusion_mot.common.errors import ConfigError, TrainingError
+from transfusion_mot.recipes.train import train
 from transfusion_mot.run import load_run_config, load_run_model, run_config_from_dict, save_run_config
-from transfusion_mot.train import train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -141,7 +141,7 @@ def test_run_directory_contents(tmp_path, data):
     assert set(summary["parameters"]["per_modality"]) == {"text", "image"}
     assert summary["train_flops_per_token"]["image"] > 0
     # keep_checkpoints=1: only the last survives (periodic 5, 10 pruned)
-    assert [s for s, _ in ckpt.list_checkpoints(run)] == [12]
+    assert [s for s, _ in ckpt.list_checkpoints(run / "checkpoints")] == [12]
     files = {p.name for p in (run / "checkpoints/step_12").iterdir()}
     assert {"model.safetensors", "ema.safetensors", "optimizer.pt", "rank_0.pt", "state.json"} <= files
     # a fresh run in a directory with checkpoints must not silently overwrite it
@@ -150,7 +150,7 @@ def test_run_directory_contents(tmp_path, data):
 
 
 def test_lr_schedule_and_ema_are_the_recipe(tmp_path, data):
-    from transfusion_mot.optim import warmup_cosine
+    from transfusion_mot.common.schedule import warmup_cosine
 
     run = tmp_path / "run"
     train(make_config(data, train={"max_steps": 6}), run)
@@ -245,7 +245,7 @@ def test_failed_save_keeps_the_previous_checkpoint(tmp_path, data, monkeypatch, 
     assert calls["n"] == 1
     assert "No space left" in capsys.readouterr().err
     # step 10 is whole and still the latest; no staging directory is left behind
-    assert [s for s, _ in ckpt.list_checkpoints(run)] == [10]
+    assert [s for s, _ in ckpt.list_checkpoints(run / "checkpoints")] == [10]
     before = ckpt.load_tensors(run / "checkpoints/step_10/model.safetensors")
     assert not list((run / "checkpoints").glob(".tmp-*"))
     # a periodic failure is a warning: training goes on and later saves succeed
@@ -261,13 +261,13 @@ def test_failed_save_keeps_the_previous_checkpoint(tmp_path, data, monkeypatch, 
     monkeypatch.setattr(ckpt, "save_tensors", fail_once)
     result = train(make_config(data, train={"max_steps": 30, "keep_checkpoints": 0}), run, resume=True)
     assert result.status == "completed" and result.summary["failed_saves"] == 1
-    assert [s for s, _ in ckpt.list_checkpoints(run)] == [10, 30]
+    assert [s for s, _ in ckpt.list_checkpoints(run / "checkpoints")] == [10, 30]
     after = ckpt.load_tensors(run / "checkpoints/step_10/model.safetensors")
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
 def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path, data, monkeypatch):
-    import transfusion_mot.train as train_mod
+    import transfusion_mot.training.trainer as train_mod
 
     real_loss = train_mod.transfusion_loss
     calls = {"n": 0}
@@ -292,7 +292,7 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path, data, monkeypa
     assert summary["status"] == "diverged" and summary["skipped_steps"] == 7
     weights = ckpt.load_tensors(run / "checkpoints/step_10/model.safetensors")
     assert all(torch.isfinite(w).all() for w in weights.values())
-    assert [s for s, _ in ckpt.list_checkpoints(run)] == [10]
+    assert [s for s, _ in ckpt.list_checkpoints(run / "checkpoints")] == [10]
 
 
 def _cli_env():
@@ -318,7 +318,7 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path, data):
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
     assert "stopped on request" in out and "--resume" in out
-    steps = [s for s, _ in ckpt.list_checkpoints(run)]
+    steps = [s for s, _ in ckpt.list_checkpoints(run / "checkpoints")]
     assert len(steps) == 1 and steps[0] >= 3
     summary = json.loads((run / "summary.json").read_text())
     assert summary["status"] == "stopped" and summary["step"] == steps[0]

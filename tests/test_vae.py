@@ -7,11 +7,30 @@ import pytest
 import torch
 from PIL import Image
 
-from transfusion_mot.config import ConfigError
-from vae import (ImageFolderDataset, ImageFolderError, VAEConfig, VAENotFoundError, VAERunConfig, VAETrainConfig,
-                 build_vae, compute_latent_stats, decode, encode, evaluate_psnr, load_vae, load_vae_config, psnr_per_image,
-                 reconstruct, set_latent_stats, train_vae)
-from vae.train import latest_checkpoint
+from transfusion_mot.common.checkpoint import latest_checkpoint as latest_in
+from transfusion_mot.common.errors import ConfigError
+from transfusion_mot.data.readers import ImageFolderReader
+from vae import (
+    VAEConfig,
+    VAENotFoundError,
+    VAERunConfig,
+    VAETrainConfig,
+    build_vae,
+    compute_latent_stats,
+    decode,
+    encode,
+    evaluate_psnr,
+    load_vae,
+    load_vae_config,
+    psnr_per_image,
+    reconstruct,
+    set_latent_stats,
+    train_vae,
+)
+
+
+def latest_checkpoint(out: Path):
+    return latest_in(out / "checkpoints", legacy_marker="trainer.pt")
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "vae"
 COLOURS = [(255, 0, 0), (0, 200, 0), (0, 0, 255), (240, 240, 0), (0, 0, 0), (255, 255, 255), (120, 60, 200),
@@ -141,7 +160,7 @@ def test_train_reduces_loss_and_writes_directory(tmp_path):
     assert [r["step"] for r in log] == list(range(1, 61))
     assert set(log[0]) >= {"step", "loss", "recon", "kl", "psnr"}
     assert sum(r["loss"] for r in log[-5:]) < 0.6 * sum(r["loss"] for r in log[:5])
-    train_split = ImageFolderDataset(data, split="train")
+    train_split = ImageFolderReader(data, split="train", size=16)
     assert evaluate_psnr(load_vae(out), train_split) > evaluate_psnr(untrained, train_split) + 3.0
     assert (out / "config.json").is_file() and (out / "diffusion_pytorch_model.safetensors").is_file()
     assert load_vae_config(out / "vae_config.yaml").train.max_steps == 60
@@ -212,26 +231,6 @@ def test_perceptual_loss_from_local_state_dict(tmp_path):
     train_vae(cfg, data, tmp_path / "out", progress=False)
     log = [json.loads(ln) for ln in (tmp_path / "out" / "train_log.jsonl").read_text().splitlines()]
     assert all("perceptual" in r for r in log)
-
-
-def test_image_folder_dataset_and_errors(tmp_path):
-    data = make_folder(tmp_path / "data", n=8)
-    ds = ImageFolderDataset(data, split="val")
-    assert [ds[i]["index"] for i in range(len(ds))] == [0, 4]
-    item = ds[1]
-    assert item["image"].shape == (3, 16, 16) and item["text"] == "square 4" and item["meta"]["colour"] == 4
-    assert item["image"].min() >= -1 and item["image"].max() <= 1
-    cached = ImageFolderDataset(data, cache=True)
-    assert torch.equal(cached[3]["image"], cached[3]["image"]) and torch.equal(cached[3]["image"],
-                                                                               ImageFolderDataset(data)[3]["image"])
-    (data / "images" / "0001.png").write_bytes(b"not a png")
-    with pytest.raises(ImageFolderError, match="0001.png: cannot read image"):
-        ImageFolderDataset(data)[1]
-    with pytest.raises(ImageFolderError, match="no rows with split 'test'"):
-        ImageFolderDataset(data, split="test")
-    (data / "metadata.jsonl").write_text('{"file_name": "a.png"}\n')
-    with pytest.raises(ImageFolderError, match="metadata.jsonl:1: each line needs"):
-        ImageFolderDataset(data)
 
 
 def test_reconstruct_grid_and_psnr(tmp_path):

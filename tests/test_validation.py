@@ -6,17 +6,17 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import tiny_config
 from test_train import make_config, make_training_data
+
 from transfusion_mot.batch import IGNORE_INDEX, Collator, Sample, patchify
-from transfusion_mot.config import ConfigError
+from transfusion_mot.common.errors import ConfigError
 from transfusion_mot.diffusion import make_objective
 from transfusion_mot.losses import transfusion_loss
 from transfusion_mot.model import TransfusionMoT
+from transfusion_mot.recipes.train import build_run, train
 from transfusion_mot.tokenizer import ByteTokenizer
-from transfusion_mot.train import Trainer, train
-from transfusion_mot.validation import NUM_BUCKETS, ValidationSet, bucket_names, stratified_timesteps
+from transfusion_mot.training.validation import NUM_BUCKETS, ValidationSet, bucket_names, stratified_timesteps
 
 CAPTIONS = ["a red circle", "a blue square", "a small green cross", "two yellow triangles", "white", ""]
 
@@ -161,8 +161,8 @@ def test_training_logs_validation_and_it_does_not_change_training(data, tmp_path
 
 def test_validation_is_the_same_in_runs_with_other_training_seeds(data, tmp_path):
     """eval_seed, not train.seed, fixes the draws: two runs are scored on identical work."""
-    a = Trainer(val_config(data, seed=0), tmp_path / "a")
-    b = Trainer(val_config(data, seed=5), tmp_path / "b")
+    a = build_run(val_config(data, seed=0), tmp_path / "a").trainer
+    b = build_run(val_config(data, seed=5), tmp_path / "b").trainer
     for (ga, ta, na, _), (gb, tb, nb, _) in zip(a.validation.batches, b.validation.batches):
         assert torch.equal(ta, tb) and torch.equal(na, nb) and torch.equal(ga.patches, gb.patches)
     b.model.load_state_dict(a.model.state_dict())
@@ -181,20 +181,21 @@ def test_folder_validation_uses_the_val_split(data, tmp_path):
     (copy / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     config = make_config(data, data={"kind": "folder", "path": str(copy)}, vae={"path": str(data["vae"])},
                          train={"eval_every": 5, "eval_samples": 100})
-    trainer = Trainer(config, tmp_path / "run")
-    assert trainer.validation.num_samples == 4 and "split val" in trainer.validation_source
+    run = build_run(config, tmp_path / "run")
+    trainer = run.trainer
+    assert trainer.validation.num_samples == 4 and "split val" in run.validation_source
     assert set(trainer.evaluate()) >= {"val_image_loss", "val_text_loss"}
 
 
 def test_missing_or_mismatched_validation_data_is_a_clear_error(data, tmp_path):
     with pytest.raises(ConfigError, match="data.val_path"):
-        Trainer(make_config(data, train={"eval_every": 5}), tmp_path / "a")
+        build_run(make_config(data, train={"eval_every": 5}), tmp_path / "a")
     with pytest.raises(ConfigError, match="eval_every must be >= 0"):
         make_config(data, train={"eval_every": -1})
     no_val = make_config(data, data={"kind": "folder", "path": str(data["folder"])}, vae={"path": str(data["vae"])},
                          train={"eval_every": 5})
     with pytest.raises(ConfigError, match="no rows with split 'val'"):
-        Trainer(no_val, tmp_path / "b")
+        build_run(no_val, tmp_path / "b")
 
 
 def test_builtin_data_brings_val_split_and_bpe_tokenizer(tmp_path):

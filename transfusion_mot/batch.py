@@ -18,8 +18,8 @@ from typing import Sequence, Union
 import torch
 from torch import Tensor
 
+from .common.errors import InvalidInput
 from .config import ModelConfig
-from .model import ModelInputs
 
 IGNORE_INDEX = -100
 Segment = Union[Sequence[int], Tensor]
@@ -58,6 +58,26 @@ class Sample:
 
 def is_image(segment: Segment) -> bool:
     return isinstance(segment, Tensor) and segment.is_floating_point()
+
+
+@dataclass
+class ModelInputs:
+    """What the backbone consumes (see README, batch format); `Batch.model_inputs` produces it.
+
+    tokens, modality, positions, doc_ids, image_ids: (B, L) long. patches: (P, patch_dim) noisy latent
+    patches in row-major sequence order; patch_coords: (P, 2) (row, col) in the image's patch grid;
+    patch_image: (P,) image index; timesteps: (I,) diffusion timestep of each image, in [0, T].
+    """
+
+    tokens: Tensor
+    modality: Tensor
+    positions: Tensor
+    doc_ids: Tensor
+    image_ids: Tensor
+    patches: Tensor
+    patch_coords: Tensor
+    patch_image: Tensor
+    timesteps: Tensor
 
 
 @dataclass
@@ -135,10 +155,10 @@ class Collator:
         for seg in sample.segments:
             if is_image(seg):
                 if seg.dim() != 3 or seg.shape[0] != cfg.latent_channels:
-                    raise ValueError(f"image latent must be ({cfg.latent_channels}, H, W), got {tuple(seg.shape)}")
+                    raise InvalidInput(f"image latent must be ({cfg.latent_channels}, H, W), got {tuple(seg.shape)}")
                 _, h, w = seg.shape
                 if h % p or w % p:
-                    raise ValueError(f"image latent {h}x{w} is not divisible by patch_size {p}")
+                    raise InvalidInput(f"image latent {h}x{w} is not divisible by patch_size {p}")
                 k = len(shapes)
                 n = (h // p) * (w // p)
                 tokens += [sp.boi] + [sp.pad] * n + [sp.eoi]
@@ -152,16 +172,13 @@ class Collator:
                 ids = seg.tolist() if isinstance(seg, Tensor) else list(seg)
                 bad = [t for t in ids if not 0 <= int(t) < cfg.vocab_size]
                 if bad:
-                    raise ValueError(f"token id {bad[0]} outside the vocabulary [0, {cfg.vocab_size})")
+                    raise InvalidInput(f"token id {bad[0]} outside the vocabulary [0, {cfg.vocab_size})")
                 tokens += [int(t) for t in ids]
                 modality += [self.text_modality] * len(ids)
                 image_local += [-1] * len(ids)
         tokens.append(sp.eos)
         modality.append(self.text_modality)
         image_local.append(-1)
-        if len(tokens) > self.max_len:
-            raise ValueError(f"sample has {len(tokens)} tokens (with special tokens and image patches), "
-                             f"more than the context of {self.max_len}")
         # next-token targets: only where the current and the next position are text
         targets = [IGNORE_INDEX] * len(tokens)
         for i in range(len(tokens) - 1):
@@ -169,6 +186,28 @@ class Collator:
                 targets[i] = tokens[i + 1]
         return dict(tokens=tokens, modality=modality, image_local=image_local, targets=targets,
                     patches=patches, coords=coords, shapes=shapes, image_first=sample.is_image_first())
+
+    def _checked(self, lay: dict, limit: int | None = None, what: str = "the context") -> dict:
+        limit = limit or self.max_len
+        if len(lay["tokens"]) > limit:
+            raise InvalidInput(f"sample has {len(lay['tokens'])} tokens (with special tokens and image patches), "
+                               f"more than {what} of {limit}")
+        return lay
+
+    def layout_length(self, sample: Sample) -> int:
+        """Positions the sample takes in a row: its text, image patches and special tokens."""
+        return len(self._layout(sample)["tokens"])
+
+    def _prefix_layout(self, sample: Sample, with_image: bool) -> dict:
+        """The sample's layout up to and including the BOI (or, `with_image`, the EOI) of its first image."""
+        lay = self._layout(sample)
+        if self.specials.boi not in lay["tokens"]:
+            raise ValueError("a prefix ends at an image: the sample has none")
+        boi = lay["tokens"].index(self.specials.boi)
+        end = lay["tokens"].index(self.specials.eoi, boi) + 1 if with_image else boi + 1
+        cut = {k: lay[k][:end] for k in ("tokens", "modality", "image_local", "targets")}
+        images = {k: lay[k][:1] if with_image else [] for k in ("patches", "coords", "shapes")}
+        return self._checked({**lay, **cut, **images})
 
     # -- rows -> batch -----------------------------------------------------------------------------
 
@@ -216,11 +255,21 @@ class Collator:
         """One sample per row, right-padded to the longest (or `pad_to`)."""
         if not samples:
             raise ValueError("cannot collate an empty list of samples")
-        layouts = [self._layout(s) for s in samples]
+        layouts = [self._checked(self._layout(s)) for s in samples]
         length = pad_to or max(len(lay["tokens"]) for lay in layouts)
         if length < max(len(lay["tokens"]) for lay in layouts):
             raise ValueError(f"pad_to={pad_to} is shorter than the longest sample")
         return self._assemble([[lay] for lay in layouts], length)
+
+    def collate_prefix(self, samples: Sequence[Sample], with_image: bool = False) -> Batch:
+        """Each sample laid out up to and including the BOI of its first image, one per row, right-padded:
+        what generation conditions on (`BOS caption BOI`; the patches that follow are what a sampler denoises,
+        the latent in the sample only fixes their shape). `with_image`: up to and including the image's EOI,
+        the prompt of captioning (`BOS BOI patches EOI`, text follows)."""
+        if not samples:
+            raise ValueError("cannot collate an empty list of samples")
+        layouts = [self._prefix_layout(s, with_image) for s in samples]
+        return self._assemble([[lay] for lay in layouts], max(len(lay["tokens"]) for lay in layouts))
 
     def collate_packed(self, samples: Sequence[Sample], token_budget: int | None = None) -> Batch:
         """Several samples per row, each row at most `token_budget` tokens (default: max_len).
@@ -236,10 +285,8 @@ class Collator:
         rows: list[list[dict]] = []
         used: list[int] = []
         for sample in samples:
-            lay = self._layout(sample)
+            lay = self._checked(self._layout(sample), budget, "the packing budget")
             n = len(lay["tokens"])
-            if n > budget:
-                raise ValueError(f"sample has {n} tokens, more than the packing budget of {budget}")
             for r in range(len(rows)):
                 if used[r] + n <= budget:
                     rows[r].append(lay)

@@ -4,51 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
-from .config import ConfigError, TrainingError
-
-
-class UserError(Exception):
-    """A mistake in the command line or its inputs: reported in one line, exit status 2."""
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse, but a bad argument is one line (plus the --help hint), not a usage dump."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
-def non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
-    return value
-
-
-def fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}") from None
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {value}")
-    return value
+from .common.cli import Parser, fraction, non_negative_int, positive_int, run_command
+from .common.errors import InputNotFound, UserError
 
 
 def print_json(obj: dict) -> None:
@@ -60,7 +19,7 @@ def print_json(obj: dict) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from .recipes.demo import run_demo
 
     given = {"train_steps": args.steps, "fid_images": args.fid_images}
     report = run_demo(args.out, seed=args.seed, progress=not args.no_progress,
@@ -76,10 +35,11 @@ def cmd_info(args: argparse.Namespace) -> int:
     import torch
 
     from .accounting import parameter_accounting
-    from .config import ModelConfig, load_yaml_config
+    from .common.config import load_yaml_config, resolve_config_path
+    from .config import ModelConfig
     from .model import TransfusionMoT
 
-    cfg = load_yaml_config(ModelConfig, args.config, args.set)
+    cfg = load_yaml_config(ModelConfig, resolve_config_path(args.config, "model"), args.set)
     with torch.device("meta"):  # no memory for the weights: the 7B config is accounted in milliseconds
         model = TransfusionMoT(cfg)
     print(json.dumps(parameter_accounting(model, seq_len=args.seq_len), indent=None if args.json else 2))
@@ -104,7 +64,7 @@ def cmd_data_emoji(args: argparse.Namespace) -> int:
 def cmd_data_folder(args: argparse.Namespace) -> int:
     src = Path(args.src)
     if not src.is_dir():
-        raise UserError(f"source directory not found: {src}")
+        raise InputNotFound(f"source directory not found: {src}")
     from .data.folder import import_folder
 
     report = import_folder(src, args.out, size=args.size, val_fraction=args.val_fraction, seed=args.seed,
@@ -124,7 +84,9 @@ def cmd_data_tokenizer(args: argparse.Namespace) -> int:
 def cmd_vae_train(args: argparse.Namespace) -> int:
     from vae.train import train_vae
 
-    print_json(train_vae(args.config, args.data, args.out, max_steps=args.max_steps, overrides=args.set,
+    from .common.config import resolve_config_path
+
+    print_json(train_vae(resolve_config_path(args.config, "vae"), args.data, args.out, max_steps=args.max_steps, overrides=args.set,
                          resume=args.resume))
     return 0
 
@@ -153,14 +115,14 @@ def infer_data_kind(path: str) -> str:
     if ".tar" in path:
         return "webdataset"
     if not p.exists():
-        raise UserError(f"--data {path}: not found (expected a latent cache, an image folder or .tar shards)")
+        raise InputNotFound(f"--data {path}: not found (expected a latent cache, an image folder or .tar shards)")
     raise UserError(f"--data {path}: neither a latent cache (index.json), an image folder (metadata.jsonl) "
                     "nor .tar shards")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from .recipes.train import train
     from .run import load_run_config
-    from .train import train
 
     config_path = args.config
     if config_path is None:
@@ -197,32 +159,22 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def read_prompts(args: argparse.Namespace) -> list[str]:
     """--prompt (repeatable) and/or --prompts FILE (.txt: one per line; .jsonl: "prompt" or "text")."""
+    from .common.files import read_prompts as read_prompt_file
+
     prompts = list(args.prompt or [])
     if args.prompts:
-        path = Path(args.prompts)
-        if not path.is_file():
-            raise UserError(f"prompt file not found: {path}")
-        for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            if path.suffix == ".jsonl":
-                try:
-                    row = json.loads(line)
-                    line = row.get("prompt", row.get("text"))
-                except (json.JSONDecodeError, AttributeError):
-                    line = None
-                if not isinstance(line, str):
-                    raise UserError(f"{path}:{lineno}: expected a JSON object with a \"prompt\" or \"text\" string")
-            prompts.append(line.strip())
-        if not prompts:
-            raise UserError(f"prompt file {path} has no prompts (it is empty)")
+        from_file = read_prompt_file(args.prompts)
+        if not from_file:
+            raise UserError(f"prompt file {args.prompts} has no prompts (it is empty)")
+        prompts += from_file
     if not prompts:
         raise UserError("give a prompt: --prompt TEXT (repeatable) or --prompts FILE")
     return prompts
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    from .pipeline import image_grid, load_pipeline
+    from .common.images import image_grid, save_images
+    from .inference.pipeline import load_pipeline
 
     prompts = read_prompts(args)
     pipe = load_pipeline(args.run, step=args.step, ema=not args.no_ema, device=args.device)
@@ -232,27 +184,21 @@ def cmd_sample(args: argparse.Namespace) -> int:
     images = pipe.generate(expanded, seed=seeds, cfg_scale=args.cfg, num_steps=args.steps, scheduler=scheduler,
                            use_kv_cache=not args.no_kv_cache, batch_size=args.batch_size)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for k, (prompt, seed, image) in enumerate(zip(expanded, seeds, images)):
-        name = f"{k:05d}.png"
-        image.save(out / name)
-        rows.append({"file": name, "prompt": prompt, "seed": seed})
+    save_images(images, out, [{"prompt": p, "seed": s} for p, s in zip(expanded, seeds)], manifest={
+        "source": str(args.run), "checkpoint": pipe.info.get("checkpoint"), "step": pipe.info.get("step"),
+        "weights": pipe.info.get("weights"), "cfg": args.cfg, "steps": args.steps, "scheduler": scheduler,
+        "kv_cache": not args.no_kv_cache, "image_size": pipe.image_size})
     image_grid(images, cols=args.n if args.n > 1 else None).save(out / "grid.png")
-    manifest = {"source": str(args.run), "checkpoint": pipe.info.get("checkpoint"), "step": pipe.info.get("step"),
-                "weights": pipe.info.get("weights"), "cfg": args.cfg, "steps": args.steps, "scheduler": scheduler,
-                "kv_cache": not args.no_kv_cache, "image_size": pipe.image_size, "images": rows}
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     print(f"tmot sample: {len(images)} images in {out} (grid.png, manifest.json)")
     return 0
 
 
 def cmd_caption(args: argparse.Namespace) -> int:
-    from .pipeline import load_pipeline
+    from .inference.pipeline import load_pipeline
 
     missing = [p for p in args.images if not Path(p).is_file()]
     if missing:
-        raise UserError(f"image not found: {missing[0]}")
+        raise InputNotFound(f"image not found: {missing[0]}")
     pipe = load_pipeline(args.run, step=args.step, ema=not args.no_ema, device=args.device)
     captions = pipe.caption(args.images, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                             top_k=args.top_k, seed=args.seed, use_kv_cache=not args.no_kv_cache)
@@ -265,7 +211,7 @@ def cmd_caption(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .pipeline import Pipeline
+    from .inference.pipeline import Pipeline
 
     pipe = Pipeline.from_run(args.run, step=args.step, ema=not args.no_ema, device="cpu")
     out = pipe.save_pretrained(args.out)
@@ -275,7 +221,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def bench_loader(run: str, device: str):
     """For `tmot eval bench`: a run or saved pipeline as a `generate(prompts, seed) -> images` callable."""
-    from .pipeline import load_pipeline
+    from .inference.pipeline import load_pipeline
 
     pipe = load_pipeline(run, device=device)
 
@@ -322,7 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
                 "tmot info --config configs/model/760m.yaml --set untie=[]", cmd_info,
                 "Total, per-modality and active parameters per token, and training FLOPs per token "
                 "(6N + attention), without allocating the weights.")
-    p.add_argument("--config", required=True, help="model config YAML (configs/model/*.yaml)")
+    p.add_argument("--config", required=True, help="model config: a YAML file or a shipped name (tiny, 163m, 760m, 1.4b, 7b)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     p.add_argument("--seq-len", type=positive_int, default=None, help="context for attention FLOPs (default: max_seq_len)")
     p.add_argument("--json", action="store_true", help="one-line JSON")
@@ -333,7 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
                 "Writes RUN/config.yaml, metrics.jsonl, TensorBoard events, summary.json and "
                 "checkpoints/step_N/. SIGTERM or Ctrl-C saves a checkpoint and exits; --resume continues "
                 "exactly. Multi-process: torchrun --standalone --nproc_per_node N -m transfusion_mot train ...")
-    p.add_argument("--config", default=None, help="training config YAML (optional with --resume)")
+    p.add_argument("--config", default=None, help="training config: a YAML file or a shipped name (shapes-tiny, "
+                   "emoji-tiny, coco-760m); optional with --resume")
     p.add_argument("--out", required=True, help="run directory")
     p.add_argument("--data", default=None, help="latent cache, image folder or WebDataset shards (sets data.path)")
     p.add_argument("--vae", default=None, help="VAE directory or hub id (sets vae.path)")
@@ -452,7 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = command(vsub, "train", "train an AutoencoderKL (reconstruction + KL) and save_pretrained it",
                 "tmot vae train --config configs/vae/tiny-32.yaml --data data/shapes --out vae32 --max-steps 3000",
                 cmd_vae_train)
-    p.add_argument("--config", required=True)
+    p.add_argument("--config", required=True, help="VAE config: a YAML file or a shipped name (tiny-32, tiny-64)")
     p.add_argument("--data", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--max-steps", type=positive_int, default=None)
@@ -480,17 +427,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    name = " ".join(filter(None, [args.command, getattr(args, "data_command", None), getattr(args, "vae_command", None),
-                                  getattr(args, "eval_command", None)]))
-    try:
-        return args.func(args)
-    except (UserError, ConfigError, ValueError, FileNotFoundError, NotADirectoryError, PermissionError,
-            TrainingError) as err:
-        print(f"tmot {name}: error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"tmot {name}: interrupted", file=sys.stderr)
-        return 130
+    name = " ".join(filter(None, ["tmot", args.command, getattr(args, "data_command", None),
+                                  getattr(args, "vae_command", None), getattr(args, "eval_command", None)]))
+    return run_command(name, lambda: args.func(args))
 
 
 if __name__ == "__main__":

@@ -1,21 +1,13 @@
-"""Configuration dataclasses and a strict YAML loader.
-
-Configs are plain dataclasses. Loading is strict on purpose: a misspelt key in a week-long run's config
-must fail at start-up with the key's full path in the message, not be silently ignored.
-"""
+"""The model's configuration: the shape of the MoT backbone, its text and image ends, and the training
+objective (loaded strictly from YAML by `transfusion_mot.common.config`)."""
 
 from __future__ import annotations
 
-import dataclasses
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
 
-import yaml
-
-T = TypeVar("T")
+from .common.config import load_yaml_config
+from .common.errors import ConfigError
 
 UNTIE_CHOICES = ("attn", "ffn", "norm")
 NORM_PLACEMENTS = ("pre", "post")
@@ -23,14 +15,6 @@ OBJECTIVES = ("ddpm", "flow")
 ATTN_BACKENDS = ("auto", "sdpa", "flex")
 TIME_CONDITIONINGS = ("add", "adaln")
 IMAGE_ATTENTIONS = ("bidirectional", "causal")
-
-
-class ConfigError(ValueError):
-    """A config file or override that cannot be turned into a valid config."""
-
-
-class TrainingError(RuntimeError):
-    """A run cannot go on (diverged, a final checkpoint could not be saved): one line, non-zero exit."""
 
 
 @dataclass
@@ -132,119 +116,3 @@ class ModelConfig:
     @classmethod
     def from_yaml(cls, path: str | Path) -> "ModelConfig":
         return load_yaml_config(cls, path)
-
-
-# --------------------------------------------------------------------------------------------------
-# strict loading
-
-
-def _strip_optional(tp: Any) -> Any:
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if len(args) == 1:
-            return args[0]
-    return tp
-
-
-def _coerce(value: Any, tp: Any, where: str) -> Any:
-    tp = _strip_optional(tp)
-    if value is None:
-        return None
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
-        return from_dict(tp, value, where)
-    origin = typing.get_origin(tp)
-    if origin in (list, tuple):
-        if isinstance(value, str) or not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
-        (item_tp, *_) = typing.get_args(tp) or (Any,)
-        return [_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
-        return dict(value)
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{where}: expected true/false, got {value!r}")
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
-        return int(value)
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{where}: expected a string, got {value!r}")
-        return value
-    return value
-
-
-def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
-    """Build dataclass `cls` from a mapping, rejecting unknown keys and ill-typed values by key path."""
-    known = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-    hints = typing.get_type_hints(cls)
-    kwargs = {}
-    for key, value in data.items():
-        path = f"{where}.{key}" if where else str(key)
-        if key not in known:
-            raise ConfigError(f"unknown config key {path!r} (known: {', '.join(sorted(known))})")
-        kwargs[key] = _coerce(value, hints[key], path)
-    try:
-        return cls(**kwargs)
-    except ConfigError:
-        raise
-    except TypeError as err:  # e.g. a missing required field
-        raise ConfigError(f"{where or cls.__name__}: {err}") from None
-
-
-def to_dict(config: Any) -> dict[str, Any]:
-    return dataclasses.asdict(config)
-
-
-def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
-    """The top-level mapping of a YAML file; a missing file or bad YAML is a one-line ConfigError."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: invalid YAML ({str(err).splitlines()[0]})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: top level must be a mapping")
-    return data
-
-
-def load_yaml_config(cls: type[T], path: str | Path, overrides: list[str] | None = None) -> T:
-    """Load `cls` from a YAML file, then apply `key.sub=value` overrides (values parsed as YAML)."""
-    path = Path(path)
-    data = read_yaml_mapping(path)
-    apply_overrides(data, overrides or [])
-    try:
-        return from_dict(cls, data)
-    except ConfigError as err:
-        raise ConfigError(f"{path}: {err}") from None
-
-
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> None:
-    """Apply `a.b=c` overrides in place; the value is parsed as YAML so `x=3`, `x=[a,b]` work."""
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} must look like key.path=value")
-        key, raw = item.split("=", 1)
-        parts = key.strip().split(".")
-        node = data
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override {item!r}: {part!r} is not a section")
-        node[parts[-1]] = yaml.safe_load(raw)
-
-
-def save_yaml_config(config: Any, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .common.errors import InvalidInput
 from .config import ModelConfig
 
 
@@ -78,7 +79,7 @@ class DDPMObjective(DiffusionObjective):
             return DDPMScheduler(**common)
         if kind == "ddim":
             return DDIMScheduler(**common, set_alpha_to_one=False)
-        raise ValueError(f"scheduler {kind!r} cannot sample a DDPM (epsilon) model; use ddpm or ddim")
+        raise InvalidInput(f"scheduler {kind!r} cannot sample a DDPM (epsilon) model; use ddpm or ddim")
 
 
 class FlowObjective(DiffusionObjective):
@@ -111,7 +112,7 @@ class FlowObjective(DiffusionObjective):
 
         kind = kind or "flow"
         if kind != "flow":
-            raise ValueError(f"scheduler {kind!r} cannot sample a flow (velocity) model; use flow")
+            raise InvalidInput(f"scheduler {kind!r} cannot sample a flow (velocity) model; use flow")
         return FlowMatchEulerDiscreteScheduler(num_train_timesteps=self.num_train_timesteps, shift=1.0)
 
 

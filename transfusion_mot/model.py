@@ -24,13 +24,19 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .batch import ModelInputs
+from .common.config import load_yaml_config, save_yaml_config
 from .config import ModelConfig
 from .masks import AttentionMask, resolve_backend, transfusion_mask_mod
+
+MODEL_CONFIG_FILE = "model_config.yaml"
+MODEL_WEIGHTS_FILE = "model.safetensors"
 
 # --------------------------------------------------------------------------------------------------
 # routing
@@ -277,29 +283,9 @@ class MoTBlock(nn.Module):
 # the model
 
 
-@dataclass
-class ModelInputs:
-    """What the backbone consumes; `transfusion_mot.batch.Batch` produces it (see README, batch format).
-
-    tokens, modality, positions, doc_ids, image_ids: (B, L) long. patches: (P, patch_dim) noisy latent
-    patches in row-major sequence order; patch_coords: (P, 2) (row, col) in the image's patch grid;
-    patch_image: (P,) image index; timesteps: (I,) diffusion timestep of each image, in [0, T].
-    """
-
-    tokens: Tensor
-    modality: Tensor
-    positions: Tensor
-    doc_ids: Tensor
-    image_ids: Tensor
-    patches: Tensor
-    patch_coords: Tensor
-    patch_image: Tensor
-    timesteps: Tensor
-
-
 class TransfusionMoT(nn.Module):
     """Text and image ends around a stack of MoT blocks. A plain nn.Module: parallelism, compile and
-    activation checkpointing are applied from outside (transfusion_mot.parallel)."""
+    activation checkpointing are applied from outside (transfusion_mot.training.parallel)."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -428,3 +414,24 @@ class TransfusionMoT(nn.Module):
         if cache is not None and extend_cache:
             cache.doc_ids, cache.image_ids = doc_ids, image_ids
         return routing.unsort(x).view(batch, seq, -1)
+
+    # -- one save format (diffusers style): model_config.yaml + model.safetensors ------------------
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        save_yaml_config(self.config, directory / MODEL_CONFIG_FILE)
+        weights = {k: v.detach().float().cpu().contiguous() for k, v in self.state_dict().items()}
+        save_file(weights, str(directory / MODEL_WEIGHTS_FILE), metadata={"format": "tmot-model/1"})
+        return directory
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> TransfusionMoT:
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        model = cls(load_yaml_config(ModelConfig, directory / MODEL_CONFIG_FILE))
+        model.load_state_dict(load_file(str(directory / MODEL_WEIGHTS_FILE)))
+        return model.to(device).eval()

@@ -16,8 +16,10 @@ from typing import Any
 import torch
 import yaml
 
-from .checkpoint import load_model_weights, resolve_checkpoint
-from .config import ConfigError, ModelConfig, apply_overrides, from_dict, read_yaml_mapping, to_dict
+from .common.checkpoint import load_tensors, read_state, resolve_checkpoint
+from .common.config import apply_overrides, from_dict, read_yaml_mapping, resolve_config_path, to_dict
+from .common.errors import ConfigError, InputNotFound, InvalidInput
+from .config import ModelConfig
 from .tokenizer import TokenizerConfig
 
 DATA_KINDS = ("latents", "folder", "webdataset")
@@ -198,10 +200,15 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 
 
 def _resolve_model_file(spec: str, base: Path) -> dict[str, Any]:
+    """A model config named by a training config: a path relative to that file or to the working directory,
+    or the name of a shipped model config (`tiny`, `760m`, ...)."""
     for candidate in (base / spec, Path(spec)):
         if candidate.is_file():
             return read_yaml_mapping(candidate)
-    raise ConfigError(f"model: config file {spec!r} not found (looked in {base} and the working directory)")
+    try:
+        return read_yaml_mapping(resolve_config_path(spec, "model"))
+    except ConfigError as err:
+        raise ConfigError(f"model: {err} (looked in {base} and the working directory too)") from None
 
 
 def run_config_from_dict(data: dict[str, Any], overrides: list[str] | None = None, base: Path | None = None,
@@ -221,8 +228,9 @@ def run_config_from_dict(data: dict[str, Any], overrides: list[str] | None = Non
 
 
 def load_run_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
-    """A training config from YAML with `a.b=c` overrides; unknown keys fail with their path."""
-    path = Path(path)
+    """A training config from YAML (a path, or the name of a shipped config such as `shapes-tiny`) with
+    `a.b=c` overrides; unknown keys fail with their path."""
+    path = resolve_config_path(path, "train")
     return run_config_from_dict(read_yaml_mapping(path), overrides, base=path.parent, where=f"{path}: ")
 
 
@@ -252,26 +260,34 @@ def config_differences(a: RunConfig, b: RunConfig, ignore: tuple[str, ...] = ())
     return sorted(k for k in set(fa) | set(fb) if fa.get(k) != fb.get(k) and k not in ignore)
 
 
+def load_model_weights(checkpoint: str | Path, ema: bool = True) -> tuple[dict[str, Any], str]:
+    """Weights of a checkpoint directory for inference: EMA if present and asked for, else the raw
+    weights. Returns (state dict, which file)."""
+    checkpoint = Path(checkpoint)
+    names = ["ema.safetensors", "model.safetensors"] if ema else ["model.safetensors"]
+    for name in names:
+        if (checkpoint / name).is_file():
+            return load_tensors(checkpoint / name), name
+    raise InputNotFound(f"{checkpoint}: no model.safetensors (incomplete or foreign checkpoint)")
+
+
 def load_run_model(run_dir: str | Path, step: int | None = None, ema: bool = True,
                    device: str | torch.device = "cpu") -> tuple[Any, RunConfig, dict[str, Any]]:
     """(model in eval mode, run config, info) from a run directory, in one process, whatever number of
     processes trained it. info: checkpoint path, step and which weights (EMA or raw) were loaded."""
-    import json
-
     from .model import TransfusionMoT
 
     run_dir = Path(run_dir)
     config_path = run_dir / "config.yaml"
     if not config_path.is_file():
-        raise FileNotFoundError(f"{run_dir}: no config.yaml (not a run directory written by `tmot train`)")
+        raise InputNotFound(f"{run_dir}: no config.yaml (not a run directory written by `tmot train`)")
     config = load_run_config(config_path)
-    checkpoint = resolve_checkpoint(run_dir, step)
+    checkpoint = resolve_checkpoint(run_dir / "checkpoints", step, what=str(run_dir))
     state, which = load_model_weights(checkpoint, ema=ema)
     model = TransfusionMoT(config.model)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise ValueError(f"{checkpoint}: weights do not match the run's model config "
-                         f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+        raise InvalidInput(f"{checkpoint}: weights do not match the run's model config "
+                           f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
     model.to(device).eval()
-    meta = json.loads((checkpoint / "state.json").read_text())
-    return model, config, {"checkpoint": str(checkpoint), "step": meta["step"], "weights": which}
+    return model, config, {"checkpoint": str(checkpoint), "step": read_state(checkpoint)["step"], "weights": which}

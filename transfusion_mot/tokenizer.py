@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Iterable, Iterator, Protocol, Sequence, Union
 
 from .batch import SpecialTokens
-from .config import ConfigError
+from .common.errors import ConfigError, InputNotFound, InvalidInput
 
 NUM_SPECIALS = 5
 TOKENIZER_KINDS = ("bytes", "hf")
@@ -89,12 +89,12 @@ class HFTokenizer:
 
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"tokenizer file not found: {path} (train one with `tmot data tokenizer "
+            raise InputNotFound(f"tokenizer file not found: {path} (train one with `tmot data tokenizer "
                                     f"--data DIR --out {path}` or use tokenizer kind 'bytes')")
         try:
             self.tok = _HFTok.from_file(str(path))
         except Exception as err:  # the Rust side raises a bare Exception on malformed json
-            raise ValueError(f"{path}: not a valid tokenizer.json ({str(err).splitlines()[0]})") from None
+            raise InvalidInput(f"{path}: not a valid tokenizer.json ({str(err).splitlines()[0]})") from None
         self.path = path
         self.text_vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
         self.vocab_size = self.text_vocab_size + NUM_SPECIALS
@@ -127,7 +127,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out_path: str | Path)
     from tokenizers import decoders, models, pre_tokenizers, trainers
 
     if vocab_size < 256 + NUM_SPECIALS:
-        raise ValueError(f"vocab_size must be at least {256 + NUM_SPECIALS} (256 byte symbols + 5 specials), "
+        raise InvalidInput(f"vocab_size must be at least {256 + NUM_SPECIALS} (256 byte symbols + 5 specials), "
                          f"got {vocab_size}")
     tok = _HFTok(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -154,7 +154,7 @@ def train_tokenizer_from_folder(data_dir: str | Path, vocab_size: int, out: str 
     validation captions stay unseen, like the validation images)."""
     data_dir = Path(data_dir)
     if not (data_dir / "metadata.jsonl").is_file():
-        raise FileNotFoundError(f"no metadata.jsonl in {data_dir} (expected an image folder made by "
+        raise InputNotFound(f"no metadata.jsonl in {data_dir} (expected an image folder made by "
                                 f"`tmot data ...`)")
     count = 0
 
@@ -167,7 +167,7 @@ def train_tokenizer_from_folder(data_dir: str | Path, vocab_size: int, out: str 
     tok = train_tokenizer(counted(), vocab_size, out)
     if count == 0:
         Path(out).unlink(missing_ok=True)
-        raise ValueError(f"{data_dir / 'metadata.jsonl'}: no training captions (field 'text') to learn from")
+        raise InvalidInput(f"{data_dir / 'metadata.jsonl'}: no training captions (field 'text') to learn from")
     return tok
 
 
@@ -199,7 +199,7 @@ def encode_caption(tokenizer: AnyTokenizer, text: str, max_text_tokens: int | No
     ids = tokenizer.encode(text)
     if max_text_tokens is not None and len(ids) > max_text_tokens:
         if overflow == "error":
-            raise ValueError(f"caption has {len(ids)} tokens, more than max_text_tokens={max_text_tokens}; "
+            raise InvalidInput(f"caption has {len(ids)} tokens, more than max_text_tokens={max_text_tokens}; "
                              f"set overflow: truncate to cut it")
         ids = ids[:max_text_tokens]
     return ids

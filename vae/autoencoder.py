@@ -17,14 +17,15 @@ from typing import Any, Iterable, NamedTuple
 import torch
 from torch import Tensor
 
-from transfusion_mot.config import ConfigError, load_yaml_config
+from transfusion_mot.common.config import load_yaml_config
+from transfusion_mot.common.errors import ConfigError, InputNotFound
 
 RECON_LOSSES = ("l1", "mse", "l1+mse")
 LR_SCHEDULES = ("constant", "cosine")
 HUB_EXAMPLE = "stabilityai/sd-vae-ft-ema"
 
 
-class VAENotFoundError(FileNotFoundError):
+class VAENotFoundError(InputNotFound):
     """No VAE weights where the user pointed: the message says where we looked and how to get weights."""
 
 

@@ -16,8 +16,6 @@ complete.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -25,29 +23,21 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from transfusion_mot.common.errors import InputNotFound, InvalidInput
+from transfusion_mot.common.files import atomic_write_bytes
+from transfusion_mot.data.readers import ImageFolderReader
+
 from .autoencoder import encode, latent_scale_shift, load_vae
-from .data import ImageFolderDataset
 
 MODES = ("mean", "mean_logvar", "sample")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 INDEX_FILE = "index.json"
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _atomic_save_safetensors(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str]) -> None:
     from safetensors.torch import save
 
-    _atomic_write_bytes(path, save({k: v.contiguous() for k, v in tensors.items()}, metadata=metadata))
+    atomic_write_bytes(path, save({k: v.contiguous() for k, v in tensors.items()}, metadata=metadata))
 
 
 @torch.no_grad()
@@ -63,11 +53,11 @@ def encode_folder(vae_dir_or_model: str | Path | Any, data_dir: str | Path, out_
     from tqdm.auto import tqdm
 
     if mode not in MODES:
-        raise ValueError(f"mode must be one of {list(MODES)}, got {mode!r}")
+        raise InvalidInput(f"mode must be one of {list(MODES)}, got {mode!r}")
     if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
+        raise InvalidInput(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
     if batch_size <= 0 or shard_size <= 0:
-        raise ValueError("batch_size and shard_size must be positive")
+        raise InvalidInput("batch_size and shard_size must be positive")
     if isinstance(vae_dir_or_model, (str, Path)):
         vae_path: str | None = str(vae_dir_or_model)
         vae = load_vae(vae_dir_or_model, device=device)
@@ -80,7 +70,10 @@ def encode_folder(vae_dir_or_model: str | Path | Any, data_dir: str | Path, out_
     vae.eval()
     scale, shift = latent_scale_shift(vae)
     size = int(vae.config.sample_size) if vae.config.sample_size else None
-    dataset = ImageFolderDataset(data_dir, split=split, size=size)
+    dataset = ImageFolderReader(data_dir, split=split, size=size)
+    if len(dataset) == 0:
+        raise InvalidInput(f"{Path(data_dir) / 'metadata.jsonl'} has no rows of split {split!r} (a row without "
+                           "'split' counts as train)")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / INDEX_FILE).unlink(missing_ok=True)  # the cache is incomplete until the new index lands
@@ -103,17 +96,14 @@ def encode_folder(vae_dir_or_model: str | Path | Any, data_dir: str | Path, out_
             tensors["logvar"] = torch.cat(pending["logvar"]).to(torch_dtype)
         _atomic_save_safetensors(tensors, out / f"{name}.safetensors", {"mode": mode})
         lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in pending_rows)
-        _atomic_write_bytes(out / f"{name}.jsonl", lines.encode())
+        atomic_write_bytes(out / f"{name}.jsonl", lines.encode())
         shards.append({"file": f"{name}.safetensors", "captions": f"{name}.jsonl", "count": len(pending_rows)})
         for v in pending.values():
             v.clear()
         pending_rows.clear()
 
-    n = len(dataset)
-    bar = tqdm(total=n, disable=not progress, desc="encode", unit="img", dynamic_ncols=True)
-    for start in range(0, n, batch_size):
-        positions = list(range(start, min(n, start + batch_size)))
-        batch = dataset.batch(positions)
+    bar = tqdm(total=len(dataset), disable=not progress, desc="encode", unit="img", dynamic_ncols=True)
+    for batch in dataset.batches(batch_size):  # unreadable images are skipped and counted
         x = batch["image"].to(vae.device)
         if mode == "mean":
             z = encode(vae, x)
@@ -143,9 +133,11 @@ def encode_folder(vae_dir_or_model: str | Path | Any, data_dir: str | Path, out_
             for key, rest in extra.items():
                 if len(rest):
                     pending[key].append(rest)
-        bar.update(len(positions))
+        bar.update(len(batch["index"]))
     flush()
     bar.close()
+    if latent_shape is None:
+        raise InvalidInput(f"{data_dir}: none of its {len(dataset)} images could be read")
     if was_training:
         vae.train()
 
@@ -158,8 +150,8 @@ def encode_folder(vae_dir_or_model: str | Path | Any, data_dir: str | Path, out_
              "latent_shape": latent_shape, "dtype": dtype, "mode": mode, "normalized": True,
              "vae": str(Path(vae_path).resolve()) if vae_path and Path(vae_path).exists() else vae_path,
              "scaling_factor": scale, "shift_factor": shift, "image_size": size,
-             "data_dir": str(Path(data_dir).resolve()), "split": split}
-    _atomic_write_bytes(out / INDEX_FILE, (json.dumps(index, indent=2) + "\n").encode())
+             "data_dir": str(Path(data_dir).resolve()), "split": split, "skipped_images": dataset.skipped}
+    atomic_write_bytes(out / INDEX_FILE, (json.dumps(index, indent=2) + "\n").encode())
     return index
 
 
@@ -174,7 +166,7 @@ class LatentDataset(torch.utils.data.Dataset):
         self.root = Path(cache_dir)
         index_path = self.root / INDEX_FILE
         if not index_path.is_file():
-            raise FileNotFoundError(f"{index_path}: not found (not a latent cache, or encoding did not "
+            raise InputNotFound(f"{index_path}: not found (not a latent cache, or encoding did not "
                                     "finish); create one with `tmot vae encode` / vae.latents.encode_folder")
         self.info = json.loads(index_path.read_text())
         self.shards = self.info["shards"]

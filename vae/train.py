@@ -8,10 +8,7 @@ killed-and-resumed run produce bit-identical weights to an uninterrupted one.
 from __future__ import annotations
 
 import json
-import math
-import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -20,11 +17,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from transfusion_mot.config import ConfigError, from_dict, save_yaml_config
+from transfusion_mot.common.checkpoint import Checkpointer, ModuleWeights
+from transfusion_mot.common.config import apply_overrides, from_dict, save_yaml_config, to_dict
+from transfusion_mot.common.errors import ConfigError, InvalidInput
+from transfusion_mot.common.schedule import warmup_cosine
+from transfusion_mot.data.readers import ImageFolderReader
 
-from .autoencoder import (VAERunConfig, build_vae, compute_latent_stats, load_vae_config, psnr_per_image,
-                          set_latent_stats)
-from .data import ImageFolderDataset, read_metadata
+from .autoencoder import (
+    VAERunConfig,
+    build_vae,
+    compute_latent_stats,
+    load_vae_config,
+    psnr_per_image,
+    set_latent_stats,
+)
 
 CHECKPOINT_DIR = "checkpoints"
 
@@ -41,8 +47,6 @@ def resolve_config(config: str | Path | VAERunConfig | dict[str, Any],
     if isinstance(config, dict):
         config = from_dict(VAERunConfig, config)
     if overrides:
-        from transfusion_mot.config import apply_overrides, to_dict
-
         data = to_dict(config)
         apply_overrides(data, overrides)
         config = from_dict(VAERunConfig, data)
@@ -115,17 +119,14 @@ def batch_positions(step: int, n: int, batch_size: int, seed: int) -> Tensor:
 
 
 def lr_at(step: int, cfg: VAERunConfig, max_steps: int, time_fraction: float | None = None) -> float:
-    """Linear warm-up, then constant or cosine decay to min_lr_ratio * lr at max_steps (1-based step), or
-    at the end of the time budget when `time_fraction` (elapsed / budget) is given."""
+    """The shared warm-up + cosine schedule at 1-based `step` (decaying to min_lr_ratio * lr at max_steps, or
+    over the time budget when `time_fraction` = elapsed / budget is given); "constant" stays at lr."""
     t = cfg.train
-    if t.warmup_steps and step <= t.warmup_steps:
-        return t.lr * step / t.warmup_steps
-    if t.lr_schedule == "constant":
-        return t.lr
-    progress = min(1.0, (step - t.warmup_steps) / max(1, max_steps - t.warmup_steps))
-    if time_fraction is not None:
-        progress = max(progress, min(1.0, time_fraction))
-    return t.lr * (t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+    min_lr = t.lr if t.lr_schedule == "constant" else t.lr * t.min_lr_ratio
+    progress = None
+    if time_fraction is not None and t.lr_schedule == "cosine":
+        progress = max((step - 1 - t.warmup_steps) / max(1, max_steps - t.warmup_steps), time_fraction)
+    return warmup_cosine(step - 1, t.lr, t.warmup_steps, max_steps, min_lr, progress=progress)
 
 
 def reconstruction_loss(recon: Tensor, target: Tensor, kind: str) -> Tensor:
@@ -137,64 +138,43 @@ def reconstruction_loss(recon: Tensor, target: Tensor, kind: str) -> Tensor:
 
 
 # --------------------------------------------------------------------------------------------------
-# checkpoints
+# checkpoints: OUT/checkpoints/step_N/ = model.safetensors + trainer.pt (+ state.json), by the shared checkpointer
 
 
-def _step_dirs(ckpt_root: Path) -> list[tuple[int, Path]]:
-    out = []
-    if ckpt_root.is_dir():
-        for p in ckpt_root.iterdir():
-            if p.is_dir() and p.name.startswith("step_") and p.name[5:].isdigit() and (p / "trainer.pt").is_file():
-                out.append((int(p.name[5:]), p))
-    return sorted(out)
+class TrainerState:
+    """trainer.pt: the optimizer, the posterior-sampling generator and the global torch RNG."""
+
+    def __init__(self, opt: torch.optim.Optimizer, noise_gen: torch.Generator) -> None:
+        self.opt, self.noise_gen = opt, noise_gen
+        self.step = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "optimizer": self.opt.state_dict(), "noise_generator": self.noise_gen.get_state(),
+                "torch_rng": torch.get_rng_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.opt.load_state_dict(state["optimizer"])
+        self.noise_gen.set_state(state["noise_generator"])
+        torch.set_rng_state(state["torch_rng"])
+        self.step = int(state["step"])
 
 
-def latest_checkpoint(out_dir: str | Path) -> Path | None:
-    """The newest complete `out/checkpoints/step_N` (complete = renamed into place, so trainer.pt exists)."""
-    dirs = _step_dirs(Path(out_dir) / CHECKPOINT_DIR)
-    return dirs[-1][1] if dirs else None
-
-
-def save_checkpoint(out_dir: Path, step: int, vae: Any, opt: torch.optim.Optimizer, noise_gen: torch.Generator,
-                    keep: int) -> Path:
-    """Write to a temp dir, then rename into place: a kill mid-write never leaves a half checkpoint."""
-    from safetensors.torch import save_file
-
-    root = out_dir / CHECKPOINT_DIR
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step_{step}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-step_{step}-", dir=root))
-    save_file({k: v.detach().contiguous() for k, v in vae.state_dict().items()}, str(tmp / "model.safetensors"))
-    torch.save({"step": step, "optimizer": opt.state_dict(), "noise_generator": noise_gen.get_state(),
-                "torch_rng": torch.get_rng_state()}, tmp / "trainer.pt")
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    for _, old in _step_dirs(root)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def load_checkpoint(path: Path, vae: Any, opt: torch.optim.Optimizer, noise_gen: torch.Generator) -> int:
-    from safetensors.torch import load_file
-
-    vae.load_state_dict(load_file(str(path / "model.safetensors")))
-    state = torch.load(path / "trainer.pt", map_location="cpu", weights_only=True)
-    opt.load_state_dict(state["optimizer"])
-    noise_gen.set_state(state["noise_generator"])
-    torch.set_rng_state(state["torch_rng"])
-    return int(state["step"])
+def checkpointer(out_dir: str | Path, vae: Any, state: TrainerState, keep: int) -> Checkpointer:
+    # trainer.pt marks the checkpoints written before the shared checkpointer added state.json
+    return Checkpointer(Path(out_dir) / CHECKPOINT_DIR, {"model.safetensors": ModuleWeights(vae), "trainer.pt": state},
+                        keep=keep, legacy_marker="trainer.pt")
 
 
 # --------------------------------------------------------------------------------------------------
 # training
 
 
-def _training_dataset(data_dir: str | Path, cfg: VAERunConfig) -> ImageFolderDataset:
-    split = cfg.train.split
-    if split is not None and not any("split" in r for r in read_metadata(data_dir)):
-        split = None  # a folder without splits: train on everything
-    return ImageFolderDataset(data_dir, split=split, size=cfg.model.sample_size, cache=True)
+def _training_dataset(data_dir: str | Path, cfg: VAERunConfig) -> ImageFolderReader:
+    """The training split (a row without `split` counts as train), decoded once and kept in memory."""
+    dataset = ImageFolderReader(data_dir, split=cfg.train.split, size=cfg.model.sample_size, cache=True)
+    if len(dataset) == 0:
+        raise InvalidInput(f"{Path(data_dir) / 'metadata.jsonl'} has no rows of split {cfg.train.split!r}")
+    return dataset
 
 
 def train_vae(config_path_or_obj: str | Path | VAERunConfig | dict[str, Any], data_dir: str | Path,
@@ -232,14 +212,16 @@ def train_vae(config_path_or_obj: str | Path | VAERunConfig | dict[str, Any], da
         perceptual.to(device)
     opt = torch.optim.AdamW(vae.parameters(), lr=t.lr, betas=(0.9, 0.99), weight_decay=t.weight_decay)
     noise_gen = torch.Generator(device=device).manual_seed(t.seed + 1)
+    state = TrainerState(opt, noise_gen)
+    checkpoints = checkpointer(out, vae, state, t.keep_checkpoints)
 
     start = 0
     log_path = out / "train_log.jsonl"
-    ckpt = latest_checkpoint(out) if resume else None
+    ckpt = checkpoints.latest() if resume else None
     if resume and ckpt is None:
         print(f"resume: no checkpoint in {out / CHECKPOINT_DIR}, starting from step 0")
     if ckpt is not None:
-        start = load_checkpoint(ckpt, vae, opt, noise_gen)
+        start = int(checkpoints.load(ckpt)["step"])
         if log_path.exists():  # drop log lines a killed run wrote after its last checkpoint
             kept = [ln for ln in log_path.read_text().splitlines() if ln and json.loads(ln)["step"] <= start]
             log_path.write_text("".join(ln + "\n" for ln in kept))
@@ -298,10 +280,12 @@ def train_vae(config_path_or_obj: str | Path | VAERunConfig | dict[str, Any], da
                 bar.set_postfix(loss=f"{last['loss']:.4f}", psnr=f"{psnr:.2f}")
             bar.update(1)
             if step % t.save_every == 0 or step == t.max_steps:
-                save_checkpoint(out, step, vae, opt, noise_gen, t.keep_checkpoints)
+                state.step = step
+                checkpoints.save(step)
     bar.close()
     if stopped_early and step > start and step % t.save_every:
-        save_checkpoint(out, step, vae, opt, noise_gen, t.keep_checkpoints)
+        state.step = step
+        checkpoints.save(step)
     train_time = time.perf_counter() - started
 
     vae.eval()

@@ -20,7 +20,9 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from .imageio import IMAGE_DIR, WHITE, assign_split, center_crop_resize, image_path, save_png, write_metadata
+from ..common.errors import InputNotFound
+from ..common.images import save_png
+from .imageio import IMAGE_DIR, WHITE, assign_split, center_crop_resize, image_path, write_metadata
 
 DEFAULT_FONT = "/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf"
 FONT_SIZE = 109  # the CBDT bitmap strike of Noto Color Emoji only loads at this size
@@ -32,8 +34,8 @@ _NOTDEF_PROBE = 0x10FFFD  # a private-use / unassigned code point: renders as th
 _CANVAS = 160
 
 
-def _missing_font(path: str) -> FileNotFoundError:
-    return FileNotFoundError(
+def _missing_font(path: str) -> InputNotFound:
+    return InputNotFound(
         f"emoji font not found at {path}: install it with `sudo apt-get install fonts-noto-color-emoji` "
         f"or pass --font PATH to a Noto Color Emoji .ttf")
 

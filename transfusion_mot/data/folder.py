@@ -23,7 +23,6 @@ Images without a caption are skipped and counted as "no caption". Output::
 from __future__ import annotations
 
 import csv
-import json
 import os
 import time
 from collections import Counter
@@ -31,8 +30,22 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any, Iterable
 
-from .imageio import (DEFAULT_MAX_PIXELS, IMAGE_DIR, METADATA, MISSING, NO_CAPTION, BadImage, assign_split,
-                      center_crop_resize, image_path, load_rgb, save_png, write_metadata)
+from ..common.errors import InputNotFound, InvalidInput
+from ..common.files import iter_jsonl
+from ..common.images import save_png
+from .imageio import (
+    DEFAULT_MAX_PIXELS,
+    IMAGE_DIR,
+    METADATA,
+    MISSING,
+    NO_CAPTION,
+    BadImage,
+    assign_split,
+    center_crop_resize,
+    image_path,
+    load_rgb,
+    write_metadata,
+)
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".webp", ".bmp", ".gif", ".tif", ".tiff",
                               ".ppm", ".pgm", ".pbm", ".pnm", ".tga", ".ico"})
@@ -49,17 +62,10 @@ def _norm(rel: str) -> str:
 
 def _read_jsonl_captions(path: Path) -> dict[str, dict[str, Any]]:
     table: dict[str, dict[str, Any]] = {}
-    with open(path, encoding="utf-8-sig") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: invalid JSON ({e})") from e
-            if not isinstance(row, dict) or "file_name" not in row:
-                raise ValueError(f"{path}:{lineno}: expected an object with a 'file_name' key")
-            table.setdefault(_norm(str(row["file_name"])), row)
+    for lineno, row in iter_jsonl(path, "captions file"):
+        if "file_name" not in row:
+            raise InvalidInput(f"{path}:{lineno}: expected an object with a 'file_name' key")
+        table.setdefault(_norm(str(row["file_name"])), row)
     return table
 
 
@@ -72,7 +78,7 @@ def _read_csv_captions(paths: Iterable[Path]) -> dict[str, dict[str, Any]]:
             fcol = next((cols[c] for c in FILE_COLUMNS if c in cols), None)
             tcol = next((cols[c] for c in TEXT_COLUMNS if c in cols), None)
             if fcol is None or tcol is None:
-                raise ValueError(f"{path}: needs a file column ({'/'.join(FILE_COLUMNS)}) and a caption column "
+                raise InvalidInput(f"{path}: needs a file column ({'/'.join(FILE_COLUMNS)}) and a caption column "
                                  f"({'/'.join(TEXT_COLUMNS)}); found {reader.fieldnames}")
             for row in reader:
                 if not row.get(fcol):
@@ -144,9 +150,9 @@ def import_folder(src: str | os.PathLike, out: str | os.PathLike, size: int, val
     """
     src, out = Path(src), Path(out)
     if not src.is_dir():
-        raise FileNotFoundError(f"source folder {src} does not exist")
+        raise InputNotFound(f"source folder {src} does not exist")
     if out.resolve() == src.resolve():
-        raise ValueError("out must differ from src (importing would overwrite the source images)")
+        raise InvalidInput("out must differ from src (importing would overwrite the source images)")
     t0 = time.perf_counter()
     caption_source, table = find_captions(src)
     exclude = out.resolve() if out.resolve().is_relative_to(src.resolve()) else None

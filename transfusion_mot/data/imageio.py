@@ -13,7 +13,6 @@ crash, so an import of 100k scraped files reports "37 corrupt, 2 too large" and 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import warnings
@@ -22,6 +21,9 @@ from typing import Any, Iterable
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from ..common.errors import InputNotFound, InvalidInput
+from ..common.files import iter_jsonl
 
 METADATA = "metadata.jsonl"
 IMAGE_DIR = "images"
@@ -165,17 +167,6 @@ def center_crop_resize(img: Image.Image, size: int, resample: int = Image.Resamp
     return img.resize((size, size), resample, reducing_gap=3.0 if s >= 3 * size else None)
 
 
-def save_png(img: Image.Image, path: str | os.PathLike, compress_level: int = 6) -> None:
-    """Write an RGB PNG without timestamps or other metadata, so equal pixels give equal bytes.
-
-    Encoding to memory and writing once is ~25% faster for tiny images than ``img.save(path)``.
-    """
-    buf = io.BytesIO()
-    img.save(buf, format="PNG", compress_level=compress_level)
-    with open(path, "wb") as f:
-        f.write(buf.getbuffer())
-
-
 def assign_split(key: str, val_fraction: float, salt: str | int = "") -> str:
     """Stable "train"/"val" assignment from a hash of ``key``.
 
@@ -221,31 +212,21 @@ def read_metadata(directory: str | os.PathLike, split: str | None = None) -> lis
     """Read ``directory/metadata.jsonl`` (blank lines ignored), optionally one split only (a row
     without ``split`` counts as "train"; ``caption`` is accepted for ``text``).
 
-    Raises FileNotFoundError / ValueError with the file and line number, because a bad line in
+    A missing file or a bad line is an error naming the file and line number, because a bad line in
     a hand-edited file is otherwise very hard to find.
     """
     path = Path(directory) / METADATA
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: not an image-folder data set (expected {METADATA})")
+        raise InputNotFound(f"{path} not found: not an image-folder data set (expected {METADATA})")
     rows: list[dict[str, Any]] = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: invalid JSON: {e}") from e
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-            if not isinstance(row.get("file_name"), str):
-                raise ValueError(f"{path}:{lineno}: each line needs a string 'file_name'")
-            if not isinstance(row.get("text", row.get("caption")), str):
-                raise ValueError(f"{path}:{lineno}: each line needs a string 'text' (the caption)")
-            row.setdefault("text", row.get("caption"))
-            if split is None or row.get("split", "train") == split:  # a row without split is training data
-                rows.append(row)
+    for lineno, row in iter_jsonl(path):
+        if not isinstance(row.get("file_name"), str):
+            raise InvalidInput(f"{path}:{lineno}: each line needs a string 'file_name'")
+        if not isinstance(row.get("text", row.get("caption")), str):
+            raise InvalidInput(f"{path}:{lineno}: each line needs a string 'text' (the caption)")
+        row.setdefault("text", row.get("caption"))
+        if split is None or row.get("split", "train") == split:  # a row without split is training data
+            rows.append(row)
     return rows
 
 

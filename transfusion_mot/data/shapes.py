@@ -23,7 +23,8 @@ from typing import Any, Sequence
 
 from PIL import Image, ImageDraw
 
-from .imageio import image_path, save_png, write_metadata, IMAGE_DIR
+from ..common.images import save_png
+from .imageio import IMAGE_DIR, image_path, write_metadata
 
 # Saturated colours with distinct hues (and white), all far from the dark background, so they
 # stay distinguishable after a 32 px downscale and a lossy VAE round trip.

@@ -94,3 +94,8 @@ def all_reduce_sum(values: torch.Tensor, info: DistInfo) -> torch.Tensor:
 def barrier(info: DistInfo) -> None:
     if info.distributed:
         dist.barrier()
+
+
+def any_rank(flag: bool, info: DistInfo) -> bool:
+    """True on every process when `flag` is true on any (one all-reduce)."""
+    return all_reduce_sum(torch.tensor([float(flag)]), info).item() > 0

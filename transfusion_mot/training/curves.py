@@ -1,13 +1,13 @@
 """Loss curves of training runs as one PNG (matplotlib), read from their metrics.jsonl.
 
-One panel per (title, metric keys); one line per run and key, against optimizer steps and, when asked,
-against training wall time (`train_time_s`: seconds spent in training steps, without evaluation or
-checkpointing), so runs of different speed are compared at equal compute time as well as equal steps.
+One panel per (title, metric keys); one line per run and key (records from `metrics.read_metrics`), against
+optimizer steps and, when asked, against training wall time (`train_time_s`: seconds spent in training
+steps, without evaluation or checkpointing), so runs of different speed are compared at equal compute time
+as well as equal steps.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -16,14 +16,6 @@ from typing import Any
 X_AXES = {"step": "step", "train_time_s": "training time (s)"}
 VALIDATION_PANELS = (("held-out image loss", ("val_image_loss",)), ("held-out text loss", ("val_text_loss",)))
 TRAINING_PANELS = (("image loss", ("image_loss", "val_image_loss")), ("text loss", ("text_loss", "val_text_loss")))
-
-
-def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
-    """The records of RUN/metrics.jsonl (one JSON object per logged step), in order."""
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
-        raise FileNotFoundError(f"{run_dir}: no metrics.jsonl (not a training run directory)")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def plot_curves(runs: Mapping[str, Sequence[Mapping[str, Any]]], out: str | Path,

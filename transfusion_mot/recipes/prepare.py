@@ -11,10 +11,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError
+from ..common.config import shipped_config_names, shipped_configs_dir
+from ..common.errors import ConfigError
 
 BUILTINS = ("shapes", "emoji")
-CONFIG_ROOT = Path(__file__).resolve().parents[1] / "configs"
 
 
 @dataclass
@@ -28,10 +28,12 @@ class PreparedData:
 
 
 def vae_config_for(image_size: int) -> Path:
-    path = CONFIG_ROOT / "vae" / f"tiny-{image_size}.yaml"
+    """The shipped tiny VAE config for built-in data of `image_size` px (configs/vae/tiny-SIZE.yaml)."""
+    path = shipped_configs_dir() / "vae" / f"tiny-{image_size}.yaml"
     if not path.is_file():
-        raise FileNotFoundError(f"no built-in VAE config for {image_size} px ({path}); use 32 or 64, or train a "
-                                "VAE with `tmot vae train` and pass --data/--vae")
+        sizes = [n.removeprefix("tiny-") for n in shipped_config_names("vae") if n.startswith("tiny-")]
+        raise ConfigError(f"no built-in VAE for {image_size} px images (data.builtin_image_size); shipped sizes: "
+                          f"{', '.join(sizes)}; or train a VAE with `tmot vae train` and pass --data/--vae")
     return path
 
 
@@ -44,7 +46,7 @@ def prepare_builtin(name: str, root: str | Path, image_size: int = 32, num_image
     from vae import encode_folder, train_vae
 
     if name not in BUILTINS:
-        raise ValueError(f"unknown built-in data set {name!r}; choose one of {list(BUILTINS)}")
+        raise ConfigError(f"unknown built-in data set {name!r}; choose one of {list(BUILTINS)}")
     root = Path(root)
     data_dir, vae_dir, latents_dir, val_dir = root / "data", root / "vae", root / "latents", root / "latents-val"
     info: dict[str, Any] = {"name": name, "image_size": image_size, "reused": []}
@@ -54,12 +56,12 @@ def prepare_builtin(name: str, root: str | Path, image_size: int = 32, num_image
     else:
         log(f"[prepare] generating {name} images ({image_size} px) in {data_dir}")
         if name == "shapes":
-            from .data.shapes import generate_shapes
+            from ..data.shapes import generate_shapes
 
             generate_shapes(data_dir, num=num_images, size=image_size, seed=seed, val_fraction=0.05,
                             workers=workers)
         else:
-            from .data.emoji import generate_emoji
+            from ..data.emoji import generate_emoji
 
             generate_emoji(data_dir, size=image_size, seed=seed)
 
@@ -84,7 +86,7 @@ def prepare_builtin(name: str, root: str | Path, image_size: int = 32, num_image
         if tokenizer.is_file():
             info["reused"].append("tokenizer")
         else:  # written to a temporary name first: a tokenizer file that exists is complete
-            from .tokenizer import train_tokenizer_from_folder
+            from ..tokenizer import train_tokenizer_from_folder
 
             partial = tokenizer.with_name(f".tmp-{tokenizer.name}")
             trained = train_tokenizer_from_folder(data_dir, tokenizer_vocab, partial)

@@ -1,6 +1,6 @@
 """Text -> image (diffusion over the image patches) and image -> text (captioning), with a KV cache.
 
-Both directions use the training layout of `batch.Collator`:
+Both directions use the training layout, built by `batch.Collator`:
 
     generation:  BOS caption BOI p_1 .. p_N EOI ...      (the caption is a causal prefix)
     captioning:  BOS BOI p_1 .. p_N EOI caption EOS      (the clean image, timestep 0, is the prefix)
@@ -29,10 +29,11 @@ from dataclasses import replace
 import torch
 from torch import Tensor
 
-from .batch import Collator, Sample, SpecialTokens, patchify, unpatchify
-from .diffusion import make_objective
-from .model import KVCache, ModelInputs, TransfusionMoT
-from .tokenizer import AnyTokenizer
+from ..batch import Collator, Sample, SpecialTokens, patchify, unpatchify
+from ..common.errors import InvalidInput
+from ..diffusion import make_objective
+from ..model import KVCache, ModelInputs, TransfusionMoT
+from ..tokenizer import AnyTokenizer
 
 SCHEDULERS = ("ddpm", "ddim", "flow")
 Predictor = Callable[[Tensor, Tensor], Tensor]  # (rows, N, patch_dim) noisy patches, (rows,) t -> prediction
@@ -52,10 +53,6 @@ def _seeds(seed: int | Sequence[int], n: int) -> list[int]:
     return seeds
 
 
-def _resolve_device(model: TransfusionMoT, device: torch.device | str | None) -> torch.device:
-    return torch.device(device) if device is not None else next(model.parameters()).device
-
-
 def _autocast(device: torch.device, dtype: torch.dtype | None):
     """Run the backbone in `dtype` (e.g. bf16) under autocast; None or float32: as the weights are."""
     if dtype is None or dtype == torch.float32:
@@ -65,7 +62,7 @@ def _autocast(device: torch.device, dtype: torch.dtype | None):
 
 def _specials(tokenizer: AnyTokenizer, model: TransfusionMoT) -> SpecialTokens:
     if tokenizer.vocab_size != model.config.vocab_size:
-        raise ValueError(f"tokenizer has {tokenizer.vocab_size} ids but the model's vocab_size is "
+        raise InvalidInput(f"tokenizer has {tokenizer.vocab_size} ids but the model's vocab_size is "
                          f"{model.config.vocab_size}")
     return tokenizer.specials
 
@@ -79,40 +76,25 @@ def _patch_coords(grid_h: int, grid_w: int, device: torch.device) -> Tensor:
 # text -> image
 
 
-def _prefix_inputs(prefixes: list[list[int]], model: TransfusionMoT, pad: int, device: torch.device) -> ModelInputs:
-    """Text-only rows `BOS caption BOI`, right-padded (doc_id -1) to the longest."""
+def _cached_predictor(model: TransfusionMoT, captions: list[list[int]], latent_shape: tuple[int, int, int],
+                      specials: SpecialTokens, device: torch.device) -> Predictor:
+    """The prefix `BOS caption BOI` of every row (the collator's layout) computed once into a KV cache; each
+    call runs only the N image tokens that follow it."""
     cfg = model.config
-    b, length = len(prefixes), max(len(p) for p in prefixes)
-    tokens = torch.full((b, length), pad, dtype=torch.long)
-    doc_ids = torch.full((b, length), -1, dtype=torch.long)
-    positions = torch.zeros((b, length), dtype=torch.long)
-    for r, ids in enumerate(prefixes):
-        tokens[r, :len(ids)] = torch.tensor(ids)
-        doc_ids[r, :len(ids)] = 0
-        positions[r, :len(ids)] = torch.arange(len(ids))
-    text = cfg.modalities.index("text")
-    return ModelInputs(
-        tokens=tokens.to(device), modality=torch.full_like(tokens, text).to(device), positions=positions.to(device),
-        doc_ids=doc_ids.to(device), image_ids=torch.full_like(tokens, -1).to(device),
-        patches=torch.zeros(0, cfg.patch_dim, device=device),
-        patch_coords=torch.zeros(0, 2, dtype=torch.long, device=device),
-        patch_image=torch.zeros(0, dtype=torch.long, device=device),
-        timesteps=torch.zeros(0, device=device))
-
-
-def _cached_predictor(model: TransfusionMoT, prefixes: list[list[int]], grid: tuple[int, int], pad: int,
-                      device: torch.device) -> Predictor:
-    """Prefix keys/values computed once; each call runs only the N image tokens of every row."""
-    cfg = model.config
-    rows, n = len(prefixes), grid[0] * grid[1]
+    collator = Collator(cfg, specials)
+    placeholder = torch.zeros(latent_shape)
+    prefix = collator.collate_prefix([Sample([c, placeholder]) for c in captions]).to(device)
+    rows = len(captions)
+    grid = (latent_shape[1] // cfg.patch_size, latent_shape[2] // cfg.patch_size)
+    n = grid[0] * grid[1]
     cache = KVCache.empty(cfg.n_layers, rows, device)
-    model(_prefix_inputs(prefixes, model, pad, device), cache=cache, extend_cache=True)
-    lengths = torch.tensor([len(p) for p in prefixes], device=device)
+    model(prefix.model_inputs(prefix.patches, torch.zeros(0, device=device)), check=False, cache=cache)
+    lengths = (prefix.doc_ids >= 0).sum(dim=1)
     image = cfg.modalities.index("image")
     chunk = ModelInputs(
-        tokens=torch.full((rows, n), pad, dtype=torch.long, device=device),
+        tokens=torch.full((rows, n), specials.pad, dtype=torch.long, device=device),
         modality=torch.full((rows, n), image, dtype=torch.long, device=device),
-        positions=lengths[:, None] + torch.arange(n, device=device),  # continue each document's positions
+        positions=lengths[:, None] + torch.arange(n, device=device),  # the patches follow the BOI
         doc_ids=torch.zeros((rows, n), dtype=torch.long, device=device),
         image_ids=torch.zeros((rows, n), dtype=torch.long, device=device),
         patches=torch.zeros(rows * n, cfg.patch_dim, device=device),  # replaced at every step
@@ -185,9 +167,9 @@ def generate_latents(model: TransfusionMoT, tokenizer: AnyTokenizer, prompts: Se
     """
     cfg = model.config
     if not prompts:
-        raise ValueError("no prompts to generate from")
+        raise InvalidInput("no prompts to generate from")
     if batch_size < 1 or num_steps < 1:
-        raise ValueError(f"batch_size and num_steps must be positive, got {batch_size} and {num_steps}")
+        raise InvalidInput(f"batch_size and num_steps must be positive, got {batch_size} and {num_steps}")
     c, h, w = latent_shape
     p = cfg.patch_size
     if c != cfg.latent_channels or h % p or w % p:
@@ -195,17 +177,18 @@ def generate_latents(model: TransfusionMoT, tokenizer: AnyTokenizer, prompts: Se
                          f"divisible by patch_size {p}")
     specials = _specials(tokenizer, model)
     captions = [tokenizer.encode(text) for text in prompts]
-    n_image = (h // p) * (w // p)
+    # positions of the training layout for an empty caption (BOS BOI patches EOI EOS); each token adds one
+    image_and_specials = Collator(cfg, specials).layout_length(Sample([[], torch.zeros(latent_shape)]))
     for i, ids in enumerate(captions):
-        total = len(ids) + n_image + 4  # BOS caption BOI patches EOI EOS, as in training
+        total = len(ids) + image_and_specials
         if total > cfg.max_seq_len:
-            raise ValueError(f"prompt {i} has {len(ids)} tokens; with {n_image} image tokens and 4 special tokens "
-                             f"that is {total}, more than the model's max_seq_len {cfg.max_seq_len}")
+            raise InvalidInput(f"prompt {i} has {len(ids)} tokens; with the image and the special tokens that is "
+                               f"{total} positions, more than the model's max_seq_len {cfg.max_seq_len}")
     seeds = _seeds(seed, len(prompts))
-    device = _resolve_device(model, device)
+    device = torch.device(device) if device is not None else next(model.parameters()).device
     objective = make_objective(cfg)
     if scheduler is not None and scheduler not in SCHEDULERS:
-        raise ValueError(f"unknown scheduler {scheduler!r}; choose one of {list(SCHEDULERS)}")
+        raise InvalidInput(f"unknown scheduler {scheduler!r}; choose one of {list(SCHEDULERS)}")
     objective.make_scheduler(scheduler)  # a scheduler that does not fit the objective fails before any work
     guided = cfg_scale != 1.0
     out = []
@@ -214,8 +197,7 @@ def generate_latents(model: TransfusionMoT, tokenizer: AnyTokenizer, prompts: Se
             caps = captions[start:start + batch_size]
             rows = caps + [[] for _ in caps] if guided else caps  # unconditional rows: the empty caption
             if use_kv_cache:
-                prefixes = [[specials.bos, *ids, specials.boi] for ids in rows]
-                predict = _cached_predictor(model, prefixes, (h // p, w // p), specials.pad, device)
+                predict = _cached_predictor(model, rows, (c, h, w), specials, device)
             else:
                 predict = _full_predictor(model, rows, (c, h, w), specials, device)
             generators = [torch.Generator().manual_seed(s) for s in seeds[start:start + batch_size]]
@@ -257,21 +239,22 @@ def caption_images(model: TransfusionMoT, tokenizer: AnyTokenizer, latents: Tens
     if latents.dim() != 4 or latents.shape[0] == 0:
         raise ValueError(f"latents must be a non-empty (N, C, H, W) tensor, got shape {tuple(latents.shape)}")
     if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k must be positive, got {top_k}")
+        raise InvalidInput(f"top_k must be positive, got {top_k}")
     specials = _specials(tokenizer, model)
-    device = _resolve_device(model, device)
+    device = torch.device(device) if device is not None else next(model.parameters()).device
     n, c, h, w = latents.shape
     p = cfg.patch_size
     if c != cfg.latent_channels or h % p or w % p:
         raise ValueError(f"latents {tuple(latents.shape)} must be (N, {cfg.latent_channels}, H, W) with H and W "
                          f"divisible by patch_size {p}")
-    prompt_len = (h // p) * (w // p) + 3  # BOS BOI patches EOI
-    if prompt_len >= cfg.max_seq_len:
-        raise ValueError(f"the image takes {prompt_len} of the model's {cfg.max_seq_len} positions: no room for text")
-    budget = min(max_new_tokens, cfg.max_seq_len - prompt_len)
-    # the Collator lays out BOS BOI patches EOI EOS; the prompt is all but the trailing EOS
+    # the prompt: the training layout of an image-first sample up to its EOI (BOS BOI patches EOI)
+    collator = Collator(cfg, specials)
     samples = [Sample([img.float().cpu()], image_first=True) for img in latents]
-    batch = Collator(cfg, specials).collate_padded(samples).to(device)
+    prompt_len = collator.layout_length(samples[0]) - 1  # all but the trailing EOS
+    if prompt_len >= cfg.max_seq_len:
+        raise InvalidInput(f"the image takes {prompt_len} of the model's {cfg.max_seq_len} positions: no room for text")
+    batch = collator.collate_prefix(samples, with_image=True).to(device)
+    budget = min(max_new_tokens, cfg.max_seq_len - prompt_len)
     # the full sequence (prompt, then room for `budget` tokens of document 0); steps read column ranges
     total = prompt_len + budget
     tokens = torch.full((n, total), specials.pad, dtype=torch.long, device=device)

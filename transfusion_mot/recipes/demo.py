@@ -2,11 +2,11 @@
 
 Stages (each reuses its output when it is already complete, so a re-run only does what is missing):
   1. shapes images (train/val) -> a tiny VAE -> latent caches of both splits, and a BPE tokenizer of
-     the training captions                                                        (transfusion_mot.prepare)
+     the training captions                                                        (recipes.prepare)
   2. a tiny MoT trained with configs/train/shapes-tiny.yaml, with held-out losses on fixed draws
-                                                                                  (transfusion_mot.train)
+                                                                                  (recipes.train)
   3. samples for the demo prompts (every colour x shape) and for prompts the recipe was not tuned on
-     (small objects, positions, two objects with a relation; other seeds)       (transfusion_mot.pipeline)
+     (small objects, positions, two objects with a relation; other seeds)       (inference.pipeline)
   4. the shapes classifier (a GenEval in miniature) scores colour, shape, size, position (eval.align)
   5. FID of generated images against the validation split, when Inception weights can be found (eval.fid)
 Writes OUT/report.md (with the samples grid and the loss curves), OUT/report.json, OUT/samples.png,
@@ -25,7 +25,8 @@ from typing import Any
 import torch
 from PIL import Image
 
-from .data.shapes import COLOURS, POSITIONS, SHAPES, SIZES, make_caption
+from ..common.images import image_grid, save_images
+from ..data.shapes import COLOURS, POSITIONS, SHAPES, SIZES, make_caption
 
 # the prompts the demo shows (and the recipe was chosen on): every colour x shape, large, no position
 DEMO_PROMPTS = [f"a large {colour} {shape}" for colour in COLOURS for shape in SHAPES]
@@ -56,10 +57,9 @@ def heldout_prompts(n: int = 32, seed: int = 1) -> dict[str, list[str]]:
 
 def demo_config(steps: int, seed: int, progress: bool, eval_every: int, num_images: int, vae_steps: int):
     """configs/train/shapes-tiny.yaml (the recipe) with the demo's length, seed and data size."""
-    from .prepare import CONFIG_ROOT
-    from .run import load_run_config
+    from ..run import load_run_config
 
-    return load_run_config(CONFIG_ROOT / "train" / "shapes-tiny.yaml", [
+    return load_run_config("shapes-tiny", [
         f"train.max_steps={steps}", f"train.seed={seed}", f"train.progress={str(progress).lower()}",
         f"train.save_every={steps}", f"train.eval_every={eval_every}", f"data.builtin_num_images={num_images}",
         f"data.builtin_vae_steps={vae_steps}"])
@@ -80,9 +80,11 @@ def run_demo(out: str | Path = "tmot_demo", *, num_images: int = 20000, vae_step
     scheduler None samples with the objective's own (flow for flow models, ddpm for ddpm ones)."""
     from eval.align import load_classifier, score_alignment, train_shapes_classifier
 
-    from .checkpoint import list_checkpoints
-    from .curves import TRAINING_PANELS, plot_curves, read_metrics
-    from .pipeline import Pipeline, image_grid
+    from ..common.checkpoint import list_checkpoints
+    from ..inference.pipeline import Pipeline
+    from ..training.curves import TRAINING_PANELS, plot_curves
+    from ..training.metrics import read_metrics
+    from ..training.state import CHECKPOINT_DIR
     from .prepare import prepare_for_run
     from .train import train
 
@@ -108,7 +110,7 @@ def run_demo(out: str | Path = "tmot_demo", *, num_images: int = 20000, vae_step
     # 2. the MoT, with held-out losses
     t = time.perf_counter()
     run = out / "run"
-    done = [s for s, _ in list_checkpoints(run)]
+    done = [s for s, _ in list_checkpoints(run / CHECKPOINT_DIR)]
     if train_steps in done:
         reused = True
     else:
@@ -143,16 +145,14 @@ def run_demo(out: str | Path = "tmot_demo", *, num_images: int = 20000, vae_step
     images: dict[str, list[Image.Image]] = {name: pipe.generate(prompts, seed=seeds, **sampling)
                                              for name, (prompts, seeds) in sets.items()}
     sample_dir = out / "samples"
-    sample_dir.mkdir(exist_ok=True)
-    rows, k = [], 0
+    rows, all_images = [], []
     for name, (prompts, seeds) in sets.items():
-        for prompt, s, image in zip(prompts, seeds, images[name]):
-            image.save(sample_dir / f"{k:05d}.png")
-            rows.append({"file": f"{k:05d}.png", "prompt": prompt, "seed": s, "set": name})
-            k += 1
-    (sample_dir / "manifest.json").write_text(json.dumps(
-        {"checkpoint": pipe.info["checkpoint"], "weights": pipe.info["weights"], "cfg": cfg_scale, "steps": sample_steps,
-         "scheduler": scheduler or pipe.info["objective"], "images": rows}, indent=2))
+        rows += [{"prompt": prompt, "seed": s, "set": name} for prompt, s in zip(prompts, seeds)]
+        all_images += images[name]
+    rows = save_images(all_images, sample_dir, rows, manifest={
+        "checkpoint": pipe.info["checkpoint"], "weights": pipe.info["weights"], "cfg": cfg_scale, "steps": sample_steps,
+        "scheduler": scheduler or pipe.info["objective"]})
+    k = len(rows)
     # the grid: one row per colour, shapes (x images per prompt) across; relation prompts last
     relation = pipe.generate(RELATION_PROMPTS, seed=seed, **sampling)
     grid = image_grid([im.resize((64, 64), resample=Image.NEAREST)
@@ -201,7 +201,7 @@ def _strip(scores: dict[str, Any]) -> dict[str, Any]:
 
 
 def _val_images(data_dir: Path, n: int) -> list[tuple[Path, str]]:
-    from .data.imageio import read_metadata
+    from ..data.imageio import read_metadata
 
     rows = read_metadata(data_dir, "val")[:n]
     return [(data_dir / r["file_name"], r["text"]) for r in rows]

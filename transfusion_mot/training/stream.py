@@ -8,17 +8,20 @@ Per sample slot, one seeded draw decides (Transfusion's recipe):
     `caption_dropout`, which is what classifier-free guidance samples from.
 All randomness comes from one generator seeded by (seed, rank), and every source's position is in
 `state_dict()`, so a resumed run sees exactly the samples the uninterrupted run would have seen.
+`build_stream` makes the stream a run config describes (latent cache, image folder or shards).
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..batch import Sample
+from ..common.errors import ConfigError, InputNotFound, InvalidInput
+from ..common.files import iter_jsonl
+from ..data.readers import ImageFolderReader, WebDatasetReader
 from ..tokenizer import encode_caption
 
 
@@ -26,21 +29,17 @@ def read_text_documents(path: str | Path) -> list[str]:
     """A text-only corpus: .jsonl with a "text" field per line, or plain text with one document per line."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"text-only corpus not found: {path}")
-    docs = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            line = line.strip()
-            if not line:
-                continue
-            if path.suffix == ".jsonl":
-                try:
-                    line = json.loads(line)["text"]
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    raise ValueError(f"{path}:{lineno}: expected a JSON object with a \"text\" field") from None
-            docs.append(line)
+        raise InputNotFound(f"text-only corpus not found: {path}")
+    if path.suffix == ".jsonl":
+        docs = []
+        for lineno, row in iter_jsonl(path, "text-only corpus"):
+            if not isinstance(row.get("text"), str):
+                raise InvalidInput(f"{path}:{lineno}: expected a JSON object with a \"text\" field")
+            docs.append(row["text"])
+    else:
+        docs = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     if not docs:
-        raise ValueError(f"{path}: no documents (empty file)")
+        raise InvalidInput(f"{path}: no documents (empty file)")
     return docs
 
 
@@ -152,3 +151,58 @@ class TrainingStream:
         self.counts = dict(state["counts"])
         if self.text_stream is not None:
             self.text_stream.load_state_dict(state["text"])
+
+
+def build_stream(config: Any, tokenizer: Any, rank: int, world_size: int, device: torch.device):
+    """(TrainingStream of this rank, latent shape, the VAE path the latents belong to, the VAE model when
+    images are encoded on the fly, else None) for a run config (`transfusion_mot.run.RunConfig`)."""
+    from vae import load_vae
+    from vae.latents import LatentDataset, LatentStream
+
+    data, seed = config.data, config.train.seed
+    if not data.path:
+        raise ConfigError("data.path is not set: pass --data (a latent cache, image folder or shard pattern) "
+                          "or set data.builtin: shapes")
+    vae_path = config.vae.path
+    vae_model = None
+    if data.kind == "latents":
+        dataset = LatentDataset(data.path)
+        latent_shape = tuple(dataset.latent_shape)
+        vae_path = vae_path or dataset.info.get("vae")
+        source = ImagePairSource(LatentStream(dataset, seed=seed, rank=rank, world_size=world_size, drop_last=True))
+    else:
+        if not vae_path:
+            raise ConfigError(f"data.kind {data.kind!r} encodes images on the fly: set vae.path (or --vae)")
+        vae_model = load_vae(vae_path, device=device)
+        vae_model.requires_grad_(False).eval()
+        size = data.image_size or int(vae_model.config.sample_size)
+        if data.kind == "folder":
+            stream = LatentStream(ImageFolderReader(data.path, split=data.split, size=size), seed=seed,
+                                  rank=rank, world_size=world_size, drop_last=True)
+        else:
+            stream = WebDatasetReader(data.path, shuffle_buffer=data.shuffle_buffer, seed=seed, rank=rank,
+                                      world_size=world_size, size=size)
+        factor = 2 ** (len(vae_model.config.block_out_channels) - 1)
+        latent_shape = (int(vae_model.config.latent_channels), size // factor, size // factor)
+        source = ImagePairSource(stream, vae=vae_model, device=device)
+    text_stream = None
+    if data.text_only_path and data.text_only_ratio > 0:
+        docs = read_text_documents(data.text_only_path)
+        text_stream = LatentStream(docs, seed=seed + 7919, rank=0, world_size=1)  # any rank order works
+    max_doc = (data.token_budget or config.model.max_seq_len) - 2  # BOS and EOS
+    stream = TrainingStream(source, tokenizer, seed=seed, rank=rank,
+                            image_first_ratio=data.image_first_ratio, caption_dropout=data.caption_dropout,
+                            text_stream=text_stream, text_only_ratio=data.text_only_ratio,
+                            max_text_tokens=config.tokenizer.max_text_tokens, overflow=config.tokenizer.overflow,
+                            max_doc_tokens=max_doc)
+    check_latent_shape(config.model, latent_shape)
+    return stream, latent_shape, vae_path, vae_model
+
+
+def check_latent_shape(model_config: Any, latent_shape: tuple[int, ...]) -> None:
+    c, h, w = latent_shape
+    m = model_config
+    if c != m.latent_channels:
+        raise ConfigError(f"the data's latents have {c} channels but model.latent_channels is {m.latent_channels}")
+    if h % m.patch_size or w % m.patch_size:
+        raise ConfigError(f"latents {h}x{w} are not divisible by model.patch_size {m.patch_size}")

@@ -19,47 +19,24 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
 
-from .config import ConfigError, ModelConfig, from_dict, load_yaml_config, save_yaml_config
-from .model import TransfusionMoT
+from ..common.config import from_dict, load_yaml_config, save_yaml_config
+from ..common.device import resolve_device
+from ..common.errors import InputNotFound, InvalidInput
+from ..common.files import write_json
+from ..common.images import images_from_tensor
+from ..model import TransfusionMoT
+from ..tokenizer import TokenizerConfig, load_tokenizer
 from .sampling import caption_images, generate_latents
-from .tokenizer import TokenizerConfig, load_tokenizer
 
 PIPELINE_FORMAT = "tmot-pipeline/1"
 
 
-def _device(device: str | torch.device | None) -> torch.device:
-    if device is None or device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def to_pil(images: Tensor) -> list[Image.Image]:
-    """(N, 3, H, W) in about [-1, 1] -> RGB PIL images."""
-    arr = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-    return [Image.fromarray(a) for a in arr]
-
-
-def image_grid(images: Sequence[Image.Image], cols: int | None = None, pad: int = 2) -> Image.Image:
-    """Images in a grid (row-major), `pad` pixels apart on a white background."""
-    if not images:
-        raise ValueError("no images for a grid")
-    n = len(images)
-    cols = cols or int(np.ceil(np.sqrt(n)))
-    rows = (n + cols - 1) // cols
-    w, h = images[0].size
-    grid = Image.new("RGB", (cols * (w + pad) + pad, rows * (h + pad) + pad), (255, 255, 255))
-    for i, im in enumerate(images):
-        grid.paste(im, (pad + (i % cols) * (w + pad), pad + (i // cols) * (h + pad)))
-    return grid
-
-
 class Pipeline:
-    """Model + tokenizer + VAE. `generate` and `caption` are thin wrappers over `transfusion_mot.sampling`."""
+    """Model + tokenizer + VAE. `generate` and `caption` are thin wrappers over `transfusion_mot.inference.sampling`."""
 
     def __init__(self, model: TransfusionMoT, tokenizer: Any, tokenizer_config: TokenizerConfig, vae: Any,
                  info: dict[str, Any] | None = None) -> None:
@@ -73,7 +50,7 @@ class Pipeline:
         self.image_size = int(vcfg.sample_size)
         self.latent_shape = (int(vcfg.latent_channels), self.image_size // factor, self.image_size // factor)
         if self.latent_shape[0] != model.config.latent_channels:
-            raise ValueError(f"the VAE has {self.latent_shape[0]} latent channels but the model expects "
+            raise InvalidInput(f"the VAE has {self.latent_shape[0]} latent channels but the model expects "
                              f"{model.config.latent_channels}")
 
     @property
@@ -89,40 +66,37 @@ class Pipeline:
         trained on (from its config or latent cache) unless `vae` names another."""
         from vae import load_vae
 
-        from .run import load_run_model
+        from ..run import load_run_model
 
-        dev = _device(device)
+        dev = resolve_device(device)
         model, config, loaded = load_run_model(run_dir, step=step, ema=ema, device=dev)
         state = json.loads((Path(loaded["checkpoint"]) / "state.json").read_text())
         vae_path = vae or config.vae.path or state.get("vae")
         if not vae_path:
-            raise FileNotFoundError(f"{run_dir}: the run records no VAE; pass one (--vae DIR or hub id)")
+            raise InputNotFound(f"{run_dir}: the run records no VAE; pass one (--vae DIR or hub id)")
         info = {"source": "run", "run": str(Path(run_dir).resolve()), **loaded, "vae": str(vae_path),
                 "objective": config.model.objective}
         tokenizer = load_tokenizer(config.tokenizer)
         return cls(model, tokenizer, config.tokenizer, load_vae(vae_path, device=dev), info)
 
     def save_pretrained(self, out: str | Path) -> Path:
-        """A self-contained directory (written to a temporary name, then renamed)."""
-        from safetensors.torch import save_file
-
+        """A self-contained directory (written to a temporary name, then renamed): the model's own format
+        (model_config.yaml, model.safetensors), tokenizer/, vae/ (diffusers) and pipeline.json."""
         out = Path(out)
         tmp = out.with_name(f".tmp-{out.name}")
         if tmp.exists():
             shutil.rmtree(tmp)
         (tmp / "tokenizer").mkdir(parents=True)
-        save_yaml_config(self.model.config, tmp / "model_config.yaml")
-        weights = {k: v.detach().float().cpu().contiguous() for k, v in self.model.state_dict().items()}
-        save_file(weights, str(tmp / "model.safetensors"), metadata={"format": PIPELINE_FORMAT})
+        self.model.save_pretrained(tmp)
         tok_cfg = TokenizerConfig(**vars(self.tokenizer_config))
         if tok_cfg.kind == "hf":
             shutil.copyfile(tok_cfg.path, tmp / "tokenizer" / "tokenizer.json")
             tok_cfg.path = "tokenizer.json"
         save_yaml_config(tok_cfg, tmp / "tokenizer" / "tokenizer.yaml")
         self.vae.save_pretrained(tmp / "vae", safe_serialization=True)
-        meta = {"format": PIPELINE_FORMAT, "latent_shape": list(self.latent_shape), "image_size": self.image_size,
-                "source": {k: v for k, v in self.info.items() if k != "source_dir"}}
-        (tmp / "pipeline.json").write_text(json.dumps(meta, indent=2) + "\n")
+        write_json(tmp / "pipeline.json", {"format": PIPELINE_FORMAT, "latent_shape": list(self.latent_shape),
+                                           "image_size": self.image_size,
+                                           "source": {k: v for k, v in self.info.items() if k != "source_dir"}})
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)
@@ -130,25 +104,23 @@ class Pipeline:
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device | None = None) -> Pipeline:
-        from safetensors.torch import load_file
         from vae import load_vae
 
         path = Path(path)
         meta_path = path / "pipeline.json"
         if not meta_path.is_file():
-            raise FileNotFoundError(f"{path}: no pipeline.json (write one with Pipeline.save_pretrained or "
-                                    "`tmot export`; for a run directory use Pipeline.from_run)")
+            raise InputNotFound(f"{path}: no pipeline.json (write one with Pipeline.save_pretrained or "
+                                "`tmot export`; for a run directory use Pipeline.from_run)")
         meta = json.loads(meta_path.read_text())
         if meta.get("format") != PIPELINE_FORMAT:
-            raise ValueError(f"{path}: unknown pipeline format {meta.get('format')!r} (expected {PIPELINE_FORMAT})")
-        dev = _device(device)
-        model = TransfusionMoT(load_yaml_config(ModelConfig, path / "model_config.yaml"))
-        model.load_state_dict(load_file(str(path / "model.safetensors")))
+            raise InvalidInput(f"{path}: unknown pipeline format {meta.get('format')!r} (expected {PIPELINE_FORMAT})")
+        dev = resolve_device(device)
+        model = TransfusionMoT.from_pretrained(path, device=dev)
         tok_cfg = load_yaml_config(TokenizerConfig, path / "tokenizer" / "tokenizer.yaml")
         if tok_cfg.kind == "hf":
             tok_cfg = from_dict(TokenizerConfig, {**vars(tok_cfg), "path": str(path / "tokenizer" / tok_cfg.path)})
         info = {**meta.get("source", {}), "source": "pretrained", "source_dir": str(path.resolve())}
-        return cls(model.to(dev), load_tokenizer(tok_cfg), tok_cfg, load_vae(path / "vae", device=dev), info)
+        return cls(model, load_tokenizer(tok_cfg), tok_cfg, load_vae(path / "vae", device=dev), info)
 
     # -- text -> image -----------------------------------------------------------------------------
 
@@ -163,7 +135,7 @@ class Pipeline:
 
         images: list[Image.Image] = []
         for i in range(0, len(latents), batch_size):
-            images += to_pil(decode(self.vae, latents[i:i + batch_size].to(self.device)))
+            images += images_from_tensor(decode(self.vae, latents[i:i + batch_size].to(self.device)))
         return images
 
     def generate(self, prompts: Sequence[str], *, seed: int | Sequence[int] = 0, cfg_scale: float = 3.0,
@@ -182,8 +154,8 @@ class Pipeline:
         """Images (PIL or paths; any size, centre-cropped and resized to the VAE's) -> latents."""
         from vae import encode
 
-        from .data.imageio import BadImage, center_crop_resize, load_rgb
-        from .data.readers import to_tensor
+        from ..data.imageio import BadImage, center_crop_resize, load_rgb
+        from ..data.readers import to_tensor
 
         tensors = []
         for im in images:
@@ -191,10 +163,10 @@ class Pipeline:
                 try:
                     im = load_rgb(im)
                 except BadImage as err:
-                    raise ValueError(f"{im}: cannot read image ({err})") from None
+                    raise InvalidInput(f"{im}: cannot read image ({err})") from None
             tensors.append(to_tensor(center_crop_resize(im.convert("RGB"), self.image_size)))
         if not tensors:
-            raise ValueError("no images to caption")
+            raise InvalidInput("no images to caption")
         return encode(self.vae, torch.stack(tensors).to(self.device)).float()
 
     def caption(self, images: Sequence[Image.Image | str | Path], *, max_new_tokens: int = 64,
@@ -215,5 +187,5 @@ def load_pipeline(source: str | Path, *, step: int | None = None, ema: bool = Tr
     if (source / "config.yaml").is_file():
         return Pipeline.from_run(source, step=step, ema=ema, device=device)
     if not source.exists():
-        raise FileNotFoundError(f"{source}: not found (expected a run directory or a saved pipeline)")
-    raise ConfigError(f"{source}: neither a run directory (config.yaml) nor a saved pipeline (pipeline.json)")
+        raise InputNotFound(f"{source}: not found (expected a run directory or a saved pipeline)")
+    raise InputNotFound(f"{source}: neither a run directory (config.yaml) nor a saved pipeline (pipeline.json)")

@@ -23,10 +23,11 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from .batch import Batch, Collator, Sample, patchify
-from .config import ConfigError
-from .diffusion import DiffusionObjective
-from .tokenizer import encode_caption
+from ..batch import Batch, Collator, Sample, patchify
+from ..common.errors import ConfigError
+from ..data.readers import ImageFolderReader, WebDatasetReader
+from ..diffusion import DiffusionObjective
+from ..tokenizer import encode_caption
 
 NUM_BUCKETS = 4  # timestep quarters reported separately
 LossFn = Callable[..., dict[str, Tensor]]  # (batch, timesteps=, noise=, details=True) -> transfusion_loss dict
@@ -134,8 +135,6 @@ def load_validation_pairs(data: Any, n: int, vae: Any = None, device: torch.devi
     if vae is None:
         raise ConfigError(f"validation on data.kind {kind!r} encodes images: it needs a VAE (vae.path)")
     if kind == "folder":
-        from .data.readers import ImageFolderReader
-
         path = data.val_path or data.path
         reader = ImageFolderReader(path, split=data.val_split, size=image_size)
         if len(reader) == 0:
@@ -146,8 +145,6 @@ def load_validation_pairs(data: Any, n: int, vae: Any = None, device: torch.devi
     elif kind == "webdataset":
         if not data.val_path:
             raise ConfigError("validation on WebDataset shards needs data.val_path: held-out shards (braces ok)")
-        from .data.readers import WebDatasetReader
-
         reader = WebDatasetReader(data.val_path, shuffle_buffer=0, seed=0, size=image_size)
         items = []
         for item in reader:

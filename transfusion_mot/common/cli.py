@@ -1,0 +1,64 @@
+"""Command-line helpers shared by `tmot` and `python -m eval`: an argparse parser whose mistakes are one
+line, value types that say what they expected, and the entry point that prints a `UserError` as one line
+(exit status 2) while letting every other exception keep its traceback."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+
+from .errors import UserError
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a bad argument is one line (plus the --help hint), not a usage dump."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
+
+
+def fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}") from None
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {value}")
+    return value
+
+
+def run_command(name: str, func: Callable[[], int]) -> int:
+    """Run a command: a UserError is one line on stderr and exit status 2, Ctrl-C exit status 130; any other
+    exception propagates with its traceback (it is a bug, and hiding it would hide the defect)."""
+    try:
+        return func()
+    except UserError as err:
+        print(f"{name}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{name}: interrupted", file=sys.stderr)
+        return 130
+
+
+__all__ = ["Parser", "fraction", "non_negative_int", "positive_int", "run_command"]

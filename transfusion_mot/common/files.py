@@ -1,0 +1,83 @@
+"""JSON and JSONL files: one reader that names the file and line of a bad record, and writers that replace
+a file atomically (a temporary file renamed into place), so a crash never leaves half a file behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+from .errors import InputNotFound, InvalidInput
+
+
+def iter_jsonl(path: str | os.PathLike, what: str = "file") -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, object) for every non-blank line of a JSONL file; a missing file, invalid JSON or a line
+    that is not an object is an error naming the file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputNotFound(f"{what} not found: {path}")
+    with open(path, encoding="utf-8-sig") as f:  # a byte-order mark (some editors write one) is not data
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise InvalidInput(f"{path}:{lineno}: invalid JSON: {err}") from None
+            if not isinstance(row, dict):
+                raise InvalidInput(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+            yield lineno, row
+
+
+def read_jsonl(path: str | os.PathLike, what: str = "file") -> list[dict[str, Any]]:
+    """Every object of a JSONL file, in order (see `iter_jsonl`)."""
+    return [row for _, row in iter_jsonl(path, what)]
+
+
+def read_prompts(path: str | os.PathLike, fields: tuple[str, ...] = ("prompt", "text")) -> list[str]:
+    """Prompts from a file: .jsonl (the first of `fields` that a line has, a string) or any other text file
+    (one prompt per non-blank line)."""
+    path = Path(path)
+    if path.suffix != ".jsonl":
+        if not path.is_file():
+            raise InputNotFound(f"prompt file not found: {path}")
+        return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    prompts = []
+    for lineno, row in iter_jsonl(path, "prompt file"):
+        text = next((row[f] for f in fields if f in row), None)
+        if not isinstance(text, str):
+            raise InvalidInput(f"{path}:{lineno}: expected a JSON object with a string "
+                               + " or ".join(f'"{f}"' for f in fields))
+        prompts.append(text.strip())
+    return prompts
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    """Indented JSON, replaced atomically."""
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, default=str) + "\n").encode("utf-8"))
+
+
+def write_jsonl(path: str | os.PathLike, rows: Iterable[dict[str, Any]]) -> None:
+    """One JSON object per line, replaced atomically."""
+    text = "".join(json.dumps(row, ensure_ascii=False, default=str) + "\n" for row in rows)
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+__all__ = ["atomic_write_bytes", "iter_jsonl", "read_jsonl", "read_prompts", "write_json", "write_jsonl"]

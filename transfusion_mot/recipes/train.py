@@ -1,0 +1,189 @@
+"""`tmot train`: compose a training run from its config, then hand the built parts to the loop.
+
+In order: join the process group (torchrun), build the built-in data set the config names (main process;
+the others wait), check the run directory (a new run, or `--resume` with only run-control keys changed),
+then the model, the loss module with activation checkpointing / compile / FSDP2 applied from outside, the
+optimizer and EMA, this process's sample stream and held-out set, and the noise generator. The loop
+(`transfusion_mot.training.trainer`) runs; summary.json records the run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..accounting import parameter_accounting
+from ..batch import Collator
+from ..common.device import resolve_device
+from ..common.errors import ConfigError, InputNotFound, TrainingError
+from ..diffusion import make_objective
+from ..model import TransfusionMoT
+from ..run import RESUMABLE_KEYS, RunConfig, config_differences, load_run_config, resolve_precision, save_run_config
+from ..tokenizer import load_tokenizer
+from ..training.metrics import validation_summary, write_summary
+from ..training.optim import EMA, param_groups
+from ..training.parallel import (
+    DistInfo,
+    apply_activation_checkpointing,
+    apply_compile,
+    apply_fsdp,
+    barrier,
+    init_distributed,
+    shutdown_distributed,
+)
+from ..training.state import CHECKPOINT_DIR
+from ..training.stream import build_stream
+from ..training.trainer import Trainer, TrainResult, TransfusionStep
+from ..training.validation import ValidationSet, load_validation_pairs
+
+
+def prepare_run_dir(config: RunConfig, run_dir: Path, resume: bool, dist: DistInfo) -> Path | None:
+    """Write RUN/config.yaml; the checkpoint to resume from (None for a new run). A new run refuses a
+    directory that holds checkpoints; a resumed one refuses changes to anything but run-control keys."""
+    from ..common.checkpoint import latest_checkpoint
+
+    existing = latest_checkpoint(run_dir / CHECKPOINT_DIR)
+    saved_config = run_dir / "config.yaml"
+    if resume:
+        if existing is None:
+            raise InputNotFound(f"--resume: no checkpoint in {run_dir}/{CHECKPOINT_DIR} to resume from")
+        if saved_config.is_file():
+            diff = config_differences(load_run_config(saved_config), config, ignore=RESUMABLE_KEYS)
+            if diff:
+                raise ConfigError(f"--resume: the config differs from the run's config.yaml in {diff}; only "
+                                  f"{', '.join(RESUMABLE_KEYS)} may change when resuming")
+    elif existing is not None:
+        raise ConfigError(f"{run_dir} already holds checkpoints: pass --resume to continue it, or choose a new --out")
+    if dist.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_run_config(config, saved_config)
+    barrier(dist)
+    return existing if resume else None
+
+
+def prepare_builtin_data(config: RunConfig, dist: DistInfo) -> None:
+    """Build (main process) or wait for the built-in data set, then point data/vae/tokenizer at it."""
+    from .prepare import prepare_for_run
+
+    if dist.is_main:
+        prepare_for_run(config, progress=config.train.progress)
+    barrier(dist)
+    if not dist.is_main:
+        prepare_for_run(config, build=False)
+
+
+def build_validation(config: RunConfig, tokenizer: Any, collator: Collator, objective: Any, latent_shape: tuple,
+                     vae_model: Any, device: torch.device) -> tuple[ValidationSet, str]:
+    """The held-out set with its fixed draws; every rank scores all of it (identical forwards, as FSDP
+    needs), so no reduction is needed."""
+    size = config.data.image_size or (int(vae_model.config.sample_size) if vae_model is not None else None)
+    pairs, source = load_validation_pairs(config.data, config.train.eval_samples, vae=vae_model, device=device,
+                                          image_size=size)
+    shapes = {tuple(latent.shape) for latent, _ in pairs}
+    if shapes != {tuple(latent_shape)}:
+        raise ConfigError(f"validation data {source}: latents of shape {sorted(shapes)}, but the training data's are "
+                          f"{tuple(latent_shape)}; use held-out data encoded by the same VAE")
+    valset = ValidationSet(pairs, tokenizer, collator, objective, seed=config.train.eval_seed,
+                           batch_size=config.train.eval_batch_size, max_text_tokens=config.tokenizer.max_text_tokens,
+                           overflow=config.tokenizer.overflow, device=device)
+    return valset, source
+
+
+@dataclass
+class ComposedRun:
+    """A training run ready to go: the trainer on its built parts, and what summary.json reports about them."""
+
+    trainer: Trainer
+    accounting: dict[str, Any]
+    latent_shape: tuple[int, ...]
+    resumed_from: Path | None
+    validation_source: str | None
+
+
+def build_run(config: RunConfig, run_dir: str | Path, resume: bool = False, dist: DistInfo | None = None) -> ComposedRun:
+    """Every part of a run, in the order that fixes its random draws (so a run resumes bit for bit)."""
+    run_dir = Path(run_dir)
+    dist = dist or DistInfo()
+    tc, oc = config.train, config.optim
+    device = resolve_device(tc.device, dist.local_rank)
+    precision = resolve_precision(tc.precision, device)
+    if config.data.path is None and config.data.builtin:
+        prepare_builtin_data(config, dist)
+    tokenizer = load_tokenizer(config.tokenizer)
+    if tokenizer.vocab_size != config.model.vocab_size:
+        raise ConfigError(f"model.vocab_size is {config.model.vocab_size} but the tokenizer has {tokenizer.vocab_size} "
+                          f"ids (specials included): set model.vocab_size={tokenizer.vocab_size}")
+    resume_from = prepare_run_dir(config, run_dir, resume, dist)
+
+    torch.manual_seed(tc.seed)  # identical initial weights on every rank
+    model = TransfusionMoT(config.model).to(device)
+    accounting = parameter_accounting(model, seq_len=config.data.token_budget or config.model.max_seq_len)
+    objective = make_objective(config.model)
+    step_module = TransfusionStep(model, objective)
+    if tc.activation_checkpointing:
+        apply_activation_checkpointing(model)
+    if tc.compile:
+        apply_compile(model)
+    if dist.distributed:
+        apply_fsdp(step_module, model.blocks, bf16=precision == "bf16")
+    optimizer = torch.optim.AdamW(param_groups(model, oc.weight_decay), lr=oc.lr, betas=tuple(oc.betas), eps=oc.eps)
+    ema = EMA(model, oc.ema_decay) if oc.ema_decay > 0 else None
+    stream, latent_shape, vae_path, vae_model = build_stream(config, tokenizer, dist.rank, dist.world_size, device)
+    collator = Collator(config.model, tokenizer.specials, max_len=config.model.max_seq_len)
+    validation, source = (build_validation(config, tokenizer, collator, objective, latent_shape, vae_model, device)
+                          if tc.eval_every else (None, None))
+    torch.manual_seed(tc.seed * 1_000_003 + dist.rank)
+    noise = torch.Generator().manual_seed(tc.seed * 7_919 + dist.rank)
+    trainer = Trainer(config, run_dir, dist, device, model, step_module, optimizer, ema, stream, collator, noise,
+                      precision, validation=validation, vae_path=vae_path)
+    if resume_from is not None:
+        trainer.load(resume_from)
+    return ComposedRun(trainer, accounting, tuple(latent_shape), resume_from, source)
+
+
+def run_summary(run: ComposedRun, result: TrainResult) -> dict[str, Any]:
+    """summary.json: parameters and FLOPs, where and how the run trained, how it ended, held-out results."""
+    trainer, acc, config, p = run.trainer, run.accounting, run.trainer.config, run.trainer.progress
+    summary = {
+        "parameters": {"total": acc["total_params"], "shared": acc["shared_params"],
+                       "per_modality": acc["params_per_modality"], "active_per_token": acc["active_params_per_token"]},
+        "train_flops_per_token": acc["train_flops_per_token"], "flops_seq_len": acc["flops_seq_len"],
+        "model": {"untie": config.model.untie, "dim": config.model.dim, "n_layers": config.model.n_layers},
+        "world_size": trainer.dist.world_size, "device": str(trainer.device), "precision": trainer.precision,
+        "latent_shape": list(run.latent_shape), "vae": p.vae,
+        "resumed_from": str(run.resumed_from) if run.resumed_from else None,
+        "status": result.status, "step": result.step, "wall_time_s": result.wall_time_s, "train_time_s": p.train_time,
+        "tokens_seen": p.tokens_seen, "skipped_steps": p.skipped_steps, "failed_saves": trainer.failed_saves,
+        "data_mix": trainer.stream.counts, "last_checkpoint": str(result.checkpoint) if result.checkpoint else None}
+    if trainer.validation is not None:
+        tc = config.train
+        summary["validation"] = validation_summary(trainer.run_dir, run.validation_source,
+                                                   trainer.validation.num_samples, tc.eval_seed, tc.eval_every,
+                                                   trainer.validation.bucket_names)
+    return summary
+
+
+def train(config: RunConfig, run_dir: str | Path, resume: bool = False) -> TrainResult:
+    """Train (or resume) a run; the Python entry point behind `tmot train`."""
+    dist = init_distributed("cuda" if config.train.device != "cpu" and torch.cuda.is_available() else "cpu")
+    try:
+        run = build_run(config, run_dir, resume, dist)
+        result = run.trainer.run()
+        if dist.is_main:
+            result.summary = run_summary(run, result)
+            write_summary(Path(run_dir), result.summary)
+        if result.status == "diverged":
+            p = run.trainer.progress
+            raise TrainingError(f"{p.bad_in_a_row} consecutive steps had a non-finite loss or gradient (step "
+                                f"{result.step}); stopped. The last good checkpoint is "
+                                f"{result.checkpoint or '(none yet)'}; lower optim.lr or check the data, then --resume")
+        return result
+    finally:
+        shutdown_distributed()
+
+
+__all__ = ["ComposedRun", "build_run", "build_validation", "prepare_builtin_data", "prepare_run_dir", "run_summary",
+           "train"]
