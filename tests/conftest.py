@@ -1,4 +1,8 @@
+"""Test-wide settings: deterministic CPU torch, no network in any test, shared tiny training data."""
+
 import os
+import socket
+import urllib.request
 
 import pytest
 import torch
@@ -9,31 +13,35 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 torch.use_deterministic_algorithms(True)
 
 
+@pytest.fixture(scope="session")
+def data(tmp_path_factory):
+    """Tiny training data shared by the training tests: an image folder, a VAE and a latent cache."""
+    from helpers import make_training_data
+
+    return make_training_data(tmp_path_factory.mktemp("traindata"))
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
     yield
 
 
-def tiny_config(**overrides):
-    from transfusion_mot.config import ModelConfig
-
-    base = dict(dim=64, n_layers=2, n_heads=4, ffn_dim=96, vocab_size=64, latent_channels=4, patch_size=2,
-                max_seq_len=128)
-    base.update(overrides)
-    return ModelConfig(**base)
+def _refuse(*args, **kwargs):
+    raise AssertionError("a test tried to reach the network")
 
 
-def random_samples(config, n=2, seed=0, caption=(3, 9), latent=(4, 6)):
-    """Mixed samples: caption-first and image-first, latents of different sizes."""
-    from transfusion_mot.batch import Sample
+@pytest.fixture(autouse=True)
+def no_network(monkeypatch):
+    """Block sockets, urllib and clean-fid's downloaders for the duration of every test."""
+    import cleanfid.downloads_helper as downloads
+    import cleanfid.inception_torchscript as torchscript
+    from cleanfid import features
 
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for i in range(n):
-        length = int(torch.randint(caption[0], caption[1], (1,), generator=g))
-        text = torch.randint(0, config.vocab_size - 5, (length,), generator=g).tolist()
-        side = latent[i % len(latent)]
-        image = torch.randn(config.latent_channels, side, side + 2, generator=g)
-        out.append(Sample([text, image] if i % 3 != 2 else [image, text]))
-    return out
+    monkeypatch.setattr(socket.socket, "connect", _refuse)
+    monkeypatch.setattr(urllib.request, "urlopen", _refuse)
+    monkeypatch.setattr(downloads, "check_download_inception", _refuse)
+    monkeypatch.setattr(downloads, "check_download_url", _refuse)
+    monkeypatch.setattr(torchscript, "check_download_inception", _refuse)
+    monkeypatch.setattr(features, "check_download_url", _refuse)
+    yield

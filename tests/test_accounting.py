@@ -2,7 +2,7 @@
 
 import dataclasses
 
-from conftest import tiny_config
+from helpers import tiny_config
 
 from transfusion_mot.accounting import parameter_accounting
 from transfusion_mot.model import TransfusionMoT

@@ -6,6 +6,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
+from helpers import config_dict
+
+from transfusion_mot.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -58,3 +62,11 @@ def test_info_accounts_the_7b_config():
     info = json.loads(r.stdout)
     assert 6.4e9 < info["total_params"] < 7.2e9
     assert info["shared_params"] > 0.9 * info["total_params"]
+
+
+def test_cli_config_error_is_one_line(tmp_path, data, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump(config_dict(data)))
+    assert main(["train", "--config", str(cfg), "--out", str(tmp_path / "run"), "--set", "optim.bogus=1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "optim.bogus" in err

@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from conftest import random_samples, tiny_config
+from helpers import random_samples, tiny_config
 
 from transfusion_mot.batch import IGNORE_INDEX, Collator
 from transfusion_mot.diffusion import make_objective

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import random_samples, tiny_config
+from helpers import random_samples, tiny_config
 
 from transfusion_mot.batch import Collator
 from transfusion_mot.masks import dense_mask, flex_available, transfusion_mask_mod

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import random_samples, tiny_config
+from helpers import random_samples, tiny_config
 
 from transfusion_mot.batch import Collator, Sample
 from transfusion_mot.model import Experts, Routing, TransfusionMoT

@@ -1,21 +1,9 @@
 """Optimiser pieces: the warm-up + cosine schedule and the EMA, against closed forms."""
 
-import math
 
 import torch
 
-from transfusion_mot.common.schedule import warmup_cosine
 from transfusion_mot.training.optim import EMA, param_groups
-
-
-def test_warmup_cosine_closed_form():
-    base, lo, warm, total = 3e-4, 1.5e-5, 4000, 100_000
-    assert math.isclose(warmup_cosine(0, base, warm, total, lo), base / warm)
-    assert math.isclose(warmup_cosine(warm - 1, base, warm, total, lo), base)
-    assert math.isclose(warmup_cosine(warm, base, warm, total, lo), base)
-    mid = warm + (total - warm) // 2
-    assert math.isclose(warmup_cosine(mid, base, warm, total, lo), lo + 0.5 * (base - lo), rel_tol=1e-6)
-    assert math.isclose(warmup_cosine(total, base, warm, total, lo), lo)
 
 
 def test_ema_matches_recurrence_and_round_trips():

@@ -6,12 +6,7 @@ import argparse
 import json
 
 import pytest
-from test_eval_support import (  # noqa: F401
-    TinyExtractor,
-    no_network,
-    write_fake_inception,
-    write_images,
-)
+from helpers import TinyExtractor, write_fake_inception, write_images
 
 import eval.fid
 from eval import inception

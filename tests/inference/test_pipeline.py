@@ -5,8 +5,8 @@ import json
 import numpy as np
 import pytest
 import torch
+from helpers import make_config, make_training_data
 from PIL import Image
-from test_train import make_config, make_training_data
 
 from transfusion_mot.cli import main
 from transfusion_mot.inference.pipeline import Pipeline, load_pipeline

@@ -3,7 +3,7 @@ reference sampler written here with the Collator and diffusers directly (no code
 
 import pytest
 import torch
-from conftest import random_samples, tiny_config
+from helpers import random_samples, tiny_config
 
 from transfusion_mot.batch import Collator, ModelInputs, Sample, patchify, unpatchify
 from transfusion_mot.diffusion import make_objective

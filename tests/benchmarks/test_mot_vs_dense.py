@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_train import config_dict, make_training_data
+from helpers import config_dict, make_training_data
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 spec = importlib.util.spec_from_file_location("mot_vs_dense", REPO / "benchmarks" / "mot_vs_dense.py")
 bench = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(bench)

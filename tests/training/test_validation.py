@@ -6,8 +6,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_config
-from test_train import make_config, make_training_data
+from helpers import make_config, make_training_data, tiny_config
 
 from transfusion_mot.batch import IGNORE_INDEX, Collator, Sample, patchify
 from transfusion_mot.common.errors import ConfigError
@@ -198,26 +197,3 @@ def test_missing_or_mismatched_validation_data_is_a_clear_error(data, tmp_path):
         build_run(no_val, tmp_path / "b")
 
 
-def test_builtin_data_brings_val_split_and_bpe_tokenizer(tmp_path):
-    """`data.builtin` with `tokenizer.kind: hf` and no path: images, VAE, train/val caches and a BPE of the
-    captions are built, the resolved config records them, and held-out losses run on the val cache."""
-    from transfusion_mot.run import load_run_config, run_config_from_dict
-
-    config = run_config_from_dict({
-        "model": {"dim": 32, "n_layers": 1, "n_heads": 2, "ffn_dim": 64, "vocab_size": 356, "max_seq_len": 64},
-        "tokenizer": {"kind": "hf", "max_text_tokens": 32},
-        "data": {"builtin": "shapes", "builtin_dir": str(tmp_path / "data"), "builtin_num_images": 200,
-                 "builtin_vae_steps": 2},
-        "optim": {"warmup_steps": 1, "ema_decay": 0.0},
-        "train": {"max_steps": 2, "batch_size": 4, "progress": False, "tensorboard": False, "device": "cpu",
-                  "eval_every": 2, "eval_samples": 8}})
-    train(config, tmp_path / "run")
-    saved = load_run_config(tmp_path / "run" / "config.yaml")
-    root = tmp_path / "data" / "shapes-32"
-    assert saved.tokenizer.path == str(root / "tokenizer-356.json") and saved.data.val_path == str(root / "latents-val")
-    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert summary["validation"]["samples"] == 8 and summary["validation"]["source"] == str(root / "latents-val")
-    words = ByteTokenizer().encode("a large red circle")
-    from transfusion_mot.tokenizer import load_tokenizer
-
-    assert len(load_tokenizer(saved.tokenizer).encode("a large red circle")) == 4 < len(words)  # a word, a token

