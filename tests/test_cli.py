@@ -70,3 +70,22 @@ def test_cli_config_error_is_one_line(tmp_path, data, capsys):
     assert main(["train", "--config", str(cfg), "--out", str(tmp_path / "run"), "--set", "optim.bogus=1"]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "optim.bogus" in err
+
+
+def test_an_internal_error_keeps_its_traceback(monkeypatch):
+    """Only the project's UserError becomes a one-line message; a bug inside a command propagates."""
+    import transfusion_mot.cli as cli
+
+    def broken(args):
+        raise ValueError("a defect, not a user mistake")
+
+    monkeypatch.setattr(cli, "cmd_info", broken)
+    with pytest.raises(ValueError, match="a defect"):
+        cli.main(["info", "--config", "tiny"])
+
+
+def test_shipped_configs_by_name(capsys):
+    assert main(["info", "--config", "tiny", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["total_params"] > 0
+    assert main(["info", "--config", "huge"]) == 2
+    assert "shipped model config: 1.4b, 163m, 760m, 7b, tiny" in capsys.readouterr().err

@@ -21,7 +21,8 @@ def print_json(obj: dict) -> None:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .recipes.demo import run_demo
 
-    given = {"train_steps": args.steps, "fid_images": args.fid_images}
+    given = {"train_steps": args.steps, "fid_images": args.fid_images, "num_images": args.num_images,
+             "vae_steps": args.vae_steps, "classifier_steps": args.classifier_steps}
     report = run_demo(args.out, seed=args.seed, progress=not args.no_progress,
                       **{k: v for k, v in given.items() if v is not None})
     out = Path(args.out)
@@ -261,6 +262,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "sized for about 6 minutes of training on 2 CPU cores)")
     p.add_argument("--fid-images", type=non_negative_int, default=None, help="images per side for FID (default 200; "
                    "0: skip FID)")
+    p.add_argument("--num-images", type=positive_int, default=None,
+                   help="shapes images to generate (default 20000; fewer for a quick smoke run)")
+    p.add_argument("--vae-steps", type=positive_int, default=None, help="tiny VAE training steps (default 300)")
+    p.add_argument("--classifier-steps", type=positive_int, default=None,
+                   help="shapes classifier training steps (default 1000)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
 

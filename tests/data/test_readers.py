@@ -132,6 +132,26 @@ def test_image_folder_verify_split_and_transform(tmp_path):
         ImageFolderReader(tmp_path / "nope")
 
 
+def test_image_folder_index_cache_and_batches(tmp_path):
+    """`index` is the row of metadata.jsonl (latents join back to it); the cache returns what decoding does;
+    `batches` skips unreadable files (encoding a cache must never substitute another image)."""
+    make_folder(tmp_path)
+    reader = ImageFolderReader(tmp_path, split="train", size=4, cache=True)
+    assert [reader[i]["index"] for i in (0, 1, 3)] == [0, 1, 3]
+    fresh = ImageFolderReader(tmp_path, split="train", size=4)
+    for i in (0, 1, 3):
+        assert torch.equal(reader[i]["image"], fresh[i]["image"])
+        assert torch.equal(reader[i]["image"], fresh[i]["image"])  # the second read comes from the cache
+    assert set(reader._cache) >= {0, 1, 3}
+    batches = list(ImageFolderReader(tmp_path, split="train", size=4).batches(3))
+    assert [b["index"].tolist() for b in batches] == [[0, 1, 3], [4]]
+    assert batches[0]["image"].shape == (3, 3, 4, 4) and batches[0]["text"][2] == caption(3)
+    assert batches[0]["key"] == ["img/0.png", "img/1.png", "img/3.png"]
+    b = fresh.batch([0, 2])  # a position's bad image is replaced by the next good one (training batches)
+    assert b["index"].tolist() == [0, 3]
+    assert len(ImageFolderReader(tmp_path, split="test")) == 0
+
+
 def test_center_crop_resize():
     im = Image.fromarray(pixels(0, 8))  # 10 wide, 8 high
     out = center_crop_resize(im, 8)

@@ -90,6 +90,32 @@ def test_training_is_deterministic():
     assert not all(torch.equal(sa[k], sc[k]) for k in sa)
 
 
+def test_a_killed_training_resumes_exactly(tmp_path, monkeypatch):
+    """The classifier's loop uses the shared checkpointer: killed during step 5 of 6 (checkpoints every 2
+    steps), then resumed, it ends with the weights of a run that never stopped."""
+    import eval.align as align
+
+    straight = train_shapes_classifier(None, steps=6, batch_size=8, eval_images=0, seed=3)
+    real, calls = align.render_batch, {"n": 0}
+
+    def killed_at_step_5(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(align, "render_batch", killed_at_step_5)
+    with pytest.raises(KeyboardInterrupt):
+        train_shapes_classifier(tmp_path / "clf", steps=6, batch_size=8, eval_images=0, seed=3, save_every=2)
+    assert sorted(p.name for p in (tmp_path / "clf" / "checkpoints").iterdir()) == ["step_4"]
+    monkeypatch.setattr(align, "render_batch", real)
+    resumed = train_shapes_classifier(tmp_path / "clf", steps=6, batch_size=8, eval_images=0, seed=3, save_every=2,
+                                      resume=True)
+    a, b = straight.state_dict(), resumed.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert (tmp_path / "clf" / "config.json").is_file()
+
+
 def test_save_load_round_trip(classifier, tmp_path):
     classifier.save_pretrained(tmp_path / "clf")
     assert {p.name for p in (tmp_path / "clf").iterdir()} == {"config.json", "model.safetensors"}

@@ -1,0 +1,47 @@
+"""Image inputs of the metrics: folders read recursively and sorted, captioned folders, lazily decoded lists
+that skip and count unreadable files."""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from eval.images import ImageFolderNotFound, LazyImages, SkipCounter, captioned_images, list_images, split_batch
+from transfusion_mot.common.errors import InputNotFound, InvalidInput
+
+
+def test_list_images_is_recursive_sorted_and_clear_when_empty(tmp_path):
+    (tmp_path / "b").mkdir()
+    for name in ("b/2.PNG", "1.jpg", "a.png"):
+        Image.new("RGB", (4, 4)).save(tmp_path / name, format="PNG" if name.lower().endswith("png") else "JPEG")
+    (tmp_path / "notes.txt").write_text("x")
+    assert [p.relative_to(tmp_path).as_posix() for p in list_images(tmp_path)] == ["1.jpg", "a.png", "b/2.PNG"]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ImageFolderNotFound, match="no images"):
+        list_images(tmp_path / "empty")
+    with pytest.raises(InputNotFound, match="image folder not found"):
+        list_images(tmp_path / "none")
+
+
+def test_lazy_images_skip_and_count_or_refuse(tmp_path):
+    good = tmp_path / "good.png"
+    Image.new("RGB", (4, 4), (9, 9, 9)).save(good)
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not a png")
+    skipped = SkipCounter()
+    assert len(LazyImages([good, bad, good], skipped)[0:3]) == 2 and skipped.total == 1
+    assert skipped.as_dict()["reasons"] and skipped.as_dict()["count"] == 1
+    strict = LazyImages([good, bad])
+    assert strict[0][0, 0].tolist() == [9, 9, 9]
+    with pytest.raises(InvalidInput, match="unreadable image"):
+        strict[1]
+
+
+def test_captioned_images_and_split_batch(tmp_path):
+    Image.new("RGB", (4, 4)).save(tmp_path / "x.png")
+    (tmp_path / "metadata.jsonl").write_text('{"file_name": "x.png", "text": "a red circle", "split": "val"}\n')
+    paths, texts = captioned_images(tmp_path)
+    assert paths == [tmp_path / "x.png"] and texts == ["a red circle"]
+    with pytest.raises(InvalidInput, match="lists no images of split 'train'"):
+        captioned_images(tmp_path, split="train")
+    batch = np.zeros((3, 4, 4, 3), dtype=np.uint8)
+    assert len(split_batch(batch)) == 3 and split_batch([1, 2]) == [1, 2]
