@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .common.config import load_yaml_config
+from .common.config import load_yaml_config, require_ranges
 from .common.errors import ConfigError
 
 UNTIE_CHOICES = ("attn", "ffn", "norm")
@@ -65,10 +65,9 @@ class ModelConfig:
         def bad(msg: str) -> None:
             raise ConfigError(f"model config: {msg}")
 
-        for name in ("dim", "n_layers", "n_heads", "ffn_dim", "vocab_size", "latent_channels",
-                     "patch_size", "max_seq_len", "num_train_timesteps"):
-            if int(getattr(self, name)) <= 0:
-                bad(f"{name} must be positive, got {getattr(self, name)}")
+        require_ranges(self, "model config", positive=("dim", "n_layers", "n_heads", "ffn_dim", "vocab_size",
+                                                       "latent_channels", "patch_size", "max_seq_len",
+                                                       "num_train_timesteps"))
         if self.dim % self.n_heads:
             bad(f"dim ({self.dim}) must be divisible by n_heads ({self.n_heads})")
         if (self.dim // self.n_heads) % 2:

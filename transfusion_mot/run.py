@@ -17,7 +17,7 @@ import torch
 import yaml
 
 from .common.checkpoint import load_tensors, read_state, resolve_checkpoint
-from .common.config import apply_overrides, from_dict, read_yaml_mapping, resolve_config_path, to_dict
+from .common.config import apply_overrides, from_dict, read_yaml_mapping, require_ranges, resolve_config_path, to_dict
 from .common.errors import ConfigError, InputNotFound, InvalidInput
 from .config import ModelConfig
 from .tokenizer import TokenizerConfig
@@ -147,18 +147,14 @@ class TrainConfig:
     eval_ema: bool = False
 
     def __post_init__(self) -> None:
-        if self.eval_every < 0:
-            raise ConfigError(f"train config: eval_every must be >= 0 (0: no validation), got {self.eval_every}")
-        for name in ("max_steps", "batch_size", "grad_accum", "log_every", "save_every", "max_bad_steps",
-                     "eval_samples", "eval_batch_size"):
-            if int(getattr(self, name)) <= 0:
-                raise ConfigError(f"train config: {name} must be positive, got {getattr(self, name)}")
+        require_ranges(self, "train config", positive=("max_steps", "batch_size", "grad_accum", "log_every",
+                                                       "save_every", "max_bad_steps", "eval_samples",
+                                                       "eval_batch_size"),
+                       non_negative=("eval_every", "keep_checkpoints"))  # 0: no validation / keep every checkpoint
         if self.precision not in PRECISIONS:
             raise ConfigError(f"train config: precision must be one of {list(PRECISIONS)}, got {self.precision!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"train config: device must be auto, cpu or cuda, got {self.device!r}")
-        if self.keep_checkpoints < 0:
-            raise ConfigError("train config: keep_checkpoints must be >= 0 (0 keeps all)")
 
 
 @dataclass

@@ -17,7 +17,7 @@ from typing import Any, Iterable, NamedTuple
 import torch
 from torch import Tensor
 
-from transfusion_mot.common.config import load_yaml_config
+from transfusion_mot.common.config import load_yaml_config, require_ranges
 from transfusion_mot.common.errors import ConfigError, InputNotFound
 
 RECON_LOSSES = ("l1", "mse", "l1+mse")
@@ -49,9 +49,8 @@ class VAEConfig:
         def bad(msg: str) -> None:
             raise ConfigError(f"vae model config: {msg}")
 
-        for name in ("in_channels", "latent_channels", "layers_per_block", "norm_num_groups", "sample_size"):
-            if int(getattr(self, name)) <= 0:
-                bad(f"{name} must be positive, got {getattr(self, name)}")
+        require_ranges(self, "vae model config", positive=("in_channels", "latent_channels", "layers_per_block",
+                                                           "norm_num_groups", "sample_size"))
         if not self.block_out_channels:
             bad("block_out_channels must list at least one level")
         for c in self.block_out_channels:
@@ -115,13 +114,10 @@ class VAETrainConfig:
         def bad(msg: str) -> None:
             raise ConfigError(f"vae train config: {msg}")
 
-        for name in ("lr", "batch_size", "max_steps", "save_every", "keep_checkpoints", "log_every",
-                     "stats_samples"):
-            if not getattr(self, name) > 0:
-                bad(f"{name} must be positive, got {getattr(self, name)}")
-        for name in ("kl_weight", "perceptual_weight", "weight_decay", "warmup_steps", "grad_clip"):
-            if getattr(self, name) < 0:
-                bad(f"{name} must be >= 0, got {getattr(self, name)}")
+        require_ranges(self, "vae train config",
+                       positive=("lr", "batch_size", "max_steps", "save_every", "keep_checkpoints", "log_every",
+                                 "stats_samples"),
+                       non_negative=("kl_weight", "perceptual_weight", "weight_decay", "warmup_steps", "grad_clip"))
         if not 0 <= self.min_lr_ratio <= 1:
             bad(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.recon_loss not in RECON_LOSSES:

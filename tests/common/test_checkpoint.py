@@ -10,8 +10,8 @@ import torch
 from transfusion_mot.common import checkpoint as ckpt
 from transfusion_mot.common.checkpoint import (
     Bundle,
-    CheckpointSaveError,
     Checkpointer,
+    CheckpointSaveError,
     GeneratorState,
     ModuleWeights,
     TorchRNGState,

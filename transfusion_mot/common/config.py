@@ -159,3 +159,14 @@ def resolve_config_path(spec: str | Path, kind: str) -> Path:
             return shipped
     raise ConfigError(f"config not found: {spec} (give a YAML file, or the name of a shipped {kind} config: "
                       f"{', '.join(shipped_config_names(kind))})")
+
+
+def require_ranges(config: Any, section: str, positive: tuple[str, ...] = (),
+                   non_negative: tuple[str, ...] = ()) -> None:
+    """ConfigError naming the first of `positive` that is not > 0, or of `non_negative` that is < 0."""
+    for name in positive:
+        if not getattr(config, name) > 0:
+            raise ConfigError(f"{section}: {name} must be positive, got {getattr(config, name)}")
+    for name in non_negative:
+        if getattr(config, name) < 0:
+            raise ConfigError(f"{section}: {name} must be >= 0, got {getattr(config, name)}")

@@ -37,22 +37,27 @@ def read_jsonl(path: str | os.PathLike, what: str = "file") -> list[dict[str, An
     return [row for _, row in iter_jsonl(path, what)]
 
 
-def read_prompts(path: str | os.PathLike, fields: tuple[str, ...] = ("prompt", "text")) -> list[str]:
-    """Prompts from a file: .jsonl (the first of `fields` that a line has, a string) or any other text file
-    (one prompt per non-blank line)."""
+def read_texts(path: str | os.PathLike, fields: tuple[str, ...], what: str = "file") -> list[str]:
+    """One text per record: a .jsonl file's objects (the first of `fields` that a line has, a string), or any
+    other file's non-blank lines (stripped)."""
     path = Path(path)
     if path.suffix != ".jsonl":
         if not path.is_file():
-            raise InputNotFound(f"prompt file not found: {path}")
+            raise InputNotFound(f"{what} not found: {path}")
         return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    prompts = []
-    for lineno, row in iter_jsonl(path, "prompt file"):
+    texts = []
+    for lineno, row in iter_jsonl(path, what):
         text = next((row[f] for f in fields if f in row), None)
         if not isinstance(text, str):
             raise InvalidInput(f"{path}:{lineno}: expected a JSON object with a string "
                                + " or ".join(f'"{f}"' for f in fields))
-        prompts.append(text.strip())
-    return prompts
+        texts.append(text)
+    return texts
+
+
+def read_prompts(path: str | os.PathLike) -> list[str]:
+    """Prompts: a .jsonl file with "prompt" (or "text") per line, or a text file with one per line."""
+    return [p.strip() for p in read_texts(path, ("prompt", "text"), "prompt file")]
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -80,4 +85,4 @@ def write_jsonl(path: str | os.PathLike, rows: Iterable[dict[str, Any]]) -> None
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
-__all__ = ["atomic_write_bytes", "iter_jsonl", "read_jsonl", "read_prompts", "write_json", "write_jsonl"]
+__all__ = ["atomic_write_bytes", "iter_jsonl", "read_jsonl", "read_prompts", "read_texts", "write_json", "write_jsonl"]

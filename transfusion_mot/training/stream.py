@@ -19,25 +19,15 @@ from typing import Any
 import torch
 
 from ..batch import Sample
-from ..common.errors import ConfigError, InputNotFound, InvalidInput
-from ..common.files import iter_jsonl
+from ..common.errors import ConfigError, InvalidInput
+from ..common.files import read_texts
 from ..data.readers import ImageFolderReader, WebDatasetReader
 from ..tokenizer import encode_caption
 
 
 def read_text_documents(path: str | Path) -> list[str]:
     """A text-only corpus: .jsonl with a "text" field per line, or plain text with one document per line."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputNotFound(f"text-only corpus not found: {path}")
-    if path.suffix == ".jsonl":
-        docs = []
-        for lineno, row in iter_jsonl(path, "text-only corpus"):
-            if not isinstance(row.get("text"), str):
-                raise InvalidInput(f"{path}:{lineno}: expected a JSON object with a \"text\" field")
-            docs.append(row["text"])
-    else:
-        docs = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    docs = read_texts(path, ("text",), "text-only corpus")
     if not docs:
         raise InvalidInput(f"{path}: no documents (empty file)")
     return docs
