@@ -2,7 +2,7 @@
 
 Every variant is the same training config with one change (`tmot train --set ...`), so the variants share
 the code path, the seed, the data order, the timesteps and noise of every step, and are scored on the same
-held-out draws (`train.eval_every`: fixed timesteps and noise, see transfusion_mot/validation.py):
+held-out draws (`train.eval_every`: fixed timesteps and noise, see transfusion_mot/training/validation.py):
 
     dense         model.untie=[]                  the Transfusion baseline
     ffn           model.untie=[ffn]               MoT ablation: only the FFN untied

@@ -21,7 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from vae.autoencoder import load_vae  # noqa: E402
-from vae.data import ImageFolderDataset  # noqa: E402
+from transfusion_mot.data.readers import ImageFolderReader  # noqa: E402
 from vae.latents import encode_folder  # noqa: E402
 from vae.reconstruct import evaluate_psnr, reconstruct  # noqa: E402
 from vae.train import resolve_config, train_vae  # noqa: E402
@@ -44,8 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = resolve_config(args.config, args.set)
     out = Path(args.out or f"/tmp/vae_recon/{Path(args.data).name}")
     budget = args.minutes * 60
-    train_set = ImageFolderDataset(args.data, split="train", size=cfg.model.sample_size)
-    val_set = ImageFolderDataset(args.data, split="val", size=cfg.model.sample_size)
+    train_set = ImageFolderReader(args.data, split="train", size=cfg.model.sample_size)
+    val_set = ImageFolderReader(args.data, split="val", size=cfg.model.sample_size)
 
     # the cosine schedule decays over the wall-clock budget (schedule_by_time); max_steps only caps it
     max_steps = args.max_steps or 1_000_000

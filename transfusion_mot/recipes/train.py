@@ -129,7 +129,10 @@ def build_run(config: RunConfig, run_dir: str | Path, resume: bool = False, dist
         apply_compile(model)
     if dist.distributed:
         apply_fsdp(step_module, model.blocks, bf16=precision == "bf16")
-    optimizer = torch.optim.AdamW(param_groups(model, oc.weight_decay), lr=oc.lr, betas=tuple(oc.betas), eps=oc.eps)
+    # the fused AdamW kernel (CPU and CUDA) is 2-3x faster than the per-tensor loop; sharded (FSDP2) parameters
+    # keep the default implementation
+    optimizer = torch.optim.AdamW(param_groups(model, oc.weight_decay), lr=oc.lr, betas=tuple(oc.betas), eps=oc.eps,
+                                  fused=not dist.distributed)
     ema = EMA(model, oc.ema_decay) if oc.ema_decay > 0 else None
     stream, latent_shape, vae_path, vae_model = build_stream(config, tokenizer, dist.rank, dist.world_size, device)
     collator = Collator(config.model, tokenizer.specials, max_len=config.model.max_seq_len)

@@ -30,8 +30,10 @@ class EMA:
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
-        for name, p in model.named_parameters():
-            self.shadow[name].lerp_(p.detach().float(), 1.0 - self.decay)
+        names = list(self.shadow)
+        params = dict(model.named_parameters())
+        torch._foreach_lerp_([self.shadow[n] for n in names], [params[n].detach().float() for n in names],
+                             1.0 - self.decay)  # one fused op for all tensors instead of one per tensor
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return full_state_dict(self.shadow)  # a collective under FSDP2: every process calls it
