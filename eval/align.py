@@ -88,7 +88,7 @@ class ShapesClassifier(nn.Module):
         super().__init__()
         self.config = config = config or ShapesClassifierConfig()
         if config.image_size % config.stride or config.stride != 4:
-            raise ValueError(f"image_size must be a multiple of the stride 4, got {config.image_size}")
+            raise InvalidInput(f"image_size must be a multiple of the stride 4, got {config.image_size}")
         w = config.width
         self.net = nn.Sequential(
             *_conv_block(3, w), *_conv_block(w, 2 * w, stride=2), *_conv_block(2 * w, 2 * w),

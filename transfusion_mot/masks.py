@@ -19,6 +19,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from .common.errors import ConfigError
+
 MaskMod = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
 # on CPU, bf16 rows with at most this many keys use SDPA's math kernel (see AttentionMask.attend)
 CPU_MATH_MAX_KV = 256
@@ -95,7 +97,7 @@ class AttentionMask:
 
             self.block_mask = create_block_mask(mask_mod, batch, None, q_len, kv_len, device=device)
         else:
-            raise ValueError(f"unknown attention backend {backend!r}")
+            raise ConfigError(f"unknown attention backend {backend!r}")
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         """q: (B, H, Q, d), k, v: (B, H, KV, d) -> (B, H, Q, d)."""
@@ -115,8 +117,8 @@ def resolve_backend(requested: str, device: torch.device) -> str:
         return "flex" if device.type == "cuda" and flex_available() else "sdpa"
     if requested == "flex":
         if not flex_available():
-            raise ValueError("attn_backend 'flex' needs torch >= 2.5 (torch.nn.attention.flex_attention)")
+            raise ConfigError("attn_backend 'flex' needs torch >= 2.5 (torch.nn.attention.flex_attention)")
         if device.type != "cuda":
-            raise ValueError("attn_backend 'flex' needs CUDA: its backward is not implemented on CPU; "
+            raise ConfigError("attn_backend 'flex' needs CUDA: its backward is not implemented on CPU; "
                              "use attn_backend: sdpa or auto")
     return requested

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from transfusion_mot.common.checkpoint import Checkpointer, ModuleWeights
 from transfusion_mot.common.config import apply_overrides, from_dict, save_yaml_config, to_dict
-from transfusion_mot.common.errors import ConfigError, InvalidInput
+from transfusion_mot.common.errors import ConfigError, InvalidInput, TrainingError
 from transfusion_mot.common.schedule import warmup_cosine
 from transfusion_mot.data.readers import ImageFolderReader
 
@@ -266,7 +266,7 @@ def train_vae(config_path_or_obj: str | Path | VAERunConfig | dict[str, Any], da
                 torch.nn.utils.clip_grad_norm_(vae.parameters(), t.grad_clip)
             opt.step()
             if not torch.isfinite(loss):
-                raise FloatingPointError(f"vae training diverged at step {step} (loss {loss.item()}); "
+                raise TrainingError(f"vae training diverged at step {step} (loss {loss.item()}); "
                                          "lower train.lr or raise train.warmup_steps")
             if step % t.log_every == 0 or step == t.max_steps or step == start + 1:
                 with torch.no_grad():

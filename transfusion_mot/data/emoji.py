@@ -20,7 +20,7 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from ..common.errors import InputNotFound
+from ..common.errors import InputNotFound, InvalidInput
 from ..common.images import save_png
 from .imageio import IMAGE_DIR, WHITE, assign_split, center_crop_resize, image_path, write_metadata
 
@@ -48,7 +48,7 @@ def load_font(path: str | os.PathLike | None = None) -> ImageFont.FreeTypeFont:
     try:
         return ImageFont.truetype(path, size=FONT_SIZE)
     except OSError as e:
-        raise OSError(f"cannot load {path} at size {FONT_SIZE} (a CBDT colour bitmap font such as "
+        raise InvalidInput(f"cannot load {path} at size {FONT_SIZE} (a CBDT colour bitmap font such as "
                       f"NotoColorEmoji.ttf is expected): {e}") from e
 
 

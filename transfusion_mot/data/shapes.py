@@ -23,6 +23,7 @@ from typing import Any, Sequence
 
 from PIL import Image, ImageDraw
 
+from ..common.errors import InvalidInput
 from ..common.images import save_png
 from .imageio import IMAGE_DIR, image_path, write_metadata
 
@@ -243,9 +244,9 @@ def generate_shapes(out: str | os.PathLike, num: int, size: int = 32, seed: int 
     Returns ``{"count", "train", "val", "seconds", "images_per_s", "out"}``.
     """
     if num < 0:
-        raise ValueError("num must be >= 0")
+        raise InvalidInput("num must be >= 0")
     if size < 8:
-        raise ValueError("size must be >= 8 pixels")
+        raise InvalidInput("size must be >= 8 pixels")
     out = Path(out)
     (out / IMAGE_DIR).mkdir(parents=True, exist_ok=True)
     n_val = int(round(num * val_fraction))
