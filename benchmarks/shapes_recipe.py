@@ -10,6 +10,7 @@ for quality sweeps at equal steps; time per step is only comparable between runs
     python benchmarks/shapes_recipe.py --name base --steps 4000
     python benchmarks/shapes_recipe.py --name lr2e-3 --steps 4000 --set optim.lr=0.002
     python benchmarks/shapes_recipe.py --name ddpm --steps 4000 --set model.objective=ddpm --samplers ddim:50:5
+    python benchmarks/shapes_recipe.py --table          # the table of every point so far (OUT/results.jsonl)
 """
 
 from __future__ import annotations
@@ -25,29 +26,61 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 
 
+SETS = ("demo", "small objects", "single object with a position", "two objects with a relation")
+
+
+def render_table(rows: list[dict]) -> str:
+    """results.jsonl as a markdown table: one line per run and sampler setting; colour / shape / all correct
+    on each prompt set."""
+    lines = ["| variant | overrides | steps | train s | held-out image loss | captioning loss | sampler | "
+             + " | ".join(f"{s}: colour / shape / all" for s in SETS) + " |", "|" + "---|" * (7 + len(SETS))]
+    for row in rows:
+        specs = sorted({k.split(" @ ")[1] for k in row if " @ " in k}, key=lambda s: (s != "default:50:5", s))
+        for spec in specs:
+            cells = []
+            for name in SETS:
+                v = row.get(f"{name} @ {spec}")
+                cells.append("–" if v is None else
+                             f"{100 * v['colour']:.0f} / {100 * v['shape']:.0f} / **{100 * v['all_correct']:.0f}**")
+            first = spec == specs[0]
+            lines.append(f"| {row['name'] if first else ''} | {' '.join(row['set']) if first and row['set'] else ''} | "
+                         f"{row['steps'] if first else ''} | {row['train_time_s'] if first else ''} | "
+                         f"{row['val']['val_image_loss'] if first else ''} | {row['val']['val_caption_loss'] if first else ''} | "
+                         f"{spec} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--name", required=True)
+    ap.add_argument("--name", default=None, help="this point's name in the table (required unless --table)")
     ap.add_argument("--steps", type=int, default=4000)
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="training config override")
     ap.add_argument("--config", default=str(REPO / "configs/train/shapes-tiny.yaml"))
     ap.add_argument("--samplers", default="default:50:5",
                     help="comma-separated SCHEDULER:STEPS:CFG (default = the objective's own scheduler)")
     ap.add_argument("--images-per-prompt", type=int, default=4)
+    ap.add_argument("--heldout-images-per-prompt", type=int, default=1,
+                    help="images per held-out prompt (the sweep in BENCHMARKS.md used 1; tmot demo uses 2)")
     ap.add_argument("--vae-steps", type=int, default=300)
     ap.add_argument("--num-images", type=int, default=20000)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--data-dir", default="tmot_data/recipe")
     ap.add_argument("--out", default="shapes_recipe")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--table", action="store_true", help="print OUT/results.jsonl as a markdown table and exit")
     args = ap.parse_args()
+    if args.table:
+        print(render_table([json.loads(line) for line in (Path(args.out) / "results.jsonl").read_text().splitlines()]))
+        return
+    if not args.name:
+        ap.error("--name is required")
     if args.threads:
         torch.set_num_threads(args.threads)
 
     from eval.align import load_classifier, score_alignment, train_shapes_classifier
     from transfusion_mot.common.images import image_grid
     from transfusion_mot.inference.pipeline import Pipeline
-    from transfusion_mot.recipes.demo import DEMO_PROMPTS, HELDOUT_SEED_OFFSET, heldout_prompts
+    from transfusion_mot.recipes.demo import DEMO_SET, prompt_sets
     from transfusion_mot.recipes.prepare import prepare_for_run
     from transfusion_mot.recipes.train import train
     from transfusion_mot.run import load_run_config
@@ -81,12 +114,9 @@ def main() -> None:
         train_shapes_classifier(classifier_dir, image_size=32, steps=1000, seed=0)
     classifier = load_classifier(classifier_dir)
     pipe = Pipeline.from_run(run, device="cpu")
-    demo = [p for p in DEMO_PROMPTS for _ in range(args.images_per_prompt)]
-    sets = {"demo": (demo, [args.seed + k for k in range(len(demo))])}
-    offset = args.seed + HELDOUT_SEED_OFFSET
-    for name, prompts in heldout_prompts(seed=args.seed + 1).items():
-        sets[name] = (prompts, [offset + k for k in range(len(prompts))])
-        offset += len(prompts)
+    sets = {("demo" if name == DEMO_SET else name.removeprefix("held out: ")): prompts_seeds
+            for name, prompts_seeds in prompt_sets(args.seed, args.images_per_prompt,
+                                                   args.heldout_images_per_prompt).items()}
     for spec in args.samplers.split(","):
         scheduler, steps, cfg = spec.split(":")
         for name, (prompts, seeds) in sets.items():
