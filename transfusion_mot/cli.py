@@ -260,7 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="tmot_demo", help="output directory (default: tmot_demo)")
     p.add_argument("--steps", type=positive_int, default=None, help="MoT training steps (default: the recipe's, "
                    "sized for about 6 minutes of training on 2 CPU cores)")
-    p.add_argument("--fid-images", type=non_negative_int, default=None, help="images per side for FID (default 200; "
+    p.add_argument("--fid-images", type=non_negative_int, default=None, help="images per side for FID (default 100; "
                    "0: skip FID)")
     p.add_argument("--num-images", type=positive_int, default=None,
                    help="shapes images to generate (default 20000; fewer for a quick smoke run)")

@@ -89,7 +89,7 @@ def _stage(report: dict[str, Any], name: str, start: float, log, **extra: Any) -
 
 def run_demo(out: str | Path = "tmot_demo", *, num_images: int = 20000, vae_steps: int = 300,
              train_steps: int = 2500, classifier_steps: int = 1000, images_per_prompt: int = 4,
-             sample_steps: int = 50, scheduler: str | None = None, cfg_scale: float = 5.0, fid_images: int = 200,
+             sample_steps: int = 50, scheduler: str | None = None, cfg_scale: float = 5.0, fid_images: int = 100,
              eval_every: int | None = None, seed: int = 0, progress: bool = True, log=print) -> dict[str, Any]:
     """Run (or finish) the demo in `out`; returns the report dict (also written to report.json).
 
