@@ -195,6 +195,23 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return "fp32"
 
 
+def absolute_local_paths(config: RunConfig) -> None:
+    """Make the files a run config names (data, held-out data, text corpus, VAE, tokenizer) absolute when they
+    are on this machine, so the run directory's config.yaml works from any directory. Hub ids, URLs and
+    anything not on disk are left as they are."""
+    def absolute(value: str | None) -> str | None:
+        if not value or "://" in value or value.startswith("pipe:"):
+            return value
+        path = Path(value).expanduser()
+        shard_pattern = "{" in path.name and path.parent.is_dir()
+        return str(path.resolve()) if path.exists() or shard_pattern else value
+
+    d = config.data
+    d.path, d.val_path, d.text_only_path = absolute(d.path), absolute(d.val_path), absolute(d.text_only_path)
+    config.vae.path = absolute(config.vae.path)
+    config.tokenizer.path = absolute(config.tokenizer.path)
+
+
 def _resolve_model_file(spec: str, base: Path) -> dict[str, Any]:
     """A model config named by a training config: a path relative to that file or to the working directory,
     or the name of a shipped model config (`tiny`, `760m`, ...)."""

@@ -45,3 +45,20 @@ def test_resume_rejects_a_changed_recipe(tmp_path, data):
         train(make_config(data, ["optim.lr=0.1"]), run, resume=True)
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         train(make_config(data), tmp_path / "empty", resume=True)
+
+
+def test_the_run_directory_works_from_any_directory(tmp_path, data, monkeypatch):
+    """Relative paths in a config are recorded absolute in RUN/config.yaml, so the run loads from elsewhere."""
+    import shutil
+
+    from transfusion_mot.run import load_run_model
+
+    work = tmp_path / "work"
+    shutil.copytree(data["latents"], work / "latents")
+    monkeypatch.chdir(work)
+    train(make_config({"latents": "latents"}, train={"max_steps": 2}, vae={"path": str(data["vae"])}), "run")
+    saved = load_run_config(work / "run" / "config.yaml")
+    assert saved.data.path == str(work / "latents") and saved.vae.path == str(data["vae"])
+    monkeypatch.chdir(tmp_path)
+    model, config, info = load_run_model("work/run")
+    assert info["step"] == 2

@@ -21,7 +21,8 @@ from ..common.device import resolve_device
 from ..common.errors import ConfigError, InputNotFound, TrainingError
 from ..diffusion import make_objective
 from ..model import TransfusionMoT
-from ..run import RESUMABLE_KEYS, RunConfig, config_differences, load_run_config, resolve_precision, save_run_config
+from ..run import (RESUMABLE_KEYS, RunConfig, absolute_local_paths, config_differences, load_run_config,
+                   resolve_precision, save_run_config)
 from ..tokenizer import load_tokenizer
 from ..training.metrics import validation_summary, write_summary
 from ..training.optim import EMA, param_groups
@@ -112,6 +113,7 @@ def build_run(config: RunConfig, run_dir: str | Path, resume: bool = False, dist
     precision = resolve_precision(tc.precision, device)
     if config.data.path is None and config.data.builtin:
         prepare_builtin_data(config, dist)
+    absolute_local_paths(config)  # the run directory then works from any directory
     tokenizer = load_tokenizer(config.tokenizer)
     if tokenizer.vocab_size != config.model.vocab_size:
         raise ConfigError(f"model.vocab_size is {config.model.vocab_size} but the tokenizer has {tokenizer.vocab_size} "
