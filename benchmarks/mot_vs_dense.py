@@ -18,9 +18,12 @@ time_ratio: the first evaluated step (training time) at which MoT's held-out ima
 dense's final one, over dense's steps (time); null if never; and mot_/dense_best_val_image_loss (the lowest
 evaluation: on small data sets the held-out loss can rise again, and the table flags it).
 
-    python benchmarks/mot_vs_dense.py --data shapes --steps 1500
-    python benchmarks/mot_vs_dense.py --data emoji --steps 3000 --variants dense,ffn,ffn_attn,mot
-    python benchmarks/mot_vs_dense.py --data shapes --steps 1500 --variants dense,mot,dense_causal,mot_causal
+    python benchmarks/mot_vs_dense.py --data shapes --steps 3000
+    python benchmarks/mot_vs_dense.py --data shapes --steps 3000 --jobs 2 --threads 1 \\
+        --variants mot,dense,ffn,ffn_attn,dense_causal,mot_causal
+    python benchmarks/mot_vs_dense.py --data emoji --steps 2000 --jobs 2 --threads 1 \\
+        --variants mot,dense,ffn,ffn_attn,dense_causal,mot_causal
+    python benchmarks/mot_vs_dense.py --data shapes --steps 2000 --set model.dim=256 --set model.ffn_dim=688
     python benchmarks/mot_vs_dense.py --data LATENTS --val-data VAL_LATENTS --config my.yaml --steps 5000
     python benchmarks/mot_vs_dense.py --data IMAGE_FOLDER --vae VAE_DIR --config my.yaml --steps 5000
 """
