@@ -3,6 +3,7 @@ and a latent cache), tiny stand-ins for Inception and CLIP, and image folders wr
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -296,3 +297,23 @@ def fake_generate(prompts: list[str], seed: int) -> list[Image.Image]:
         objects = [{**o, "center": [rng.uniform(8, 24), rng.uniform(8, 24)]} for o in scene["objects"]]
         images.append(render_shapes(objects, 32))
     return images
+
+
+@contextlib.contextmanager
+def process_group(rank: int = 0, world_size: int = 1, tmp_path: Path | None = None):
+    """A process group inside the test process: gloo for a world of 1 (real collectives, through a file
+    store), torch's fake backend for rank `rank` of a larger world (collectives are no-ops, but DTensor
+    and FSDP2 shard exactly as that rank would)."""
+    import torch.distributed as dist
+
+    if world_size == 1:
+        store = dist.FileStore(str(tmp_path / "pg-store"), 1)
+        dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    else:
+        from torch.testing._internal.distributed.fake_pg import FakeStore
+
+        dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world_size)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()

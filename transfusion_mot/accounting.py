@@ -6,10 +6,15 @@ timestep embedder and the image head serve the image modality. Active parameters
 one token of a modality multiplies by, excluding the token-embedding lookup, the timestep embedder and
 the adaLN modulation (run once per image, not per token). Training FLOPs per token follow PaLM (arXiv 2204.02311, App. B):
 6 * active_params + 12 * n_layers * dim * seq_len, the second term being attention scores and values
-over a full context of `seq_len` (no discount for causality).
+over a full context of `seq_len` (no discount for causality). `batch_train_flops` counts a real batch the
+same way, with each token's context the length of its own document (padding and the other documents
+packed into its row do not count), which is what MFU is measured against.
 """
 
 from __future__ import annotations
+
+import torch
+from torch import Tensor
 
 from .config import ModelConfig
 from .model import Experts, TransfusionMoT
@@ -70,5 +75,20 @@ def parameter_accounting(model: TransfusionMoT, seq_len: int | None = None) -> d
         "active_params_per_token": dict(zip(names, active)),
         "train_flops_per_token": {n: 6 * a + attention_flops for n, a in zip(names, active)},
         "flops_seq_len": seq_len,
+        "attention_flops_per_token_pair": 12 * cfg.n_layers * cfg.dim,
         "untie": sorted(cfg.untie),
     }
+
+
+def batch_train_flops(accounting: dict, modality: Tensor, doc_ids: Tensor, modalities: list[str]) -> float:
+    """Training FLOPs (forward + backward) of one batch: 6 x active parameters per real token of each
+    modality, plus 12 x n_layers x dim per (query, key) pair within each document. modality, doc_ids:
+    (B, L) long, doc_id -1 for padding."""
+    valid = doc_ids >= 0
+    per_modality = torch.bincount(modality[valid], minlength=len(modalities)).tolist()
+    active = accounting["active_params_per_token"]
+    flops = sum(6.0 * active[name] * n for name, n in zip(modalities, per_modality))
+    batch, length = doc_ids.shape
+    document = (doc_ids + torch.arange(batch).unsqueeze(1) * (length + 1))[valid]  # unique per (row, doc)
+    lengths = torch.bincount(document).double()
+    return flops + accounting["attention_flops_per_token_pair"] * float(lengths.pow(2).sum())

@@ -195,8 +195,13 @@ class Collator:
         return lay
 
     def layout_length(self, sample: Sample) -> int:
-        """Positions the sample takes in a row: its text, image patches and special tokens."""
-        return len(self._layout(sample)["tokens"])
+        """Positions the sample takes in a row: its text, image patches and special tokens (`_layout`'s
+        length, counted without building it)."""
+        p = self.config.patch_size
+        n = 2  # BOS, EOS
+        for seg in sample.segments:
+            n += (seg.shape[-2] // p) * (seg.shape[-1] // p) + 2 if is_image(seg) else len(seg)
+        return n
 
     def _prefix_layout(self, sample: Sample, with_image: bool) -> dict:
         """The sample's layout up to and including the BOI (or, `with_image`, the EOI) of its first image."""

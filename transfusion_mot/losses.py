@@ -36,21 +36,21 @@ def transfusion_loss(model: TransfusionMoT, batch: Batch, objective: DiffusionOb
     hidden = model(batch.model_inputs(noisy, timesteps), check=check)
 
     out: dict[str, Tensor] = {}
+    # both heads run even on an empty selection, so their gradients are zero rather than missing (FSDP2
+    # needs every process to reduce the same gradients); an empty loss term is 0 with that graph
     text_positions = batch.text_targets != IGNORE_INDEX
-    if text_positions.any():
-        logits = model.lm_head(hidden[text_positions]).float()
-        targets = batch.text_targets[text_positions]
+    logits = model.lm_head(hidden[text_positions]).float()
+    targets = batch.text_targets[text_positions]
+    if targets.numel():
         text_loss = F.cross_entropy(logits, targets)
-        if details:
-            out["text_nll_sum"] = F.cross_entropy(logits, targets, reduction="sum")
-            out["text_tokens"] = targets.new_tensor(targets.numel())
     else:
-        text_loss = hidden.sum() * 0.0
-        if details:
-            out["text_nll_sum"], out["text_tokens"] = text_loss.detach(), batch.tokens.new_tensor(0)
+        text_loss = logits.sum() * 0.0
+    if details:
+        out["text_nll_sum"] = F.cross_entropy(logits, targets, reduction="sum") if targets.numel() else text_loss.detach()
+        out["text_tokens"] = targets.new_tensor(targets.numel())
     image_positions = batch.modality == model.image_modality
+    prediction = model.image_head(hidden[image_positions])
     if batch.patches.shape[0]:
-        prediction = model.image_head(hidden[image_positions])
         image_loss = objective.loss(prediction, batch.patches, noise)
         if details:
             sq = (prediction.float() - objective.target(batch.patches, noise).float()).pow(2).mean(dim=1)  # (P,)
@@ -58,7 +58,7 @@ def transfusion_loss(model: TransfusionMoT, batch: Batch, objective: DiffusionOb
             patches_per_image = torch.bincount(batch.patch_image, minlength=batch.num_images)
             out["image_mse_per_image"] = per_image / patches_per_image.clamp(min=1)
     else:
-        image_loss = hidden.sum() * 0.0
+        image_loss = prediction.float().sum() * 0.0
         if details:
             out["image_mse_per_image"] = hidden.new_zeros(0)
     out.update(loss=text_loss + weight * image_loss, text_loss=text_loss, image_loss=image_loss)

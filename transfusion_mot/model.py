@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from .batch import ModelInputs
 from .common.config import load_yaml_config, save_yaml_config
+from .common.tensors import copy_full_into
 from .config import ModelConfig
 from .masks import AttentionMask, resolve_backend, transfusion_mask_mod
 
@@ -67,9 +68,10 @@ class Routing:
         if len(experts) == 1:
             return experts[0](x)
         # split (not slicing): its backward is a single cat, where each slice's backward would allocate
-        # and zero-fill a full-size gradient
-        parts = [experts[m](chunk) for m, chunk in enumerate(x.split(self.counts)) if chunk.shape[0]]
-        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+        # and zero-fill a full-size gradient. An expert whose modality is absent still runs, on zero rows:
+        # its gradient is then zero rather than missing, so under FSDP2 every process reduces the same
+        # gradients whatever its micro-batch holds (a text-only micro-batch on one rank)
+        return torch.cat([experts[m](chunk) for m, chunk in enumerate(x.split(self.counts))], dim=0)
 
 
 class Experts(nn.ModuleList):
@@ -304,22 +306,25 @@ class TransfusionMoT(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
+        """Normal(0, init_std) for linear and embedding weights, zero biases, unit norms; the image head and
+        the adaLN modulations start at zero (DiT). Each value is drawn whole on the CPU from the global RNG,
+        in module order, and copied in: a parameter sharded by FSDP2 keeps its own shard (meta-device
+        initialisation), so a sharded model gets the weights an unsharded one built the same way gets."""
         std = self.config.init_std
+        zero = [self.image_head] + [m for m in [blk.modulation for blk in self.blocks] + [self.final_modulation]
+                                    if m is not None]
+        zero_ids = {id(p) for m in zero for p in m.parameters()}
         for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(module.weight, std=std)
-                if getattr(module, "bias", None) is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.RMSNorm):
-                nn.init.ones_(module.weight)
-        # zero output head: the first image prediction is 0, as DiT initialises its final layer
-        nn.init.zeros_(self.image_head.weight)
-        nn.init.zeros_(self.image_head.bias)
-        # adaLN-Zero: every modulation starts at scale 0, shift 0, gate 0 (image blocks start as identity)
-        for module in [blk.modulation for blk in self.blocks] + [self.final_modulation]:
-            if module is not None:
-                nn.init.zeros_(module.weight)
-                nn.init.zeros_(module.bias)
+            for name, param in module.named_parameters(recurse=False):
+                if isinstance(module, (nn.Linear, nn.Embedding)) and name == "weight":
+                    value = torch.empty(param.shape).normal_(std=std)  # drawn even when zeroed: same RNG stream
+                    if id(param) in zero_ids:
+                        value.zero_()
+                elif isinstance(module, nn.RMSNorm):
+                    value = torch.ones(param.shape)
+                else:
+                    value = torch.zeros(param.shape)
+                copy_full_into(param, value)
 
     def attention_backend(self, device: torch.device) -> str:
         return resolve_backend(self.config.attn_backend, device)
@@ -352,17 +357,17 @@ class TransfusionMoT(nn.Module):
     def embed(self, inputs: ModelInputs) -> Tensor:
         """(B*L, D) in original order: token embeddings, image positions replaced by embedded patches."""
         x = self.tok_embed(inputs.tokens.reshape(-1))
-        if inputs.patches.shape[0]:
-            patch_x = (self.patch_embed(inputs.patches)
-                       + self.time_embed(inputs.timesteps)[inputs.patch_image]
-                       + self.config.pos_embed_scale * sincos_2d(inputs.patch_coords, self.config.dim).to(x.dtype))
-            is_image = (inputs.modality.reshape(-1) == self.image_modality).nonzero().squeeze(1)
-            x = x.index_copy(0, is_image, patch_x.to(x.dtype))
-        return x
+        # runs with zero patches too (text-only batches): the image end then gets a zero gradient (Routing.apply)
+        patch_x = (self.patch_embed(inputs.patches)
+                   + self.time_embed(inputs.timesteps)[inputs.patch_image]
+                   + self.config.pos_embed_scale * sincos_2d(inputs.patch_coords, self.config.dim).to(x.dtype))
+        is_image = (inputs.modality.reshape(-1) == self.image_modality).nonzero().squeeze(1)
+        return x.index_copy(0, is_image, patch_x.to(x.dtype))
 
     def image_modulation(self, inputs: ModelInputs, routing: Routing) -> ImageModulation | None:
-        """The adaLN conditioning of this forward's image tokens (None without adaLN or image tokens)."""
-        if self.config.time_conditioning != "adaln" or inputs.patches.shape[0] == 0:
+        """The adaLN conditioning of this forward's image tokens (None without adaLN; with zero image tokens
+        it modulates nothing but keeps the modulation weights in the graph)."""
+        if self.config.time_conditioning != "adaln":
             return None
         m = self.image_modality
         before = sum(routing.counts[:m])

@@ -16,7 +16,8 @@ from typing import Any
 import torch
 import yaml
 
-from .common.checkpoint import load_tensors, read_state, resolve_checkpoint
+from .common.checkpoint import (SHARDED_DIR, load_tensors, read_sharded_weights, read_state, resolve_checkpoint,
+                                sharded_has)
 from .common.config import apply_overrides, from_dict, read_yaml_mapping, require_ranges, resolve_config_path, to_dict
 from .common.errors import ConfigError, InputNotFound, InvalidInput
 from .config import ModelConfig
@@ -137,6 +138,8 @@ class TrainConfig:
     max_bad_steps: int = 20  # this many consecutive non-finite losses/gradients stop the run
     progress: bool = True  # tqdm bar on the main process
     tensorboard: bool = True
+    # peak dense bf16 TFLOP/s of one device for the logged MFU (default: the known GPUs' table; CPUs: none)
+    peak_tflops: float | None = None
     # held-out losses every eval_every steps (0: never) on eval_samples pairs of the data's val split, with
     # timesteps and noise fixed by eval_seed (identical in every evaluation and every run); eval_ema also
     # scores the EMA weights (val_ema_* keys)
@@ -151,6 +154,8 @@ class TrainConfig:
                                                        "save_every", "max_bad_steps", "eval_samples",
                                                        "eval_batch_size"),
                        non_negative=("eval_every", "keep_checkpoints"))  # 0: no validation / keep every checkpoint
+        if self.peak_tflops is not None and not 0 < self.peak_tflops < float("inf"):
+            raise ConfigError(f"train config: peak_tflops must be a positive number, got {self.peak_tflops}")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"train config: precision must be one of {list(PRECISIONS)}, got {self.precision!r}")
         if self.device not in ("auto", "cpu", "cuda"):
@@ -180,7 +185,8 @@ RESUMABLE_KEYS = ("train.max_steps", "train.log_every", "train.save_every", "tra
                   "train.progress", "train.tensorboard", "train.max_bad_steps", "train.compile",
                   "train.activation_checkpointing", "data.path", "data.builtin_dir", "data.text_only_path", "vae.path",
                   "tokenizer.path", "train.eval_every", "train.eval_samples", "train.eval_batch_size",
-                  "train.eval_seed", "train.eval_ema", "data.val_path", "data.val_split")
+                  "train.eval_seed", "train.eval_ema", "data.val_path", "data.val_split", "train.peak_tflops",
+                  "data.num_workers", "data.prefetch_factor")
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
@@ -273,15 +279,20 @@ def config_differences(a: RunConfig, b: RunConfig, ignore: tuple[str, ...] = ())
     return sorted(k for k in set(fa) | set(fb) if fa.get(k) != fb.get(k) and k not in ignore)
 
 
-def load_model_weights(checkpoint: str | Path, ema: bool = True) -> tuple[dict[str, Any], str]:
-    """Weights of a checkpoint directory for inference: EMA if present and asked for, else the raw
-    weights. Returns (state dict, which file)."""
+def load_model_weights(checkpoint: str | Path, shapes: dict[str, torch.Size], ema: bool = True
+                       ) -> tuple[dict[str, Any], str]:
+    """Full weights of a checkpoint directory for inference, in one process: EMA if present and asked for,
+    else the raw weights, from a one-process checkpoint's safetensors files or assembled from a sharded
+    one's DCP directory (`shapes`: the model's parameter names and shapes). Returns (state dict, source)."""
     checkpoint = Path(checkpoint)
+    if (checkpoint / SHARDED_DIR).is_dir():
+        which = "ema" if ema and sharded_has(checkpoint, "ema") else "model"
+        return read_sharded_weights(checkpoint, shapes, which), f"{SHARDED_DIR}/{which}"
     names = ["ema.safetensors", "model.safetensors"] if ema else ["model.safetensors"]
     for name in names:
         if (checkpoint / name).is_file():
             return load_tensors(checkpoint / name), name
-    raise InputNotFound(f"{checkpoint}: no model.safetensors (incomplete or foreign checkpoint)")
+    raise InputNotFound(f"{checkpoint}: no model.safetensors or {SHARDED_DIR}/ (incomplete or foreign checkpoint)")
 
 
 def load_run_model(run_dir: str | Path, step: int | None = None, ema: bool = True,
@@ -296,8 +307,8 @@ def load_run_model(run_dir: str | Path, step: int | None = None, ema: bool = Tru
         raise InputNotFound(f"{run_dir}: no config.yaml (not a run directory written by `tmot train`)")
     config = load_run_config(config_path)
     checkpoint = resolve_checkpoint(run_dir / "checkpoints", step, what=str(run_dir))
-    state, which = load_model_weights(checkpoint, ema=ema)
     model = TransfusionMoT(config.model)
+    state, which = load_model_weights(checkpoint, {k: v.shape for k, v in model.state_dict().items()}, ema=ema)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise InvalidInput(f"{checkpoint}: weights do not match the run's model config "

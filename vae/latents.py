@@ -242,7 +242,10 @@ class LatentStream:
     Epoch e visits `randperm(N, generator seeded with seed + e)`; rank r of `world_size` takes the strided
     slice perm[r::world_size] (disjoint, together covering every item once per epoch; with drop_last the
     slices are cut to equal length so data-parallel ranks stay in step). `state_dict()` after k items
-    lets a fresh stream continue with exactly item k + 1."""
+    lets a fresh stream continue with exactly item k + 1. `load_resplit` continues from the states of a
+    run with another number of ranks: the epoch resumes after the items every old rank had consumed
+    (`start`: the epoch's order then begins at that item), so nothing is skipped and at most the items
+    some old ranks had read beyond the slowest one are seen twice."""
 
     def __init__(self, dataset: Any, seed: int = 0, rank: int = 0, world_size: int = 1, shuffle: bool = True,
                  drop_last: bool = False) -> None:
@@ -258,6 +261,7 @@ class LatentStream:
         self.drop_last = drop_last
         self.epoch = 0
         self.position = 0
+        self.start: tuple[int, int] | None = None  # (epoch, first item of its order) after a re-split
         self._order: Tensor | None = None
 
     def epoch_order(self, epoch: int) -> Tensor:
@@ -267,8 +271,10 @@ class LatentStream:
             perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed + epoch))
         else:
             perm = torch.arange(n)
+        if self.start is not None and self.start[0] == epoch:
+            perm = perm[self.start[1]:]
         if self.drop_last:
-            perm = perm[: n - n % self.world_size]
+            perm = perm[: len(perm) - len(perm) % self.world_size]
         return perm[self.rank :: self.world_size]
 
     def __iter__(self) -> Iterator[Any]:
@@ -293,11 +299,25 @@ class LatentStream:
         """The next `n` items as a list (a training batch)."""
         return [next(self) for _ in range(n)]
 
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "position": self.position, "seed": self.seed}
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"epoch": self.epoch, "position": self.position, "seed": self.seed}
+        if self.start is not None:
+            state["start"] = list(self.start)
+        return state
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         self.epoch = int(state["epoch"])
         self.position = int(state["position"])
         self.seed = int(state["seed"])
+        self.start = tuple(int(v) for v in state["start"]) if state.get("start") is not None else None
         self._order = None
+
+    def load_resplit(self, states: list[dict[str, Any]], old_world_size: int) -> None:
+        """Continue, as this rank of this world size, from the states of all `old_world_size` ranks."""
+        slowest = min(states, key=lambda st: (int(st["epoch"]), int(st["position"])))
+        epoch, position = int(slowest["epoch"]), int(slowest["position"])
+        old_start = slowest.get("start")
+        first = int(old_start[1]) if old_start is not None and int(old_start[0]) == epoch else 0
+        # every old rank had consumed old-order positions < `position`, i.e. items < first + position * world
+        self.load_state_dict({"epoch": epoch, "position": 0, "seed": slowest["seed"],
+                              "start": [epoch, first + position * old_world_size]})

@@ -12,9 +12,10 @@ from transfusion_mot.training.metrics import MetricsLogger, read_metrics, valida
 def test_logger_writes_jsonl_and_tensorboard(tmp_path):
     logger = MetricsLogger(tmp_path, 0, enabled=True, tensorboard=True)
     for step in (1, 2, 3):
-        logger.log({"step": step, "loss": 1.0 / step, "val_image_loss": 0.5})
+        logger.log({"step": step, "loss": 1.0 / step, "val_image_loss": 0.5, "mfu": None})
     logger.close()
     assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3]
+    assert read_metrics(tmp_path)[0]["mfu"] is None  # no peak known: null in the file, no TensorBoard curve
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(tmp_path / "tensorboard"))

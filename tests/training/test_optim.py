@@ -25,3 +25,36 @@ def test_no_weight_decay_on_norms_and_biases():
     groups = param_groups(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.RMSNorm(4)), 0.1)
     assert [p.dim() for p in groups[0]["params"]] == [2] and groups[0]["weight_decay"] == 0.1
     assert all(p.dim() == 1 for p in groups[1]["params"]) and groups[1]["weight_decay"] == 0.0
+
+
+def test_ema_under_fsdp2_runs_one_foreach_over_local_shards(tmp_path, monkeypatch):
+    """Under FSDP2 the EMA update hands plain (local) tensors to one fused op; DTensors there would cost a
+    Python-level dispatch per tensor. The average equals the unsharded EMA's."""
+    from helpers import process_group
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(0)
+    plain = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Linear(6, 2))
+    sharded = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Linear(6, 2))
+    sharded.load_state_dict(plain.state_dict())
+    calls = []
+    real = torch._foreach_lerp_
+
+    def recording(shadows, weights, weight):
+        calls.append([type(t).__name__ for t in list(shadows) + list(weights)])
+        return real(shadows, weights, weight)
+
+    monkeypatch.setattr(torch, "_foreach_lerp_", recording)
+    with process_group(0, 1, tmp_path):
+        fully_shard(sharded)
+        ema, ema_plain = EMA(sharded, 0.9), EMA(plain, 0.9)
+        for step in range(3):
+            with torch.no_grad():
+                for a, b in zip(plain.parameters(), sharded.parameters()):
+                    a.add_(0.1 * (step + 1))
+                    b.add_(0.1 * (step + 1))
+            ema.update(sharded)
+            ema_plain.update(plain)
+        assert len(calls) == 6 and all(kind == "Tensor" for call in calls for kind in call)
+        for name, shadow in ema.shadow.items():
+            torch.testing.assert_close(shadow.full_tensor(), ema_plain.shadow[name], rtol=0, atol=0)

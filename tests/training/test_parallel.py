@@ -1,6 +1,9 @@
-"""FSDP2 applied from outside the model: a 2-process (torchrun, gloo) run that one process loads, and exact resume."""
+"""Data-parallel training: collectives on the training device, FSDP2 with meta-device initialisation,
+sharded (DCP) checkpoints that one process loads and exports, text-only micro-batches, exact resume on the
+same number of processes and re-split resume on another."""
 
 import json
+import math
 import subprocess
 import sys
 
@@ -11,41 +14,90 @@ from helpers import cli_env, config_dict, losses
 
 from transfusion_mot.common import checkpoint as ckpt
 from transfusion_mot.run import load_run_model
+from transfusion_mot.training import parallel
+from transfusion_mot.training.parallel import DistInfo, all_reduce_sum, any_rank, barrier
 
 
-def test_two_process_fsdp2_run_loads_in_one_process(tmp_path, data):
+class Recorded(Exception):
+    pass
+
+
+def test_collectives_run_on_the_process_group_device(monkeypatch):
+    """NCCL serves only CUDA tensors: every collective must put its tensor on DistInfo.device (here the meta
+    device stands in for a GPU, which a CPU cannot show otherwise), whatever device the values live on."""
+    devices = []
+
+    def fake_all_reduce(tensor, op=None):
+        devices.append(tensor.device)
+        raise Recorded
+
+    monkeypatch.setattr(parallel.dist, "all_reduce", fake_all_reduce)
+    info = DistInfo(rank=0, world_size=2, device=torch.device("meta"))
+    for call in (lambda: all_reduce_sum(torch.zeros(9, dtype=torch.float64), info), lambda: any_rank(True, info)):
+        with pytest.raises(Recorded):
+            call()
+    assert devices == [torch.device("meta")] * 2
+    barriers = []
+    monkeypatch.setattr(parallel.dist, "barrier", lambda **kw: barriers.append(kw))
+    barrier(DistInfo(rank=1, world_size=2, device=torch.device("cuda", 1)))
+    barrier(DistInfo(rank=1, world_size=2))
+    assert barriers == [{"device_ids": [1]}, {}]
+    # a single process needs no collective at all
+    assert all_reduce_sum(torch.ones(2), DistInfo()).tolist() == [1.0, 1.0]
+
+
+def torchrun(args, nproc=2):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+           "-m", "transfusion_mot", "train", *args]
+    proc = subprocess.run(cmd, env=cli_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def test_two_process_fsdp2_run_writes_a_sharded_checkpoint_one_process_loads_and_exports(tmp_path, data):
     cfg = tmp_path / "c.yaml"
     cfg.write_text(yaml.safe_dump(config_dict(data, train={"max_steps": 4, "save_every": 2, "precision": "bf16"})))
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "transfusion_mot", "train", "--config", str(cfg), "--out", str(run)]
-    proc = subprocess.run(cmd, env=cli_env(), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    torchrun(["--config", str(cfg), "--out", str(run)])
     checkpoint = run / "checkpoints/step_4"
-    assert {"rank_0.pt", "rank_1.pt", "model.safetensors", "optimizer.pt"} <= {p.name for p in checkpoint.iterdir()}
+    # sharded: each process wrote its own shards (DCP) and its own state; nothing was gathered
+    assert {p.name for p in checkpoint.iterdir()} == {"dcp", "rank_0.pt", "rank_1.pt", "state.json"}
     assert json.loads((checkpoint / "state.json").read_text())["world_size"] == 2
     summary = json.loads((run / "summary.json").read_text())
     assert summary["world_size"] == 2
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
-    # one process loads the full (unsharded) weights, raw and EMA, and runs the model
+    assert all(r["mfu"] is None and 0 <= r["padding_fraction"] < 1 for r in rows)  # CPU: no peak to compare with
+    # one process assembles the full weights, raw and EMA, and runs the model
     model, config, info = load_run_model(run, ema=False)
-    assert info["step"] == 4 and info["weights"] == "model.safetensors"
-    full = ckpt.load_tensors(checkpoint / "model.safetensors")
-    assert set(full) == set(model.state_dict())
-    for name, tensor in model.state_dict().items():
-        assert tensor.shape == full[name].shape
+    assert info["step"] == 4 and info["weights"] == "dcp/model"
     ema_model, _, ema_info = load_run_model(run)
-    assert ema_info["weights"] == "ema.safetensors"
-    # the weights moved away from the seed's initialisation on every rank's shard
+    assert ema_info["weights"] == "dcp/ema"
+    # the weights moved away from the seed's initialisation in every process's shard
     torch.manual_seed(config.train.seed)
     from transfusion_mot.model import TransfusionMoT
 
-    init = TransfusionMoT(config.model).state_dict()
+    with torch.device("meta"):
+        init = TransfusionMoT(config.model)
+    init.to_empty(device="cpu")
+    torch.manual_seed(config.train.seed)
+    init.reset_parameters()
+    init = init.state_dict()
+    full = model.state_dict()
     big = [k for k in init if init[k].dim() == 2 and init[k].shape[0] >= 2]
     for k in big:
         half = init[k].shape[0] // 2
+        if init[k].abs().sum() > 0:  # (zero-initialised heads move too, but are not distinct per shard)
+            assert not torch.equal(init[k][:half], init[k][half:]), k  # shards were initialised differently
         assert not torch.equal(init[k][:half], full[k][:half]) and not torch.equal(init[k][half:], full[k][half:]), k
+    # tmot export consolidates the sharded checkpoint into one safetensors file
+    out = tmp_path / "exported"
+    proc = subprocess.run([sys.executable, "-m", "transfusion_mot", "export", "--run", str(run), "--out", str(out)],
+                          env=cli_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    exported = ckpt.load_tensors(out / "model.safetensors")
+    assert set(exported) == set(ema_model.state_dict())
+    assert all(torch.equal(exported[k], v) for k, v in ema_model.state_dict().items())
 
 
 @pytest.mark.slow
@@ -53,11 +105,63 @@ def test_two_process_resume_is_exact(tmp_path, data):
     """FSDP2 on 2 processes: 3 steps + --resume to 6 == 6 steps straight (bf16, gloo)."""
     cfg = tmp_path / "c.yaml"
     cfg.write_text(yaml.safe_dump(config_dict(data, train={"max_steps": 6, "save_every": 3, "precision": "bf16"})))
-    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-              "-m", "transfusion_mot", "train"]
     for args in (["--config", str(cfg), "--out", str(tmp_path / "straight")],
                  ["--config", str(cfg), "--out", str(tmp_path / "split"), "--max-steps", "3"],
                  ["--out", str(tmp_path / "split"), "--resume", "--max-steps", "6"]):
-        proc = subprocess.run(launch + args, env=cli_env(), capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 0, proc.stderr[-3000:]
+        torchrun(args)
     assert losses(tmp_path / "straight") == losses(tmp_path / "split")
+
+
+@pytest.mark.slow
+def test_text_only_micro_batches_do_not_hang_fsdp2(tmp_path, data):
+    """One sample per micro-batch, half of them text-only: some steps a process has no image at all, and
+    FSDP2 must still reduce the same gradients on both (this died in the first backward before)."""
+    corpus = tmp_path / "docs.txt"
+    corpus.write_text("".join(f"a text-only document, number {i}\n" for i in range(40)))
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump(config_dict(
+        data, train={"max_steps": 8, "save_every": 8, "batch_size": 1},
+        data={"text_only_path": str(corpus), "text_only_ratio": 0.5})))
+    torchrun(["--config", str(cfg), "--out", str(tmp_path / "run")])
+    rows = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 9))
+    states = [torch.load(tmp_path / f"run/checkpoints/step_8/rank_{r}.pt", weights_only=True) for r in (0, 1)]
+    counts = [s["data"]["counts"]["text_only"] for s in states]
+    assert min(counts) > 0  # both processes drew text-only samples, so the case was exercised
+
+
+@pytest.mark.slow
+def test_resume_on_another_number_of_processes(tmp_path, data):
+    """2 processes -> 1 -> 2: the sharded checkpoint loads exactly into one process (weights, EMA, optimizer),
+    a one-process checkpoint resumes on two, and the step count, tokens and losses carry on."""
+    from transfusion_mot.recipes.train import build_run
+    from transfusion_mot.run import load_run_config
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump(config_dict(data, train={"max_steps": 3, "save_every": 3})))
+    run = tmp_path / "run"
+    torchrun(["--config", str(cfg), "--out", str(run)])
+    # in this process: the trainer resumed from the 2-process checkpoint holds exactly its state
+    composed = build_run(load_run_config(run / "config.yaml"), run, resume=True)
+    trainer = composed.trainer
+    raw, _, _ = load_run_model(run, ema=False)
+    ema, _, _ = load_run_model(run)
+    for name, p in trainer.model.named_parameters():
+        assert torch.equal(p.detach(), raw.state_dict()[name]), name
+        assert torch.equal(trainer.ema.shadow[name], ema.state_dict()[name]), name
+        assert trainer.optimizer.state[p]["exp_avg"].abs().sum() > 0, name
+    assert trainer.progress.step == 3
+    # 1 process continues to step 5 (full-file checkpoint), then 2 processes to step 7 (sharded again)
+    proc = subprocess.run([sys.executable, "-m", "transfusion_mot", "train", "--out", str(run), "--resume",
+                           "--max-steps", "5", "--set", "train.save_every=5"], env=cli_env(), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "written by 2 processes, resuming on 1" in proc.stdout
+    assert (run / "checkpoints/step_5/model.safetensors").is_file()
+    torchrun(["--out", str(run), "--resume", "--max-steps", "7", "--set", "train.save_every=7"])
+    assert (run / "checkpoints/step_7/dcp").is_dir()
+    steps = losses(run)
+    assert sorted(steps) == list(range(1, 8))
+    assert all(all(math.isfinite(v) for v in values) for values in steps.values())
+    state = json.loads((run / "checkpoints/step_7/state.json").read_text())
+    assert state["world_size"] == 2 and state["tokens_seen"] > 0

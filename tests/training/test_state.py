@@ -1,5 +1,6 @@
 """A run's checkpoint parts: weights saved under the plain model's names whatever wraps the blocks, the
-optimizer keyed by parameter name, and counters that refuse a checkpoint of another world size."""
+optimizer keyed by parameter name, counters, and the sharded (DCP) format: written by an FSDP2 model,
+read back by a plain one, consolidated in one process, and named when damaged."""
 
 import pytest
 import torch
@@ -55,5 +56,58 @@ def test_progress_counters_and_world_size():
     again = RunProgress(world_size=2, vae="v")
     again.load_state_dict(state)
     assert (again.step, again.skipped_steps, again.tokens_seen, again.train_time) == (40, 3, 1000, 4.5)
-    with pytest.raises(TrainingError, match="written by 2 processes; resume with the same number \\(got 1\\)"):
-        RunProgress(world_size=1, vae="v").load_state_dict(state)
+    other_world = RunProgress(world_size=1, vae="v")  # another process count resumes too (re-split data)
+    other_world.load_state_dict(state)
+    assert (other_world.step, other_world.world_size) == (40, 1)
+
+
+def _trained(model, steps=2):
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    ema = EMA(model, 0.5)
+    for _ in range(steps):
+        loss = sum(p.float().pow(2).sum() for p in model.parameters())
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        ema.update(model)
+    return opt, ema
+
+
+def test_sharded_checkpoint_written_under_fsdp2_loads_into_a_plain_model(tmp_path):
+    """ShardedWeights (DCP) from an FSDP2-wrapped model (a real gloo group of one process) loads into an
+    unsharded model, optimizer and EMA exactly, and `read_sharded_weights` consolidates it in one process."""
+    from helpers import process_group
+    from torch.distributed.fsdp import fully_shard
+
+    from transfusion_mot.common.checkpoint import read_sharded_weights, sharded_has
+    from transfusion_mot.training.state import ShardedWeights
+
+    torch.manual_seed(0)
+    config = tiny_config()
+    checkpoint = tmp_path / "step_2"
+    with process_group(0, 1, tmp_path):
+        sharded = TransfusionMoT(config)
+        for block in sharded.blocks:
+            fully_shard(block)
+        fully_shard(sharded)
+        opt, ema = _trained(sharded)
+        ShardedWeights(sharded, opt, ema).save_to(checkpoint / "dcp")
+        expected = {n: p.full_tensor().clone() for n, p in sharded.named_parameters()}
+        expected_ema = {n: t.full_tensor().clone() for n, t in ema.shadow.items()}
+        expected_avg = {n: opt.state[p]["exp_avg"].full_tensor().clone() for n, p in sharded.named_parameters()}
+    plain = TransfusionMoT(config)
+    plain_opt, plain_ema = torch.optim.AdamW(plain.parameters(), lr=1e-2), EMA(plain, 0.5)
+    ShardedWeights(plain, plain_opt, plain_ema).load_from(checkpoint / "dcp")
+    for name, p in plain.named_parameters():
+        assert torch.equal(p.detach(), expected[name]), name
+        assert torch.equal(plain_ema.shadow[name], expected_ema[name]), name
+        assert torch.equal(plain_opt.state[p]["exp_avg"], expected_avg[name]), name
+    shapes = {k: v.shape for k, v in plain.state_dict().items()}
+    assert sharded_has(checkpoint, "ema") and sharded_has(checkpoint, "optimizer")
+    consolidated = read_sharded_weights(checkpoint, shapes, "ema")
+    assert all(torch.equal(consolidated[k], expected_ema[k]) for k in expected_ema)
+    # a damaged shard names the checkpoint
+    shard = next((checkpoint / "dcp").glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[:100])
+    with pytest.raises(TrainingError, match="damaged checkpoint .*step_2: cannot read dcp/"):
+        read_sharded_weights(checkpoint, shapes, "model")

@@ -108,3 +108,74 @@ def test_text_documents_files(tmp_path):
         read_text_documents(tmp_path / "empty.txt")
     with pytest.raises(InputNotFound, match="text-only corpus not found"):
         read_text_documents(tmp_path / "none.txt")
+
+
+def test_build_stream_shares_text_documents_between_ranks(tmp_path, data):
+    """Each process of a data-parallel run reads its own documents: over one pass of the corpus, the two
+    ranks' text-only documents are disjoint and together cover every document once."""
+    from helpers import make_config
+
+    from transfusion_mot.training.stream import build_stream
+
+    corpus = tmp_path / "docs.txt"
+    corpus.write_text("".join(f"document number {i}\n" for i in range(12)))
+    config = make_config(data, data={"text_only_path": str(corpus), "text_only_ratio": 0.5})
+    seen = []
+    for rank in (0, 1):
+        stream, *_ = build_stream(config, ByteTokenizer(), rank, 2, torch.device("cpu"))
+        seen.append([next(stream.text_stream) for _ in range(6)])
+    assert set(seen[0]).isdisjoint(seen[1])
+    assert sorted(seen[0] + seen[1]) == sorted(f"document number {i}" for i in range(12))
+
+
+def _packing_parts(draw=5):
+    from helpers import tiny_config
+
+    from transfusion_mot.batch import Collator
+    from transfusion_mot.training.stream import PackedBatches
+
+    config = tiny_config(max_seq_len=64, vocab_size=261)  # the byte tokenizer's ids
+    return PackedBatches(stream(), Collator(config), rows=3, budget=64, draw=draw), Collator(config)
+
+
+def test_packing_fills_batch_size_rows_to_the_budget_and_drops_nothing():
+    """`batch_size` counts rows: every micro-batch has exactly that many rows of `token_budget` tokens, rows are
+    filled first-fit until the next sample fits nowhere, and the samples come in stream order, none lost."""
+    packed, collator = _packing_parts()
+    reference = stream()  # the same stream, drawn one sample at a time
+    expected = reference.next_samples(200)
+    placed = []
+    for _ in range(6):
+        batch = packed.next_batch()
+        assert tuple(batch.tokens.shape) == (3, 64)
+        lengths = [collator.layout_length(s) for s in expected[len(placed):len(placed) + 40]]
+        n_docs = int((batch.doc_ids.max(dim=1).values + 1).sum())
+        used = int((batch.doc_ids >= 0).sum())
+        assert used == sum(lengths[:n_docs])
+        # the first sample left over fits in no row: the rows are as full as first-fit makes them
+        free = [64 - int((row >= 0).sum()) for row in batch.doc_ids]
+        assert lengths[n_docs] > max(free)
+        placed += expected[len(placed):len(placed) + n_docs]
+    assert 1 - used / (3 * 64) < 0.25  # samples of 8-19 tokens leave little padding
+
+
+def test_packed_batches_resume_exactly_with_the_unplaced_samples():
+    packed, _ = _packing_parts(draw=7)
+    packed.next_batch()
+    state = packed.state_dict()
+    assert state["pending"]  # drawn but not yet placed
+    following = [packed.next_batch() for _ in range(3)]
+    resumed, _ = _packing_parts(draw=7)
+    resumed.load_state_dict(state)
+    for a, b in zip(following, [resumed.next_batch() for _ in range(3)]):
+        assert torch.equal(a.tokens, b.tokens) and torch.equal(a.patches, b.patches)
+
+
+def test_layout_length_counts_what_the_collator_lays_out():
+    from helpers import tiny_config
+
+    from transfusion_mot.batch import Collator, Sample
+
+    collator = Collator(tiny_config(vocab_size=261))
+    for sample in stream().next_samples(30) + [Sample([[1, 2], torch.zeros(4, 4, 6), [3]])]:
+        assert collator.layout_length(sample) == len(collator._layout(sample)["tokens"])

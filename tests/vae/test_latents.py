@@ -149,3 +149,35 @@ def test_stream_over_latent_dataset(tmp_path, vae_dir):
     assert sorted(b["index"] for b in batch) == list(range(6))
     for b in batch:
         assert b["text"] == f"caption {b['index']}"
+
+
+@pytest.mark.parametrize("old_world,new_world,steps", [(2, 3, [5, 7]), (3, 1, [4, 4, 6]), (1, 2, [9]),
+                                                       (2, 2, [11, 3])])
+def test_resplit_to_another_world_size_skips_nothing(old_world, new_world, steps):
+    """Ranks that consumed different numbers of items re-split onto another world size: every item no old
+    rank had read is read exactly once in the rest of the epoch, and only items some old ranks had already
+    read (beyond the slowest) are read again."""
+    items = list(range(23))
+    old = [LatentStream(items, seed=4, rank=r, world_size=old_world, drop_last=True) for r in range(old_world)]
+    consumed = set()
+    for stream, n in zip(old, steps):
+        consumed |= {stream.next_index() for _ in range(n)}
+    states = [s.state_dict() for s in old]
+    new = [LatentStream(items, seed=4, rank=r, world_size=new_world, drop_last=True) for r in range(new_world)]
+    read = []
+    for stream in new:
+        stream.load_resplit(states, old_world)
+        order = stream.epoch_order(stream.epoch)
+        read += order.tolist()
+    assert len(read) == len(set(read))  # no item twice within the new split
+    epoch_items = set(torch.randperm(23, generator=torch.Generator().manual_seed(4))[: 23 - 23 % old_world].tolist())
+    unread = epoch_items - consumed
+    assert unread <= set(read)  # nothing skipped ...
+    assert len(set(read) - unread) <= max(steps) * old_world - min(steps) * old_world  # ... few repeats
+    assert len(unread) - len(set(read) & unread) == 0
+    assert all(len(stream.epoch_order(stream.epoch)) == len(new[0].epoch_order(new[0].epoch)) for stream in new)
+    # the state round-trips (start included) and later epochs are whole again
+    again = LatentStream(items, seed=4, rank=0, world_size=new_world, drop_last=True)
+    again.load_state_dict(new[0].state_dict())
+    assert torch.equal(again.epoch_order(again.epoch), new[0].epoch_order(new[0].epoch))
+    assert len(again.epoch_order(again.epoch + 1)) == (23 - 23 % new_world) // new_world

@@ -10,8 +10,10 @@ checkpointer only decides where it goes. A part's file name says how it is store
     NAME.safetensors   a flat {name: tensor} state (weights): safetensors
     NAME.pt            tensors, numbers, strings and containers: torch.save, read back with weights_only=True
     NAME.json          a JSON-able state
-A name with `{rank}` is written by every process (its own RNG and data position); the others by the main
-process only. `state.json` holds the step and the `progress` part's state (counters, world size, ...).
+    NAME               (no suffix) a directory part: `save_to(path)` / `load_from(path)`, called on every
+                       process (sharded state that each process writes its share of)
+A name with `{rank}` is written by every process (its own RNG and data position); the other files by the
+main process only. `state.json` holds the step and the `progress` part's state (counters, world size, ...).
 A file that cannot be read back names the damaged checkpoint in the error.
 """
 
@@ -31,6 +33,7 @@ from torch import Tensor
 from .errors import InputNotFound, TrainingError
 
 STATE_FILE = "state.json"
+SHARDED_DIR = "dcp"  # the torch.distributed.checkpoint directory of a checkpoint written by several processes
 STEP_RE = re.compile(r"^step_(\d+)$")
 
 
@@ -38,6 +41,16 @@ class Stateful(Protocol):
     def state_dict(self) -> Any: ...
 
     def load_state_dict(self, state: Any) -> None: ...
+
+
+class DirectoryPart(Protocol):
+    def save_to(self, path: Path) -> None: ...
+
+    def load_from(self, path: Path) -> None: ...
+
+
+def is_directory_part(name: str) -> bool:
+    return Path(name).suffix == ""
 
 
 class CheckpointSaveError(TrainingError):
@@ -84,6 +97,35 @@ def resolve_checkpoint(root: str | Path, step: int | None = None, what: str = ""
 def read_state(checkpoint: str | Path) -> dict[str, Any]:
     """The checkpoint's state.json (step and progress counters)."""
     return _read(Path(checkpoint) / STATE_FILE)
+
+
+def read_sharded_weights(checkpoint: str | Path, names_and_shapes: dict[str, torch.Size], which: str) -> dict[str, Tensor]:
+    """Full fp32 tensors of `which` ("model" or "ema") from a checkpoint's DCP directory, in one process
+    (inference, export): each tensor is assembled from every process's shards."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    state = {which: {name: torch.empty(shape) for name, shape in names_and_shapes.items()}}
+    try:
+        dcp.load(state, checkpoint_id=str(checkpoint / SHARDED_DIR), no_dist=True)
+    except (Exception, CheckpointException) as err:  # DCP's own error is a BaseException
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise TrainingError(f"damaged checkpoint {checkpoint}: cannot read {SHARDED_DIR}/ ({type(err).__name__}: "
+                            f"{first[:300]})") from None
+    return state[which]
+
+
+def sharded_has(checkpoint: str | Path, which: str) -> bool:
+    """Whether a checkpoint's DCP directory holds `which` ("model", "ema", "optimizer")."""
+    import torch.distributed.checkpoint as dcp
+
+    try:
+        metadata = dcp.FileSystemReader(str(checkpoint / SHARDED_DIR)).read_metadata()
+    except Exception as err:
+        raise TrainingError(f"damaged checkpoint {checkpoint}: cannot read {SHARDED_DIR}/.metadata "
+                            f"({type(err).__name__})") from None
+    return any(key.startswith(which + ".") for key in metadata.state_dict_metadata)
+
 
 
 # --------------------------------------------------------------------------------------------------
@@ -161,9 +203,9 @@ class Checkpointer:
                  is_main: bool = True, any_rank: Callable[[bool], bool] = lambda flag: flag,
                  barrier: Callable[[], None] = lambda: None, legacy_marker: str | None = None) -> None:
         for name in parts:
-            if name == STATE_FILE or Path(name).suffix not in (".safetensors", ".pt", ".json"):
-                raise ValueError(f"checkpoint part {name!r}: files end in .safetensors, .pt or .json "
-                                 f"and {STATE_FILE} is the checkpointer's own")
+            if name == STATE_FILE or Path(name).suffix not in (".safetensors", ".pt", ".json", ""):
+                raise ValueError(f"checkpoint part {name!r}: files end in .safetensors, .pt or .json (no suffix: a "
+                                 f"directory part) and {STATE_FILE} is the checkpointer's own")
         self.root = Path(root)
         self.parts = dict(parts)
         self.progress = progress
@@ -191,7 +233,8 @@ class Checkpointer:
     def save(self, step: int) -> Path:
         """Write checkpoint `step` and prune to the last `keep`. On failure every earlier checkpoint is left
         bit-identical and CheckpointSaveError is raised on every process."""
-        states = {name: part.state_dict() for name, part in self.parts.items()}  # collectives on every rank
+        states = {name: part.state_dict() for name, part in self.parts.items()  # collectives on every rank
+                  if not is_directory_part(name)}
         progress = self.progress.state_dict() if self.progress is not None else {}
         tmp = self.root / f".tmp-step_{step}"
         error: Exception | None = None
@@ -211,6 +254,13 @@ class Checkpointer:
                         _write(tmp / self._file(name), state, meta)
         except Exception as err:  # disk full, permissions, ...
             error = error or err
+        # directory parts write collectively, so every process calls them, whatever happened above
+        for name, part in self.parts.items():
+            if is_directory_part(name):
+                try:
+                    part.save_to(tmp / name)
+                except Exception as err:
+                    error = error or err
         failed = self.any_rank(error is not None)
         final = self.root / f"step_{step}"
         if not failed and self.is_main:
@@ -234,7 +284,7 @@ class Checkpointer:
             json.dump(state, f, indent=2, default=str)
             f.flush()
             os.fsync(f.fileno())
-        for p in tmp.iterdir():
+        for p in tmp.rglob("*"):
             if p.is_file():
                 _fsync(p)
         if final.exists():  # saving the same step again (a stop right after a periodic save)
@@ -252,8 +302,13 @@ class Checkpointer:
 
     # -- loading -----------------------------------------------------------------------------------
 
-    def load(self, checkpoint: str | Path) -> dict[str, Any]:
-        """Load every part from `checkpoint`; returns its state.json ({"step": N, ...progress})."""
+    def read_part(self, checkpoint: str | Path, file: str) -> Any:
+        """The saved state of one part file (e.g. another process's rank file); damage names the checkpoint."""
+        return _read(Path(checkpoint) / file)
+
+    def load(self, checkpoint: str | Path, parts: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """Load every part (or `parts`, for a checkpoint saved in another layout) from `checkpoint`; returns
+        its state.json ({"step": N, ...progress})."""
         checkpoint = Path(checkpoint)
         if (checkpoint / STATE_FILE).is_file():
             state = _read(checkpoint / STATE_FILE)
@@ -264,8 +319,13 @@ class Checkpointer:
             state = {"step": int(m.group(1))}
         if self.progress is not None:
             self.progress.load_state_dict(state)
-        for name, part in self.parts.items():
-            part.load_state_dict(_read(checkpoint / self._file(name)))
+        for name, part in (self.parts if parts is None else parts).items():
+            if is_directory_part(name):
+                if not (checkpoint / name).is_dir():
+                    raise TrainingError(f"damaged checkpoint {checkpoint}: {name}/ is missing")
+                part.load_from(checkpoint / name)
+            else:
+                part.load_state_dict(_read(checkpoint / self._file(name)))
         return state
 
 
@@ -334,6 +394,6 @@ class Bundle:
             part.load_state_dict(state[key])
 
 
-__all__ = ["Bundle", "CheckpointSaveError", "Checkpointer", "GeneratorState", "ModuleWeights", "STATE_FILE",
-           "Stateful", "TorchRNGState", "latest_checkpoint", "list_checkpoints", "load_tensors", "read_state",
+__all__ = ["Bundle", "CheckpointSaveError", "Checkpointer", "DirectoryPart", "GeneratorState", "ModuleWeights", "STATE_FILE",
+           "SHARDED_DIR", "Stateful", "TorchRNGState", "read_sharded_weights", "sharded_has", "latest_checkpoint", "list_checkpoints", "load_tensors", "read_state",
            "resolve_checkpoint", "save_tensors"]

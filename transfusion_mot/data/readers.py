@@ -497,6 +497,19 @@ class WebDatasetReader(IterableDataset):
         """Start `epoch` from its beginning."""
         self.load_state_dict({"epoch": epoch, "consumed": 0})
 
+    def load_resplit(self, states: list[dict[str, Any]], old_world_size: int) -> None:
+        """Continue, as this rank of this world size, from the states of all `old_world_size` ranks. Shards
+        are assigned whole per consumer, so a started epoch cannot be re-split exactly: it ends (the samples
+        no old rank had read yet are skipped, with a warning) and the next one starts."""
+        epoch = min(int(st["epoch"]) for st in states)
+        read = sum(int(st.get("consumed", 0)) for st in states if int(st["epoch"]) == epoch)
+        if read:
+            warnings.warn(f"webdataset shards re-split over {self.world_size} processes (the checkpoint has "
+                          f"{old_world_size}): epoch {epoch} ends after the {read} samples read of it; epoch "
+                          f"{epoch + 1} starts", stacklevel=2)
+            epoch += 1
+        self.set_epoch(epoch)
+
     # -- DataLoader with tracking ------------------------------------------------------------------
 
     def loader(self, batch_size: int | None = 1, num_workers: int = 0,

@@ -36,7 +36,7 @@ from ..training.parallel import (
     shutdown_distributed,
 )
 from ..training.state import CHECKPOINT_DIR
-from ..training.stream import build_stream
+from ..training.stream import build_batches, build_stream
 from ..training.trainer import Trainer, TrainResult, TransfusionStep
 from ..training.validation import ValidationSet, load_validation_pairs
 
@@ -121,7 +121,11 @@ def build_run(config: RunConfig, run_dir: str | Path, resume: bool = False, dist
     resume_from = prepare_run_dir(config, run_dir, resume, dist)
 
     torch.manual_seed(tc.seed)  # identical initial weights on every rank
-    model = TransfusionMoT(config.model).to(device)
+    if dist.distributed:  # no process ever holds the full model: build on meta, shard, then initialise shards
+        with torch.device("meta"):
+            model = TransfusionMoT(config.model)
+    else:
+        model = TransfusionMoT(config.model).to(device)
     accounting = parameter_accounting(model, seq_len=config.data.token_budget or config.model.max_seq_len)
     objective = make_objective(config.model)
     step_module = TransfusionStep(model, objective)
@@ -131,6 +135,9 @@ def build_run(config: RunConfig, run_dir: str | Path, resume: bool = False, dist
         apply_compile(model)
     if dist.distributed:
         apply_fsdp(step_module, model.blocks, bf16=precision == "bf16")
+        model.to_empty(device=device)
+        torch.manual_seed(tc.seed)
+        model.reset_parameters()  # each process draws every tensor whole and keeps its own shard
     # the fused AdamW kernel (CPU and CUDA) is 2-3x faster than the per-tensor loop; sharded (FSDP2) parameters
     # keep the default implementation
     optimizer = torch.optim.AdamW(param_groups(model, oc.weight_decay), lr=oc.lr, betas=tuple(oc.betas), eps=oc.eps,
@@ -142,8 +149,9 @@ def build_run(config: RunConfig, run_dir: str | Path, resume: bool = False, dist
                           if tc.eval_every else (None, None))
     torch.manual_seed(tc.seed * 1_000_003 + dist.rank)
     noise = torch.Generator().manual_seed(tc.seed * 7_919 + dist.rank)
-    trainer = Trainer(config, run_dir, dist, device, model, step_module, optimizer, ema, stream, collator, noise,
-                      precision, validation=validation, vae_path=vae_path)
+    batches = build_batches(config, stream, collator)
+    trainer = Trainer(config, run_dir, dist, device, model, step_module, optimizer, ema, batches, noise, precision,
+                      accounting, validation=validation, vae_path=vae_path)
     if resume_from is not None:
         trainer.load(resume_from)
     return ComposedRun(trainer, accounting, tuple(latent_shape), resume_from, source)
@@ -162,7 +170,7 @@ def run_summary(run: ComposedRun, result: TrainResult) -> dict[str, Any]:
         "resumed_from": str(run.resumed_from) if run.resumed_from else None,
         "status": result.status, "step": result.step, "wall_time_s": result.wall_time_s, "train_time_s": p.train_time,
         "tokens_seen": p.tokens_seen, "skipped_steps": p.skipped_steps, "failed_saves": trainer.failed_saves,
-        "data_mix": trainer.stream.counts, "last_checkpoint": str(result.checkpoint) if result.checkpoint else None}
+        "data_mix": trainer.batches.stream.counts, "last_checkpoint": str(result.checkpoint) if result.checkpoint else None}
     if trainer.validation is not None:
         tc = config.train
         summary["validation"] = validation_summary(trainer.run_dir, run.validation_source,

@@ -46,7 +46,7 @@ class MetricsLogger:
         self.file.flush()
         if self.writer is not None:
             for key, value in record.items():
-                if key != "step":  # val_image_loss -> val/image_loss
+                if key != "step" and value is not None:  # val_image_loss -> val/image_loss; mfu without a peak
                     tag = f"val/{key[len('val_'):]}" if key.startswith("val_") else f"train/{key}"
                     self.writer.add_scalar(tag, value, record["step"])
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..common.tensors import local_tensor
 from .state import full_state_dict, load_full_into
 
 
@@ -27,13 +28,22 @@ class EMA:
     def __init__(self, model: nn.Module, decay: float) -> None:
         self.decay = decay
         self.shadow = {name: p.detach().float().clone() for name, p in model.named_parameters()}
+        self._pairs: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
-        names = list(self.shadow)
-        params = dict(model.named_parameters())
-        torch._foreach_lerp_([self.shadow[n] for n in names], [params[n].detach().float() for n in names],
-                             1.0 - self.decay)  # one fused op for all tensors instead of one per tensor
+        """shadow <- lerp(shadow, weights, 1 - decay): one fused foreach op over this process's local shards.
+        (On DTensors the same op costs a Python-level dispatch per tensor, ~400 per step for a 24-layer MoT.)
+        The local views are taken once: parameters and shadows are updated in place, never replaced."""
+        if self._pairs is None:
+            params = dict(model.named_parameters())
+            names = list(self.shadow)
+            self._pairs = ([local_tensor(self.shadow[n]) for n in names],
+                           [local_tensor(params[n].detach()) for n in names])
+        shadows, weights = self._pairs
+        if any(w.dtype != torch.float32 for w in weights):  # never in training (weights stay fp32)
+            weights = [w.float() for w in weights]
+        torch._foreach_lerp_(shadows, weights, 1.0 - self.decay)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return full_state_dict(self.shadow)  # a collective under FSDP2: every process calls it

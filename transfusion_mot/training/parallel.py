@@ -8,7 +8,7 @@ FSDP2's `fully_shard` goes on each block and then on the root.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -17,9 +17,14 @@ from torch import nn
 
 @dataclass
 class DistInfo:
+    """This process's place in the process group, and the device its collectives run on: NCCL serves only
+    CUDA tensors and gloo CPU ones, so every collective goes through `all_reduce_sum` / `barrier`, which
+    put their tensors on `device`."""
+
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
     @property
     def is_main(self) -> bool:
@@ -43,7 +48,8 @@ def init_distributed(device_kind: str) -> DistInfo:
         if device_kind == "cuda":
             torch.cuda.set_device(local_rank)
         dist.init_process_group(backend=backend)
-    return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank)
+    device = torch.device("cuda", local_rank) if dist.get_backend() == "nccl" else torch.device("cpu")
+    return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
 
 
 def shutdown_distributed() -> None:
@@ -86,14 +92,21 @@ def apply_fsdp(root: nn.Module, blocks: nn.ModuleList, bf16: bool, reshard_after
 
 
 def all_reduce_sum(values: torch.Tensor, info: DistInfo) -> torch.Tensor:
-    if info.distributed:
-        dist.all_reduce(values, op=dist.ReduceOp.SUM)
-    return values
+    """Sum over processes; the reduction runs on the collective device, the result comes back where
+    `values` were."""
+    if not info.distributed:
+        return values
+    buffer = values.to(info.device)
+    dist.all_reduce(buffer, op=dist.ReduceOp.SUM)
+    return buffer.to(values.device)
 
 
 def barrier(info: DistInfo) -> None:
     if info.distributed:
-        dist.barrier()
+        if info.device.type == "cuda":  # NCCL's barrier must know this process's GPU
+            dist.barrier(device_ids=[info.device.index])
+        else:
+            dist.barrier()
 
 
 def any_rank(flag: bool, info: DistInfo) -> bool:

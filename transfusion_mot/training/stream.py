@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from ..batch import Sample
+from ..batch import Batch, Collator, Sample
 from ..common.errors import ConfigError, InvalidInput
 from ..common.files import read_texts
 from ..data.readers import ImageFolderReader, WebDatasetReader
@@ -73,6 +73,10 @@ class ImagePairSource:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.stream.load_state_dict(state)
+        self._iter = None
+
+    def load_resplit(self, states: list[dict[str, Any]], old_world_size: int) -> None:
+        self.stream.load_resplit(states, old_world_size)
         self._iter = None
 
 
@@ -142,6 +146,91 @@ class TrainingStream:
         if self.text_stream is not None:
             self.text_stream.load_state_dict(state["text"])
 
+    def load_resplit(self, states: list[dict[str, Any]], old_world_size: int, seed: int) -> None:
+        """Continue from the states of a run with `old_world_size` processes (see `LatentStream.load_resplit`);
+        the mixing draws restart from `seed`. The counts carry on as the totals over the old ranks divided
+        evenly, so the run's summed data mix stays right."""
+        self.mix.manual_seed(seed)
+        self.pairs.load_resplit([st["pairs"] for st in states], old_world_size)
+        if self.text_stream is not None:
+            self.text_stream.load_resplit([st["text"] for st in states], old_world_size)
+        world = getattr(self.pairs.stream, "world_size", 1)
+        self.counts = {k: sum(int(st["counts"].get(k, 0)) for st in states) // world for k in self.counts}
+
+
+class PaddedBatches:
+    """`rows` samples per micro-batch, one per row, padded to the longest (`data.packing: false`)."""
+
+    def __init__(self, stream: TrainingStream, collator: Collator, rows: int) -> None:
+        self.stream, self.collator, self.rows = stream, collator, rows
+
+    def next_batch(self) -> Batch:
+        return self.collator.collate_padded(self.stream.next_samples(self.rows))
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.stream.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.stream.load_state_dict(state)
+
+    def load_resplit(self, states: list[dict[str, Any]], old_world_size: int, seed: int) -> None:
+        self.stream.load_resplit(states, old_world_size, seed)
+
+
+class PackedBatches:
+    """Micro-batches of exactly `rows` rows of `budget` tokens, each row filled with as many samples as fit
+    (`data.packing: true`; document masks keep the samples apart).
+
+    Samples are drawn `draw` at a time and placed first-fit in draw order; the first one that fits no row
+    ends the micro-batch and opens the next, so no sample is dropped or reordered across batches. Drawn
+    samples not yet placed are part of the state, so a resumed run packs exactly the same rows."""
+
+    def __init__(self, stream: TrainingStream, collator: Collator, rows: int, budget: int, draw: int = 16) -> None:
+        self.stream, self.collator, self.rows, self.budget, self.draw = stream, collator, rows, budget, draw
+        self.pending: list[Sample] = []
+
+    def next_batch(self) -> Batch:
+        used = [0] * self.rows
+        chosen: list[Sample] = []
+        while True:
+            if not self.pending:
+                self.pending = self.stream.next_samples(self.draw)
+            n = self.collator.layout_length(self.pending[0])
+            if n > self.budget:
+                raise InvalidInput(f"a sample of {n} tokens (with special tokens and image patches) does not fit "
+                                   f"data.token_budget {self.budget}")
+            row = next((r for r in range(self.rows) if used[r] + n <= self.budget), None)
+            if row is None:
+                break
+            used[row] += n
+            chosen.append(self.pending.pop(0))
+        # collate_packed places first-fit in the same order, so it rebuilds exactly these rows
+        return self.collator.collate_packed(chosen, self.budget)
+
+    def state_dict(self) -> dict[str, Any]:
+        pending = [{"segments": list(s.segments), "image_first": s.image_first} for s in self.pending]
+        return {**self.stream.state_dict(), "pending": pending}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        self.pending = [Sample(list(p["segments"]), p["image_first"]) for p in state.pop("pending", [])]
+        self.stream.load_state_dict(state)
+
+    def load_resplit(self, states: list[dict[str, Any]], old_world_size: int, seed: int) -> None:
+        """As `TrainingStream.load_resplit`; the old ranks' drawn but unplaced samples (less than a row each)
+        are not carried over."""
+        self.pending = []
+        self.stream.load_resplit([{k: v for k, v in st.items() if k != "pending"} for st in states],
+                                 old_world_size, seed)
+
+
+def build_batches(config: Any, stream: TrainingStream, collator: Collator) -> PaddedBatches | PackedBatches:
+    """`train.batch_size` rows per micro-batch: one sample per row, or packed rows of `data.token_budget`."""
+    data, rows = config.data, config.train.batch_size
+    if data.packing:
+        return PackedBatches(stream, collator, rows, data.token_budget or config.model.max_seq_len)
+    return PaddedBatches(stream, collator, rows)
+
 
 def build_stream(config: Any, tokenizer: Any, rank: int, world_size: int, device: torch.device):
     """(TrainingStream of this rank, latent shape, the VAE path the latents belong to, the VAE model when
@@ -178,7 +267,11 @@ def build_stream(config: Any, tokenizer: Any, rank: int, world_size: int, device
     text_stream = None
     if data.text_only_path and data.text_only_ratio > 0:
         docs = read_text_documents(data.text_only_path)
-        text_stream = LatentStream(docs, seed=seed + 7919, rank=0, world_size=1)  # any rank order works
+        if len(docs) < world_size:
+            raise InvalidInput(f"{data.text_only_path}: {len(docs)} documents cannot be shared by {world_size} "
+                               "processes")
+        # each process reads its own share of the documents (an epoch covers the corpus once over all ranks)
+        text_stream = LatentStream(docs, seed=seed + 7919, rank=rank, world_size=world_size)
     max_doc = (data.token_budget or config.model.max_seq_len) - 2  # BOS and EOS
     stream = TrainingStream(source, tokenizer, seed=seed, rank=rank,
                             image_first_ratio=data.image_first_ratio, caption_dropout=data.caption_dropout,

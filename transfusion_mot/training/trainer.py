@@ -26,7 +26,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..batch import Batch, Collator
+from ..accounting import batch_train_flops
+from ..batch import Batch
 from ..common.checkpoint import Bundle, Checkpointer, CheckpointSaveError, GeneratorState, TorchRNGState
 from ..common.errors import TrainingError
 from ..common.schedule import warmup_cosine
@@ -36,8 +37,9 @@ from ..model import TransfusionMoT
 from .metrics import MetricsLogger
 from .optim import EMA
 from .parallel import DistInfo, all_reduce_sum, any_rank, barrier
-from .state import CHECKPOINT_DIR, CHECKPOINT_FORMAT, ModelWeights, OptimizerState, RunProgress, full_tensor
-from .stream import TrainingStream
+from .state import CHECKPOINT_DIR, CHECKPOINT_FORMAT, RANK_FILE, RunProgress, TrainingState, full_tensor
+from .stream import PackedBatches, PaddedBatches
+from .throughput import mfu, peak_tflops
 from .validation import ValidationSet
 
 
@@ -92,32 +94,33 @@ class StopRequest:
 
 class Trainer:
     """Runs the loop on built parts: `step_module` (the loss around `model`, FSDP-wrapped or not), its
-    optimizer and EMA, this process's sample `stream` and `noise` generator, and optionally a held-out set.
-    Every stateful part goes into one checkpointer; `load` resumes from a checkpoint."""
+    optimizer and EMA, this process's micro-batches (`batches`: padded or packed rows of its sample stream)
+    and `noise` generator, and optionally a held-out set. Every stateful part goes into one checkpointer;
+    `load` resumes from a checkpoint. `accounting` (`parameter_accounting`) gives the FLOPs behind MFU."""
 
     def __init__(self, config: Any, run_dir: str | Path, dist: DistInfo, device: torch.device, model: TransfusionMoT,
                  step_module: TransfusionStep, optimizer: torch.optim.Optimizer, ema: EMA | None,
-                 stream: TrainingStream, collator: Collator, noise: torch.Generator, precision: str,
-                 validation: ValidationSet | None = None, vae_path: str | None = None) -> None:
+                 batches: PaddedBatches | PackedBatches, noise: torch.Generator, precision: str,
+                 accounting: dict[str, Any], validation: ValidationSet | None = None,
+                 vae_path: str | None = None) -> None:
         self.config, self.run_dir, self.dist, self.device = config, Path(run_dir), dist, device
         self.model, self.step_module, self.optimizer, self.ema = model, step_module, optimizer, ema
-        self.stream, self.collator, self.noise, self.validation = stream, collator, noise, validation
-        self.precision = precision
+        self.batches, self.noise, self.validation = batches, noise, validation
+        self.precision, self.accounting = precision, accounting
         self.bf16 = precision == "bf16"
+        self.peak = peak_tflops(device, config.train.peak_tflops)
         self.progress = RunProgress(dist.world_size, vae_path)
-        parts: dict[str, Any] = {"model.safetensors": ModelWeights(model)}
-        if ema is not None:
-            parts["ema.safetensors"] = ema
-        parts["optimizer.pt"] = OptimizerState(model, optimizer)
-        parts["rank_{rank}.pt"] = Bundle(data=stream, noise=GeneratorState(noise), rng=TorchRNGState(device))
+        self.state = TrainingState(model, optimizer, ema, sharded=dist.distributed, seed=config.train.seed)
+        per_rank = Bundle(data=batches, noise=GeneratorState(noise), rng=TorchRNGState(device))
         self.checkpointer = Checkpointer(
-            self.run_dir / CHECKPOINT_DIR, parts, keep=config.train.keep_checkpoints, progress=self.progress,
-            metadata={"format": CHECKPOINT_FORMAT}, rank=dist.rank, is_main=dist.is_main,
+            self.run_dir / CHECKPOINT_DIR, {**self.state.parts(), RANK_FILE: per_rank}, keep=config.train.keep_checkpoints,
+            progress=self.progress, metadata={"format": CHECKPOINT_FORMAT}, rank=dist.rank, is_main=dist.is_main,
             any_rank=lambda flag: any_rank(flag, dist), barrier=lambda: barrier(dist))
         self.failed_saves = 0
 
     def load(self, checkpoint: Path) -> None:
-        self.checkpointer.load(checkpoint)
+        """Resume from `checkpoint`, written by any number of processes (see `TrainingState.load`)."""
+        self.state.load(checkpoint, self.checkpointer, self.progress, self.dist, self.batches, self.noise)
 
     def save(self, step: int, final: bool) -> Path | None:
         """Checkpoint `step`. A failed periodic save is a warning (training goes on, earlier checkpoints are
@@ -143,12 +146,6 @@ class Trainer:
         warnings.filterwarnings("ignore", message="Mismatch dtype between input and weight")
         return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
 
-    def next_batch(self) -> Batch:
-        samples = self.stream.next_samples(self.config.train.batch_size)
-        if self.config.data.packing:
-            return self.collator.collate_packed(samples, self.config.data.token_budget)
-        return self.collator.collate_padded(samples)
-
     def train_step(self, step: int, stop_requested: bool = False) -> dict[str, Any]:
         """One optimizer step. `stop_requested` (this process got SIGTERM/Ctrl-C) is shared with every rank in
         the step's one all-reduce; the result's "stop" says whether any rank asked."""
@@ -156,9 +153,15 @@ class Trainer:
         lr = warmup_cosine(step, oc.lr, oc.warmup_steps, oc.decay_steps or tc.max_steps, oc.min_lr)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        sums = torch.zeros(4, dtype=torch.float64)  # loss, text, image, tokens
+        # loss, text, image (means over micro-batches); tokens, FLOPs, padding positions, positions (sums)
+        sums = torch.zeros(7, dtype=torch.float64)
         for micro in range(tc.grad_accum):
-            batch = self.next_batch().to(self.device)
+            batch = self.batches.next_batch()
+            real = batch.doc_ids >= 0
+            sums[3:] += torch.tensor([float(real.sum()), batch_train_flops(
+                self.accounting, batch.modality, batch.doc_ids, self.config.model.modalities),
+                float((~real).sum()), float(real.numel())], dtype=torch.float64)
+            batch = batch.to(self.device)
             if self.dist.distributed:
                 self.step_module.set_requires_gradient_sync(micro == tc.grad_accum - 1)
             with self.autocast():
@@ -167,13 +170,12 @@ class Trainer:
             stats = torch.stack([losses["loss"].detach().float(), losses["text_loss"].detach().float(),
                                  losses["image_loss"].detach().float()]).cpu().double()
             sums[:3] += stats / tc.grad_accum
-            sums[3] += float((batch.doc_ids >= 0).sum())
         clip = oc.grad_clip if oc.grad_clip > 0 else math.inf
         grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)).float().cpu()
-        # one all-reduce: mean losses over ranks, total tokens, and whether any rank saw a non-finite value
+        # one all-reduce: mean losses over ranks, totals, and whether any rank saw a non-finite value
         flags = torch.tensor([float(not torch.isfinite(sums[:3]).all()), float(stop_requested)], dtype=torch.float64)
-        reduced = all_reduce_sum(torch.cat([sums, flags]), self.dist)
-        bad = reduced[4].item() > 0 or not math.isfinite(grad_norm.item())
+        reduced = all_reduce_sum(torch.cat([sums, flags]), self.dist).tolist()
+        bad = reduced[7] > 0 or not math.isfinite(grad_norm.item())
         if not bad:
             self.optimizer.step()
             if self.ema is not None:
@@ -181,11 +183,11 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         p = self.progress
         p.skipped_steps, p.bad_in_a_row = p.skipped_steps + bad, (p.bad_in_a_row + 1) if bad else 0
-        p.tokens_seen += int(reduced[3].item())
+        p.tokens_seen += int(reduced[3])
         world = self.dist.world_size
-        return {"loss": reduced[0].item() / world, "text_loss": reduced[1].item() / world,
-                "image_loss": reduced[2].item() / world, "lr": lr, "grad_norm": grad_norm.item(),
-                "tokens": int(reduced[3].item()), "stop": reduced[5].item() > 0}
+        return {"loss": reduced[0] / world, "text_loss": reduced[1] / world, "image_loss": reduced[2] / world,
+                "lr": lr, "grad_norm": grad_norm.item(), "tokens": int(reduced[3]), "flops": reduced[4],
+                "padding": reduced[5], "positions": reduced[6], "stop": reduced[8] > 0}
 
     def evaluate(self) -> dict[str, float]:
         """Held-out losses of the current weights (and of the EMA weights with train.eval_ema)."""
@@ -224,7 +226,8 @@ class Trainer:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=tc.max_steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
-        window_tokens, window_start, t0 = 0, time.perf_counter(), time.perf_counter()
+        window = dict.fromkeys(("tokens", "flops", "padding", "positions"), 0.0)
+        window_start = t0 = time.perf_counter()
         self.model.train()
         try:
             with StopRequest() as stop:
@@ -233,21 +236,26 @@ class Trainer:
                     out = self.train_step(step, stop_requested=stop.signal is not None)
                     p.train_time += time.perf_counter() - t_step
                     step += 1
-                    window_tokens += out["tokens"]
+                    for key in window:
+                        window[key] += out[key]
                     if p.bad_in_a_row >= tc.max_bad_steps:
                         status = "diverged"
                         break
                     evaluate = self.validation is not None and (step % tc.eval_every == 0 or step == tc.max_steps)
                     if step % tc.log_every == 0 or step == tc.max_steps or evaluate:
                         now = time.perf_counter()
+                        seconds = max(now - window_start, 1e-9)
                         record = {"step": step, **{k: out[k] for k in ("loss", "text_loss", "image_loss", "lr")},
-                                  "tokens_per_s": window_tokens / max(now - window_start, 1e-9),
+                                  "tokens_per_s": window["tokens"] / seconds,
+                                  "mfu": mfu(window["flops"], seconds, self.peak, self.dist.world_size),
+                                  "padding_fraction": window["padding"] / max(window["positions"], 1.0),
                                   "grad_norm": out["grad_norm"], "skipped_steps": p.skipped_steps,
                                   "tokens_seen": p.tokens_seen, "elapsed_s": now - t0, "train_time_s": p.train_time}
                         if evaluate:
                             record.update(self.evaluate())
                             record["eval_s"] = time.perf_counter() - now
-                        window_tokens, window_start = 0, time.perf_counter()  # evaluation is not training time
+                        window = dict.fromkeys(window, 0.0)
+                        window_start = time.perf_counter()  # evaluation is not training time
                         logger.log(record)
                         if bar is not None:
                             bar.set_postfix(loss=f"{out['loss']:.3f}", text=f"{out['text_loss']:.3f}",
