@@ -13,6 +13,16 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 torch.use_deterministic_algorithms(True)
 
 
+def pytest_collection_modifyitems(config, items):
+    """`gpu` tests skip themselves where torch sees no CUDA device (CI, laptops)."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def data(tmp_path_factory):
     """Tiny training data shared by the training tests: an image folder, a VAE and a latent cache."""
@@ -31,6 +41,16 @@ def _refuse(*args, **kwargs):
     raise AssertionError("a test tried to reach the network")
 
 
+_connect = socket.socket.connect
+
+
+def _local_only(sock, address):
+    """Unix-domain sockets stay usable (DataLoader workers pass tensors through them); the network does not."""
+    if sock.family == getattr(socket, "AF_UNIX", None):
+        return _connect(sock, address)
+    return _refuse()
+
+
 @pytest.fixture(autouse=True)
 def no_network(monkeypatch):
     """Block sockets, urllib and clean-fid's downloaders for the duration of every test."""
@@ -38,7 +58,7 @@ def no_network(monkeypatch):
     import cleanfid.inception_torchscript as torchscript
     from cleanfid import features
 
-    monkeypatch.setattr(socket.socket, "connect", _refuse)
+    monkeypatch.setattr(socket.socket, "connect", _local_only)
     monkeypatch.setattr(urllib.request, "urlopen", _refuse)
     monkeypatch.setattr(downloads, "check_download_inception", _refuse)
     monkeypatch.setattr(downloads, "check_download_url", _refuse)

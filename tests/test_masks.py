@@ -79,3 +79,4 @@ def test_kv_offset_mask_is_a_slice_of_the_full_mask(packed_batch):
     off = 17
     tail = dense_mask(transfusion_mask_mod(b.doc_ids, b.image_ids, q_offset=off), B, L - off, L, torch.device("cpu"))
     assert torch.equal(tail, full[:, :, off:])
+

@@ -66,17 +66,28 @@ def flex_available() -> bool:
     return True
 
 
-_compiled_flex = None
+_compiled: dict[str, Callable] = {}
 
 
-def _flex_attention():
-    """torch.compile'd flex_attention: uncompiled it materialises scores and is slower than SDPA."""
-    global _compiled_flex
-    if _compiled_flex is None:
+def _flex_attention() -> Callable:
+    """torch.compile'd flex_attention: uncompiled it materialises scores and is slower than SDPA. Dynamic
+    shapes, so a new (batch, length) reuses the graph instead of recompiling until dynamo's limit sends it
+    to the slow eager path (lengths up to one 128-block and longer ones take one graph each)."""
+    if "flex" not in _compiled:
         from torch.nn.attention.flex_attention import flex_attention
 
-        _compiled_flex = torch.compile(flex_attention, dynamic=False)
-    return _compiled_flex
+        _compiled["flex"] = torch.compile(flex_attention, dynamic=True)
+    return _compiled["flex"]
+
+
+def _block_mask_builder() -> Callable:
+    """torch.compile'd create_block_mask: evaluates the mask per block without materialising the dense
+    (B, Q, KV) mask, once per forward (every layer shares it)."""
+    if "block_mask" not in _compiled:
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        _compiled["block_mask"] = torch.compile(create_block_mask, dynamic=True)
+    return _compiled["block_mask"]
 
 
 class AttentionMask:
@@ -93,9 +104,7 @@ class AttentionMask:
         if backend == "sdpa":
             self.dense = dense_mask(mask_mod, batch, q_len, kv_len, device)
         elif backend == "flex":
-            from torch.nn.attention.flex_attention import create_block_mask
-
-            self.block_mask = create_block_mask(mask_mod, batch, None, q_len, kv_len, device=device)
+            self.block_mask = _block_mask_builder()(mask_mod, batch, None, q_len, kv_len, device=device)
         else:
             raise ConfigError(f"unknown attention backend {backend!r}")
 

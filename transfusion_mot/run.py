@@ -54,6 +54,11 @@ class DataConfig:
     packing: bool = False  # several samples per row up to token_budget (document masks keep them apart)
     token_budget: int | None = None  # default: model.max_seq_len
     shuffle_buffer: int = 1000  # webdataset
+    # folder/webdataset: DataLoader worker processes that read and decode images ahead of the training step
+    # (0: in the training process); each keeps prefetch_factor samples ready. A webdataset run resumes with
+    # the num_workers it was saved with
+    num_workers: int = 4
+    prefetch_factor: int = 4
     # held-out data for train.eval_every: a latent cache / image folder / shard pattern of the same kind as
     # `path` (default for a folder: `path` itself, rows of split `val_split`)
     val_path: str | None = None
@@ -75,6 +80,10 @@ class DataConfig:
             bad("text_only_ratio > 0 needs text_only_path")
         if self.text_only_ratio >= 1.0:
             bad("text_only_ratio must be below 1 (some samples must have images)")
+        if self.num_workers < 0 or self.prefetch_factor < 1:
+            bad(f"num_workers must be >= 0 and prefetch_factor >= 1, got {self.num_workers}, {self.prefetch_factor}")
+        if self.token_budget is not None and self.token_budget < 1:
+            bad(f"token_budget must be positive, got {self.token_budget}")
 
     def __post_init__(self) -> None:
         self.validate()

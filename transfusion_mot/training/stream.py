@@ -33,8 +33,92 @@ def read_text_documents(path: str | Path) -> list[str]:
     return docs
 
 
+class PrefetchedItems:
+    """A map-style dataset's items in a `LatentStream`'s order, decoded ahead of use by DataLoader worker
+    processes (`num_workers`, each `prefetch_factor` items ahead), delivered in order.
+
+    The main process keeps `order` in step with what it has delivered (the workers read ahead of it), so
+    `state_dict()` resumes at the exact next item; loading a state restarts the workers there."""
+
+    def __init__(self, order: Any, num_workers: int, prefetch_factor: int = 2) -> None:
+        self.order, self.num_workers, self.prefetch_factor = order, num_workers, prefetch_factor
+        self._iter = None
+
+    def _indices(self):
+        from vae.latents import LatentStream
+
+        o = self.order
+        ahead = LatentStream(o.dataset, seed=o.seed, rank=o.rank, world_size=o.world_size, shuffle=o.shuffle,
+                             drop_last=o.drop_last)
+        ahead.load_state_dict(o.state_dict())
+        while True:
+            yield ahead.next_index()
+
+    def __iter__(self) -> PrefetchedItems:
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        if self._iter is None:
+            from torch.utils.data import DataLoader
+
+            self._iter = iter(DataLoader(self.order.dataset, batch_size=None, sampler=self._indices(),
+                                         num_workers=self.num_workers, prefetch_factor=self.prefetch_factor))
+        item = next(self._iter)
+        self.order.next_index()  # the delivered item's position
+        return item
+
+    def close(self) -> None:
+        self._iter = None  # the DataLoader iterator shuts its workers down when collected
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.order.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.close()
+        self.order.load_state_dict(state)
+
+    def load_resplit(self, states: list[dict[str, Any]], old_world_size: int) -> None:
+        self.close()
+        self.order.load_resplit(states, old_world_size)
+
+
+class ShardItems:
+    """A WebDataset reader's samples, epoch after epoch; with `num_workers` > 0 they are read and decoded by
+    DataLoader worker processes (the reader's own tracking keeps its state exact at the delivered sample)."""
+
+    def __init__(self, reader: WebDatasetReader, num_workers: int = 0, prefetch_factor: int = 2) -> None:
+        self.reader, self.num_workers, self.prefetch_factor = reader, num_workers, prefetch_factor
+        self._iter = None
+
+    def __iter__(self) -> ShardItems:
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        for _ in range(2):  # one iter() is (the rest of) one epoch; an empty epoch means no usable sample
+            if self._iter is None:
+                extra = {"prefetch_factor": self.prefetch_factor} if self.num_workers else {}
+                self._iter = iter(self.reader.loader(batch_size=None, num_workers=self.num_workers, **extra))
+            try:
+                return next(self._iter)
+            except StopIteration:
+                self._iter = None
+        raise InvalidInput(f"{self.reader.urls[0]}...: a whole epoch of the shards gave no readable sample")
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.reader.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._iter = None
+        self.reader.load_state_dict(state)
+
+    def load_resplit(self, states: list[dict[str, Any]], old_world_size: int) -> None:
+        self._iter = None
+        self.reader.load_resplit(states, old_world_size)
+
+
 class ImagePairSource:
-    """Image-caption pairs as (latent (C, H, W), caption) from a map-style dataset or a WebDataset reader.
+    """Image-caption pairs as (latent (C, H, W), caption) from an item stream: a `LatentStream` over a
+    map-style dataset, `PrefetchedItems` (the same, decoded by worker processes) or `ShardItems`.
 
     With a VAE, items carry images in [-1, 1] and are encoded here in one batch (posterior mean, so the
     stream stays deterministic); without one, items carry cached latents."""
@@ -43,27 +127,15 @@ class ImagePairSource:
         self.stream = stream
         self.vae = vae
         self.device = torch.device(device)
-        self._iter = None
-
-    def _next_item(self) -> dict[str, Any]:
-        if hasattr(self.stream, "take"):  # LatentStream over a map-style dataset
-            return next(self.stream)
-        while True:  # WebDatasetReader: one iter() is one epoch
-            if self._iter is None:
-                self._iter = iter(self.stream)
-            try:
-                return next(self._iter)
-            except StopIteration:
-                self._iter = None
 
     def take(self, n: int) -> list[tuple[torch.Tensor, str]]:
-        items = [self._next_item() for _ in range(n)]
+        items = [next(self.stream) for _ in range(n)]
         texts = [item["text"] or "" for item in items]
         if self.vae is None:
             return [(item["latent"], t) for item, t in zip(items, texts)]
         from vae import encode
 
-        images = torch.stack([item["image"] for item in items]).to(self.device)
+        images = torch.stack([item["image"] for item in items]).to(self.device, non_blocking=True)
         with torch.no_grad():
             latents = encode(self.vae, images).float().cpu()
         return list(zip(latents, texts))
@@ -73,11 +145,9 @@ class ImagePairSource:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.stream.load_state_dict(state)
-        self._iter = None
 
     def load_resplit(self, states: list[dict[str, Any]], old_world_size: int) -> None:
         self.stream.load_resplit(states, old_world_size)
-        self._iter = None
 
 
 class TrainingStream:
@@ -96,6 +166,7 @@ class TrainingStream:
         self.max_text_tokens = max_text_tokens
         self.overflow = overflow
         self.max_doc_tokens = max_doc_tokens  # text-only documents are cut to fit the context
+        self.rank = rank
         self.mix = torch.Generator().manual_seed(int(seed) * 1_000_003 + rank)
         self.counts = {"caption_first": 0, "caption_dropped": 0, "image_first": 0, "text_only": 0}
 
@@ -148,14 +219,13 @@ class TrainingStream:
 
     def load_resplit(self, states: list[dict[str, Any]], old_world_size: int, seed: int) -> None:
         """Continue from the states of a run with `old_world_size` processes (see `LatentStream.load_resplit`);
-        the mixing draws restart from `seed`. The counts carry on as the totals over the old ranks divided
-        evenly, so the run's summed data mix stays right."""
+        the mixing draws restart from `seed`; a process carries on the counts of the old process of its rank."""
         self.mix.manual_seed(seed)
         self.pairs.load_resplit([st["pairs"] for st in states], old_world_size)
         if self.text_stream is not None:
             self.text_stream.load_resplit([st["text"] for st in states], old_world_size)
-        world = getattr(self.pairs.stream, "world_size", 1)
-        self.counts = {k: sum(int(st["counts"].get(k, 0)) for st in states) // world for k in self.counts}
+        old = states[self.rank]["counts"] if self.rank < len(states) else {}
+        self.counts = {k: int(old.get(k, 0)) for k in self.counts}
 
 
 class PaddedBatches:
@@ -258,9 +328,12 @@ def build_stream(config: Any, tokenizer: Any, rank: int, world_size: int, device
         if data.kind == "folder":
             stream = LatentStream(ImageFolderReader(data.path, split=data.split, size=size), seed=seed,
                                   rank=rank, world_size=world_size, drop_last=True)
+            if data.num_workers:
+                stream = PrefetchedItems(stream, data.num_workers, data.prefetch_factor)
         else:
-            stream = WebDatasetReader(data.path, shuffle_buffer=data.shuffle_buffer, seed=seed, rank=rank,
-                                      world_size=world_size, size=size)
+            stream = ShardItems(WebDatasetReader(data.path, shuffle_buffer=data.shuffle_buffer, seed=seed, rank=rank,
+                                                 world_size=world_size, size=size),
+                                data.num_workers, data.prefetch_factor)
         factor = 2 ** (len(vae_model.config.block_out_channels) - 1)
         latent_shape = (int(vae_model.config.latent_channels), size // factor, size // factor)
         source = ImagePairSource(stream, vae=vae_model, device=device)
