@@ -127,8 +127,8 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    """The loop. batch_size is per process and per micro-batch; one optimizer step sees
-    batch_size x grad_accum x world_size samples."""
+    """The loop. batch_size counts rows per process and per micro-batch (one sample per row, or packed
+    rows of data.token_budget tokens); one optimizer step sees batch_size x grad_accum x world_size rows."""
 
     max_steps: int = 1000
     batch_size: int = 16

@@ -70,6 +70,26 @@ def test_bf16_grad_accum_packing_text_only_and_folder_source(tmp_path, data):
         assert la[step] == pytest.approx(lb[step], rel=1e-4, abs=1e-5)
 
 
+def test_metrics_report_mfu_and_padding_of_the_batches_trained_on(tmp_path, data):
+    """mfu x peak / tokens_per_s is the FLOPs per token of the step's packed rows and padding_fraction their
+    share of padding, both recomputed here from the same batches (the stream does not depend on weights)."""
+    from transfusion_mot.accounting import batch_train_flops
+    from transfusion_mot.recipes.train import build_run
+
+    sections = dict(data={"packing": True, "token_budget": 64}, train={"max_steps": 3, "batch_size": 2,
+                                                                        "peak_tflops": 0.5})
+    train(make_config(data, **sections), tmp_path / "run")
+    rows = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    replay = build_run(make_config(data, **sections), tmp_path / "replay").trainer
+    for row in rows:
+        batch = replay.batches.next_batch()
+        assert tuple(batch.tokens.shape) == (2, 64)
+        real = batch.doc_ids >= 0
+        flops = batch_train_flops(replay.accounting, batch.modality, batch.doc_ids, replay.config.model.modalities)
+        assert row["padding_fraction"] == pytest.approx(1 - float(real.float().mean()))
+        assert row["mfu"] * 0.5e12 / row["tokens_per_s"] == pytest.approx(flops / int(real.sum()), rel=1e-9)
+
+
 def test_activation_checkpointing_gives_the_same_losses(tmp_path, data):
     plain = make_config(data, train={"max_steps": 3})
     checkpointed = make_config(data, train={"max_steps": 3, "activation_checkpointing": True})

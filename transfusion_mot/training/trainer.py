@@ -1,13 +1,15 @@
 """The Transfusion training loop, one process or many (torchrun + FSDP2), over parts built elsewhere
 (`transfusion_mot.recipes.train` composes them from a run config).
 
-One optimizer step: `grad_accum` micro-batches of `batch_size` samples per process, L = L_LM + lambda L_diff,
-backward, one all-reduce of the step's statistics, gradient clipping, AdamW, EMA. A step whose loss or
+One optimizer step: `grad_accum` micro-batches of `batch_size` rows per process (padded samples or packed
+rows), L = L_LM + lambda L_diff, backward, one all-reduce of the step's statistics (losses, tokens, FLOPs,
+padding, flags), gradient clipping, AdamW, EMA. A step whose loss or
 gradient norm is not finite is skipped and counted; `max_bad_steps` in a row stop the run.
 
 Everything a step consumes (data positions, mixing draws, timesteps and noise) comes from generators whose
 states are checkpointed with the weights, EMA and optimizer (`state.py`), so `--resume` continues
-bit-for-bit where the run stopped (same device and world size). SIGTERM / Ctrl-C finish the current step,
+bit-for-bit where the run stopped (same device and number of processes; on another number the data
+position is re-split and the random streams re-seeded). SIGTERM / Ctrl-C finish the current step,
 save a checkpoint and exit cleanly.
 """
 
