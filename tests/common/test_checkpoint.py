@@ -3,6 +3,7 @@ pruning, damaged files named, checkpoints older than state.json, and the generic
 
 import json
 import random
+import shutil
 
 import pytest
 import torch
@@ -174,3 +175,39 @@ def test_python_rng_states_survive_weights_only_loading(tmp_path):
     restored = random.Random()
     restored.setstate((version, tuple(internal), gauss))
     assert restored.random() == rng.random()
+
+
+class Shards:
+    """A directory part: writes one file per 'process' into the directory it is given."""
+
+    def __init__(self, values, fail=False) -> None:
+        self.values, self.fail, self.loaded = values, fail, None
+
+    def save_to(self, path) -> None:
+        if self.fail:
+            raise OSError("no space left on device")
+        path.mkdir(parents=True, exist_ok=True)
+        for k, v in enumerate(self.values):
+            (path / f"shard_{k}").write_text(str(v))
+
+    def load_from(self, path) -> None:
+        self.loaded = [int((path / f"shard_{k}").read_text()) for k in range(len(self.values))]
+
+
+def test_directory_parts_are_written_inside_the_checkpoint_and_failures_keep_the_previous_one(tmp_path):
+    counter = Counter()
+    saver = Checkpointer(tmp_path, {"dcp": Shards([3, 4]), "counter.json": counter})
+    first = saver.save(1)
+    assert sorted(p.name for p in (first / "dcp").iterdir()) == ["shard_0", "shard_1"]
+    before = {p: p.read_bytes() for p in first.rglob("*") if p.is_file()}
+    failing = Checkpointer(tmp_path, {"dcp": Shards([5], fail=True), "counter.json": counter})
+    with pytest.raises(CheckpointSaveError, match="no space left on device"):
+        failing.save(2)
+    assert latest_checkpoint(tmp_path) == first and before == {p: p.read_bytes() for p in first.rglob("*") if p.is_file()}
+    assert not (tmp_path / ".tmp-step_2").exists()
+    part = Shards([0, 0])
+    Checkpointer(tmp_path, {"dcp": part, "counter.json": Counter()}).load(first)
+    assert part.loaded == [3, 4]
+    shutil.rmtree(first / "dcp")
+    with pytest.raises(TrainingError, match="damaged checkpoint .*step_1: dcp/ is missing"):
+        Checkpointer(tmp_path, {"dcp": Shards([0]), "counter.json": Counter()}).load(first)
