@@ -182,26 +182,25 @@ class TrainingState:
         parts["optimizer.pt"] = OptimizerState(self.model, self.optimizer)
         return parts
 
-    def load(self, checkpoint: Path, checkpointer: Any, progress: RunProgress, dist: Any, batches: Any,
-             noise: torch.Generator) -> None:
+    def load(self, checkpoint: Path, checkpointer: Any, progress: RunProgress, dist: Any, per_rank: Any) -> None:
         """Resume. Same number of processes: every part as saved (bit-exact). Another number: weights, EMA,
         optimizer and counters as saved; each process's data position re-split from all the saved ones
-        (`load_resplit`: nothing skipped, a few samples seen twice) and its random streams re-seeded."""
-        from ..common.checkpoint import Bundle, GeneratorState, TorchRNGState, read_state
+        (`load_resplit`: nothing skipped, a few samples seen twice) and its random streams re-seeded.
+        `per_rank`: this process's part (a Bundle of `data`: the micro-batches, `noise`, `rng`)."""
+        from ..common.checkpoint import read_state
 
         checkpoint = Path(checkpoint)
         weights = self.parts(sharded=(checkpoint / SHARDED_DIR).is_dir())
         saved_world = int(read_state(checkpoint)["world_size"])
         if saved_world == dist.world_size:
-            per_rank = Bundle(data=batches, noise=GeneratorState(noise), rng=TorchRNGState(dist.device))
             checkpointer.load(checkpoint, parts={**weights, RANK_FILE: per_rank})
             return
         checkpointer.load(checkpoint, parts=weights)
         old = [checkpointer.read_part(checkpoint, RANK_FILE.format(rank=k))["data"] for k in range(saved_world)]
         seed = resplit_seed(self.seed, dist.rank, dist.world_size, progress.step)
-        batches.load_resplit(old, saved_world, seed)
-        noise.manual_seed(seed + 1)
-        torch.manual_seed(seed + 2)
+        per_rank.parts["data"].load_resplit(old, saved_world, seed)
+        per_rank.parts["noise"].generator.manual_seed(seed + 1)
+        torch.manual_seed(seed + 2)  # the CPU and CUDA generators
         if dist.is_main:
             print(f"note: {checkpoint} was written by {saved_world} processes, resuming on {dist.world_size}: the "
                   "data position is re-split and random streams re-seeded, so this run is not bit-identical to "

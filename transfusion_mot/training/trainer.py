@@ -113,16 +113,17 @@ class Trainer:
         self.peak = peak_tflops(device, config.train.peak_tflops)
         self.progress = RunProgress(dist.world_size, vae_path)
         self.state = TrainingState(model, optimizer, ema, sharded=dist.distributed, seed=config.train.seed)
-        per_rank = Bundle(data=batches, noise=GeneratorState(noise), rng=TorchRNGState(device))
+        self.per_rank = Bundle(data=batches, noise=GeneratorState(noise), rng=TorchRNGState(device))
         self.checkpointer = Checkpointer(
-            self.run_dir / CHECKPOINT_DIR, {**self.state.parts(), RANK_FILE: per_rank}, keep=config.train.keep_checkpoints,
+            self.run_dir / CHECKPOINT_DIR, {**self.state.parts(), RANK_FILE: self.per_rank},
+            keep=config.train.keep_checkpoints,
             progress=self.progress, metadata={"format": CHECKPOINT_FORMAT}, rank=dist.rank, is_main=dist.is_main,
             any_rank=lambda flag: any_rank(flag, dist), barrier=lambda: barrier(dist))
         self.failed_saves = 0
 
     def load(self, checkpoint: Path) -> None:
         """Resume from `checkpoint`, written by any number of processes (see `TrainingState.load`)."""
-        self.state.load(checkpoint, self.checkpointer, self.progress, self.dist, self.batches, self.noise)
+        self.state.load(checkpoint, self.checkpointer, self.progress, self.dist, self.per_rank)
 
     def save(self, step: int, final: bool) -> Path | None:
         """Checkpoint `step`. A failed periodic save is a warning (training goes on, earlier checkpoints are
