@@ -71,8 +71,9 @@ def run_bench(generate: GenerateFn, prompts: Sequence[str], out_dir: str | os.Pa
     - shapes alignment when ``classifier`` (directory or ShapesClassifier) is given and prompts
       are shapes captions.
 
-    Writes ``report.json``, ``report.md``, ``samples.png``, ``images/``, ``prompts.jsonl``,
-    ``metadata.jsonl``; returns the report.
+    Writes ``report.json``, ``report.md``, ``report.html`` (the numbers, the grid and every image with
+    its prompt and, with a classifier, the per-attribute verdicts), ``samples.png``, ``images/``,
+    ``prompts.jsonl``, ``metadata.jsonl``; returns the report.
     """
     if not prompts:
         raise InvalidInput("no prompts to generate")
@@ -121,12 +122,14 @@ def run_bench(generate: GenerateFn, prompts: Sequence[str], out_dir: str | os.Pa
             report["cmmd"] = {"skipped": "no real images (real_dir) to compare with"}
 
     # shapes alignment
+    verdicts: list[dict[str, Any]] = []
     if classifier is None:
         report["align"] = {"skipped": "no shapes classifier given"}
     else:
         from .align import score_alignment
 
-        result = score_alignment(classifier, fakes, list(prompts))
+        result = score_alignment(classifier, fakes, list(prompts), details=True)
+        verdicts = result.pop("per_image", [])
         report["align"] = result if result["n_scored"] else {"skipped": "no prompt is a shapes caption"}
 
     report["summary"] = summarise(report)
@@ -135,7 +138,9 @@ def run_bench(generate: GenerateFn, prompts: Sequence[str], out_dir: str | os.Pa
     grid.save(out / "samples.png")
     (out / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
     (out / "report.md").write_text(render_markdown(report, prompts))
-    _log(f"bench: report in {out / 'report.md'}", quiet)
+    (out / "report.html").write_text(render_html(report, prompts, [Path(p).relative_to(out).as_posix()
+                                                                   for p in gen["paths"]], verdicts))
+    _log(f"bench: report in {out / 'report.md'} and {out / 'report.html'}", quiet)
     return report
 
 
@@ -153,6 +158,33 @@ def _fmt(value: Any, digits: int = 4) -> str:
     return "–" if value is None else (f"{value:.{digits}g}" if isinstance(value, float) else str(value))
 
 
+def metric_rows(report: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """(metric, value, notes) per line of the reports' table; skipped metrics say why."""
+    rows: list[tuple[str, str, str]] = []
+    fid = report.get("fid", {})
+    if "skipped" in fid:
+        rows.append(("FID", "–", f"skipped: {fid['skipped']}"))
+    else:
+        rows.append((f"FID (clean, {fid['n_fake']} vs {fid['n_real']})", f"{fid['fid']:.3f}",
+                     f"extractor sha256 {str(fid['extractor_sha256'])[:12]}…"))
+        rows.append(("KID", _fmt(fid.get("kid")), "clean-fid definition"))
+    clip = report.get("clip", {})
+    rows.append(("CLIP score (×100)", _fmt(clip.get("clip_score")),
+                 f"skipped: {clip['skipped']}" if "skipped" in clip else f"model {clip['model']}"))
+    cmmd = report.get("cmmd", {})
+    rows.append(("CMMD", _fmt(cmmd.get("cmmd")),
+                 f"skipped: {cmmd['skipped']}" if "skipped" in cmmd else f"model {cmmd['model']}, σ=10, ×1000"))
+    align = report.get("align", {})
+    if "skipped" in align:
+        rows.append(("shapes alignment", "–", f"skipped: {align['skipped']}"))
+    else:
+        for key in ("all_correct", "count", "colour", "shape", "size", "position"):
+            rows.append((f"alignment: {key}", _fmt(align.get(key)), f"{align['n_scored']} scored prompts"))
+        for task, value in align.get("by_task", {}).items():
+            rows.append((f"alignment: {task}", _fmt(value["all_correct"]), f"all correct, {value['n']} prompts"))
+    return rows
+
+
 def render_markdown(report: dict[str, Any], prompts: Sequence[str]) -> str:
     lines = [f"# Benchmark: {report['n']} images", ""]
     if report.get("run"):
@@ -160,27 +192,45 @@ def render_markdown(report: dict[str, Any], prompts: Sequence[str]) -> str:
     lines += [(f"Seed {report['seed']}, batch size {report['batch_size']}, generation "
               f"{_fmt(report['generation']['images_per_s'])} images/s."), "",
               "| metric | value | notes |", "|---|---|---|"]
-    fid = report.get("fid", {})
-    if "skipped" in fid:
-        lines.append(f"| FID | – | skipped: {fid['skipped']} |")
-    else:
-        lines.append(f"| FID (clean, {fid['n_fake']} vs {fid['n_real']}) | {fid['fid']:.3f} | "
-                     f"extractor sha256 {str(fid['extractor_sha256'])[:12]}… |")
-        lines.append(f"| KID | {_fmt(fid.get('kid'))} | clean-fid definition |")
-    clip = report.get("clip", {})
-    lines.append(f"| CLIP score (×100) | {_fmt(clip.get('clip_score'))} | "
-                 + (f"skipped: {clip['skipped']}" if "skipped" in clip else f"model {clip['model']}") + " |")
-    cmmd = report.get("cmmd", {})
-    lines.append(f"| CMMD | {_fmt(cmmd.get('cmmd'))} | "
-                 + (f"skipped: {cmmd['skipped']}" if "skipped" in cmmd else f"model {cmmd['model']}, σ=10, ×1000") + " |")
-    align = report.get("align", {})
-    if "skipped" in align:
-        lines.append(f"| shapes alignment | – | skipped: {align['skipped']} |")
-    else:
-        for key in ("all_correct", "count", "colour", "shape", "size", "position"):
-            lines.append(f"| alignment: {key} | {_fmt(align.get(key))} | {align['n_scored']} scored prompts |")
-        for task, value in align.get("by_task", {}).items():
-            lines.append(f"| alignment: {task} | {_fmt(value['all_correct'])} | all correct, {value['n']} prompts |")
+    lines += [f"| {a} | {b} | {c} |" for a, b, c in metric_rows(report)]
     lines += ["", "![samples](samples.png)", "", "First prompts:", ""]
     lines += [f"{i}. {p}" for i, p in enumerate(prompts[:8])]
     return "\n".join(lines) + "\n"
+
+
+def render_html(report: dict[str, Any], prompts: Sequence[str], image_files: Sequence[str],
+                verdicts: Sequence[dict[str, Any]] = ()) -> str:
+    """report.html: the metrics table, the samples grid, and one row per image (thumbnail, prompt and, for
+    shapes captions, the classifier's verdict per attribute and what it detected)."""
+    from html import escape
+
+    by_index = {v["index"]: v for v in verdicts}
+    attrs = ("count", "colour", "shape", "size", "position", "all_correct")
+    head = ("<style>body{font-family:system-ui,sans-serif;margin:2em;max-width:1100px}table{border-collapse:collapse}"
+            "td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}img.t{width:64px;image-rendering:pixelated}"
+            ".ok{color:#070}.no{color:#b00}</style>")
+    html = [f"<!doctype html><html><head><meta charset='utf-8'><title>Benchmark: {report['n']} images</title>{head}"
+            "</head><body>", f"<h1>Benchmark: {report['n']} images</h1>"]
+    if report.get("run"):
+        html.append(f"<p>Run: <code>{escape(str(report['run']))}</code></p>")
+    html.append("<table><tr><th>metric</th><th>value</th><th>notes</th></tr>")
+    html += [f"<tr><td>{escape(a)}</td><td>{escape(b)}</td><td>{escape(c)}</td></tr>" for a, b, c in metric_rows(report)]
+    html += ["</table>", "<h2>Samples</h2>", "<img src='samples.png' alt='samples grid' style='max-width:100%'>",
+             "<h2>Every image</h2>", "<table><tr><th>#</th><th>image</th><th>prompt</th>"
+             + ("".join(f"<th>{a.replace('_', ' ')}</th>" for a in attrs) + "<th>detected</th>" if by_index else "")
+             + "</tr>"]
+    for i, (prompt, file) in enumerate(zip(prompts, image_files)):
+        row = f"<tr><td>{i}</td><td><img class='t' src='{escape(file)}'></td><td>{escape(prompt)}</td>"
+        if by_index:
+            v = by_index.get(i)
+            if v is None:
+                row += f"<td colspan='{len(attrs) + 1}'>not a shapes caption</td>"
+            else:
+                for a in attrs:
+                    mark = "–" if v[a] is None else ("<span class='ok'>✓</span>" if v[a] else "<span class='no'>✗</span>")
+                    row += f"<td>{mark}</td>"
+                found = ", ".join(f"{d['size']} {d['colour']} {d['shape']}" for d in v.get("detected", []))
+                row += f"<td>{escape(found) or 'nothing'}</td>"
+        html.append(row + "</tr>")
+    html += ["</table>", "</body></html>"]
+    return "\n".join(html) + "\n"

@@ -31,6 +31,19 @@ def data(tmp_path_factory):
     return make_training_data(tmp_path_factory.mktemp("traindata"))
 
 
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """A 6-step run on 24 images (16 px -> 8x8x4 latents) with EMA, shared by the inference tests."""
+    from helpers import make_config, make_training_data
+
+    from transfusion_mot.recipes.train import train
+
+    root = tmp_path_factory.mktemp("tinyrun")
+    data = make_training_data(root)
+    train(make_config(data, train={"max_steps": 6, "save_every": 3}), root / "run")
+    return root / "run"
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
@@ -42,11 +55,22 @@ def _refuse(*args, **kwargs):
 
 
 _connect = socket.socket.connect
+_urlopen = urllib.request.urlopen
+
+
+def _loopback_urlopen(url, *args, **kwargs):
+    target = url if isinstance(url, str) else url.full_url
+    if target.startswith(("http://127.0.0.1:", "http://localhost:")):
+        return _urlopen(url, *args, **kwargs)
+    return _refuse()
 
 
 def _local_only(sock, address):
-    """Unix-domain sockets stay usable (DataLoader workers pass tensors through them); the network does not."""
+    """Unix-domain sockets (DataLoader workers pass tensors through them) and this machine's loopback (a
+    served page) stay usable; the network does not."""
     if sock.family == getattr(socket, "AF_UNIX", None):
+        return _connect(sock, address)
+    if sock.family in (socket.AF_INET, socket.AF_INET6) and address[0] in ("127.0.0.1", "::1", "localhost"):
         return _connect(sock, address)
     return _refuse()
 
@@ -59,7 +83,7 @@ def no_network(monkeypatch):
     from cleanfid import features
 
     monkeypatch.setattr(socket.socket, "connect", _local_only)
-    monkeypatch.setattr(urllib.request, "urlopen", _refuse)
+    monkeypatch.setattr(urllib.request, "urlopen", _loopback_urlopen)
     monkeypatch.setattr(downloads, "check_download_inception", _refuse)
     monkeypatch.setattr(downloads, "check_download_url", _refuse)
     monkeypatch.setattr(torchscript, "check_download_inception", _refuse)

@@ -29,6 +29,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print((out / "report.md").read_text())
     print(f"tmot demo: done in {report['total_seconds'] / 60:.1f} min. Report: {out / 'report.md'} (and report.json); "
           f"samples: {out / 'samples.png'}; run: {out / 'run'}. Re-running reuses what is built.")
+    print(f"Prompt the model in a browser: tmot serve --run {out / 'run'}   (then open http://127.0.0.1:7860)")
     return 0
 
 
@@ -215,8 +216,29 @@ def cmd_export(args: argparse.Namespace) -> int:
     from .inference.pipeline import Pipeline
 
     pipe = Pipeline.from_run(args.run, step=args.step, ema=not args.no_ema, device="cpu")
-    out = pipe.save_pretrained(args.out)
-    print(f"tmot export: {out} (load with Pipeline.from_pretrained or tmot sample --run {out})")
+    out = pipe.save_pretrained(args.out, repo_id=args.push_to_hub)
+    print(f"tmot export: {out} with its model card README.md (load with Pipeline.from_pretrained or tmot sample "
+          f"--run {out})")
+    if args.push_to_hub:
+        from .inference.hub import push_to_hub
+
+        url = push_to_hub(out, args.push_to_hub, private=args.private)
+        print(f"tmot export: pushed to {url} (load with Pipeline.from_pretrained({args.push_to_hub!r}))")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .inference.app import serve
+
+    serve(args.run, host=args.host, port=args.port, device=args.device, step=args.step, ema=not args.no_ema)
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from .training.curves import plot_runs
+
+    out = plot_runs(args.runs, args.out, x=args.x)
+    print(f"tmot plot: {out} ({len(args.runs)} runs)")
     return 0
 
 
@@ -339,9 +361,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
 
     p = command(sub, "export", "save a run's model, tokenizer and VAE as a self-contained pipeline directory",
-                "tmot export --run runs/shapes-tiny --out shapes-tiny-model", cmd_export)
+                "tmot export --run runs/shapes-tiny --out shapes-tiny-model [--push-to-hub ORG/NAME]", cmd_export,
+                "A directory with one safetensors file of full weights (consolidated from a sharded checkpoint), "
+                "the tokenizer, the VAE, pipeline.json and a model card (README.md with Hub metadata); "
+                "--push-to-hub uploads it (huggingface-cli login first).")
     source_flags(p)
     p.add_argument("--out", required=True)
+    p.add_argument("--push-to-hub", default=None, metavar="ORG/NAME", help="upload the directory to this Hub model repo")
+    p.add_argument("--private", action="store_true", help="create the Hub repo private")
+
+    p = command(sub, "serve", "a web page (Gradio) to prompt a model: text -> images, image -> caption, model card",
+                "tmot serve --run runs/shapes-tiny  # then open http://127.0.0.1:7860", cmd_serve,
+                "Serves a run directory, an exported directory or a Hub id. Binds to 127.0.0.1 unless --host says "
+                "otherwise (0.0.0.0: every interface); requests run one at a time, with bounded sizes.")
+    source_flags(p)
+    p.add_argument("--host", default="127.0.0.1", help="interface to bind (default: this machine only)")
+    p.add_argument("--port", type=positive_int, default=7860)
+
+    p = command(sub, "plot", "loss and learning-rate curves of one or more runs in one PNG",
+                "tmot plot runs/mot runs/dense --out curves.png", cmd_plot,
+                "Training and held-out image and text losses and the learning rate, against steps and training "
+                "time, several runs overlaid with their directory names.")
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run directories (metrics.jsonl)")
+    p.add_argument("--out", required=True, help="PNG to write")
+    p.add_argument("--x", choices=["step", "time", "both"], default="both", help="x axis (default: both panels)")
 
     from eval.cli import register as register_eval
 

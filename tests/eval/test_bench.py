@@ -62,6 +62,40 @@ def test_run_bench_writes_everything(tmp_path, shapes_dir, clip_dir, quick_class
     assert report["align"]["n_scored"] == 10
     assert set(report["summary"]) == {"fid", "kid", "clip_score", "cmmd", "align_all_correct"}
     assert "| FID" in (out / "report.md").read_text()
+    # report.html: the same table, the grid, and each image with the classifier's own verdict
+    from html.parser import HTMLParser
+
+    from eval.align import score_alignment
+
+    class Collect(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.images, self.cells, self.row = [], [], None
+
+        def handle_starttag(self, tag, attrs):
+            if tag == "img":
+                self.images.append(dict(attrs)["src"])
+            if tag == "tr":
+                self.row = []
+                self.cells.append(self.row)
+
+        def handle_data(self, data):
+            if self.row is not None and data.strip():
+                self.row.append(data.strip())
+
+    page = Collect()
+    page.feed((out / "report.html").read_text())
+    assert page.images[0] == "samples.png" and page.images[1:] == [r["file_name"] for r in rows]
+    assert all((out / src).is_file() for src in page.images)
+    verdicts = score_alignment(quick_classifier, images, prompts, details=True)["per_image"]
+    image_rows = [cells for cells in page.cells if cells and cells[0].isdigit() and len(cells) > 3]
+    assert len(image_rows) == 10
+    for cells, verdict in zip(image_rows, verdicts):
+        assert cells[1] == verdict["prompt"]
+        assert cells[2:8] == ["–" if verdict[a] is None else ("✓" if verdict[a] else "✗")
+                              for a in ("count", "colour", "shape", "size", "position", "all_correct")]
+    metric_cells = [cells for cells in page.cells if cells and cells[0].startswith("FID (clean")]
+    assert metric_cells and metric_cells[0][1] == f"{report['fid']['fid']:.3f}"
 
 
 def test_run_bench_skips_what_it_cannot_compute(tmp_path, monkeypatch):

@@ -5,21 +5,15 @@ import json
 import numpy as np
 import pytest
 import torch
-from helpers import make_config, make_training_data
 from PIL import Image
 
 from transfusion_mot.cli import main
 from transfusion_mot.inference.pipeline import Pipeline, load_pipeline
-from transfusion_mot.recipes.train import train
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    """A 6-step run on 24 images (16 px -> 8x8x4 latents) with EMA."""
-    root = tmp_path_factory.mktemp("piperun")
-    data = make_training_data(root)
-    train(make_config(data, train={"max_steps": 6, "save_every": 3}), root / "run")
-    return root / "run"
+@pytest.fixture
+def run(tiny_run):
+    return tiny_run
 
 
 def test_from_run_uses_ema_and_the_recorded_vae(run):

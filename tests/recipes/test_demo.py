@@ -38,6 +38,10 @@ def test_demo_pipeline_end_to_end_and_reuse(tmp_path):
         assert saved["alignment"][name]["n_scored"] > 0, name
     for key in ("colour", "shape", "all_correct"):
         assert 0.0 <= demo[key] <= 1.0
+    # the run directory keeps the headline numbers, which an export's model card states
+    evaluation = json.loads((out / "run" / "evaluation.json").read_text())
+    assert evaluation["alignment demo prompts (every colour x shape): all_correct"] == demo["all_correct"]
+    assert not any("reference" in key or "ceiling" in key for key in evaluation)
     manifest = json.loads((out / "samples" / "manifest.json").read_text())
     # the demo prompts once (images_per_prompt=1), then every held-out prompt twice with its own seeds
     assert manifest["scheduler"] == "flow" and len(manifest["images"]) == len(DEMO_PROMPTS) + 2 * (3 * 32 + 32)

@@ -4,11 +4,11 @@
     images = pipe.generate(["a small red circle above a large blue square"], seed=0, cfg_scale=3.0)
     captions = pipe.caption(images)
     pipe.save_pretrained("shapes-tiny-model")               # self-contained: no run directory needed
-    pipe = Pipeline.from_pretrained("shapes-tiny-model")
+    pipe = Pipeline.from_pretrained("shapes-tiny-model")     # or a Hugging Face Hub id, ORG/NAME
 
-A saved pipeline directory holds `pipeline.json` (format, provenance, default sampling settings),
-`model_config.yaml`, `model.safetensors`, `tokenizer/` (tokenizer.yaml and, for BPE, tokenizer.json) and
-`vae/` (a diffusers `save_pretrained` AutoencoderKL).
+A saved pipeline directory holds `pipeline.json` (format, provenance, what the model card states),
+`README.md` (the model card), `model_config.yaml`, `model.safetensors`, `tokenizer/` (tokenizer.yaml and,
+for BPE, tokenizer.json) and `vae/` (a diffusers `save_pretrained` AutoencoderKL).
 """
 
 from __future__ import annotations
@@ -30,6 +30,8 @@ from ..common.files import write_json
 from ..common.images import images_from_tensor
 from ..model import TransfusionMoT
 from ..tokenizer import TokenizerConfig, load_tokenizer
+from .card import model_card, run_facts
+from .hub import is_repo_id, resolve_pretrained
 from .sampling import caption_images, generate_latents
 
 PIPELINE_FORMAT = "tmot-pipeline/1"
@@ -39,8 +41,9 @@ class Pipeline:
     """Model + tokenizer + VAE. `generate` and `caption` are thin wrappers over `transfusion_mot.inference.sampling`."""
 
     def __init__(self, model: TransfusionMoT, tokenizer: Any, tokenizer_config: TokenizerConfig, vae: Any,
-                 info: dict[str, Any] | None = None) -> None:
+                 info: dict[str, Any] | None = None, facts: dict[str, Any] | None = None) -> None:
         self.model = model.eval()
+        self.facts = dict(facts or {})  # how the model was made, for its card (`card.run_facts`)
         self.tokenizer = tokenizer
         self.tokenizer_config = tokenizer_config
         self.vae = vae.eval()
@@ -77,11 +80,16 @@ class Pipeline:
         info = {"source": "run", "run": str(Path(run_dir).resolve()), **loaded, "vae": str(vae_path),
                 "objective": config.model.objective}
         tokenizer = load_tokenizer(config.tokenizer)
-        return cls(model, tokenizer, config.tokenizer, load_vae(vae_path, device=dev), info)
+        return cls(model, tokenizer, config.tokenizer, load_vae(vae_path, device=dev), info, run_facts(run_dir))
 
-    def save_pretrained(self, out: str | Path) -> Path:
+    def model_card(self, repo_id: str | None = None) -> str:
+        """README.md of the exported directory: Hub metadata, the model, its training and evaluation."""
+        return model_card(self.model.config, self.facts, self.info, self.latent_shape, self.image_size, repo_id)
+
+    def save_pretrained(self, out: str | Path, repo_id: str | None = None) -> Path:
         """A self-contained directory (written to a temporary name, then renamed): the model's own format
-        (model_config.yaml, model.safetensors), tokenizer/, vae/ (diffusers) and pipeline.json."""
+        (model_config.yaml, model.safetensors), tokenizer/, vae/ (diffusers), pipeline.json and the model
+        card README.md (`repo_id`: the Hub id it will live under, for its loading instructions)."""
         out = Path(out)
         tmp = out.with_name(f".tmp-{out.name}")
         if tmp.exists():
@@ -96,17 +104,22 @@ class Pipeline:
         self.vae.save_pretrained(tmp / "vae", safe_serialization=True)
         write_json(tmp / "pipeline.json", {"format": PIPELINE_FORMAT, "latent_shape": list(self.latent_shape),
                                            "image_size": self.image_size,
-                                           "source": {k: v for k, v in self.info.items() if k != "source_dir"}})
+                                           "source": {k: v for k, v in self.info.items() if k != "source_dir"},
+                                           "facts": self.facts})
+        (tmp / "README.md").write_text(self.model_card(repo_id))
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)
         return out
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, device: str | torch.device | None = None) -> Pipeline:
+    def from_pretrained(cls, path: str | Path, device: str | torch.device | None = None,
+                        revision: str | None = None) -> Pipeline:
+        """A directory written by `save_pretrained` / `tmot export`, or a Hugging Face Hub id (ORG/NAME,
+        downloaded once into the Hub cache; `revision`: a branch, tag or commit)."""
         from vae import load_vae
 
-        path = Path(path)
+        path = resolve_pretrained(path, revision)
         meta_path = path / "pipeline.json"
         if not meta_path.is_file():
             raise InputNotFound(f"{path}: no pipeline.json (write one with Pipeline.save_pretrained or "
@@ -120,7 +133,8 @@ class Pipeline:
         if tok_cfg.kind == "hf":
             tok_cfg = from_dict(TokenizerConfig, {**vars(tok_cfg), "path": str(path / "tokenizer" / tok_cfg.path)})
         info = {**meta.get("source", {}), "source": "pretrained", "source_dir": str(path.resolve())}
-        return cls(model, load_tokenizer(tok_cfg), tok_cfg, load_vae(path / "vae", device=dev), info)
+        return cls(model, load_tokenizer(tok_cfg), tok_cfg, load_vae(path / "vae", device=dev), info,
+                   meta.get("facts", {}))
 
     # -- text -> image -----------------------------------------------------------------------------
 
@@ -180,7 +194,10 @@ class Pipeline:
 
 def load_pipeline(source: str | Path, *, step: int | None = None, ema: bool = True,
                   device: str | torch.device | None = None) -> Pipeline:
-    """A run directory (config.yaml + checkpoints/) or a saved pipeline directory (pipeline.json)."""
+    """A run directory (config.yaml + checkpoints/), a saved pipeline directory (pipeline.json) or the Hub
+    id of one."""
+    if is_repo_id(source):
+        return Pipeline.from_pretrained(source, device=device)
     source = Path(source)
     if (source / "pipeline.json").is_file():
         return Pipeline.from_pretrained(source, device=device)

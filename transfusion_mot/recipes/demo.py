@@ -25,8 +25,10 @@ from typing import Any
 import torch
 from PIL import Image
 
+from ..common.files import write_json
 from ..common.images import image_grid, save_images
 from ..data.shapes import COLOURS, POSITIONS, SHAPES, SIZES, make_caption
+from ..inference.card import EVALUATION_FILE
 
 # the prompts the demo shows (and the recipe was chosen on): every colour x shape, large, no position
 DEMO_PROMPTS = [f"a large {colour} {shape}" for colour in COLOURS for shape in SHAPES]
@@ -209,7 +211,23 @@ def run_demo(out: str | Path = "tmot_demo", *, num_images: int = 20000, vae_step
                          "vae": str(prepared.vae_dir), "data": str(prepared.data_dir), "classifier": str(classifier_dir)}
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / "report.md").write_text(render_report(report))
+    write_json(run / EVALUATION_FILE, evaluation_summary(report))  # what the model card of an export states
     return report
+
+
+def evaluation_summary(report: dict[str, Any]) -> dict[str, Any]:
+    """The demo's headline numbers, flat: alignment per prompt set (colour, shape, all correct) and FID."""
+    summary: dict[str, Any] = {"source": "tmot demo"}
+    for name, scores in report["alignment"].items():
+        if "reference" in name or "ceiling" in name:
+            continue
+        for key in ("colour", "shape", "all_correct"):
+            if scores.get(key) is not None:
+                summary[f"alignment {name}: {key}"] = scores[key]
+    fid = report.get("fid", {})
+    if "fid" in fid:
+        summary[f"FID ({fid['n_fake']} vs {fid['n_real']} val images)"] = fid["fid"]
+    return summary
 
 
 def _strip(scores: dict[str, Any]) -> dict[str, Any]:

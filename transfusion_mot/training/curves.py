@@ -16,6 +16,7 @@ from typing import Any
 X_AXES = {"step": "step", "train_time_s": "training time (s)"}
 VALIDATION_PANELS = (("held-out image loss", ("val_image_loss",)), ("held-out text loss", ("val_text_loss",)))
 TRAINING_PANELS = (("image loss", ("image_loss", "val_image_loss")), ("text loss", ("text_loss", "val_text_loss")))
+RUN_PANELS = TRAINING_PANELS + (("learning rate", ("lr",)),)
 
 
 def plot_curves(runs: Mapping[str, Sequence[Mapping[str, Any]]], out: str | Path,
@@ -62,3 +63,32 @@ def plot_curves(runs: Mapping[str, Sequence[Mapping[str, Any]]], out: str | Path
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
+
+
+def run_names(run_dirs: Sequence[str | Path]) -> list[str]:
+    """Short distinct names for run directories: the directory name, with parents added where two clash."""
+    paths = [Path(p).resolve() for p in run_dirs]
+    depth = 1
+    while True:
+        names = ["/".join(p.parts[-depth:]) for p in paths]
+        if len(set(names)) == len(names) or depth > max(len(p.parts) for p in paths):
+            return names
+        depth += 1
+
+
+def plot_runs(run_dirs: Sequence[str | Path], out: str | Path, x: str = "both") -> Path:
+    """`tmot plot`: training and held-out image and text losses and the learning rate of several runs,
+    overlaid and named, against steps, training time or both (`x`: step | time | both)."""
+    from ..common.errors import InvalidInput
+    from .metrics import read_metrics
+
+    axes = {"step": ("step",), "time": ("train_time_s",), "both": ("step", "train_time_s")}
+    if x not in axes:
+        raise InvalidInput(f"x axis {x!r}: choose step, time or both")
+    if not run_dirs:
+        raise InvalidInput("no run directories to plot")
+    runs = {name: read_metrics(Path(d)) for name, d in zip(run_names(run_dirs), run_dirs)}
+    empty = [name for name, records in runs.items() if not records]
+    if empty:
+        raise InvalidInput(f"{empty[0]}: metrics.jsonl has no records yet")
+    return plot_curves(runs, out, panels=RUN_PANELS, x_axes=axes[x], title=", ".join(runs))

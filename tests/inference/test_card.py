@@ -1,0 +1,39 @@
+"""The model card an export writes: valid Hub metadata, and numbers that are the run's own."""
+
+import json
+
+import yaml
+
+from transfusion_mot.inference.card import EVALUATION_FILE, LIBRARY
+from transfusion_mot.inference.pipeline import Pipeline
+
+
+def front_matter(text: str) -> tuple[dict, str]:
+    assert text.startswith("---\n")
+    head, body = text[4:].split("\n---\n", 1)
+    return yaml.safe_load(head), body
+
+
+def test_exported_card_has_hub_metadata_and_the_runs_numbers(tiny_run, tmp_path):
+    (tiny_run / EVALUATION_FILE).write_text(json.dumps({"source": "test", "alignment demo: all_correct": 0.953,
+                                                        "FID (100 vs 100 val images)": 166.4}))
+    try:
+        pipe = Pipeline.from_run(tiny_run)
+        out = pipe.save_pretrained(tmp_path / "model", repo_id="someone/tiny-mot")
+    finally:
+        (tiny_run / EVALUATION_FILE).unlink()
+    meta, body = front_matter((out / "README.md").read_text())
+    assert meta["library_name"] == LIBRARY and meta["license"] == "apache-2.0"
+    assert meta["pipeline_tag"] == "text-to-image" and "mixture-of-transformers" in meta["tags"]
+    summary = json.loads((tiny_run / "summary.json").read_text())
+    params = sum(p.numel() for p in pipe.model.parameters())
+    assert summary["parameters"]["total"] == params
+    assert f"| parameters | {params:,} |" in body or f"| parameters | {params} |" in body
+    assert f"| steps | {summary['step']} |" in body and summary["step"] == 6
+    tokens = summary["tokens_seen"]
+    assert f"| tokens seen | {tokens:,} |" in body or f"| tokens seen | {tokens} |" in body
+    assert "| alignment demo: all correct | 0.953 |" in body and "| FID (100 vs 100 val images) | 166.4 |" in body
+    assert 'Pipeline.from_pretrained("someone/tiny-mot")' in body
+    # the facts travel with the export: re-saving the loaded pipeline writes the same card
+    again = Pipeline.from_pretrained(out).save_pretrained(tmp_path / "again", repo_id="someone/tiny-mot")
+    assert (again / "README.md").read_text() == (out / "README.md").read_text()
