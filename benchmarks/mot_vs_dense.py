@@ -278,7 +278,11 @@ def main() -> None:
                    "machine": f"{platform.machine()}, {os.cpu_count()} cpus", "wall_s": round(time.perf_counter() - t0, 1),
                    "command": " ".join(["python benchmarks/mot_vs_dense.py", *sys.argv[1:]])})
     (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / "results.md").write_text(render_table(result, title) + f"\n![curves](curves.png)\n\n`{result['command']}`\n")
+    grids = [f"**{name}**\n\n![{name} samples](runs/{name}/bench/samples.png)\n" for name in names
+             if (run_dirs[name] / "bench" / "samples.png").is_file()]  # what each variant drew (shapes data)
+    samples = ("\n## Samples (same prompts and seeds)\n\n" + "\n".join(grids)) if grids else ""
+    (out / "results.md").write_text(render_table(result, title) + f"\n![curves](curves.png)\n{samples}\n"
+                                    f"`{result['command']}`\n")
     print((out / "results.md").read_text())
     print(json.dumps({k: v for k, v in result.items() if k != "variants"} | {"out": str(out)}))
 
