@@ -39,15 +39,16 @@ def plot_curves(runs: Mapping[str, Sequence[Mapping[str, Any]]], out: str | Path
     for row, (panel_title, keys) in enumerate(panels):
         for col, x_key in enumerate(x_axes):
             ax = axes[row][col]
-            for run_name, records in runs.items():
+            for run_index, (run_name, records) in enumerate(runs.items()):
+                colour = f"C{run_index % 10}"  # one colour per run; training lines faint, held-out ones marked
                 for key in keys:
                     points = [(r[x_key], r[key]) for r in records if x_key in r and key in r]
                     if not points:
                         continue
                     label = run_name if len(keys) == 1 else f"{run_name} {key}"
                     style = "-o" if key.startswith("val_") and len(points) < 40 else "-"
-                    ax.plot(*zip(*points), style, label=label, markersize=3, linewidth=1.2,
-                            alpha=0.6 if not key.startswith("val_") and len(keys) > 1 else 1.0)
+                    ax.plot(*zip(*points), style, label=label, markersize=3, linewidth=1.2, color=colour,
+                            alpha=0.45 if not key.startswith("val_") and len(keys) > 1 else 1.0)
             ax.set_xlabel(X_AXES[x_key])
             ax.set_title(panel_title)
             if log_y:
