@@ -89,3 +89,62 @@ def test_shipped_configs_by_name(capsys):
     assert json.loads(capsys.readouterr().out)["total_params"] > 0
     assert main(["info", "--config", "huge"]) == 2
     assert "shipped model config: 1.4b, 163m, 760m, 7b, tiny" in capsys.readouterr().err
+
+
+def one_line(capsys) -> str:
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if not line.startswith("warning:")]
+    assert len(err) == 1, err
+    return err[0]
+
+
+def test_damaged_files_are_one_line_errors(tiny_run, data, tmp_path, capsys):
+    """The cases a new user hit: a truncated ema.safetensors, a corrupt latent shard, a damaged export."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    ema = run / "checkpoints/step_6/ema.safetensors"
+    ema.write_bytes(ema.read_bytes()[: ema.stat().st_size // 2])
+    assert main(["sample", "--run", str(run), "--prompt", "a red square", "--steps", "2", "--out",
+                 str(tmp_path / "s")]) == 2
+    assert "damaged checkpoint" in (line := one_line(capsys)) and "ema.safetensors has" in line
+    cache = tmp_path / "latents"
+    shutil.copytree(data["latents"], cache)
+    shard = next(cache.glob("latents-*.safetensors"))
+    shard.write_bytes(shard.read_bytes()[:200])
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump(config_dict(data, data={"path": str(cache)}, train={"max_steps": 2})))
+    assert main(["train", "--config", str(cfg), "--out", str(tmp_path / "t")]) == 2
+    assert f"damaged latent cache {cache}: {shard.name} has 200 bytes" in one_line(capsys)
+    exported = tmp_path / "exported"
+    assert main(["export", "--run", str(tiny_run), "--out", str(exported)]) == 0
+    capsys.readouterr()
+    (exported / "vae" / "config.json").write_text("{}")
+    assert main(["sample", "--run", str(exported), "--prompt", "a red square", "--out", str(tmp_path / "e")]) == 2
+    assert "damaged pipeline" in (line := one_line(capsys)) and "vae/config.json" in line
+
+
+@pytest.mark.parametrize("value", ["nan", "1e30", "-1", "inf"])
+def test_absurd_numbers_are_refused(tiny_run, tmp_path, capsys, value):
+    with pytest.raises(SystemExit) as exit_:  # argparse refuses it before anything is loaded
+        main(["sample", "--run", str(tiny_run), "--prompt", "a red square", "--cfg", value, "--out", str(tmp_path / "s")])
+    assert exit_.value.code == 2
+    assert "--cfg: expected a number in [0, 100]" in one_line(capsys)
+    assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.parametrize("key,value", [("optim.lr", ".nan"), ("optim.lr", ".inf"), ("train.max_steps", ".inf"),
+                                       ("train.batch_size", ".nan"), ("model.init_std", "-.inf")])
+def test_non_finite_config_values_are_refused(data, tmp_path, capsys, key, value):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump(config_dict(data)))
+    assert main(["train", "--config", str(cfg), "--out", str(tmp_path / "t"), "--set", f"{key}={value}"]) == 2
+    assert key.split(".")[-1] in one_line(capsys)
+
+
+def test_a_folder_without_images_is_an_error(tmp_path, capsys):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "notes.txt").write_text("no images here")
+    assert main(["data", "folder", "--src", str(src), "--out", str(tmp_path / "out"), "--size", "16"]) == 2
+    assert "no image imported" in one_line(capsys)

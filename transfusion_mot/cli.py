@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from .common.cli import Parser, fraction, non_negative_int, positive_int, run_command
+from .common.cli import Parser, bounded_float, fraction, non_negative_int, positive_int, run_command
 from .common.errors import InputNotFound, UserError
 
 
@@ -341,7 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts", default=None, help="file of prompts: .txt one per line, or .jsonl with 'prompt'/'text'")
     p.add_argument("--n", type=positive_int, default=1, help="images per prompt")
     p.add_argument("--seed", type=int, default=0, help="image k uses seed + k")
-    p.add_argument("--cfg", type=float, default=3.0, help="guidance scale (1: no guidance)")
+    p.add_argument("--cfg", type=bounded_float(0.0, 100.0), default=3.0, help="guidance scale (1: no guidance)")
     p.add_argument("--steps", type=positive_int, default=50, help="denoising steps")
     p.add_argument("--scheduler", choices=["ddpm", "ddim", "flow"], default=None,
                    help="default: ddpm for DDPM models, flow for flow models")
@@ -354,7 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
     source_flags(p)
     p.add_argument("images", nargs="+", metavar="IMAGE")
     p.add_argument("--max-new-tokens", type=positive_int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    p.add_argument("--temperature", type=bounded_float(0.0, 10.0), default=0.0, help="0: greedy")
     p.add_argument("--top-k", type=positive_int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-kv-cache", action="store_true")

@@ -17,7 +17,7 @@ import torch
 import yaml
 
 from .common.checkpoint import (SHARDED_DIR, load_tensors, read_sharded_weights, read_state, resolve_checkpoint,
-                                sharded_has)
+                                sharded_has, verify_checkpoint)
 from .common.config import apply_overrides, from_dict, read_yaml_mapping, require_ranges, resolve_config_path, to_dict
 from .common.errors import ConfigError, InputNotFound, InvalidInput
 from .config import ModelConfig
@@ -316,6 +316,7 @@ def load_run_model(run_dir: str | Path, step: int | None = None, ema: bool = Tru
         raise InputNotFound(f"{run_dir}: no config.yaml (not a run directory written by `tmot train`)")
     config = load_run_config(config_path)
     checkpoint = resolve_checkpoint(run_dir / "checkpoints", step, what=str(run_dir))
+    verify_checkpoint(checkpoint)  # a damaged file is named here, not deep inside a reader
     model = TransfusionMoT(config.model)
     state, which = load_model_weights(checkpoint, {k: v.shape for k, v in model.state_dict().items()}, ema=ema)
     missing, unexpected = model.load_state_dict(state, strict=False)

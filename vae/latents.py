@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from transfusion_mot.common.errors import InputNotFound, InvalidInput
-from transfusion_mot.common.files import atomic_write_bytes
+from transfusion_mot.common.files import atomic_write_bytes, file_sha256, manifest_problem
 from transfusion_mot.data.readers import ImageFolderReader
 
 from .autoencoder import encode, latent_scale_shift, load_vae
@@ -97,7 +97,9 @@ def encode_folder(vae_dir_or_model: str | Path | Any, data_dir: str | Path, out_
         _atomic_save_safetensors(tensors, out / f"{name}.safetensors", {"mode": mode})
         lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in pending_rows)
         atomic_write_bytes(out / f"{name}.jsonl", lines.encode())
-        shards.append({"file": f"{name}.safetensors", "captions": f"{name}.jsonl", "count": len(pending_rows)})
+        shards.append({"file": f"{name}.safetensors", "captions": f"{name}.jsonl", "count": len(pending_rows),
+                       "files": {f: {"size": (out / f).stat().st_size, "sha256": file_sha256(out / f)}
+                                 for f in (f"{name}.safetensors", f"{name}.jsonl")}})
         for v in pending.values():
             v.clear()
         pending_rows.clear()
@@ -168,9 +170,16 @@ class LatentDataset(torch.utils.data.Dataset):
         if not index_path.is_file():
             raise InputNotFound(f"{index_path}: not found (not a latent cache, or encoding did not "
                                     "finish); create one with `tmot vae encode` / vae.latents.encode_folder")
-        self.info = json.loads(index_path.read_text())
-        self.shards = self.info["shards"]
-        counts = [int(s["count"]) for s in self.shards]
+        try:
+            self.info = json.loads(index_path.read_text())
+            self.shards = self.info["shards"]
+            counts = [int(s["count"]) for s in self.shards]
+        except (ValueError, KeyError, TypeError) as err:
+            raise InvalidInput(f"{index_path}: damaged latent cache index ({type(err).__name__}: {err})") from None
+        for shard in self.shards:  # sizes and sha256 recorded at encoding (caches from before: not checked)
+            problem = manifest_problem(self.root, shard["files"]) if isinstance(shard.get("files"), dict) else None
+            if problem:
+                raise InvalidInput(f"damaged latent cache {self.root}: {problem}; encode it again (tmot vae encode)")
         self._starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         self._offsets: list[np.ndarray | None] = [None] * len(self.shards)
         self._handles: dict[int, Any] = {}
@@ -225,14 +234,19 @@ class LatentDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         shard, row = self._locate(int(i))
-        f = self._handle(shard)
-        item: dict[str, Any] = {"latent": f.get_slice("latents")[row].float()}
-        if "logvar" in f.keys():
-            item["logvar"] = f.get_slice("logvar")[row].float()
-        line = self._line(shard, row)
-        item["text"] = line["text"]
-        item["index"] = int(f.get_slice("index")[row : row + 1][0])
-        item["meta"] = line["meta"]
+        try:
+            f = self._handle(shard)
+            item: dict[str, Any] = {"latent": f.get_slice("latents")[row].float()}
+            if "logvar" in f.keys():
+                item["logvar"] = f.get_slice("logvar")[row].float()
+            line = self._line(shard, row)
+            item["text"] = line["text"]
+            item["index"] = int(f.get_slice("index")[row : row + 1][0])
+            item["meta"] = line["meta"]
+        except Exception as err:  # a shard or caption file cut short or overwritten (older caches: no manifest)
+            first = (str(err).strip().splitlines() or [""])[0][:200]
+            raise InvalidInput(f"damaged latent cache {self.root}: cannot read row {row} of "
+                               f"{self.shards[shard]['file']} ({type(err).__name__}: {first}); encode it again") from None
         return item
 
 

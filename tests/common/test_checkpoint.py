@@ -70,7 +70,11 @@ def test_round_trip_restores_every_part(tmp_path):
     assert path == tmp_path / "ck" / "step_10"
     assert sorted(p.name for p in path.iterdir()) == ["counter.json", "model.safetensors", "rank_0.pt", "state.json",
                                                       "trainer.pt"]
-    assert read_state(path) == {"step": 10, "value": 3}
+    state = read_state(path)
+    assert {k: v for k, v in state.items() if k != "files"} == {"step": 10, "value": 3}
+    # the content check: every part file's size and sha256
+    assert set(state["files"]) == {p.relative_to(path).as_posix() for p in path.rglob("*")
+                                   if p.is_file() and p.name != "state.json"}
     from safetensors import safe_open
 
     with safe_open(str(path / "model.safetensors"), "pt") as f:
@@ -144,6 +148,11 @@ def test_damaged_files_are_named(tmp_path):
     saver = checkpointer(tmp_path, module, optimizer, generator, Counter(), Progress())
     path = saver.save(4)
     (path / "model.safetensors").write_bytes(b"truncated")
+    with pytest.raises(TrainingError, match=r"damaged checkpoint .*step_4: model.safetensors has 9 bytes but"):
+        saver.load(path)
+    # a checkpoint from before content checks (no "files" in state.json): the reader names the file
+    state = json.loads((path / "state.json").read_text())
+    (path / "state.json").write_text(json.dumps({k: v for k, v in state.items() if k != "files"}))
     with pytest.raises(TrainingError, match=r"damaged checkpoint .*step_4: cannot read model.safetensors"):
         saver.load(path)
     (path / "trainer.pt").unlink()
@@ -209,5 +218,29 @@ def test_directory_parts_are_written_inside_the_checkpoint_and_failures_keep_the
     Checkpointer(tmp_path, {"dcp": part, "counter.json": Counter()}).load(first)
     assert part.loaded == [3, 4]
     shutil.rmtree(first / "dcp")
-    with pytest.raises(TrainingError, match="damaged checkpoint .*step_1: dcp/ is missing"):
+    with pytest.raises(TrainingError, match="damaged checkpoint .*step_1: dcp/shard_0 is missing"):
         Checkpointer(tmp_path, {"dcp": Shards([0]), "counter.json": Counter()}).load(first)
+
+
+def test_a_damaged_file_is_named_and_the_newest_intact_checkpoint_is_found(tmp_path):
+    from transfusion_mot.common.checkpoint import latest_intact_checkpoint, verify_checkpoint
+
+    module = torch.nn.Linear(3, 2)
+    saver = Checkpointer(tmp_path, {"model.safetensors": ModuleWeights(module), "counter.json": Counter()}, keep=0)
+    first, second = saver.save(1), saver.save(2)
+    weights = second / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-7])  # cut short: a full disk
+    with pytest.raises(TrainingError, match=r"damaged checkpoint .*step_2: model.safetensors has \d+ bytes but "):
+        verify_checkpoint(second)
+    with pytest.raises(TrainingError, match="model.safetensors has"):
+        saver.load(second)
+    reports = []
+    assert latest_intact_checkpoint(tmp_path, reports.append) == first
+    assert len(reports) == 1 and "step_2: model.safetensors" in reports[0]
+    # same size, other bytes: the sha256 tells
+    data = bytearray((first / "counter.json").read_bytes())
+    data[-2] = ord("9") if data[-2] != ord("9") else ord("8")
+    (first / "counter.json").write_bytes(bytes(data))
+    with pytest.raises(TrainingError, match="counter.json changed since it was written"):
+        verify_checkpoint(first)
+    assert latest_intact_checkpoint(tmp_path) is None

@@ -49,6 +49,22 @@ def test_resume_gives_identical_losses(tmp_path, data):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+def test_resume_passes_over_a_damaged_newest_checkpoint(tmp_path, data, capsys):
+    """A newest checkpoint cut short (a full disk): --resume names it, resumes from the one before, and the
+    run still ends with the losses of one that never stopped."""
+    straight, run = tmp_path / "straight", tmp_path / "run"
+    train(make_config(data, train={"max_steps": 20}), straight)
+    train(make_config(data, train={"max_steps": 20, "keep_checkpoints": 0}), run)
+    optimizer = run / "checkpoints/step_20/optimizer.pt"
+    optimizer.write_bytes(optimizer.read_bytes()[:1000])
+    capsys.readouterr()
+    train(make_config(data, train={"max_steps": 20, "keep_checkpoints": 0}), run, resume=True)
+    err = capsys.readouterr().err
+    assert "warning: damaged checkpoint" in err and "step_20: optimizer.pt has 1000 bytes" in err
+    assert losses(run) == losses(straight)  # steps 11-20 were run again, exactly
+    ckpt.verify_checkpoint(run / "checkpoints/step_20")  # and the damaged checkpoint was replaced
+
+
 def test_bf16_grad_accum_packing_text_only_and_folder_source(tmp_path, data):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("the quick brown fox\n\njumps over the lazy dog\nhello world\n")

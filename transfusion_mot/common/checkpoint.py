@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from .errors import InputNotFound, TrainingError
+from .files import file_manifest, manifest_problem
 
 STATE_FILE = "state.json"
 SHARDED_DIR = "dcp"  # the torch.distributed.checkpoint directory of a checkpoint written by several processes
@@ -97,6 +98,30 @@ def resolve_checkpoint(root: str | Path, step: int | None = None, what: str = ""
 def read_state(checkpoint: str | Path) -> dict[str, Any]:
     """The checkpoint's state.json (step and progress counters)."""
     return _read(Path(checkpoint) / STATE_FILE)
+
+
+def verify_checkpoint(checkpoint: str | Path) -> None:
+    """TrainingError naming the first file of `checkpoint` that is missing, cut short or changed since it
+    was written (state.json records every file's size and sha256; older checkpoints are not checked)."""
+    checkpoint = Path(checkpoint)
+    state = read_state(checkpoint)
+    if not isinstance(state, dict):
+        raise TrainingError(f"damaged checkpoint {checkpoint}: {STATE_FILE} is not an object")
+    problem = manifest_problem(checkpoint, state["files"]) if isinstance(state.get("files"), dict) else None
+    if problem:
+        raise TrainingError(f"damaged checkpoint {checkpoint}: {problem}")
+
+
+def latest_intact_checkpoint(root: str | Path, report: Callable[[str], None] = lambda message: None) -> Path | None:
+    """The newest checkpoint under `root` that passes `verify_checkpoint`; each damaged newer one is
+    reported (one line) and skipped."""
+    for _, path in reversed(list_checkpoints(root)):
+        try:
+            verify_checkpoint(path)
+            return path
+        except TrainingError as err:
+            report(f"warning: {err}; using an older checkpoint")
+    return None
 
 
 def read_sharded_weights(checkpoint: str | Path, names_and_shapes: dict[str, torch.Size], which: str) -> dict[str, Tensor]:
@@ -280,6 +305,7 @@ class Checkpointer:
         return final
 
     def _commit(self, tmp: Path, final: Path, state: dict[str, Any]) -> None:
+        state = {**state, "files": file_manifest(tmp, exclude=(STATE_FILE,))}  # checked by verify_checkpoint
         with open(tmp / STATE_FILE, "w") as f:
             json.dump(state, f, indent=2, default=str)
             f.flush()
@@ -311,6 +337,7 @@ class Checkpointer:
         its state.json ({"step": N, ...progress})."""
         checkpoint = Path(checkpoint)
         if (checkpoint / STATE_FILE).is_file():
+            verify_checkpoint(checkpoint)
             state = _read(checkpoint / STATE_FILE)
         else:  # older than state.json: the step is in the directory name
             m = STEP_RE.match(checkpoint.name)
@@ -395,5 +422,5 @@ class Bundle:
 
 
 __all__ = ["Bundle", "CheckpointSaveError", "Checkpointer", "DirectoryPart", "GeneratorState", "ModuleWeights", "STATE_FILE",
-           "SHARDED_DIR", "Stateful", "TorchRNGState", "read_sharded_weights", "sharded_has", "latest_checkpoint", "list_checkpoints", "load_tensors", "read_state",
+           "SHARDED_DIR", "Stateful", "latest_intact_checkpoint", "verify_checkpoint", "TorchRNGState", "read_sharded_weights", "sharded_has", "latest_checkpoint", "list_checkpoints", "load_tensors", "read_state",
            "resolve_checkpoint", "save_tensors"]

@@ -46,6 +46,20 @@ def fraction(text: str) -> float:
     return value
 
 
+def bounded_float(low: float, high: float) -> Callable[[str], float]:
+    """An argparse type: a finite number in [low, high] (nan, inf and absurd values are refused by name)."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number in [{low:g}, {high:g}], got {text!r}") from None
+        if not low <= value <= high:  # also false for nan
+            raise argparse.ArgumentTypeError(f"expected a number in [{low:g}, {high:g}], got {text}")
+        return value
+
+    return parse
+
+
 def run_command(name: str, func: Callable[[], int]) -> int:
     """Run a command: a UserError is one line on stderr and exit status 2, Ctrl-C exit status 130; any other
     exception propagates with its traceback (it is a bug, and hiding it would hide the defect)."""
@@ -59,4 +73,4 @@ def run_command(name: str, func: Callable[[], int]) -> int:
         return 130
 
 
-__all__ = ["Parser", "fraction", "non_negative_int", "positive_int", "run_command"]
+__all__ = ["Parser", "bounded_float", "fraction", "non_negative_int", "positive_int", "run_command"]

@@ -1,8 +1,12 @@
 """JSON and JSONL files: one reader that names the file and line of a bad record, and writers that replace
-a file atomically (a temporary file renamed into place), so a crash never leaves half a file behind."""
+a file atomically (a temporary file renamed into place), so a crash never leaves half a file behind. And
+content checks: the sizes and sha256 of a directory's files, recorded when it is written (checkpoints,
+exported pipelines, latent caches) and verified when it is read, so a file cut short or changed since is
+named instead of failing somewhere inside a reader."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -86,3 +90,33 @@ def write_jsonl(path: str | os.PathLike, rows: Iterable[dict[str, Any]]) -> None
 
 
 __all__ = ["atomic_write_bytes", "iter_jsonl", "read_jsonl", "read_prompts", "read_texts", "write_json", "write_jsonl"]
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def file_manifest(root: str | os.PathLike, exclude: Iterable[str] = ()) -> dict[str, dict[str, Any]]:
+    """{relative path: {"size", "sha256"}} of every file below `root` (posix paths, sorted)."""
+    root, skip = Path(root), set(exclude)
+    return {rel: {"size": p.stat().st_size, "sha256": file_sha256(p)}
+            for p in sorted(root.rglob("*")) if p.is_file() and (rel := p.relative_to(root).as_posix()) not in skip}
+
+
+def manifest_problem(root: str | os.PathLike, manifest: dict[str, dict[str, Any]], hashes: bool = True) -> str | None:
+    """What is wrong with `root` against its manifest ("FILE is missing", "FILE has N bytes, M were
+    written", "FILE changed since it was written"), or None when every file is as written."""
+    root = Path(root)
+    for rel, want in manifest.items():
+        path = root / rel
+        if not path.is_file():
+            return f"{rel} is missing"
+        size = path.stat().st_size
+        if size != int(want["size"]):
+            return f"{rel} has {size} bytes but {want['size']} were written (a full disk or a copy cut short?)"
+    if hashes:
+        for rel, want in manifest.items():
+            if file_sha256(root / rel) != want["sha256"]:
+                return f"{rel} changed since it was written (sha256 mismatch)"
+    return None

@@ -199,6 +199,10 @@ def import_folder(src: str | os.PathLike, out: str | os.PathLike, size: int, val
         name = image_path(len(kept))
         os.replace(job[1], out / name)
         kept.append({"file_name": name, **row})
+    if not kept:  # an image folder with nothing in it would only fail later, further from the cause
+        reasons = ", ".join(f"{n} {r}" for r, n in sorted(skipped.items())) or "no image files at all"
+        raise InvalidInput(f"{src}: no image imported from {len(candidates)} candidates ({reasons}); captions come "
+                           "from metadata.jsonl/captions.csv or a .txt beside each image")
     write_metadata(out, kept)
     seconds = time.perf_counter() - t0
     return {"out": str(out), "imported": len(kept), "skipped": dict(sorted(skipped.items())),

@@ -26,7 +26,7 @@ from torch import Tensor
 from ..common.config import from_dict, load_yaml_config, save_yaml_config
 from ..common.device import resolve_device
 from ..common.errors import InputNotFound, InvalidInput
-from ..common.files import write_json
+from ..common.files import file_manifest, manifest_problem, write_json
 from ..common.images import images_from_tensor
 from ..model import TransfusionMoT
 from ..tokenizer import TokenizerConfig, load_tokenizer
@@ -102,11 +102,12 @@ class Pipeline:
             tok_cfg.path = "tokenizer.json"
         save_yaml_config(tok_cfg, tmp / "tokenizer" / "tokenizer.yaml")
         self.vae.save_pretrained(tmp / "vae", safe_serialization=True)
+        (tmp / "README.md").write_text(self.model_card(repo_id))
         write_json(tmp / "pipeline.json", {"format": PIPELINE_FORMAT, "latent_shape": list(self.latent_shape),
                                            "image_size": self.image_size,
                                            "source": {k: v for k, v in self.info.items() if k != "source_dir"},
-                                           "facts": self.facts})
-        (tmp / "README.md").write_text(self.model_card(repo_id))
+                                           "facts": self.facts,
+                                           "files": file_manifest(tmp)})  # checked by from_pretrained
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)
@@ -124,9 +125,16 @@ class Pipeline:
         if not meta_path.is_file():
             raise InputNotFound(f"{path}: no pipeline.json (write one with Pipeline.save_pretrained or "
                                 "`tmot export`; for a run directory use Pipeline.from_run)")
-        meta = json.loads(meta_path.read_text())
-        if meta.get("format") != PIPELINE_FORMAT:
-            raise InvalidInput(f"{path}: unknown pipeline format {meta.get('format')!r} (expected {PIPELINE_FORMAT})")
+        try:
+            meta = json.loads(meta_path.read_text())
+        except (ValueError, UnicodeDecodeError) as err:
+            raise InvalidInput(f"{meta_path}: damaged pipeline.json ({err})") from None
+        if not isinstance(meta, dict) or meta.get("format") != PIPELINE_FORMAT:
+            found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+            raise InvalidInput(f"{path}: unknown pipeline format {found!r} (expected {PIPELINE_FORMAT})")
+        problem = manifest_problem(path, meta["files"]) if isinstance(meta.get("files"), dict) else None
+        if problem:
+            raise InvalidInput(f"damaged pipeline {path}: {problem}; export it again (tmot export)")
         dev = resolve_device(device)
         model = TransfusionMoT.from_pretrained(path, device=dev)
         tok_cfg = load_yaml_config(TokenizerConfig, path / "tokenizer" / "tokenizer.yaml")

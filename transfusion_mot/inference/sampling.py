@@ -170,6 +170,8 @@ def generate_latents(model: TransfusionMoT, tokenizer: AnyTokenizer, prompts: Se
         raise InvalidInput("no prompts to generate from")
     if batch_size < 1 or num_steps < 1:
         raise InvalidInput(f"batch_size and num_steps must be positive, got {batch_size} and {num_steps}")
+    if not 0.0 <= float(cfg_scale) <= 100.0:  # nan and inf too: they would only make noise
+        raise InvalidInput(f"cfg_scale must be a number in [0, 100], got {cfg_scale}")
     c, h, w = latent_shape
     p = cfg.patch_size
     if c != cfg.latent_channels or h % p or w % p:
@@ -240,6 +242,8 @@ def caption_images(model: TransfusionMoT, tokenizer: AnyTokenizer, latents: Tens
         raise ValueError(f"latents must be a non-empty (N, C, H, W) tensor, got shape {tuple(latents.shape)}")
     if top_k is not None and top_k < 1:
         raise InvalidInput(f"top_k must be positive, got {top_k}")
+    if not 0.0 <= float(temperature) <= 10.0:
+        raise InvalidInput(f"temperature must be a number in [0, 10], got {temperature}")
     specials = _specials(tokenizer, model)
     device = torch.device(device) if device is not None else next(model.parameters()).device
     n, c, h, w = latents.shape

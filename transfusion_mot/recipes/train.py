@@ -9,6 +9,7 @@ optimizer and EMA, this process's sample stream and held-out set, and the noise 
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,13 +45,18 @@ from ..training.validation import ValidationSet, load_validation_pairs
 def prepare_run_dir(config: RunConfig, run_dir: Path, resume: bool, dist: DistInfo) -> Path | None:
     """Write RUN/config.yaml; the checkpoint to resume from (None for a new run). A new run refuses a
     directory that holds checkpoints; a resumed one refuses changes to anything but run-control keys."""
-    from ..common.checkpoint import latest_checkpoint
+    from ..common.checkpoint import latest_checkpoint, latest_intact_checkpoint
 
     existing = latest_checkpoint(run_dir / CHECKPOINT_DIR)
     saved_config = run_dir / "config.yaml"
     if resume:
         if existing is None:
             raise InputNotFound(f"--resume: no checkpoint in {run_dir}/{CHECKPOINT_DIR} to resume from")
+        # a damaged newest checkpoint (cut short by a full disk, say) is named and passed over
+        existing = latest_intact_checkpoint(run_dir / CHECKPOINT_DIR,
+                                            report=lambda m: print(m, file=sys.stderr) if dist.is_main else None)
+        if existing is None:
+            raise TrainingError(f"--resume: every checkpoint in {run_dir}/{CHECKPOINT_DIR} is damaged (see above)")
         if saved_config.is_file():
             diff = config_differences(load_run_config(saved_config), config, ignore=RESUMABLE_KEYS)
             if diff:
