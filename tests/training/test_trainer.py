@@ -217,3 +217,49 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path, data):
     assert result.step == steps[0] + 2
 
 
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_sigkill_at_random_moments_resumes_bit_exactly(tmp_path, data, nproc):
+    """SIGKILL (no chance to save) at five or more random moments, many inside a checkpoint save
+    (save_every 1), each followed by --resume: the losses at every step and the final weights equal an
+    uninterrupted run's (one process, and two with FSDP2 and sharded checkpoints)."""
+    import os
+    import random
+
+    from transfusion_mot.run import load_run_model
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump(config_dict(data, train={"max_steps": 40, "save_every": 1, "keep_checkpoints": 2})))
+    launch = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m"]
+              if nproc == 2 else [sys.executable, "-m"]) + ["transfusion_mot", "train", "--no-progress"]
+    straight, run = tmp_path / "straight", tmp_path / "run"
+    proc = subprocess.run(launch + ["--config", str(cfg), "--out", str(straight)], env=cli_env(), capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rng = random.Random(nproc)
+    kills = 0
+    for attempt in range(40):
+        started = (run / "checkpoints").is_dir() and any((run / "checkpoints").glob("step_*"))
+        args = ["--out", str(run), "--resume"] if started else ["--config", str(cfg), "--out", str(run)]
+        child = subprocess.Popen(launch + args, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                 text=True, start_new_session=True)
+        if kills < 5:
+            try:
+                child.wait(timeout=rng.uniform(3.0, 7.0) * nproc)
+            except subprocess.TimeoutExpired:
+                os.killpg(child.pid, signal.SIGKILL)  # the whole group: torchrun and its workers
+                child.wait()
+                kills += 1
+                continue
+        _, err = child.communicate(timeout=600)
+        assert child.returncode == 0, err[-3000:]
+        if kills >= 5:
+            break
+    assert kills >= 5
+    assert losses(run) == losses(straight)
+    for ema in (True, False):
+        a, _, _ = load_run_model(straight, ema=ema)
+        b, _, _ = load_run_model(run, ema=ema)
+        assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
