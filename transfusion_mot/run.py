@@ -319,6 +319,11 @@ def load_run_model(run_dir: str | Path, step: int | None = None, ema: bool = Tru
     verify_checkpoint(checkpoint)  # a damaged file is named here, not deep inside a reader
     model = TransfusionMoT(config.model)
     state, which = load_model_weights(checkpoint, {k: v.shape for k, v in model.state_dict().items()}, ema=ema)
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    wrong = [k for k, v in state.items() if k in shapes and tuple(v.shape) != shapes[k]]
+    if wrong:
+        raise InvalidInput(f"{checkpoint}: {wrong[0]} has shape {tuple(state[wrong[0]].shape)} but the run's model "
+                           f"config makes it {shapes[wrong[0]]} (weights of another model?)")
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise InvalidInput(f"{checkpoint}: weights do not match the run's model config "

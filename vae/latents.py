@@ -180,9 +180,19 @@ class LatentDataset(torch.utils.data.Dataset):
             problem = manifest_problem(self.root, shard["files"]) if isinstance(shard.get("files"), dict) else None
             if problem:
                 raise InvalidInput(f"damaged latent cache {self.root}: {problem}; encode it again (tmot vae encode)")
+        self._handles: dict[int, Any] = {}
+        for k, shard in enumerate(self.shards):  # the index agrees with the shards (headers only)
+            try:
+                rows = self._handle(k).get_slice("latents").get_shape()[0]
+            except Exception as err:
+                first = (str(err).strip().splitlines() or [""])[0][:200]
+                raise InvalidInput(f"damaged latent cache {self.root}: cannot read {shard['file']} "
+                                   f"({type(err).__name__}: {first}); encode it again") from None
+            if rows != int(shard["count"]):
+                raise InvalidInput(f"damaged latent cache {self.root}: {shard['file']} holds {rows} latents but "
+                                   f"index.json says {shard['count']}; encode it again")
         self._starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         self._offsets: list[np.ndarray | None] = [None] * len(self.shards)
-        self._handles: dict[int, Any] = {}
 
     def __len__(self) -> int:
         return int(self._starts[-1])

@@ -23,6 +23,7 @@ import json
 import os
 import re
 import shutil
+import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Protocol
@@ -88,11 +89,20 @@ def resolve_checkpoint(root: str | Path, step: int | None = None, what: str = ""
         raise InputNotFound(f"{where}: no checkpoint found under {root} (is this a run directory written by "
                             "`tmot train`?)")
     if step is None:
+        _warn_incomplete_newer(Path(root), found[-1][0])
         return found[-1][1]
     for s, p in found:
         if s == step:
             return p
     raise InputNotFound(f"{where}: no checkpoint for step {step} (have {[s for s, _ in found]})")
+
+
+def _warn_incomplete_newer(root: Path, step: int) -> None:
+    """Say so when a newer step directory exists but never completed (a save that was cut off)."""
+    newer = sorted(int(m.group(1)) for p in root.iterdir() if (m := STEP_RE.match(p.name)) and int(m.group(1)) > step)
+    if newer:
+        print(f"warning: {root}/step_{newer[-1]} is incomplete (no {STATE_FILE}: a save that did not finish); "
+              f"using step_{step}", file=sys.stderr)
 
 
 def read_state(checkpoint: str | Path) -> dict[str, Any]:
@@ -115,9 +125,10 @@ def verify_checkpoint(checkpoint: str | Path) -> None:
 def latest_intact_checkpoint(root: str | Path, report: Callable[[str], None] = lambda message: None) -> Path | None:
     """The newest checkpoint under `root` that passes `verify_checkpoint`; each damaged newer one is
     reported (one line) and skipped."""
-    for _, path in reversed(list_checkpoints(root)):
+    for step, path in reversed(list_checkpoints(root)):
         try:
             verify_checkpoint(path)
+            _warn_incomplete_newer(Path(root), step)
             return path
         except TrainingError as err:
             report(f"warning: {err}; using an older checkpoint")

@@ -29,10 +29,17 @@ def _strip_optional(tp: Any) -> Any:
     return tp
 
 
+def _allows_none(tp: Any) -> bool:
+    return tp is Any or (typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in typing.get_args(tp))
+
+
 def _coerce(value: Any, tp: Any, where: str) -> Any:
-    tp = _strip_optional(tp)
     if value is None:
-        return None
+        if _allows_none(tp):
+            return None
+        name = getattr(_strip_optional(tp), "__name__", str(tp))
+        raise ConfigError(f"{where}: expected {'a value' if name == 'Any' else name}, got null")
+    tp = _strip_optional(tp)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")

@@ -23,8 +23,8 @@ def iter_jsonl(path: str | os.PathLike, what: str = "file") -> Iterator[tuple[in
     path = Path(path)
     if not path.is_file():
         raise InputNotFound(f"{what} not found: {path}")
-    with open(path, encoding="utf-8-sig") as f:  # a byte-order mark (some editors write one) is not data
-        for lineno, line in enumerate(f, 1):
+    with open(path, encoding="utf-8-sig", errors="strict") as f:  # a byte-order mark is not data
+        for lineno, line in _lines(f, path):
             if not line.strip():
                 continue
             try:
@@ -34,6 +34,15 @@ def iter_jsonl(path: str | os.PathLike, what: str = "file") -> Iterator[tuple[in
             if not isinstance(row, dict):
                 raise InvalidInput(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
             yield lineno, row
+
+
+def _lines(f, path: Path) -> Iterator[tuple[int, str]]:
+    lineno = 0
+    try:
+        for lineno, line in enumerate(f, 1):
+            yield lineno, line
+    except UnicodeDecodeError as err:
+        raise InvalidInput(f"{path}:{lineno + 1}: not UTF-8 text ({err.reason}); save it as UTF-8") from None
 
 
 def read_jsonl(path: str | os.PathLike, what: str = "file") -> list[dict[str, Any]]:
@@ -48,7 +57,11 @@ def read_texts(path: str | os.PathLike, fields: tuple[str, ...], what: str = "fi
     if path.suffix != ".jsonl":
         if not path.is_file():
             raise InputNotFound(f"{what} not found: {path}")
-        return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        try:
+            text = path.read_text(encoding="utf-8-sig")  # a byte-order mark is not part of the first line
+        except UnicodeDecodeError as err:
+            raise InvalidInput(f"{path}: not UTF-8 text (byte {err.start}: {err.reason}); save it as UTF-8") from None
+        return [line.strip() for line in text.splitlines() if line.strip()]
     texts = []
     for lineno, row in iter_jsonl(path, what):
         text = next((row[f] for f in fields if f in row), None)

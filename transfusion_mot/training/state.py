@@ -63,6 +63,9 @@ def load_full_into(targets: dict[str, Tensor], full: dict[str, Tensor], what: st
     if missing:
         raise TrainingError(f"{what}: checkpoint lacks {len(missing)} tensors, e.g. {missing[0]}")
     for name, target in names.items():
+        if tuple(full[name].shape) != tuple(target.shape):
+            raise TrainingError(f"{what}: {name} has shape {tuple(full[name].shape)} in the checkpoint but "
+                                f"{tuple(target.shape)} in this model (a checkpoint of another model config?)")
         copy_full_into(target, full[name])
 
 
