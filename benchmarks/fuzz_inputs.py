@@ -354,8 +354,7 @@ def cache_cases(ws: dict[str, Any], rng: random.Random) -> list[Case]:
             variant(f"{shard} cut at {frac:.0%}", lambda f, s=shard, q=frac: (f / s).write_bytes(
                 (f / s).read_bytes()[: int((f / s).stat().st_size * q)]))
         variant(f"{shard} missing", lambda f, s=shard: (f / s).unlink())
-        variant(f"{shard} with flipped bytes", lambda f, s=shard: (f / s).write_bytes(
-            (lambda b: b[:-20] + bytes(255 - x for x in b[-20:]))((f / s).read_bytes())))
+        variant(f"{shard} with flipped bytes", lambda f, s=shard: _flip_tail(f / s))
     if len(shards) > 1:
         def swap(folder: Path) -> None:
             a, b = folder / shards[0].name, folder / shards[1].name
@@ -374,6 +373,11 @@ def cache_cases(ws: dict[str, Any], rng: random.Random) -> list[Case]:
         variant(name, lambda f, e=edit: (f / "index.json").write_text(e(json.loads((f / "index.json").read_text()))))
     variant("index.json missing", lambda f: (f / "index.json").unlink())
     return cases
+
+
+def _flip_tail(path: Path, n: int = 20) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[:-n] + bytes(255 - x for x in data[-n:]))
 
 
 def checkpoint_cases(ws: dict[str, Any], rng: random.Random) -> list[Case]:
@@ -410,23 +414,20 @@ def checkpoint_cases(ws: dict[str, Any], rng: random.Random) -> list[Case]:
 
 
 def _other_model_weights(checkpoint: Path) -> None:
-    """Replace the weights by a wider model's (and fix the manifest, as a user copying files would not)."""
-    import torch
+    """Replace the weights by a wider model's, with a manifest that matches them (files that are intact but
+    belong to another model: only the shapes can tell)."""
+    from safetensors.torch import save_file
 
+    from transfusion_mot.common.files import file_manifest
     from transfusion_mot.config import ModelConfig
     from transfusion_mot.model import TransfusionMoT
 
     state = json.loads((checkpoint / "state.json").read_text())
     model = TransfusionMoT(ModelConfig(dim=48, n_layers=2, n_heads=2, ffn_dim=64, max_seq_len=96))
-    from safetensors.torch import save_file
-
     for name in ("model.safetensors", "ema.safetensors"):
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(checkpoint / name))
-    from transfusion_mot.common.files import file_manifest
-
     state["files"] = file_manifest(checkpoint, exclude=("state.json",))
     (checkpoint / "state.json").write_text(json.dumps(state))
-    del torch
 
 
 def shard_cases(ws: dict[str, Any], rng: random.Random) -> list[Case]:

@@ -37,3 +37,13 @@ def test_exported_card_has_hub_metadata_and_the_runs_numbers(tiny_run, tmp_path)
     # the facts travel with the export: re-saving the loaded pipeline writes the same card
     again = Pipeline.from_pretrained(out).save_pretrained(tmp_path / "again", repo_id="someone/tiny-mot")
     assert (again / "README.md").read_text() == (out / "README.md").read_text()
+
+
+def test_the_cards_python_snippet_runs_on_the_export(tiny_run, tmp_path):
+    out = Pipeline.from_run(tiny_run).save_pretrained(tmp_path / "model")
+    _, body = front_matter((out / "README.md").read_text())
+    snippet = body.split("```python\n", 1)[1].split("```", 1)[0].replace("THIS_DIRECTORY", str(out))
+    snippet = snippet.replace("num_steps=50", "num_steps=2")  # the same calls, fewer steps
+    scope: dict = {}
+    exec(snippet, scope)  # noqa: S102 - the card's own instructions
+    assert len(scope["images"]) == 1 and isinstance(scope["captions"][0], str)

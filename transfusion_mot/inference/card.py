@@ -55,9 +55,9 @@ def card_body(model_config: Any, facts: dict[str, Any], info: dict[str, Any], la
     untie = list(m.untie)
     kind = ("Mixture-of-Transformers (untied " + ", ".join(untie) + ")") if untie else "dense Transfusion"
     lines = [f"# {repo_id.split('/')[-1] if repo_id else 'Transfusion MoT model'}", "",
-             f"A Transfusion text-to-image (and image-to-text) model on a {kind} backbone, trained with "
-             f"[{LIBRARY}](https://pypi.org/project/{LIBRARY}/): next-token loss on text and a {m.objective} "
-             f"diffusion loss on {tuple(latent_shape)} VAE latents of {image_size} px images, one sequence.", "",
+             (f"A Transfusion text-to-image (and image-to-text) model on a {kind} backbone, trained with "
+              f"[{LIBRARY}](https://pypi.org/project/{LIBRARY}/): next-token loss on text and a {m.objective} "
+              f"diffusion loss on {tuple(latent_shape)} VAE latents of {image_size} px images, one sequence."), "",
              "## Model", ""]
     lines += _table([("width / layers / heads", f"{m.dim} / {m.n_layers} / {m.n_heads}"),
                      ("FFN width", m.ffn_dim), ("untied per modality", ", ".join(untie) or "nothing (dense)"),
@@ -93,10 +93,10 @@ def card_body(model_config: Any, facts: dict[str, Any], info: dict[str, Any], la
                 rows.append((key.replace("_", " "), value))
         lines += _table(rows)
     lines += ["", "## Sampling", "",
-              f"Defaults: {'flow (FlowMatchEuler)' if m.objective == 'flow' else 'ddpm'} scheduler, 50 steps, "
-              "classifier-free guidance 3.0 (the empty caption is the unconditional model); one generator per "
-              "image, so a seed gives the same image whatever it is batched with.", "",
-              "## How to load it", "", "```python", "from transfusion_mot import Pipeline", "",
+              (f"Defaults: {'flow (FlowMatchEuler)' if m.objective == 'flow' else 'ddpm'} scheduler, 50 steps, "
+               "classifier-free guidance 3.0 (the empty caption is the unconditional model); one generator per "
+               "image, so a seed gives the same image whatever it is batched with."), "",
+              "## How to load it", "", "```python", "from transfusion_mot.inference.pipeline import Pipeline", "",
               f"pipe = Pipeline.from_pretrained(\"{repo_id or 'THIS_DIRECTORY'}\")",
               "images = pipe.generate([\"a large red circle\"], seed=0, cfg_scale=3.0, num_steps=50)",
               "captions = pipe.caption(images)", "```", "", "```bash",
