@@ -2,8 +2,8 @@
 
 Training: for each model size (`configs/model/163m.yaml`, `760m.yaml`), MoT and dense, compile on/off and
 FlexAttention vs SDPA, one bf16 training step (forward, backward, AdamW) on packed rows of 4,096 tokens of
-synthetic samples shaped like the coco-760m recipe (captions of 5-60 tokens, 32x32x4 latents -> 256 image
-tokens, 20% image-first). The variants run one after another (one model in memory at a time: the 760m MoT
+synthetic samples shaped like the coco-760m recipe (`benchmarks/packing.py`: captions of 5-60 tokens, 32x32x4
+latents -> 256 image tokens, 20% image-first). The variants run one after another (one model in memory at a time: the 760m MoT
 with AdamW state alone is ~22 GB), each warmed up before its timed steps (median reported). Reports tokens/s (real tokens), MFU (`accounting.batch_train_flops` over the device's dense bf16
 peak, `transfusion_mot.training.throughput`) and peak memory, plus the MoT/dense step-time and flex/SDPA
 ratios. Sampling: the 760m MoT (4 latent channels), 32x32x4 latents, CFG 3, 250 and 50 steps, images/s with
@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from transfusion_mot.accounting import batch_train_flops, parameter_accounting
-from transfusion_mot.batch import Collator, Sample
+from transfusion_mot.batch import Collator
 from transfusion_mot.common.config import from_dict, read_yaml_mapping
 from transfusion_mot.config import ModelConfig
 from transfusion_mot.diffusion import make_objective
@@ -36,8 +36,11 @@ from transfusion_mot.inference.sampling import generate_latents
 from transfusion_mot.model import TransfusionMoT
 from transfusion_mot.tokenizer import ByteTokenizer
 from transfusion_mot.training.parallel import apply_compile
+from transfusion_mot.training.stream import PackedBatches
 from transfusion_mot.training.throughput import mfu, peak_tflops
 from transfusion_mot.training.trainer import TransfusionStep
+
+from packing import SyntheticSamples  # benchmarks/packing.py, beside this script
 
 REPO = Path(__file__).resolve().parents[1]
 UNTIE = {"mot": ["attn", "ffn", "norm"], "dense": []}
@@ -52,21 +55,9 @@ def model_config(name: str, untie: list[str], attn: str, smoke: bool) -> ModelCo
 
 
 def packed_rows(cfg: ModelConfig, rows: int, budget: int, latent: int, seed: int):
-    """`rows` rows of `budget` tokens filled first-fit with synthetic caption/image samples."""
-    g = torch.Generator().manual_seed(seed)
-    collator = Collator(cfg, max_len=budget)
-    samples, used = [], [0] * rows
-    while True:
-        caption = torch.randint(0, cfg.vocab_size - 5, (int(torch.randint(5, 61, (1,), generator=g)),),
-                                generator=g).tolist()
-        image = torch.randn(cfg.latent_channels, latent, latent, generator=g)
-        sample = Sample([image, caption] if torch.rand(1, generator=g) < 0.2 else [caption, image])
-        n = collator.layout_length(sample)
-        row = next((r for r in range(rows) if used[r] + n <= budget), None)
-        if row is None:
-            return collator.collate_packed(samples, budget)
-        used[row] += n
-        samples.append(sample)
+    """`rows` rows of `budget` tokens packed by the trainer's own packer from coco-760m-like samples."""
+    stream = SyntheticSamples(cfg, latent, seed=seed)
+    return PackedBatches(stream, Collator(cfg, max_len=budget), rows=rows, budget=budget).next_batch()
 
 
 def build_variant(name: str, untie: str, compiled: bool, attn: str, args, device: torch.device):

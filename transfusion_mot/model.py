@@ -68,10 +68,14 @@ class Routing:
         if len(experts) == 1:
             return experts[0](x)
         # split (not slicing): its backward is a single cat, where each slice's backward would allocate
-        # and zero-fill a full-size gradient. An expert whose modality is absent still runs, on zero rows:
-        # its gradient is then zero rather than missing, so under FSDP2 every process reduces the same
-        # gradients whatever its micro-batch holds (a text-only micro-batch on one rank)
-        return torch.cat([experts[m](chunk) for m, chunk in enumerate(x.split(self.counts))], dim=0)
+        # and zero-fill a full-size gradient. In training an expert whose modality is absent still runs, on
+        # zero rows: its gradient is then zero rather than missing, so under FSDP2 every process reduces the
+        # same gradients whatever its micro-batch holds (a text-only micro-batch on one rank). Without
+        # gradients (sampling: a denoising step holds image tokens only) absent experts are skipped, and a
+        # single present one is returned without the copy a cat would make.
+        training = torch.is_grad_enabled()
+        parts = [experts[m](chunk) for m, chunk in enumerate(x.split(self.counts)) if training or chunk.shape[0]]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
 
 
 class Experts(nn.ModuleList):

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from transfusion_mot.common.errors import InputNotFound, InvalidInput
+from transfusion_mot.common.errors import InputNotFound, InvalidInput, describe
 from transfusion_mot.common.files import atomic_write_bytes, file_sha256, manifest_problem
 from transfusion_mot.data.readers import ImageFolderReader
 
@@ -185,9 +185,8 @@ class LatentDataset(torch.utils.data.Dataset):
             try:
                 rows = self._handle(k).get_slice("latents").get_shape()[0]
             except Exception as err:
-                first = (str(err).strip().splitlines() or [""])[0][:200]
                 raise InvalidInput(f"damaged latent cache {self.root}: cannot read {shard['file']} "
-                                   f"({type(err).__name__}: {first}); encode it again") from None
+                                   f"({describe(err)}); encode it again") from None
             if rows != int(shard["count"]):
                 raise InvalidInput(f"damaged latent cache {self.root}: {shard['file']} holds {rows} latents but "
                                    f"index.json says {shard['count']}; encode it again")
@@ -254,9 +253,8 @@ class LatentDataset(torch.utils.data.Dataset):
             item["index"] = int(f.get_slice("index")[row : row + 1][0])
             item["meta"] = line["meta"]
         except Exception as err:  # a shard or caption file cut short or overwritten (older caches: no manifest)
-            first = (str(err).strip().splitlines() or [""])[0][:200]
             raise InvalidInput(f"damaged latent cache {self.root}: cannot read row {row} of "
-                               f"{self.shards[shard]['file']} ({type(err).__name__}: {first}); encode it again") from None
+                               f"{self.shards[shard]['file']} ({describe(err)}); encode it again") from None
         return item
 
 

@@ -23,6 +23,7 @@ def test_known_gpus_are_looked_up_by_name(monkeypatch, name, expected):
 
 
 def test_mfu_is_achieved_flops_over_the_summed_peak():
-    # 8 processes at 989.4 TFLOP/s peak each; 3.2e18 FLOPs in 10 s = 3.2e17 FLOP/s = 40.4% of 7.9152e15 x ...
-    assert mfu(3.2e18, 10.0, 989.4, 8) == pytest.approx(3.2e17 / (989.4e12 * 8))
+    # 3.2e16 FLOPs in 10 s on 8 devices of 989.4 TFLOP/s: 3.2e15 FLOP/s / 7.9152e15 FLOP/s = 40.43%
+    assert mfu(3.2e16, 10.0, 989.4, 8) == pytest.approx(0.404285, rel=1e-5)
+    assert mfu(3.2e16, 10.0, 989.4, 4) == pytest.approx(0.808571, rel=1e-5)  # half the devices: twice the share
     assert mfu(1.0, 1.0, None, 1) is None

@@ -174,7 +174,6 @@ def test_resplit_to_another_world_size_skips_nothing(old_world, new_world, steps
     unread = epoch_items - consumed
     assert unread <= set(read)  # nothing skipped ...
     assert len(set(read) - unread) <= max(steps) * old_world - min(steps) * old_world  # ... few repeats
-    assert len(unread) - len(set(read) & unread) == 0
     assert all(len(stream.epoch_order(stream.epoch)) == len(new[0].epoch_order(new[0].epoch)) for stream in new)
     # the state round-trips (start included) and later epochs are whole again
     again = LatentStream(items, seed=4, rank=0, world_size=new_world, drop_last=True)

@@ -31,7 +31,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
-from .errors import InputNotFound, TrainingError
+from .errors import InputNotFound, TrainingError, describe
 from .files import file_manifest, manifest_problem
 
 STATE_FILE = "state.json"
@@ -145,9 +145,8 @@ def read_sharded_weights(checkpoint: str | Path, names_and_shapes: dict[str, tor
     try:
         dcp.load(state, checkpoint_id=str(checkpoint / SHARDED_DIR), no_dist=True)
     except (Exception, CheckpointException) as err:  # DCP's own error is a BaseException
-        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        raise TrainingError(f"damaged checkpoint {checkpoint}: cannot read {SHARDED_DIR}/ ({type(err).__name__}: "
-                            f"{first[:300]})") from None
+        raise TrainingError(f"damaged checkpoint {checkpoint}: cannot read {SHARDED_DIR}/ "
+                            f"({describe(err, 300)})") from None
     return state[which]
 
 
@@ -205,7 +204,7 @@ def _read(path: Path) -> Any:
         return json.loads(path.read_text())
     except Exception as err:  # truncated, overwritten, not ours: name the file
         raise TrainingError(f"damaged checkpoint {path.parent}: cannot read {path.name} "
-                            f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from None
+                            f"({describe(err)})") from None
 
 
 def _fsync(path: Path) -> None:
@@ -343,12 +342,15 @@ class Checkpointer:
         """The saved state of one part file (e.g. another process's rank file); damage names the checkpoint."""
         return _read(Path(checkpoint) / file)
 
-    def load(self, checkpoint: str | Path, parts: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    def load(self, checkpoint: str | Path, parts: Mapping[str, Any] | None = None,
+             verify: bool = True) -> dict[str, Any]:
         """Load every part (or `parts`, for a checkpoint saved in another layout) from `checkpoint`; returns
-        its state.json ({"step": N, ...progress})."""
+        its state.json ({"step": N, ...progress}). `verify=False` skips the content check for a checkpoint
+        the caller has just verified (hashing a large checkpoint twice costs seconds)."""
         checkpoint = Path(checkpoint)
         if (checkpoint / STATE_FILE).is_file():
-            verify_checkpoint(checkpoint)
+            if verify:
+                verify_checkpoint(checkpoint)
             state = _read(checkpoint / STATE_FILE)
         else:  # older than state.json: the step is in the directory name
             m = STEP_RE.match(checkpoint.name)

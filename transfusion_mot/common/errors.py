@@ -26,3 +26,9 @@ class TrainingError(UserError, RuntimeError):
 
 
 __all__ = ["ConfigError", "InputNotFound", "InvalidInput", "TrainingError", "UserError"]
+
+
+def describe(err: BaseException, limit: int = 200) -> str:
+    """`TypeName: first line of the message` (cut to `limit`): what a one-line error says of its cause."""
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0][:limit] if lines else ''}".rstrip(": ")

@@ -9,7 +9,6 @@ line instead of multiplying memory use. The server binds to 127.0.0.1 unless tol
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -83,7 +82,7 @@ class ServeApp:
 
     def card(self) -> str:
         """The model card without its metadata block (what the page shows)."""
-        return re.sub(r"\A---\n.*?\n---\n+", "", self.pipe.model_card(), flags=re.S)
+        return self.pipe.model_card(metadata=False)
 
     # -- the page ----------------------------------------------------------------------------------
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from ..common.errors import InputNotFound, UserError
+from ..common.errors import InputNotFound, UserError, describe
 
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -27,8 +27,7 @@ def resolve_pretrained(source: str | Path, revision: str | None = None) -> Path:
     try:
         return Path(snapshot_download(repo_id=str(source), revision=revision))
     except Exception as err:  # offline, unknown repo, private without a login
-        first = (str(err).strip().splitlines() or [""])[0][:200]
-        raise InputNotFound(f"{source}: cannot get it from the Hugging Face Hub ({type(err).__name__}: {first}); "
+        raise InputNotFound(f"{source}: cannot get it from the Hugging Face Hub ({describe(err)}); "
                             "check the id and the network, log in (`huggingface-cli login`) for a private repo, "
                             "or pass a local directory written by `tmot export`") from None
 
@@ -45,8 +44,7 @@ def push_to_hub(directory: str | Path, repo_id: str, private: bool = False, toke
         api.upload_folder(folder_path=str(directory), repo_id=repo_id, repo_type="model",
                           commit_message="tmot export")
     except Exception as err:
-        first = (str(err).strip().splitlines() or [""])[0][:200]
-        raise UserError(f"cannot push {directory} to {repo_id} ({type(err).__name__}: {first}); log in with "
+        raise UserError(f"cannot push {directory} to {repo_id} ({describe(err)}); log in with "
                         "`huggingface-cli login` (or set HF_TOKEN) with write access, and check the network; the "
                         f"exported directory {directory} is complete and can be uploaded later") from None
     return str(url)

@@ -30,7 +30,7 @@ from ..common.files import file_manifest, manifest_problem, write_json
 from ..common.images import images_from_tensor
 from ..model import TransfusionMoT
 from ..tokenizer import TokenizerConfig, load_tokenizer
-from .card import model_card, run_facts
+from .card import card_body, model_card, run_facts
 from .hub import is_repo_id, resolve_pretrained
 from .sampling import caption_images, generate_latents
 
@@ -82,9 +82,11 @@ class Pipeline:
         tokenizer = load_tokenizer(config.tokenizer)
         return cls(model, tokenizer, config.tokenizer, load_vae(vae_path, device=dev), info, run_facts(run_dir))
 
-    def model_card(self, repo_id: str | None = None) -> str:
-        """README.md of the exported directory: Hub metadata, the model, its training and evaluation."""
-        return model_card(self.model.config, self.facts, self.info, self.latent_shape, self.image_size, repo_id)
+    def model_card(self, repo_id: str | None = None, metadata: bool = True) -> str:
+        """README.md of the exported directory: Hub metadata (unless `metadata=False`), the model, its
+        training and evaluation."""
+        render = model_card if metadata else card_body
+        return render(self.model.config, self.facts, self.info, self.latent_shape, self.image_size, repo_id)
 
     def save_pretrained(self, out: str | Path, repo_id: str | None = None) -> Path:
         """A self-contained directory (written to a temporary name, then renamed): the model's own format

@@ -159,7 +159,7 @@ def build_run(config: RunConfig, run_dir: str | Path, resume: bool = False, dist
     trainer = Trainer(config, run_dir, dist, device, model, step_module, optimizer, ema, batches, noise, precision,
                       accounting, validation=validation, vae_path=vae_path)
     if resume_from is not None:
-        trainer.load(resume_from)
+        trainer.load(resume_from, verified=True)  # prepare_run_dir chose it by its content check
     return ComposedRun(trainer, accounting, tuple(latent_shape), resume_from, source)
 
 

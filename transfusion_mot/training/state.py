@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from ..common.checkpoint import SHARDED_DIR
-from ..common.errors import TrainingError
+from ..common.errors import TrainingError, describe
 from ..common.tensors import copy_full_into
 
 CHECKPOINT_DIR = "checkpoints"
@@ -159,9 +159,8 @@ class ShardedWeights:
         try:
             dcp.load(state, checkpoint_id=str(path))
         except (Exception, CheckpointException) as err:  # missing shards, truncated files, another model
-            first = str(err).strip().splitlines()[0] if str(err).strip() else ""
             raise TrainingError(f"damaged checkpoint {path.parent}: cannot read {path.name}/ "
-                                f"({type(err).__name__}: {first[:300]})") from None
+                                f"({describe(err, 300)})") from None
         set_model_state_dict(self.model, state["model"])
         if self.optimizer is not None:
             set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"])
@@ -185,7 +184,8 @@ class TrainingState:
         parts["optimizer.pt"] = OptimizerState(self.model, self.optimizer)
         return parts
 
-    def load(self, checkpoint: Path, checkpointer: Any, progress: RunProgress, dist: Any, per_rank: Any) -> None:
+    def load(self, checkpoint: Path, checkpointer: Any, progress: RunProgress, dist: Any, per_rank: Any,
+             verify: bool = True) -> None:
         """Resume. Same number of processes: every part as saved (bit-exact). Another number: weights, EMA,
         optimizer and counters as saved; each process's data position re-split from all the saved ones
         (`load_resplit`: nothing skipped, a few samples seen twice) and its random streams re-seeded.
@@ -196,9 +196,9 @@ class TrainingState:
         weights = self.parts(sharded=(checkpoint / SHARDED_DIR).is_dir())
         saved_world = int(read_state(checkpoint)["world_size"])
         if saved_world == dist.world_size:
-            checkpointer.load(checkpoint, parts={**weights, RANK_FILE: per_rank})
+            checkpointer.load(checkpoint, parts={**weights, RANK_FILE: per_rank}, verify=verify)
             return
-        checkpointer.load(checkpoint, parts=weights)
+        checkpointer.load(checkpoint, parts=weights, verify=verify)
         old = [checkpointer.read_part(checkpoint, RANK_FILE.format(rank=k))["data"] for k in range(saved_world)]
         seed = resplit_seed(self.seed, dist.rank, dist.world_size, progress.step)
         per_rank.parts["data"].load_resplit(old, saved_world, seed)

@@ -121,9 +121,10 @@ class Trainer:
             any_rank=lambda flag: any_rank(flag, dist), barrier=lambda: barrier(dist))
         self.failed_saves = 0
 
-    def load(self, checkpoint: Path) -> None:
-        """Resume from `checkpoint`, written by any number of processes (see `TrainingState.load`)."""
-        self.state.load(checkpoint, self.checkpointer, self.progress, self.dist, self.per_rank)
+    def load(self, checkpoint: Path, verified: bool = False) -> None:
+        """Resume from `checkpoint`, written by any number of processes (see `TrainingState.load`);
+        `verified`: its content check has just passed (`latest_intact_checkpoint`)."""
+        self.state.load(checkpoint, self.checkpointer, self.progress, self.dist, self.per_rank, verify=not verified)
 
     def save(self, step: int, final: bool) -> Path | None:
         """Checkpoint `step`. A failed periodic save is a warning (training goes on, earlier checkpoints are
