@@ -317,3 +317,73 @@ def process_group(rank: int = 0, world_size: int = 1, tmp_path: Path | None = No
         yield
     finally:
         dist.destroy_process_group()
+
+
+# -- stand-ins for a pretrained language model: tiny random transformers causal LMs saved locally
+
+LM_TEXT = ["a small red circle above a large blue square", "the quick brown fox jumps over the lazy dog",
+           "a large green triangle left of a small yellow cross", "words and more words, with numbers 0 1 2 3",
+           "a red square", "a blue circle", "a cat sat on the mat"]
+
+
+def make_lm_tokenizer(directory: Path, bos: bool = True, vocab_size: int = 300):
+    """A byte-level BPE as a transformers PreTrainedTokenizerFast with BOS/EOS (bos=False: none added, as
+    Qwen's tokenizers do), saved with save_pretrained."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<s>", "</s>", "<pad>"]
+    tok.train_from_iterator(LM_TEXT * 20, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                                              initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                                              show_progress=False))
+    if bos:
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                   pad_token="<pad>" if bos else None)
+    fast.save_pretrained(str(directory))
+    return fast
+
+
+def make_tiny_lm(directory: Path, arch: str = "llama", tie: bool = False, seed: int = 0, extra_rows: int = 7,
+                 **config):
+    """A random `arch` (llama: GQA and Llama-3 RoPE scaling; qwen2: Q/K/V biases, no BOS; qwen3: QK-norm,
+    head_dim != dim / heads; mistral) causal LM with its tokenizer, saved in `directory`. Its embedding has
+    `extra_rows` more rows than the tokenizer has tokens (as Qwen's do); norms and biases are perturbed so
+    that a mix-up of them shows."""
+    from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
+                              Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
+
+    tokenizer = make_lm_tokenizer(directory, bos=arch != "qwen2")
+    base = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                intermediate_size=48, vocab_size=len(tokenizer) + extra_rows, max_position_embeddings=1024,
+                tie_word_embeddings=tie, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id)
+    kinds = {"llama": (LlamaConfig, LlamaForCausalLM, dict(rope_theta=500000.0, rope_scaling={
+                 "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                 "original_max_position_embeddings": 64})),
+             "qwen2": (Qwen2Config, Qwen2ForCausalLM, dict(rope_theta=1e6)),
+             "qwen3": (Qwen3Config, Qwen3ForCausalLM, dict(head_dim=12)),
+             "mistral": (MistralConfig, MistralForCausalLM, dict(sliding_window=None))}
+    config_cls, model_cls, own = kinds[arch]
+    torch.manual_seed(seed)
+    lm = model_cls(config_cls(**{**base, **own, **config})).eval()
+    with torch.no_grad():
+        for p in lm.parameters():
+            if p.dim() == 1:
+                p.add_(torch.randn_like(p) * 0.2)
+    lm.save_pretrained(str(directory))
+    return lm, tokenizer
+
+
+def text_only_inputs(config, ids: torch.Tensor):
+    """ModelInputs of text-only rows (B, L), positions 0..L-1, one document per row."""
+    from transfusion_mot.batch import ModelInputs
+
+    b, n = ids.shape
+    zeros = torch.zeros(b, n, dtype=torch.long)
+    return ModelInputs(ids, zeros + config.modalities.index("text"), torch.arange(n).expand(b, n), zeros,
+                       zeros - 1, torch.zeros(0, config.patch_dim), torch.zeros(0, 2, dtype=torch.long),
+                       torch.zeros(0, dtype=torch.long), torch.zeros(0))

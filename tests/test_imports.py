@@ -101,6 +101,7 @@ LAYERS = [
     ("training / inference", ["transfusion_mot.training", "transfusion_mot.inference", "eval"]),
     ("run and the model", ["transfusion_mot.run", "transfusion_mot.model", "transfusion_mot.losses",
                            "transfusion_mot.accounting", "transfusion_mot.diffusion", "transfusion_mot.masks",
+                           "transfusion_mot.pretrained",
                            "vae"]),
     ("sequence format", ["transfusion_mot.batch", "transfusion_mot.tokenizer", "transfusion_mot.config"]),
     ("data", ["transfusion_mot.data"]),

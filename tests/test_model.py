@@ -42,7 +42,7 @@ def naive_mask(doc, img, i, j, bidirectional_images=True):
 def reference_forward(model, inputs):
     cfg = model.config
     B, L = inputs.tokens.shape
-    D, H, hd, eps = cfg.dim, cfg.n_heads, cfg.head_dim, cfg.norm_eps
+    D, H, hd, eps = cfg.dim, cfg.n_heads, cfg.head_size, cfg.norm_eps
     image_m = cfg.modalities.index("image")
     # input embedding
     x = model.tok_embed.weight[inputs.tokens].clone()
@@ -149,7 +149,7 @@ def make_inputs(config, samples, packed=False, seed=0):
 
 
 def dense_param_count(cfg):
-    D, F_, V, pd, hd = cfg.dim, cfg.ffn_dim, cfg.vocab_size, cfg.patch_dim, cfg.head_dim
+    D, F_, V, pd, hd = cfg.dim, cfg.ffn_dim, cfg.vocab_size, cfg.patch_dim, cfg.head_size
     per_layer = 4 * D * D + 3 * D * F_ + 2 * D + (2 * hd if cfg.qk_norm else 0)
     ends = V * D + (pd * D + D) + (256 * D + D + D * D + D) + D + D * V + (D * pd + pd)
     return cfg.n_layers * per_layer + ends
@@ -215,7 +215,7 @@ def test_untied_parameter_count(untie, groups, modalities):
     cfg = tiny_config(untie=untie, modalities=modalities)
     dense = TransfusionMoT(dataclasses.replace(cfg, untie=[]))
     mot = TransfusionMoT(cfg)
-    D, F_, hd = cfg.dim, cfg.ffn_dim, cfg.head_dim
+    D, F_, hd = cfg.dim, cfg.ffn_dim, cfg.head_size
     per_layer = {"attn": 4 * D * D, "ffn": 3 * D * F_, "norm": 2 * D + 2 * hd}
     one_copy = cfg.n_layers * sum(per_layer[g] for g in groups) + (D if "norm" in groups else 0)  # + final norm
     extra_copies = len(modalities) - 1
@@ -361,7 +361,7 @@ def test_adaln_starts_as_identity_on_image_blocks_and_is_per_image():
     attn_mask = AttentionMask(transfusion_mask_mod(inputs.doc_ids, inputs.image_ids), 1, inputs.tokens.shape[1],
                               inputs.tokens.shape[1], torch.device("cpu"), "sdpa")
     x = routing.sort(model.embed(inputs))
-    rope = rope_tables(inputs.positions, cfg.head_dim, cfg.rope_theta)
+    rope = rope_tables(inputs.positions, cfg.head_size, cfg.rope_theta)
     with torch.no_grad():
         y = model.blocks[0](x, routing, tuple(inputs.tokens.shape), rope, attn_mask, None, mod)
     assert torch.equal(y[is_image], x[is_image]) and not torch.equal(y[~is_image], x[~is_image])

@@ -38,9 +38,14 @@ def parameter_accounting(model: TransfusionMoT, seq_len: int | None = None) -> d
     per_image = [model.time_embed] + [m for m in [b.modulation for b in model.blocks] + [model.final_modulation]
                                       if m is not None]
     image_end = {id(p) for mod in (model.patch_embed, model.image_head, *per_image) for p in mod.parameters()}
-    text_end = {id(p) for mod in (model.tok_embed, model.lm_head) for p in mod.parameters()}
-    per_token_excluded = {id(p) for mod in (model.tok_embed, *per_image) for p in mod.parameters()}
+    embeddings = [m for m in (model.tok_embed, model.new_tok_embed) if m is not None]
+    text_end = {id(p) for mod in (*embeddings, model.lm_head, model.new_lm_head) if mod is not None
+                for p in mod.parameters()}
+    per_token_excluded = {id(p) for mod in (*embeddings, *per_image) for p in mod.parameters()}
     active = [0] * k
+    if cfg.tie_embeddings:  # the LM head is the embedding table: a lookup, then a matmul by the same weights
+        head = sum(m.weight.numel() for m in embeddings)
+        active = [a if m == image else a + head for m, a in enumerate(active)]
     for p in model.parameters():
         n = p.numel()
         pid = id(p)

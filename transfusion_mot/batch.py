@@ -27,7 +27,10 @@ Segment = Union[Sequence[int], Tensor]
 
 @dataclass(frozen=True)
 class SpecialTokens:
-    bos: int
+    """The ids the layout adds around text and images. `bos` is None for a pretrained tokenizer that starts
+    documents with no token of its own (Qwen), so its documents are laid out exactly as the LM saw them."""
+
+    bos: int | None
     eos: int
     pad: int
     boi: int
@@ -148,9 +151,9 @@ class Collator:
 
     def _layout(self, sample: Sample) -> dict:
         cfg, sp, p = self.config, self.specials, self.config.patch_size
-        tokens: list[int] = [sp.bos]
-        modality: list[int] = [self.text_modality]
-        image_local: list[int] = [-1]
+        tokens: list[int] = [] if sp.bos is None else [sp.bos]
+        modality: list[int] = [self.text_modality] * len(tokens)
+        image_local: list[int] = [-1] * len(tokens)
         patches, coords, shapes = [], [], []
         for seg in sample.segments:
             if is_image(seg):
@@ -198,7 +201,7 @@ class Collator:
         """Positions the sample takes in a row: its text, image patches and special tokens (`_layout`'s
         length, counted without building it)."""
         p = self.config.patch_size
-        n = 2  # BOS, EOS
+        n = 1 if self.specials.bos is None else 2  # EOS, and BOS where the tokenizer has one
         for seg in sample.segments:
             n += (seg.shape[-2] // p) * (seg.shape[-1] // p) + 2 if is_image(seg) else len(seg)
         return n

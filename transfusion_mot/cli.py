@@ -215,6 +215,16 @@ def cmd_caption(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from .inference.pipeline import Pipeline
 
+    if not (args.out or args.text_lm):
+        raise UserError("give --out (the pipeline directory) and/or --text-lm (the language model's text side)")
+    if args.text_lm:
+        from .run import export_run_text_lm
+
+        lm = export_run_text_lm(args.run, args.text_lm, step=args.step, ema=not args.no_ema)
+        print(f"tmot export: {lm}: the text side as a transformers model (AutoModelForCausalLM.from_pretrained"
+              f"({str(lm)!r}), with its tokenizer)")
+        if not args.out:
+            return 0
     pipe = Pipeline.from_run(args.run, step=args.step, ema=not args.no_ema, device="cpu")
     out = pipe.save_pretrained(args.out, repo_id=args.push_to_hub)
     print(f"tmot export: {out} with its model card README.md (load with Pipeline.from_pretrained or tmot sample "
@@ -364,9 +374,13 @@ def build_parser() -> argparse.ArgumentParser:
                 "tmot export --run runs/shapes-tiny --out shapes-tiny-model [--push-to-hub ORG/NAME]", cmd_export,
                 "A directory with one safetensors file of full weights (consolidated from a sharded checkpoint), "
                 "the tokenizer, the VAE, pipeline.json and a model card (README.md with Hub metadata); "
-                "--push-to-hub uploads it (huggingface-cli login first).")
+                "--push-to-hub uploads it (huggingface-cli login first). For a run started from a language "
+                "model (model.init_from), --text-lm DIR writes its text side back as a transformers model of "
+                "that architecture (AutoModelForCausalLM.from_pretrained(DIR)).")
     source_flags(p)
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", default=None, help="pipeline directory to write")
+    p.add_argument("--text-lm", default=None, metavar="DIR",
+                   help="also (or only) write the text side as a transformers causal LM with its tokenizer")
     p.add_argument("--push-to-hub", default=None, metavar="ORG/NAME", help="upload the directory to this Hub model repo")
     p.add_argument("--private", action="store_true", help="create the Hub repo private")
 

@@ -39,7 +39,7 @@ def transfusion_loss(model: TransfusionMoT, batch: Batch, objective: DiffusionOb
     # both heads run even on an empty selection, so their gradients are zero rather than missing (FSDP2
     # needs every process to reduce the same gradients); an empty loss term is 0 with that graph
     text_positions = batch.text_targets != IGNORE_INDEX
-    logits = model.lm_head(hidden[text_positions]).float()
+    logits = model.text_logits(hidden[text_positions]).float()
     targets = batch.text_targets[text_positions]
     if targets.numel():
         text_loss = F.cross_entropy(logits, targets)

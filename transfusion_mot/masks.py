@@ -109,15 +109,17 @@ class AttentionMask:
             raise ConfigError(f"unknown attention backend {backend!r}")
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        """q: (B, H, Q, d), k, v: (B, H, KV, d) -> (B, H, Q, d)."""
+        """q: (B, H, Q, d), k, v: (B, KV, K, d) with H a multiple of KV (grouped-query attention: query
+        head j reads key/value head j // (H / KV)) -> (B, H, Q, d)."""
+        gqa = k.shape[1] != q.shape[1]
         if self.backend == "sdpa":
             if q.device.type == "cpu" and q.dtype != torch.float32 and k.shape[2] <= CPU_MATH_MAX_KV:
                 # PyTorch's CPU flash kernel is ~3.5x slower than the math kernel on short bf16 rows
                 # (benchmarks/attention_cpu.py); on long rows, or in fp32, it is the faster one
                 with sdpa_kernel(SDPBackend.MATH):
-                    return F.scaled_dot_product_attention(q, k, v, attn_mask=self.dense)
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=self.dense)
-        return _flex_attention()(q, k, v, block_mask=self.block_mask)
+                    return F.scaled_dot_product_attention(q, k, v, attn_mask=self.dense, enable_gqa=gqa)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=self.dense, enable_gqa=gqa)
+        return _flex_attention()(q, k, v, block_mask=self.block_mask, enable_gqa=gqa)
 
 
 def resolve_backend(requested: str, device: torch.device) -> str:

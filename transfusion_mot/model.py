@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from .batch import ModelInputs
 from .common.config import load_yaml_config, save_yaml_config
-from .common.tensors import copy_full_into
+from .common.tensors import copy_full_into, local_tensor
 from .config import ModelConfig
 from .masks import AttentionMask, resolve_backend, transfusion_mask_mod
 
@@ -92,9 +92,26 @@ def experts(config: ModelConfig, group: str, make) -> Experts:
 # position encodings
 
 
-def rope_tables(positions: Tensor, head_dim: int, theta: float) -> tuple[Tensor, Tensor]:
+def rope_frequencies(head_dim: int, theta: float, scaling: dict | None = None) -> Tensor:
+    """Inverse frequencies (head_dim/2,) of RoPE, with Llama-3's rule for long contexts when `scaling` says
+    rope_type llama3: wavelengths longer than original_max_position_embeddings / low_freq_factor are
+    stretched by `factor`, shorter than ... / high_freq_factor kept, the band between interpolated."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    if scaling is None or scaling.get("rope_type", scaling.get("type")) in (None, "default"):
+        return inv_freq
+    factor, low, high = float(scaling["factor"]), float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+    context = float(scaling["original_max_position_embeddings"])
+    wavelength = 2 * math.pi / inv_freq
+    stretched = torch.where(wavelength > context / low, inv_freq / factor, inv_freq)
+    smooth = (context / wavelength - low) / (high - low)
+    blended = (1 - smooth) * stretched / factor + smooth * stretched
+    between = (wavelength >= context / high) & (wavelength <= context / low)
+    return torch.where(between, blended, stretched)
+
+
+def rope_tables(positions: Tensor, head_dim: int, theta: float, scaling: dict | None = None) -> tuple[Tensor, Tensor]:
     """cos/sin of shape (B, L, 1, head_dim/2) for integer sequence positions (B, L)."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim))
+    inv_freq = rope_frequencies(head_dim, theta, scaling).to(positions.device)
     angles = positions.float()[..., None] * inv_freq
     return angles.cos()[:, :, None, :], angles.sin()[:, :, None, :]
 
@@ -221,17 +238,18 @@ class SwiGLU(nn.Module):
 
 
 class MoTAttention(nn.Module):
-    """Per-modality Q/K/V/O (and QK-norm) around one global attention over the whole sequence."""
+    """Per-modality Q/K/V/O (and QK-norm) around one global attention over the whole sequence.
+    Grouped-query attention when n_kv_heads < n_heads: query head j reads key/value head j // (H / KV)."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        self.n_heads = config.n_heads
-        self.head_dim = config.head_dim
-        d = config.dim
-        self.qkv = experts(config, "attn", lambda: nn.Linear(d, 3 * d, bias=False))
-        self.out = experts(config, "attn", lambda: nn.Linear(d, d, bias=False))
+        self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.kv_heads, config.head_size
+        d, width = config.dim, (config.n_heads + 2 * config.kv_heads) * config.head_size
+        self.qkv = experts(config, "attn", lambda: nn.Linear(d, width, bias=config.qkv_bias))
+        self.out = experts(config, "attn", lambda: nn.Linear(config.n_heads * config.head_size, d,
+                                                              bias=config.out_bias))
         if config.qk_norm:
-            hd, eps = config.head_dim, config.norm_eps
+            hd, eps = config.head_size, config.norm_eps
             self.q_norm = experts(config, "norm", lambda: nn.RMSNorm(hd, eps=eps))
             self.k_norm = experts(config, "norm", lambda: nn.RMSNorm(hd, eps=eps))
         else:
@@ -240,13 +258,14 @@ class MoTAttention(nn.Module):
     def forward(self, x: Tensor, routing: Routing, shape: tuple[int, int], rope: tuple[Tensor, Tensor],
                 mask: AttentionMask, kv: LayerKV | None = None) -> Tensor:
         batch, seq = shape
-        n, h, hd = x.shape[0], self.n_heads, self.head_dim
-        q, k, v = routing.apply(self.qkv, x).split(h * hd, dim=-1)
-        q, k, v = q.reshape(n, h, hd), k.reshape(n, h, hd), v.reshape(n, h, hd)
+        n, h, kvh, hd = x.shape[0], self.n_heads, self.n_kv_heads, self.head_dim
+        q, k, v = routing.apply(self.qkv, x).split([h * hd, kvh * hd, kvh * hd], dim=-1)
+        q, k, v = q.reshape(n, h, hd), k.reshape(n, kvh, hd), v.reshape(n, kvh, hd)
         if self.q_norm is not None:
             q, k = routing.apply(self.q_norm, q), routing.apply(self.k_norm, k)
         # back to the (batch, seq) layout for RoPE and the global attention
-        q, k, v = (routing.unsort(t).view(batch, seq, h, hd) for t in (q, k, v))
+        q = routing.unsort(q).view(batch, seq, h, hd)
+        k, v = (routing.unsort(t).view(batch, seq, kvh, hd) for t in (k, v))
         cos, sin = rope
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
@@ -297,29 +316,57 @@ class TransfusionMoT(nn.Module):
         super().__init__()
         self.config = config
         self.image_modality = config.modalities.index("image")
+        self.text_modality = config.modalities.index("text")
         d = config.dim
-        self.tok_embed = nn.Embedding(config.vocab_size, d)
+        base = config.base_vocab_size or config.vocab_size
+        # started from a pretrained LM (base_vocab_size): its rows, then this format's own tokens as separate
+        # parameters, so that freezing the LM's vocabulary leaves BOI/EOI trainable
+        self.tok_embed = nn.Embedding(base, d)
+        self.new_tok_embed = nn.Embedding(config.vocab_size - base, d) if base < config.vocab_size else None
         self.patch_embed = nn.Linear(config.patch_dim, d)  # linear patchify: latent patch -> width
         self.time_embed = TimestepEmbedder(d)
         self.blocks = nn.ModuleList([MoTBlock(config) for _ in range(config.n_layers)])
         self.final_norm = experts(config, "norm", lambda: nn.RMSNorm(d, eps=config.norm_eps))
         # adaLN: shift and scale of the image tokens after the final norm (DiT's final layer)
         self.final_modulation = nn.Linear(d, 2 * d) if config.time_conditioning == "adaln" else None
-        self.lm_head = nn.Linear(d, config.vocab_size, bias=False)
+        untied_head = not config.tie_embeddings
+        self.lm_head = nn.Linear(d, base, bias=False) if untied_head else None  # tied: the token embedding
+        self.new_lm_head = nn.Linear(d, config.vocab_size - base, bias=False) if untied_head and base < config.vocab_size else None
         self.image_head = nn.Linear(d, config.patch_dim)  # width -> latent patch (epsilon or velocity)
         self.reset_parameters()
+
+    # -- initialisation ----------------------------------------------------------------------------
+
+    def expert_twins(self) -> list[tuple[nn.Parameter, nn.Parameter]]:
+        """(parameter of another modality's expert, the text expert's same parameter) for every untied group."""
+        pairs = []
+        for module in self.modules():
+            if isinstance(module, Experts) and len(module) > 1:
+                text = dict(module[self.text_modality].named_parameters())
+                for m, copy in enumerate(module):
+                    if m != self.text_modality:
+                        pairs += [(p, text[name]) for name, p in copy.named_parameters()]
+        return pairs
 
     def reset_parameters(self) -> None:
         """Normal(0, init_std) for linear and embedding weights, zero biases, unit norms; the image head and
         the adaLN modulations start at zero (DiT). Each value is drawn whole on the CPU from the global RNG,
         in module order, and copied in: a parameter sharded by FSDP2 keeps its own shard (meta-device
-        initialisation), so a sharded model gets the weights an unsharded one built the same way gets."""
+        initialisation), so a sharded model gets the weights an unsharded one built the same way gets.
+
+        With `config.copy_experts`, only the text experts are drawn and every other modality's experts get
+        the same values: the draws are then exactly the dense model's (same seed, nothing untied), so such a
+        MoT computes the dense model's function at step 0."""
         std = self.config.init_std
         zero = [self.image_head] + [m for m in [blk.modulation for blk in self.blocks] + [self.final_modulation]
                                     if m is not None]
         zero_ids = {id(p) for m in zero for p in m.parameters()}
+        twins = {id(p): text for p, text in self.expert_twins()} if self.config.copy_experts else {}
+        drawn: dict[int, Tensor] = {}
         for module in self.modules():
             for name, param in module.named_parameters(recurse=False):
+                if id(param) in twins:
+                    continue
                 if isinstance(module, (nn.Linear, nn.Embedding)) and name == "weight":
                     value = torch.empty(param.shape).normal_(std=std)  # drawn even when zeroed: same RNG stream
                     if id(param) in zero_ids:
@@ -329,6 +376,44 @@ class TransfusionMoT(nn.Module):
                 else:
                     value = torch.zeros(param.shape)
                 copy_full_into(param, value)
+                drawn[id(param)] = value
+        for module in self.modules():
+            for param in module.parameters(recurse=False):
+                if id(param) in twins:
+                    copy_full_into(param, drawn[id(twins[id(param)])])
+
+    @torch.no_grad()
+    def copy_text_experts(self) -> None:
+        """Every other modality's experts <- the text experts (after loading a pretrained LM). Works on sharded
+        parameters too: twins are sharded alike, so each process copies its own shard."""
+        for param, text in self.expert_twins():
+            local_tensor(param).copy_(local_tensor(text))
+
+    def parameter_owners(self) -> dict[str, str]:
+        """Which tokens use each parameter (by name): a modality's name, or "shared" (one copy of an expert
+        group that is not untied serves every modality). The token embedding and LM head belong to text, the
+        patch and timestep embeddings, the image head and the adaLN modulations to image."""
+        owner_of: dict[int, str] = {}
+        for module in self.modules():
+            if isinstance(module, Experts):
+                for m, copy in enumerate(module):
+                    for p in copy.parameters():
+                        owner_of[id(p)] = self.config.modalities[m] if len(module) > 1 else "shared"
+        image_end = [self.patch_embed, self.time_embed, self.image_head, self.final_modulation,
+                     *(blk.modulation for blk in self.blocks)]
+        for module in image_end:
+            for p in (module.parameters() if module is not None else ()):
+                owner_of[id(p)] = "image"
+        text_end = [self.tok_embed, self.new_tok_embed, self.lm_head, self.new_lm_head]
+        for module in text_end:
+            for p in (module.parameters() if module is not None else ()):
+                owner_of[id(p)] = "text"
+        return {name: owner_of[id(p)] for name, p in self.named_parameters()}
+
+    def appended_token_parameters(self) -> set[str]:
+        """Names of the rows added to a pretrained LM's vocabulary (BOI, EOI): new to the LM, so they train even
+        when the text side is frozen."""
+        return {name for name, _ in self.named_parameters() if name.startswith(("new_tok_embed.", "new_lm_head."))}
 
     def attention_backend(self, device: torch.device) -> str:
         return resolve_backend(self.config.attn_backend, device)
@@ -358,9 +443,27 @@ class TransfusionMoT(nn.Module):
         if n_image != inputs.patches.shape[0]:
             raise ValueError(f"{n_image} image positions in the sequence but {inputs.patches.shape[0]} patches")
 
+    def embed_tokens(self, ids: Tensor) -> Tensor:
+        """(N,) token ids -> (N, D); ids past a pretrained vocabulary read the appended rows."""
+        if self.new_tok_embed is None:
+            return self.tok_embed(ids)
+        base = self.tok_embed.num_embeddings
+        appended = (ids >= base).unsqueeze(-1)
+        # both lookups run whatever the batch holds, so both tables always get a (possibly zero) gradient
+        return torch.where(appended, self.new_tok_embed((ids - base).clamp(min=0)), self.tok_embed(ids.clamp(max=base - 1)))
+
+    def text_logits(self, hidden: Tensor) -> Tensor:
+        """(..., D) hidden states -> (..., vocab_size) next-token logits: the LM head (or, tied, the token
+        embedding) over the pretrained vocabulary, then the appended tokens' rows."""
+        logits = self.lm_head(hidden) if self.lm_head is not None else F.linear(hidden, self.tok_embed.weight)
+        if self.new_tok_embed is not None:
+            new = self.new_lm_head(hidden) if self.new_lm_head is not None else F.linear(hidden, self.new_tok_embed.weight)
+            logits = torch.cat([logits, new], dim=-1)
+        return logits
+
     def embed(self, inputs: ModelInputs) -> Tensor:
         """(B*L, D) in original order: token embeddings, image positions replaced by embedded patches."""
-        x = self.tok_embed(inputs.tokens.reshape(-1))
+        x = self.embed_tokens(inputs.tokens.reshape(-1))
         # runs with zero patches too (text-only batches): the image end then gets a zero gradient (Routing.apply)
         patch_x = (self.patch_embed(inputs.patches)
                    + self.time_embed(inputs.timesteps)[inputs.patch_image]
@@ -380,7 +483,7 @@ class TransfusionMoT(nn.Module):
 
     def forward(self, inputs: ModelInputs, check: bool = True, cache: KVCache | None = None,
                 extend_cache: bool = True) -> Tensor:
-        """Hidden states after the final norm, (B, L, D). Feed text positions to `lm_head` and image
+        """Hidden states after the final norm, (B, L, D). Feed text positions to `text_logits` and image
         positions (in row-major order, the order of `inputs.patches`) to `image_head`.
 
         With `cache`, `inputs` are a chunk of positions that come after the cached ones (their
@@ -412,7 +515,7 @@ class TransfusionMoT(nn.Module):
         mask_mod = transfusion_mask_mod(doc_ids, image_ids, q_offset=past,
                                         bidirectional_images=self.config.image_attention == "bidirectional")
         mask = AttentionMask(mask_mod, batch, seq, past + seq, device, backend)
-        rope = rope_tables(inputs.positions, self.config.head_dim, self.config.rope_theta)
+        rope = rope_tables(inputs.positions, self.config.head_size, self.config.rope_theta, self.config.rope_scaling)
         mod = self.image_modulation(inputs, routing)
         x = routing.sort(self.embed(inputs))
         for block, kv in zip(self.blocks, kvs):

@@ -17,7 +17,7 @@ import torch
 import yaml
 
 from .common.checkpoint import (SHARDED_DIR, load_tensors, read_sharded_weights, read_state, resolve_checkpoint,
-                                sharded_has, verify_checkpoint)
+                                sharded_keys, verify_checkpoint)
 from .common.config import apply_overrides, from_dict, read_yaml_mapping, require_ranges, resolve_config_path, to_dict
 from .common.errors import ConfigError, InputNotFound, InvalidInput
 from .config import ModelConfig
@@ -63,6 +63,9 @@ class DataConfig:
     # `path` (default for a folder: `path` itself, rows of split `val_split`)
     val_path: str | None = None
     val_split: str = "val"
+    # held-out text documents (.txt / .jsonl, as text_only_path; e.g. `tmot data corpus`): validation adds
+    # their mean next-token loss as val_corpus_loss, on the same documents every time
+    text_val_path: str | None = None
 
     def validate(self) -> None:
         def bad(msg: str) -> None:
@@ -113,6 +116,9 @@ class OptimConfig:
     decay_steps: int | None = None  # length of the cosine; default train.max_steps
     grad_clip: float = 1.0  # 0: no clipping (the norm is still logged)
     ema_decay: float = 0.9999  # 0: no EMA
+    # learning-rate multipliers per parameter owner (a modality, or "shared": experts of a group that is not
+    # untied), e.g. {text: 0.1}; owners not named train at lr
+    lr_mult: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
@@ -123,6 +129,9 @@ class OptimConfig:
             raise ConfigError(f"optim config: ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.warmup_steps < 0 or self.grad_clip < 0:
             raise ConfigError("optim config: warmup_steps and grad_clip must be non-negative")
+        for owner, mult in self.lr_mult.items():
+            if isinstance(mult, bool) or not isinstance(mult, (int, float)) or not 0 < mult < float("inf"):
+                raise ConfigError(f"optim config: lr_mult.{owner} must be a positive number, got {mult!r}")
 
 
 @dataclass
@@ -157,6 +166,10 @@ class TrainConfig:
     eval_batch_size: int = 64
     eval_seed: int = 1234
     eval_ema: bool = False
+    # parameter owners that get no updates (no gradient, no weight decay, no optimizer or EMA state): [text]
+    # keeps a language model started from (model.init_from) exactly as it was (LMFusion); the rows appended
+    # for BOI/EOI still train
+    freeze: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         require_ranges(self, "train config", positive=("max_steps", "batch_size", "grad_accum", "log_every",
@@ -181,6 +194,19 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self) -> None:
+        owners = [*self.model.modalities, "shared"]
+        for what, names in (("train.freeze", self.train.freeze), ("optim.lr_mult", list(self.optim.lr_mult))):
+            unknown = [n for n in names if n not in owners]
+            if unknown:
+                raise ConfigError(f"{what}: unknown parameter owner {unknown[0]!r}; choose from {owners}")
+        if set(self.train.freeze) >= set(owners):
+            raise ConfigError(f"train.freeze {self.train.freeze} freezes every parameter: nothing would train")
+        if self.model.init_from and self.tokenizer.kind != "pretrained":
+            raise ConfigError(f"model.init_from {self.model.init_from}: the run keeps the language model's tokenizer, "
+                              f"so tokenizer.kind must be 'pretrained' (got {self.tokenizer.kind!r})")
+        if self.tokenizer.kind == "pretrained" and not self.model.init_from:
+            raise ConfigError("tokenizer kind 'pretrained' belongs to a model started from a language model: set "
+                              "model.init_from")
         if self.tokenizer.kind == "hf" and not self.tokenizer.path and not (self.data.builtin and not self.data.path):
             raise ConfigError("tokenizer config: kind 'hf' needs path: the tokenizer.json to load (only built-in data "
                               "trains one itself)")
@@ -195,7 +221,7 @@ RESUMABLE_KEYS = ("train.max_steps", "train.log_every", "train.save_every", "tra
                   "train.activation_checkpointing", "data.path", "data.builtin_dir", "data.text_only_path", "vae.path",
                   "tokenizer.path", "train.eval_every", "train.eval_samples", "train.eval_batch_size",
                   "train.eval_seed", "train.eval_ema", "data.val_path", "data.val_split", "train.peak_tflops",
-                  "data.num_workers", "data.prefetch_factor")
+                  "data.num_workers", "data.prefetch_factor", "data.text_val_path")
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
@@ -223,6 +249,8 @@ def absolute_local_paths(config: RunConfig) -> None:
 
     d = config.data
     d.path, d.val_path, d.text_only_path = absolute(d.path), absolute(d.val_path), absolute(d.text_only_path)
+    d.text_val_path = absolute(d.text_val_path)
+    config.model.init_from = absolute(config.model.init_from)
     config.vae.path = absolute(config.vae.path)
     config.tokenizer.path = absolute(config.tokenizer.path)
 
@@ -239,8 +267,25 @@ def _resolve_model_file(spec: str, base: Path) -> dict[str, Any]:
         raise ConfigError(f"model: {err} (looked in {base} and the working directory too)") from None
 
 
+def with_pretrained_lm(data: dict[str, Any]) -> dict[str, Any]:
+    """A run config mapping whose model names `init_from`, completed from the language model's config: the
+    backbone's shape keys (`transfusion_mot.pretrained.resolve_init_from`) and its tokenizer (kind
+    pretrained unless the config says otherwise, which RunConfig then refuses)."""
+    from .pretrained import resolve_init_from
+
+    model = data.get("model")
+    if not isinstance(model, dict) or not model.get("init_from"):
+        return data
+    tokenizer = dict(data.get("tokenizer") or {})
+    tokenizer.setdefault("kind", "pretrained")
+    return {**data, "model": resolve_init_from(model), "tokenizer": tokenizer}
+
+
 def run_config_from_dict(data: dict[str, Any], overrides: list[str] | None = None, base: Path | None = None,
-                         where: str = "") -> RunConfig:
+                         where: str = "", resolve_pretrained: bool = True) -> RunConfig:
+    """A RunConfig from a mapping (a model file by name or path, `--set` overrides). With model.init_from
+    and `resolve_pretrained`, the language model's config fills the shape keys (reading its config.json:
+    a run directory's own config.yaml already holds them, so loading a trained run passes False)."""
     data = dict(data)
     model = data.get("model")
     if isinstance(model, str):
@@ -250,16 +295,17 @@ def run_config_from_dict(data: dict[str, Any], overrides: list[str] | None = Non
         data["model"] = {**_resolve_model_file(str(model["base"]), base or Path(".")), **rest}
     apply_overrides(data, overrides or [])
     try:
-        return from_dict(RunConfig, data)
+        return from_dict(RunConfig, with_pretrained_lm(data) if resolve_pretrained else data)
     except ConfigError as err:
         raise ConfigError(f"{where}{err}") from None
 
 
-def load_run_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+def load_run_config(path: str | Path, overrides: list[str] | None = None, resolve_pretrained: bool = True) -> RunConfig:
     """A training config from YAML (a path, or the name of a shipped config such as `shapes-tiny`) with
-    `a.b=c` overrides; unknown keys fail with their path."""
+    `a.b=c` overrides; unknown keys fail with their path. `resolve_pretrained`: see `run_config_from_dict`."""
     path = resolve_config_path(path, "train")
-    return run_config_from_dict(read_yaml_mapping(path), overrides, base=path.parent, where=f"{path}: ")
+    return run_config_from_dict(read_yaml_mapping(path), overrides, base=path.parent, where=f"{path}: ",
+                                resolve_pretrained=resolve_pretrained)
 
 
 def run_config_to_dict(config: RunConfig) -> dict[str, Any]:
@@ -292,16 +338,29 @@ def load_model_weights(checkpoint: str | Path, shapes: dict[str, torch.Size], em
                        ) -> tuple[dict[str, Any], str]:
     """Full weights of a checkpoint directory for inference, in one process: EMA if present and asked for,
     else the raw weights, from a one-process checkpoint's safetensors files or assembled from a sharded
-    one's DCP directory (`shapes`: the model's parameter names and shapes). Returns (state dict, source)."""
+    one's DCP directory (`shapes`: the model's parameter names and shapes). The EMA covers the trained
+    parameters only: frozen ones (train.freeze) come from the raw weights, which equal them. Returns
+    (state dict, source)."""
     checkpoint = Path(checkpoint)
-    if (checkpoint / SHARDED_DIR).is_dir():
-        which = "ema" if ema and sharded_has(checkpoint, "ema") else "model"
-        return read_sharded_weights(checkpoint, shapes, which), f"{SHARDED_DIR}/{which}"
-    names = ["ema.safetensors", "model.safetensors"] if ema else ["model.safetensors"]
-    for name in names:
-        if (checkpoint / name).is_file():
-            return load_tensors(checkpoint / name), name
-    raise InputNotFound(f"{checkpoint}: no model.safetensors or {SHARDED_DIR}/ (incomplete or foreign checkpoint)")
+    sharded = (checkpoint / SHARDED_DIR).is_dir()
+    if sharded:
+        averaged = sharded_keys(checkpoint, "ema") if ema else set()
+        state = read_sharded_weights(checkpoint, {k: v for k, v in shapes.items() if k in averaged}, "ema") if averaged else {}
+        source = f"{SHARDED_DIR}/ema" if averaged else f"{SHARDED_DIR}/model"
+    else:
+        state, source = {}, "model.safetensors"
+        if ema and (checkpoint / "ema.safetensors").is_file():
+            state, source = load_tensors(checkpoint / "ema.safetensors"), "ema.safetensors"
+        elif not (checkpoint / "model.safetensors").is_file():
+            raise InputNotFound(f"{checkpoint}: no model.safetensors or {SHARDED_DIR}/ (incomplete or foreign checkpoint)")
+    rest = {k: v for k, v in shapes.items() if k not in state}
+    if rest:  # no EMA, or an EMA of the trained parameters only
+        raw = (read_sharded_weights(checkpoint, rest, "model") if sharded
+               else load_tensors(checkpoint / "model.safetensors"))
+        state = {**{k: v for k, v in raw.items() if k in rest or k not in shapes}, **state}
+        if source.endswith("ema") or source == "ema.safetensors":
+            source += " (frozen parameters from the raw weights)"
+    return state, source
 
 
 def load_run_model(run_dir: str | Path, step: int | None = None, ema: bool = True,
@@ -314,7 +373,7 @@ def load_run_model(run_dir: str | Path, step: int | None = None, ema: bool = Tru
     config_path = run_dir / "config.yaml"
     if not config_path.is_file():
         raise InputNotFound(f"{run_dir}: no config.yaml (not a run directory written by `tmot train`)")
-    config = load_run_config(config_path)
+    config = load_run_config(config_path, resolve_pretrained=False)
     checkpoint = resolve_checkpoint(run_dir / "checkpoints", step, what=str(run_dir))
     verify_checkpoint(checkpoint)  # a damaged file is named here, not deep inside a reader
     model = TransfusionMoT(config.model)
@@ -330,3 +389,21 @@ def load_run_model(run_dir: str | Path, step: int | None = None, ema: bool = Tru
                            f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
     model.to(device).eval()
     return model, config, {"checkpoint": str(checkpoint), "step": read_state(checkpoint)["step"], "weights": which}
+
+
+def export_run_text_lm(run_dir: str | Path, out: str | Path, step: int | None = None, ema: bool = True) -> Path:
+    """The text side of a run started from a language model (model.init_from), written back as a transformers
+    model of that architecture with its tokenizer: `AutoModelForCausalLM.from_pretrained(out)` loads it. With
+    the text frozen (train.freeze: [text]) it is the language model exactly as it was."""
+    from .pretrained import LM_FILES_DIR, export_text_lm
+
+    run_dir = Path(run_dir)
+    model, config, _ = load_run_model(run_dir, step=step, ema=ema)
+    if not config.model.init_from:
+        raise InvalidInput(f"{run_dir}: --text-lm exports the language model a run started from, and this run "
+                           "started from scratch (no model.init_from)")
+    lm_files = run_dir / LM_FILES_DIR
+    if not (lm_files / "config.json").is_file():
+        raise InputNotFound(f"{run_dir}: no {LM_FILES_DIR}/config.json (the language model's config, saved by "
+                            "`tmot train`); the run directory is incomplete")
+    return export_text_lm({k: v.float() for k, v in model.state_dict().items()}, config.model, lm_files, out)

@@ -20,7 +20,8 @@ from .batch import SpecialTokens
 from .common.errors import ConfigError, InputNotFound, InvalidInput
 
 NUM_SPECIALS = 5
-TOKENIZER_KINDS = ("bytes", "hf")
+TOKENIZER_KINDS = ("bytes", "hf", "pretrained")
+APPENDED_TOKENS = ("boi", "eoi")  # the rows a pretrained LM's vocabulary gains (model.base_vocab_size onwards)
 OVERFLOW_CHOICES = ("error", "truncate")
 
 
@@ -28,8 +29,10 @@ OVERFLOW_CHOICES = ("error", "truncate")
 class TokenizerConfig:
     """Which tokenizer to use and what to do with captions longer than `max_text_tokens`.
 
-    kind: "bytes" (no file needed) or "hf" (a tokenizer.json at `path`, e.g. from `tmot data tokenizer`; for
-    built-in data with `path: null`, a BPE of `model.vocab_size` ids is trained on the training captions).
+    kind: "bytes" (no file needed), "hf" (a tokenizer.json at `path`, e.g. from `tmot data tokenizer`; for
+    built-in data with `path: null`, a BPE of `model.vocab_size` ids is trained on the training captions) or
+    "pretrained" (a transformers tokenizer: the directory or Hub id at `path`, by default `model.init_from`:
+    a model started from a language model keeps that model's tokenizer).
     overflow: "error" fails loudly (a silently cut caption changes what the model learns); "truncate"
     keeps the first `max_text_tokens` tokens.
     """
@@ -112,7 +115,59 @@ class HFTokenizer:
         return f"HFTokenizer({str(self.path)!r}, vocab_size={self.vocab_size})"
 
 
-AnyTokenizer = Union[ByteTokenizer, HFTokenizer]
+def load_pretrained_tokenizer(source: str | Path):
+    """transformers' AutoTokenizer from a directory or Hub id; a failure is one line naming the source."""
+    from transformers import AutoTokenizer
+
+    from .common.errors import describe
+
+    try:
+        return AutoTokenizer.from_pretrained(str(source))
+    except Exception as err:  # missing files, offline hub, a repo without a tokenizer
+        raise InvalidInput(f"cannot load a tokenizer from {source} ({describe(err)}); pass a directory or Hub id "
+                           "of a transformers tokenizer (tokenizer.path)") from None
+
+
+class PretrainedTokenizer:
+    """A pretrained language model's own tokenizer (transformers `AutoTokenizer`), unchanged: every id it
+    produces is the LM's id, documents start with its BOS where it adds one (Llama) and nothing where it adds
+    none (Qwen), and end with its EOS. BOI and EOI are new ids after the LM's embedding rows
+    (`base_vocab_size`, which may exceed the tokenizer's length: Qwen pads its table), and padding uses the
+    tokenizer's pad token, else its EOS (padding is masked and never a target)."""
+
+    def __init__(self, source: str | Path, base_vocab_size: int) -> None:
+        self.tok = load_pretrained_tokenizer(source)
+        self.source = str(source)
+        self.text_vocab_size = len(self.tok)
+        if self.text_vocab_size > base_vocab_size:
+            raise InvalidInput(f"tokenizer {source} has {self.text_vocab_size} tokens but the language model has "
+                               f"{base_vocab_size} embedding rows: a tokenizer of another model")
+        if self.tok.eos_token_id is None:
+            raise InvalidInput(f"tokenizer {source} has no EOS token: documents need one to end")
+        probe = self.tok("a", add_special_tokens=True)["input_ids"]
+        bos = self.tok.bos_token_id
+        self.adds_bos = bos is not None and len(probe) > 0 and probe[0] == bos
+        self.vocab_size = base_vocab_size + len(APPENDED_TOKENS)
+        pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else self.tok.eos_token_id
+        self.specials = SpecialTokens(bos=bos if self.adds_bos else None, eos=int(self.tok.eos_token_id),
+                                      pad=int(pad), boi=base_vocab_size, eoi=base_vocab_size + 1)
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tok(text, add_special_tokens=False)["input_ids"])
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """The appended ids are dropped; the LM's own special tokens are kept as text."""
+        keep = [int(i) for i in ids if 0 <= int(i) < self.text_vocab_size]
+        return self.tok.decode(keep, skip_special_tokens=False)
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        self.tok.save_pretrained(str(directory))
+
+    def __repr__(self) -> str:
+        return f"PretrainedTokenizer({self.source!r}, vocab_size={self.vocab_size})"
+
+
+AnyTokenizer = Union[ByteTokenizer, HFTokenizer, PretrainedTokenizer]
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int, out_path: str | Path) -> HFTokenizer:
@@ -171,13 +226,20 @@ def train_tokenizer_from_folder(data_dir: str | Path, vocab_size: int, out: str 
     return tok
 
 
-def load_tokenizer(config_or_spec: TokenizerConfig | str | Path | None = None) -> AnyTokenizer:
-    """A tokenizer from a `TokenizerConfig`, the string "bytes" (or None), or a path to tokenizer.json."""
+def load_tokenizer(config_or_spec: TokenizerConfig | str | Path | None = None, model_config=None) -> AnyTokenizer:
+    """A tokenizer from a `TokenizerConfig`, the string "bytes" (or None), or a path to tokenizer.json. Kind
+    "pretrained" needs the model config (`base_vocab_size`: where the appended ids start)."""
     if config_or_spec is None:
         return ByteTokenizer()
     if isinstance(config_or_spec, TokenizerConfig):
         if config_or_spec.kind == "bytes":
             return ByteTokenizer()
+        if config_or_spec.kind == "pretrained":
+            source = config_or_spec.path or (model_config.init_from if model_config is not None else None)
+            if source is None or model_config is None or model_config.base_vocab_size is None:
+                raise ConfigError("tokenizer kind 'pretrained' belongs to a model started from a language model: "
+                                  "set model.init_from (the tokenizer comes from there unless tokenizer.path says)")
+            return PretrainedTokenizer(source, model_config.base_vocab_size)
         if not config_or_spec.path:
             raise ConfigError("tokenizer config: kind 'hf' needs path: the tokenizer.json to load (with "
                               "data.builtin, one is trained on the built-in captions when path is null)")

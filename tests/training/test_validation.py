@@ -141,19 +141,23 @@ def test_training_logs_validation_and_it_does_not_change_training(data, tmp_path
     train(val_config(data, eval_ema=True), run)
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in records if "val_image_loss" in r]
-    assert [r["step"] for r in evals] == [5, 10, 12]  # every 5 steps and at the end
+    assert [r["step"] for r in evals] == [0, 5, 10, 12]  # before the first step, every 5 steps and at the end
+    start, *evals = evals
+    assert "loss" not in start and "eval_s" in start  # the initial weights: held-out losses only
+    assert start["val_ema_image_loss"] == start["val_image_loss"]  # the EMA starts as the weights
     for r in evals:
         assert {"loss", "text_loss", "image_loss", "lr", "tokens_per_s", "train_time_s", "eval_s"} <= r.keys()
         assert all(f"val_image_loss_{b}" in r for b in bucket_names(1000))
         assert r["val_ema_image_loss"] != r["val_image_loss"]  # EMA weights scored separately
+    assert start["val_image_loss"] > evals[-1]["val_image_loss"]
     summary = json.loads((run / "summary.json").read_text())["validation"]
-    assert summary["samples"] == 6 and summary["evaluations"] == 3 and summary["draw_seed"] == 1234
+    assert summary["samples"] == 6 and summary["evaluations"] == 4 and summary["draw_seed"] == 1234
     assert summary["final"]["step"] == 12 and summary["final"]["val_text_loss"] == evals[-1]["val_text_loss"]
     assert summary["best_image_loss"]["val_image_loss"] == min(r["val_image_loss"] for r in evals)
 
     plain = tmp_path / "plain"  # evaluation (and swapping EMA weights in and out) leaves training untouched
     train(make_config(data, train={"max_steps": 12}), plain)
-    trained = {r["step"]: r["loss"] for r in records}
+    trained = {r["step"]: r["loss"] for r in records if "loss" in r}
     untouched = {json.loads(line)["step"]: json.loads(line)["loss"] for line in (plain / "metrics.jsonl").read_text().splitlines()}
     assert trained == untouched
 

@@ -150,8 +150,9 @@ def read_sharded_weights(checkpoint: str | Path, names_and_shapes: dict[str, tor
     return state[which]
 
 
-def sharded_has(checkpoint: str | Path, which: str) -> bool:
-    """Whether a checkpoint's DCP directory holds `which` ("model", "ema", "optimizer")."""
+def sharded_keys(checkpoint: str | Path, which: str) -> set[str]:
+    """Tensor names under `which` ("model", "ema", "optimizer") in a checkpoint's DCP directory (empty when
+    it holds none)."""
     import torch.distributed.checkpoint as dcp
 
     try:
@@ -159,8 +160,12 @@ def sharded_has(checkpoint: str | Path, which: str) -> bool:
     except Exception as err:
         raise TrainingError(f"damaged checkpoint {checkpoint}: cannot read {SHARDED_DIR}/.metadata "
                             f"({type(err).__name__})") from None
-    return any(key.startswith(which + ".") for key in metadata.state_dict_metadata)
+    return {key[len(which) + 1:] for key in metadata.state_dict_metadata if key.startswith(which + ".")}
 
+
+def sharded_has(checkpoint: str | Path, which: str) -> bool:
+    """Whether a checkpoint's DCP directory holds `which` ("model", "ema", "optimizer")."""
+    return bool(sharded_keys(checkpoint, which))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -435,5 +440,5 @@ class Bundle:
 
 
 __all__ = ["Bundle", "CheckpointSaveError", "Checkpointer", "DirectoryPart", "GeneratorState", "ModuleWeights", "STATE_FILE",
-           "SHARDED_DIR", "Stateful", "latest_intact_checkpoint", "verify_checkpoint", "TorchRNGState", "read_sharded_weights", "sharded_has", "latest_checkpoint", "list_checkpoints", "load_tensors", "read_state",
+           "SHARDED_DIR", "Stateful", "latest_intact_checkpoint", "verify_checkpoint", "TorchRNGState", "read_sharded_weights", "sharded_has", "sharded_keys", "latest_checkpoint", "list_checkpoints", "load_tensors", "read_state",
            "resolve_checkpoint", "save_tensors"]

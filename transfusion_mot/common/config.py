@@ -174,10 +174,11 @@ def resolve_config_path(spec: str | Path, kind: str) -> Path:
 
 def require_ranges(config: Any, section: str, positive: tuple[str, ...] = (),
                    non_negative: tuple[str, ...] = ()) -> None:
-    """ConfigError naming the first of `positive` that is not > 0, or of `non_negative` that is < 0."""
+    """ConfigError naming the first of `positive` that is not > 0, or of `non_negative` that is < 0 (a
+    field left at None, "use the default", passes)."""
     for name in positive:
-        if not getattr(config, name) > 0:
+        if getattr(config, name) is not None and not getattr(config, name) > 0:
             raise ConfigError(f"{section}: {name} must be positive, got {getattr(config, name)}")
     for name in non_negative:
-        if getattr(config, name) < 0:
+        if getattr(config, name) is not None and getattr(config, name) < 0:
             raise ConfigError(f"{section}: {name} must be >= 0, got {getattr(config, name)}")

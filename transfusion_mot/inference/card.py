@@ -29,7 +29,7 @@ def run_facts(run_dir: str | Path) -> dict[str, Any]:
     facts: dict[str, Any] = {"summary": _read_json(run_dir / "summary.json"),
                              "evaluation": _read_json(run_dir / EVALUATION_FILE)}
     if (run_dir / "config.yaml").is_file():
-        config = run_config_to_dict(load_run_config(run_dir / "config.yaml"))
+        config = run_config_to_dict(load_run_config(run_dir / "config.yaml", resolve_pretrained=False))
         facts["training"] = {"data": config["data"], "optim": config["optim"], "train": config["train"],
                              "tokenizer": config["tokenizer"]}
     return facts

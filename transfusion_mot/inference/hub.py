@@ -5,31 +5,15 @@ HF_TOKEN). Without a network (or with HF_HUB_OFFLINE=1 and nothing cached) a hub
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
-from ..common.errors import InputNotFound, UserError, describe
-
-REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
-def is_repo_id(source: str | Path) -> bool:
-    """`ORG/NAME` that is not a path on this machine."""
-    return isinstance(source, str) and bool(REPO_ID.match(source)) and not Path(source).exists()
+from ..common.errors import UserError, describe
+from ..common.hub import REPO_ID, is_repo_id, local_snapshot
 
 
 def resolve_pretrained(source: str | Path, revision: str | None = None) -> Path:
     """A local pipeline directory as is; a hub id downloaded (or taken from the cache) to a local snapshot."""
-    if not is_repo_id(source):
-        return Path(source)
-    from huggingface_hub import snapshot_download
-
-    try:
-        return Path(snapshot_download(repo_id=str(source), revision=revision))
-    except Exception as err:  # offline, unknown repo, private without a login
-        raise InputNotFound(f"{source}: cannot get it from the Hugging Face Hub ({describe(err)}); "
-                            "check the id and the network, log in (`huggingface-cli login`) for a private repo, "
-                            "or pass a local directory written by `tmot export`") from None
+    return local_snapshot(source, "a directory written by `tmot export`", revision)
 
 
 def push_to_hub(directory: str | Path, repo_id: str, private: bool = False, token: str | None = None) -> str:

@@ -79,7 +79,7 @@ class Pipeline:
             raise InputNotFound(f"{run_dir}: the run records no VAE; pass one (--vae DIR or hub id)")
         info = {"source": "run", "run": str(Path(run_dir).resolve()), **loaded, "vae": str(vae_path),
                 "objective": config.model.objective}
-        tokenizer = load_tokenizer(config.tokenizer)
+        tokenizer = load_tokenizer(config.tokenizer, config.model)
         return cls(model, tokenizer, config.tokenizer, load_vae(vae_path, device=dev), info, run_facts(run_dir))
 
     def model_card(self, repo_id: str | None = None, metadata: bool = True) -> str:
@@ -102,6 +102,9 @@ class Pipeline:
         if tok_cfg.kind == "hf":
             shutil.copyfile(tok_cfg.path, tmp / "tokenizer" / "tokenizer.json")
             tok_cfg.path = "tokenizer.json"
+        elif tok_cfg.kind == "pretrained":  # the language model's own tokenizer files
+            self.tokenizer.save_pretrained(tmp / "tokenizer")
+            tok_cfg.path = "."
         save_yaml_config(tok_cfg, tmp / "tokenizer" / "tokenizer.yaml")
         self.vae.save_pretrained(tmp / "vae", safe_serialization=True)
         (tmp / "README.md").write_text(self.model_card(repo_id))
@@ -140,10 +143,10 @@ class Pipeline:
         dev = resolve_device(device)
         model = TransfusionMoT.from_pretrained(path, device=dev)
         tok_cfg = load_yaml_config(TokenizerConfig, path / "tokenizer" / "tokenizer.yaml")
-        if tok_cfg.kind == "hf":
+        if tok_cfg.kind in ("hf", "pretrained"):
             tok_cfg = from_dict(TokenizerConfig, {**vars(tok_cfg), "path": str(path / "tokenizer" / tok_cfg.path)})
         info = {**meta.get("source", {}), "source": "pretrained", "source_dir": str(path.resolve())}
-        return cls(model, load_tokenizer(tok_cfg), tok_cfg, load_vae(path / "vae", device=dev), info,
+        return cls(model, load_tokenizer(tok_cfg, model.config), tok_cfg, load_vae(path / "vae", device=dev), info,
                    meta.get("facts", {}))
 
     # -- text -> image -----------------------------------------------------------------------------

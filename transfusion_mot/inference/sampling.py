@@ -293,7 +293,7 @@ def caption_images(model: TransfusionMoT, tokenizer: AnyTokenizer, latents: Tens
                 hidden = model(columns(0, length), check=False, cache=cache)
             else:  # only the newest token
                 hidden = model(columns(length - 1, length), check=False, cache=cache)
-            token = _pick_tokens(model.lm_head(hidden[:, -1]), temperature, top_k, generators)
+            token = _pick_tokens(model.text_logits(hidden[:, -1]), temperature, top_k, generators)
             token = torch.where(done, torch.full_like(token, specials.eos), token)
             tokens[:, length] = token
             length += 1

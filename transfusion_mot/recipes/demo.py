@@ -140,12 +140,13 @@ def run_demo(out: str | Path = "tmot_demo", *, num_images: int = 20000, vae_step
             raise KeyboardInterrupt("training stopped on request; run `tmot demo` again to continue")
     summary = json.loads((run / "summary.json").read_text())
     metrics = read_metrics(run)
+    steps = [m for m in metrics if "loss" in m]  # the step-0 record holds held-out losses only
     _stage(report, "train", t, log, reused=reused, steps=train_steps)
     last = metrics[-1]
-    window = metrics[-10:]
+    window = steps[-10:]
     report["train"] = {"run": str(run), "steps": train_steps, "parameters": summary["parameters"],
                        "final": {k: round(last[k], 4) for k in ("loss", "text_loss", "image_loss")},
-                       "first": {k: round(metrics[0][k], 4) for k in ("loss", "text_loss", "image_loss")},
+                       "first": {k: round(steps[0][k], 4) for k in ("loss", "text_loss", "image_loss")},
                        "validation": {k: round(v, 4) for k, v in last.items() if k.startswith("val_")},
                        "train_time_s": round(summary.get("train_time_s", 0.0), 1),
                        "tokens_per_s": round(sum(m["tokens_per_s"] for m in window) / len(window), 1)}

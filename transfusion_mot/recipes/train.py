@@ -26,7 +26,8 @@ from ..run import (RESUMABLE_KEYS, RunConfig, absolute_local_paths, config_diffe
                    resolve_precision, save_run_config)
 from ..tokenizer import load_tokenizer
 from ..training.metrics import validation_summary, write_summary
-from ..training.optim import EMA, param_groups
+from ..pretrained import LM_FILES_DIR, check_matches_lm, check_tokenizer_matches_lm, load_lm_weights, save_lm_files
+from ..training.optim import EMA, freeze_parameters, param_groups
 from ..training.parallel import (
     DistInfo,
     apply_activation_checkpointing,
@@ -39,7 +40,7 @@ from ..training.parallel import (
 from ..training.state import CHECKPOINT_DIR
 from ..training.stream import build_batches, build_stream
 from ..training.trainer import Trainer, TrainResult, TransfusionStep
-from ..training.validation import ValidationSet, load_validation_pairs
+from ..training.validation import ValidationSet, load_validation_documents, load_validation_pairs
 
 
 def prepare_run_dir(config: RunConfig, run_dir: Path, resume: bool, dist: DistInfo) -> Path | None:
@@ -58,7 +59,8 @@ def prepare_run_dir(config: RunConfig, run_dir: Path, resume: bool, dist: DistIn
         if existing is None:
             raise TrainingError(f"--resume: every checkpoint in {run_dir}/{CHECKPOINT_DIR} is damaged (see above)")
         if saved_config.is_file():
-            diff = config_differences(load_run_config(saved_config), config, ignore=RESUMABLE_KEYS)
+            diff = config_differences(load_run_config(saved_config, resolve_pretrained=False), config,
+                                      ignore=RESUMABLE_KEYS)
             if diff:
                 raise ConfigError(f"--resume: the config differs from the run's config.yaml in {diff}; only "
                                   f"{', '.join(RESUMABLE_KEYS)} may change when resuming")
@@ -93,10 +95,24 @@ def build_validation(config: RunConfig, tokenizer: Any, collator: Collator, obje
     if shapes != {tuple(latent_shape)}:
         raise ConfigError(f"validation data {source}: latents of shape {sorted(shapes)}, but the training data's are "
                           f"{tuple(latent_shape)}; use held-out data encoded by the same VAE")
+    documents = (load_validation_documents(config.data.text_val_path, config.train.eval_samples, tokenizer,
+                                           config.model.max_seq_len - 2) if config.data.text_val_path else [])
     valset = ValidationSet(pairs, tokenizer, collator, objective, seed=config.train.eval_seed,
                            batch_size=config.train.eval_batch_size, max_text_tokens=config.tokenizer.max_text_tokens,
-                           overflow=config.tokenizer.overflow, device=device)
+                           overflow=config.tokenizer.overflow, device=device, documents=documents)
+    if documents:
+        source += f"; text documents {config.data.text_val_path} ({len(documents)})"
     return valset, source
+
+
+def warn_about_shared_weights(config: RunConfig, frozen: list[str]) -> None:
+    """train.freeze leaves the experts of groups that are not untied trainable (they serve every modality): say
+    so, since then the frozen modality's outputs still change."""
+    shared = sorted({"attn", "ffn", "norm"} - set(config.model.untie))
+    if shared:
+        print(f"note: train.freeze {config.train.freeze} freezes {len(frozen)} tensors, but the {', '.join(shared)} "
+              f"weights are shared by every modality (model.untie lacks them) and still train: the frozen "
+              f"modality's outputs will change; untie them to keep it exactly as it was", file=sys.stderr)
 
 
 @dataclass
@@ -120,11 +136,23 @@ def build_run(config: RunConfig, run_dir: str | Path, resume: bool = False, dist
     if config.data.path is None and config.data.builtin:
         prepare_builtin_data(config, dist)
     absolute_local_paths(config)  # the run directory then works from any directory
-    tokenizer = load_tokenizer(config.tokenizer)
+    lm_source = config.model.init_from
+    if lm_source:
+        check_matches_lm(config.model)
+        lm_files = run_dir / LM_FILES_DIR
+        if resume and (lm_files / "config.json").is_file():  # the run's own copy of the LM's config and tokenizer
+            config.tokenizer.path = str(lm_files.resolve())
+    tokenizer = load_tokenizer(config.tokenizer, config.model)
     if tokenizer.vocab_size != config.model.vocab_size:
         raise ConfigError(f"model.vocab_size is {config.model.vocab_size} but the tokenizer has {tokenizer.vocab_size} "
                           f"ids (specials included): set model.vocab_size={tokenizer.vocab_size}")
+    if lm_source:
+        check_tokenizer_matches_lm(tokenizer, lm_source)
+        config.tokenizer.path = str((run_dir / LM_FILES_DIR).resolve())  # written below: the run needs no Hub
     resume_from = prepare_run_dir(config, run_dir, resume, dist)
+    if lm_source and dist.is_main and resume_from is None:
+        save_lm_files(lm_source, tokenizer, run_dir / LM_FILES_DIR)
+    barrier(dist)
 
     torch.manual_seed(tc.seed)  # identical initial weights on every rank
     if dist.distributed:  # no process ever holds the full model: build on meta, shard, then initialise shards
@@ -132,6 +160,7 @@ def build_run(config: RunConfig, run_dir: str | Path, resume: bool = False, dist
             model = TransfusionMoT(config.model)
     else:
         model = TransfusionMoT(config.model).to(device)
+    frozen = freeze_parameters(model, tc.freeze)  # before FSDP2: the sharded parameters inherit the flags
     accounting = parameter_accounting(model, seq_len=config.data.token_budget or config.model.max_seq_len)
     objective = make_objective(config.model)
     step_module = TransfusionStep(model, objective)
@@ -144,9 +173,13 @@ def build_run(config: RunConfig, run_dir: str | Path, resume: bool = False, dist
         model.to_empty(device=device)
         torch.manual_seed(tc.seed)
         model.reset_parameters()  # each process draws every tensor whole and keeps its own shard
+    if lm_source and resume_from is None:  # a resumed run's weights come from its checkpoint
+        load_lm_weights(model, lm_source)
+    if frozen and dist.is_main:
+        warn_about_shared_weights(config, frozen)
     # the fused AdamW kernel (CPU and CUDA) is 2-3x faster than the per-tensor loop; sharded (FSDP2) parameters
     # keep the default implementation
-    optimizer = torch.optim.AdamW(param_groups(model, oc.weight_decay), lr=oc.lr, betas=tuple(oc.betas), eps=oc.eps,
+    optimizer = torch.optim.AdamW(param_groups(model, oc.weight_decay, oc.lr_mult), lr=oc.lr, betas=tuple(oc.betas), eps=oc.eps,
                                   fused=not dist.distributed)
     ema = EMA(model, oc.ema_decay) if oc.ema_decay > 0 else None
     stream, latent_shape, vae_path, vae_model = build_stream(config, tokenizer, dist.rank, dist.world_size, device)
@@ -170,7 +203,9 @@ def run_summary(run: ComposedRun, result: TrainResult) -> dict[str, Any]:
         "parameters": {"total": acc["total_params"], "shared": acc["shared_params"],
                        "per_modality": acc["params_per_modality"], "active_per_token": acc["active_params_per_token"]},
         "train_flops_per_token": acc["train_flops_per_token"], "flops_seq_len": acc["flops_seq_len"],
-        "model": {"untie": config.model.untie, "dim": config.model.dim, "n_layers": config.model.n_layers},
+        "model": {"untie": config.model.untie, "dim": config.model.dim, "n_layers": config.model.n_layers,
+                  "init_from": config.model.init_from, "freeze": config.train.freeze},
+        "trainable_parameters": sum(w.numel() for w in trainer.model.parameters() if w.requires_grad),
         "world_size": trainer.dist.world_size, "device": str(trainer.device), "precision": trainer.precision,
         "latent_shape": list(run.latent_shape), "vae": p.vae,
         "resumed_from": str(run.resumed_from) if run.resumed_from else None,

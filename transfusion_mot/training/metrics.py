@@ -4,6 +4,7 @@ and summary.json (parameters, FLOPs, status, times, held-out results)."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -64,9 +65,17 @@ def validation_summary(run_dir: Path, source: str, samples: int, seed: int, ever
     evals = [{k: v for k, v in r.items() if k == "step" or k.startswith("val_")} for r in read_metrics(run_dir)
              if "val_image_loss" in r]
     best = min(evals, key=lambda r: r["val_image_loss"]) if evals else None
-    return {"source": source, "samples": samples, "draw_seed": seed, "every": every, "timestep_buckets": buckets,
-            "evaluations": len(evals), "final": evals[-1] if evals else None,
-            "best_image_loss": {"step": best["step"], "val_image_loss": best["val_image_loss"]} if best else None}
+    summary = {"source": source, "samples": samples, "draw_seed": seed, "every": every, "timestep_buckets": buckets,
+               "evaluations": len(evals), "final": evals[-1] if evals else None,
+               "best_image_loss": {"step": best["step"], "val_image_loss": best["val_image_loss"]} if best else None}
+    corpus = [r for r in evals if "val_corpus_loss" in r]
+    if corpus:  # held-out text documents: loss per token and perplexity before training and at the end
+        first, last = corpus[0], corpus[-1]
+        summary["corpus"] = {"first": {"step": first["step"], "val_corpus_loss": first["val_corpus_loss"],
+                                       "perplexity": math.exp(first["val_corpus_loss"])},
+                             "final": {"step": last["step"], "val_corpus_loss": last["val_corpus_loss"],
+                                       "perplexity": math.exp(last["val_corpus_loss"])}}
+    return summary
 
 
 def write_summary(run_dir: Path, summary: dict[str, Any]) -> None:

@@ -10,24 +10,45 @@ from ..common.tensors import local_tensor
 from .state import full_state_dict, load_full_into
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Decay matrices (projections, embeddings); never norms or biases (1-D tensors)."""
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if not p.requires_grad:
-            continue
-        (decay if p.dim() >= 2 else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+def freeze_parameters(model: nn.Module, owners: list[str]) -> list[str]:
+    """requires_grad False on every parameter whose owner (`model.parameter_owners()`) is in `owners`, but
+    the rows appended to a pretrained vocabulary (BOI, EOI: new to the LM, they always train). Called on the
+    plain model before FSDP2 wraps it (the sharded parameters inherit the flag). Returns the frozen names."""
+    if not owners:
+        return []
+    appended = model.appended_token_parameters()
+    params = dict(model.named_parameters())
+    frozen = [name for name, owner in model.parameter_owners().items() if owner in owners and name not in appended]
+    for name in frozen:
+        params[name].requires_grad_(False)
+    return frozen
+
+
+def param_groups(model: nn.Module, weight_decay: float, lr_mult: dict[str, float] | None = None) -> list[dict]:
+    """AdamW groups of the trainable parameters: decay on matrices (projections, embeddings), never on norms
+    or biases (1-D tensors); with `lr_mult`, one pair of groups per parameter owner (a modality, or
+    "shared"), each with its "lr_mult" (the trainer multiplies the scheduled lr by it). Frozen parameters
+    (requires_grad False) are in no group, so the optimizer keeps no state for them."""
+    owners = model.parameter_owners() if lr_mult else {}
+    groups: dict[tuple[str, bool], list] = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            groups.setdefault((owners.get(name, ""), p.dim() >= 2), []).append(p)
+    lr_mult = lr_mult or {}
+    return [{"params": params, "weight_decay": weight_decay if decay else 0.0, "lr_mult": lr_mult.get(owner, 1.0),
+             **({"owner": owner} if owner else {})}
+            for (owner, decay), params in sorted(groups.items(), key=lambda kv: (kv[0][0], not kv[0][1]))]
 
 
 class EMA:
     """Exponential moving average of the weights, kept in fp32 next to them (sharded like them under FSDP2).
 
-    Its state (a checkpoint's ema.safetensors) is the full, unsharded average keyed by parameter name."""
+    Only trainable parameters are averaged (a frozen one is its own average). Its state (a checkpoint's
+    ema.safetensors) is the full, unsharded average keyed by parameter name."""
 
     def __init__(self, model: nn.Module, decay: float) -> None:
         self.decay = decay
-        self.shadow = {name: p.detach().float().clone() for name, p in model.named_parameters()}
+        self.shadow = {name: p.detach().float().clone() for name, p in model.named_parameters() if p.requires_grad}
         self._pairs: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
 
     @torch.no_grad()
@@ -54,4 +75,5 @@ class EMA:
     @torch.no_grad()
     def copy_to(self, model: nn.Module) -> None:
         for name, p in model.named_parameters():
-            p.copy_(self.shadow[name].to(p.dtype))
+            if name in self.shadow:
+                p.copy_(self.shadow[name].to(p.dtype))

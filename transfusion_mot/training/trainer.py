@@ -156,7 +156,7 @@ class Trainer:
         tc, oc = self.config.train, self.config.optim
         lr = warmup_cosine(step, oc.lr, oc.warmup_steps, oc.decay_steps or tc.max_steps, oc.min_lr)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_mult", 1.0)
         # loss, text, image (means over micro-batches); tokens, FLOPs, padding positions, positions (sums)
         sums = torch.zeros(7, dtype=torch.float64)
         for micro in range(tc.grad_accum):
@@ -231,7 +231,11 @@ class Trainer:
 
             bar = tqdm(total=tc.max_steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
         window = dict.fromkeys(("tokens", "flops", "padding", "positions"), 0.0)
-        window_start = t0 = time.perf_counter()
+        t0 = time.perf_counter()
+        if self.validation is not None and step == 0:  # the starting point (a language model's own text loss)
+            record = {"step": 0, **self.evaluate(), "eval_s": time.perf_counter() - t0}
+            logger.log(record)
+        window_start = time.perf_counter()
         self.model.train()
         try:
             with StopRequest() as stop:

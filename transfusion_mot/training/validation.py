@@ -13,11 +13,14 @@ Each sample is scored in both of Transfusion's layouts:
                                                         val_text_loss (the caption as language modelling)
   captioning   BOS BOI clean image EOI caption EOS  ->  val_caption_loss (text given the image, t = 0)
 val_loss = val_text_loss + lambda * val_image_loss, the training loss's formula on the generation layout.
+With held-out text documents (`data.text_val_path`), val_corpus_loss is their mean next-token loss per
+token (documents laid out as in training: BOS text EOS, cut to the context), on the same documents each time.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
@@ -59,7 +62,7 @@ class ValidationSet:
     def __init__(self, pairs: Sequence[tuple[Tensor, str]], tokenizer: Any, collator: Collator,
                  objective: DiffusionObjective, *, seed: int, batch_size: int = 64,
                  max_text_tokens: int | None = None, overflow: str = "error",
-                 device: torch.device | str = "cpu") -> None:
+                 device: torch.device | str = "cpu", documents: Sequence[Sequence[int]] = ()) -> None:
         if not pairs:
             raise ConfigError("validation: no held-out samples")
         if batch_size < 1:
@@ -81,6 +84,9 @@ class ValidationSet:
             captioning = collator.collate_padded([Sample([pairs[i][0], captions[i]], image_first=True) for i in rows])
             self.batches.append(ValidationBatch(generation.to(device), timesteps[start:rows.stop].to(device),
                                                 torch.cat([noises[i] for i in rows]).to(device), captioning.to(device)))
+        self.num_documents = len(documents)
+        self.corpus_batches = [collator.collate_padded([Sample([list(doc)]) for doc in documents[i:i + batch_size]])
+                               .to(device) for i in range(0, len(documents), batch_size)]
 
     @torch.no_grad()
     def evaluate(self, loss_fn: LossFn, image_loss_weight: float) -> dict[str, float]:
@@ -100,6 +106,14 @@ class ValidationSet:
         result = {"val_text_loss": text_nll / max(text_tokens, 1), "val_caption_loss": caption_nll / max(caption_tokens, 1),
                   "val_image_loss": mse_all.mean().item()}
         result["val_loss"] = result["val_text_loss"] + image_loss_weight * result["val_image_loss"]
+        if self.corpus_batches:
+            nll = tokens = 0.0
+            for batch in self.corpus_batches:
+                none = batch.patches.new_zeros(0)
+                out = loss_fn(batch, timesteps=none, noise=batch.patches, details=True)
+                nll += out["text_nll_sum"].item()
+                tokens += out["text_tokens"].item()
+            result["val_corpus_loss"] = nll / max(tokens, 1)
         bucket = (t_all / self.num_train_timesteps * NUM_BUCKETS).long().clamp(max=NUM_BUCKETS - 1)
         for k, name in enumerate(self.bucket_names):
             chosen = mse_all[bucket == k]
@@ -113,6 +127,14 @@ def evenly_spaced(total: int, n: int) -> list[int]:
     if n >= total:
         return list(range(total))
     return [int(i * total / n) for i in range(n)]
+
+
+def load_validation_documents(path: str | Path, n: int, tokenizer: Any, max_tokens: int) -> list[list[int]]:
+    """Up to n held-out text documents (evenly spaced over the file), tokenized and cut to `max_tokens`."""
+    from .stream import read_text_documents
+
+    docs = read_text_documents(path)
+    return [tokenizer.encode(docs[i])[:max_tokens] for i in evenly_spaced(len(docs), n)]
 
 
 def load_validation_pairs(data: Any, n: int, vae: Any = None, device: torch.device | str = "cpu",
@@ -165,5 +187,6 @@ def load_validation_pairs(data: Any, n: int, vae: Any = None, device: torch.devi
     return [(z, item["text"] or "") for z, item in zip(torch.cat(latents), items)], source
 
 
-__all__ = ["NUM_BUCKETS", "ValidationBatch", "ValidationSet", "bucket_names", "evenly_spaced", "load_validation_pairs",
+__all__ = ["NUM_BUCKETS", "ValidationBatch", "ValidationSet", "bucket_names", "evenly_spaced",
+           "load_validation_documents", "load_validation_pairs",
            "stratified_timesteps"]
