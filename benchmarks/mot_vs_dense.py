@@ -2,7 +2,10 @@
 
 Every variant is the same training config with one change (`tmot train --set ...`), so the variants share
 the code path, the seed, the data order, the timesteps and noise of every step, and are scored on the same
-held-out draws (`train.eval_every`: fixed timesteps and noise, see transfusion_mot/training/validation.py):
+held-out draws (`train.eval_every`: fixed timesteps and noise, see transfusion_mot/training/validation.py).
+By default every expert starts as a copy of one draw (`--expert-init copy`, model.expert_init): built from
+one seed, each MoT variant then computes exactly the dense model's function at step 0, so the comparison
+differs only by the untying. `--seeds 0,1,2` repeats everything per seed and reports mean and spread:
 
     dense         model.untie=[]                  the Transfusion baseline
     ffn           model.untie=[ffn]               MoT ablation: only the FFN untied
@@ -16,9 +19,11 @@ alignment (the shapes classifier) and FID at equal n (`tmot eval bench` on valid
 stdout line is one JSON object with mot_/dense_val_image_loss, mot_/dense_val_text_loss, steps_ratio and
 time_ratio: the first evaluated step (training time) at which MoT's held-out image loss is at or below
 dense's final one, over dense's steps (time); null if never; and mot_/dense_best_val_image_loss (the lowest
-evaluation: on small data sets the held-out loss can rise again, and the table flags it).
+evaluation: on small data sets the held-out loss can rise again, and the table flags it). With several seeds
+these are means over the seeds, with `*_std` and `*_per_seed` beside them.
 
     python benchmarks/mot_vs_dense.py --data shapes --steps 3000
+    python benchmarks/mot_vs_dense.py --data shapes --steps 2000 --seeds 0,1,2 --jobs 2 --threads 1
     python benchmarks/mot_vs_dense.py --data shapes --steps 3000 --jobs 2 --threads 1 \\
         --variants mot,dense,ffn,ffn_attn,dense_causal,mot_causal
     python benchmarks/mot_vs_dense.py --data emoji --steps 2000 --jobs 2 --threads 1 \\
@@ -64,7 +69,7 @@ def prepare_data(args: argparse.Namespace) -> dict[str, Any]:
         from transfusion_mot.recipes.prepare import prepare_for_run
 
         config_path = Path(args.config or BUILTIN_CONFIGS[args.data])
-        config = load_run_config(config_path, [*args.set, f"train.seed={args.seed}", f"data.builtin={args.data}"])
+        config = load_run_config(config_path, [*args.set, f"train.seed={args.seeds[0]}", f"data.builtin={args.data}"])
         prepared = prepare_for_run(config, progress=False)
         return {"config": config_path, "data": config.data.path, "val": config.data.val_path, "vae": config.vae.path,
                 "images": str(prepared.data_dir), "shapes": args.data == "shapes",
@@ -96,14 +101,20 @@ def _is_shapes(images: str | None) -> bool:
     return "objects" in first
 
 
-def train_variant(name: str, data: dict[str, Any], args: argparse.Namespace, out: Path) -> Path:
-    run = out / "runs" / name
+def run_name(name: str, seed: int, args: argparse.Namespace) -> str:
+    """runs/VARIANT, or runs/VARIANT-sSEED with several seeds."""
+    return name if len(args.seeds) == 1 else f"{name}-s{seed}"
+
+
+def train_variant(name: str, seed: int, data: dict[str, Any], args: argparse.Namespace, out: Path) -> Path:
+    run = out / "runs" / run_name(name, seed, args)
     if (run / "summary.json").is_file() and json.loads((run / "summary.json").read_text()).get("step") == args.steps:
         return run  # finished earlier: reuse
     cmd = [sys.executable, "-m", "transfusion_mot", "train", "--config", str(data["config"]), "--out", str(run),
            "--data", data["data"], "--max-steps", str(args.steps), "--eval-every", str(args.eval_every),
            "--no-progress", "--save-every", str(args.steps),
-           "--set", f"train.seed={args.seed}", "--set", f"train.eval_samples={args.eval_samples}",
+           "--set", f"train.seed={seed}", "--set", f"train.eval_samples={args.eval_samples}",
+           "--set", f"model.expert_init={args.expert_init}",
            "--set", "train.tensorboard=false", "--set", "data.builtin=null"]
     if data["val"]:
         cmd += ["--val-data", data["val"]]
@@ -122,14 +133,16 @@ def train_variant(name: str, data: dict[str, Any], args: argparse.Namespace, out
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode:
         raise SystemExit(f"training {name} failed:\n{proc.stderr[-3000:]}")
-    print(f"[mot_vs_dense] {name}: {args.steps} steps in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+    print(f"[mot_vs_dense] {run.name}: {args.steps} steps in {time.perf_counter() - t0:.0f} s", file=sys.stderr,
+          flush=True)
     return run
 
 
-def bench_variant(run: Path, data: dict[str, Any], args: argparse.Namespace, classifier: Path | None) -> dict[str, Any]:
+def bench_variant(run: Path, seed: int, data: dict[str, Any], args: argparse.Namespace,
+                  classifier: Path | None) -> dict[str, Any]:
     """Alignment and FID at equal n on validation captions, through `tmot eval bench` (same seeds for all)."""
     cmd = [sys.executable, "-m", "transfusion_mot", "eval", "bench", "--run", str(run), "--data", data["images"],
-           "--n", str(args.bench_n), "--seed", str(args.seed), "--json", "--device", "cpu", "--out", str(run / "bench")]
+           "--n", str(args.bench_n), "--seed", str(seed), "--json", "--device", "cpu", "--out", str(run / "bench")]
     if classifier is not None:
         cmd += ["--classifier", str(classifier)]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
@@ -143,8 +156,46 @@ def bench_variant(run: Path, data: dict[str, Any], args: argparse.Namespace, cla
 
 
 def reach(records: list[dict[str, Any]], target: float) -> dict[str, Any] | None:
-    """The first evaluation whose held-out image loss is at or below `target`."""
-    return next((r for r in records if "val_image_loss" in r and r["val_image_loss"] <= target), None)
+    """The first evaluation after training began whose held-out image loss is at or below `target`."""
+    return next((r for r in records if r["step"] > 0 and "val_image_loss" in r and r["val_image_loss"] <= target),
+                None)
+
+
+AVERAGED = ("mot_val_image_loss", "dense_val_image_loss", "mot_val_text_loss", "dense_val_text_loss",
+            "mot_best_val_image_loss", "dense_best_val_image_loss", "steps_ratio", "time_ratio")
+
+
+def mean_std(values: list[float]) -> tuple[float | None, float | None]:
+    """Mean and sample standard deviation (None for no values; 0 spread for one)."""
+    if not values:
+        return None, None
+    mean = sum(values) / len(values)
+    spread = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else 0.0
+    return mean, spread
+
+
+def over_seeds(per_seed: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    """Means and spreads over seeds of the headline numbers and of every variant's numbers. A ratio that is
+    null for some seed (MoT never reached dense's final loss) is averaged over the others and counted."""
+    out: dict[str, Any] = {}
+    for key in AVERAGED:
+        values = [r[key] for r in per_seed.values()]
+        known = [v for v in values if v is not None]
+        out[key], out[f"{key}_std"] = (round(v, 5) if v is not None else None for v in mean_std(known))
+        out[f"{key}_per_seed"] = values
+    variants: dict[str, Any] = {}
+    for name in next(iter(per_seed.values()))["variants"]:
+        rows = [r["variants"][name] for r in per_seed.values()]
+        merged = dict(rows[0])
+        for key, value in rows[0].items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and key not in ("params", "steps"):
+                known = [row[key] for row in rows if row.get(key) is not None]
+                merged[key], merged[f"{key}_std"] = mean_std(known)
+        merged["reaches_dense_final_at_step"] = [row.get("reaches_dense_final_at_step") for row in rows]
+        variants[name] = merged
+    out["variants"] = variants
+    out["seeds"] = list(per_seed)
+    return out
 
 
 def summarise(runs: dict[str, list[dict[str, Any]]], summaries: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -218,6 +269,31 @@ def render_table(result: dict[str, Any], title: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def render_seed_table(result: dict[str, Any], title: str) -> str:
+    """Means ± sample standard deviations over the seeds, one row per variant."""
+    seeds = result["seeds"]
+    lines = [f"### {title}: mean ± sd over seeds {', '.join(map(str, seeds))}", "",
+             "| variant | untie | params | val image loss | val caption loss | val text loss | reaches dense's final "
+             "image loss at (per seed) | colour | shape | all correct | FID |", "|" + "---|" * 11]
+
+    def ms(v: dict[str, Any], key: str, fmt: str = ".4f", scale: float = 1.0) -> str:
+        if v.get(key) is None:
+            return "–"
+        return f"{scale * v[key]:{fmt}} ± {scale * (v.get(key + '_std') or 0.0):{fmt}}"
+
+    for name, v in result["variants"].items():
+        reach_at = ", ".join("never" if s is None else str(s) for s in v["reaches_dense_final_at_step"]) \
+            if name != "dense" else "–"
+        lines.append(f"| {name} | {','.join(v['untie']) or '-'} | {v['params']:,} | {ms(v, 'val_image_loss')} | "
+                     f"{ms(v, 'val_caption_loss')} | {ms(v, 'val_text_loss')} | {reach_at} | "
+                     f"{ms(v, 'align_colour', '.1f', 100)} | {ms(v, 'align_shape', '.1f', 100)} | "
+                     f"{ms(v, 'align_all_correct', '.1f', 100)} | {ms(v, 'fid', '.1f')} |")
+    lines += ["", f"steps_ratio {result['steps_ratio']} ± {result['steps_ratio_std']} (per seed: "
+              f"{result['steps_ratio_per_seed']}), image loss MoT / dense "
+              f"{result['mot_val_image_loss']} / {result['dense_val_image_loss']}."]
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default="shapes", help="shapes | emoji | a latent cache | an image folder")
@@ -229,7 +305,9 @@ def main() -> None:
     ap.add_argument("--eval-samples", type=int, default=512)
     ap.add_argument("--variants", default="mot,dense", help="comma-separated; see the module docstring")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="applies to every variant")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seeds", default="0", help="comma-separated training (and sampling) seeds, e.g. 0,1,2")
+    ap.add_argument("--expert-init", choices=["copy", "random"], default="copy",
+                    help="copy (default): every expert starts as one draw, MoT = dense at step 0; random: own draws")
     ap.add_argument("--jobs", type=int, default=1, help="variants trained at once (give each --threads cores)")
     ap.add_argument("--threads", type=int, default=max(1, torch.get_num_threads()), help="threads per training job")
     ap.add_argument("--bench-n", type=int, default=None,
@@ -237,6 +315,12 @@ def main() -> None:
     ap.add_argument("--out", default="mot_vs_dense")
     args = ap.parse_args()
     args.eval_every = args.eval_every or max(1, args.steps // 10)
+    try:
+        args.seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
+    except ValueError:
+        raise SystemExit(f"--seeds {args.seeds!r}: comma-separated integers, e.g. 0,1,2") from None
+    if not args.seeds:
+        raise SystemExit("--seeds: give at least one seed")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     names = [n.strip() for n in args.variants.split(",") if n.strip()]
@@ -245,18 +329,16 @@ def main() -> None:
 
     t0 = time.perf_counter()
     data = prepare_data(args)
+    jobs = [(name, seed) for seed in args.seeds for name in names]
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-        run_dirs = dict(zip(names, pool.map(lambda n: train_variant(n, data, args, out), names)))
+        run_dirs = dict(zip(jobs, pool.map(lambda job: train_variant(job[0], job[1], data, args, out), jobs)))
 
     from transfusion_mot.training.curves import plot_curves
     from transfusion_mot.training.metrics import read_metrics
 
-    runs = {name: read_metrics(run) for name, run in run_dirs.items()}
-    summaries = {name: json.loads((run / "summary.json").read_text()) for name, run in run_dirs.items()}
-    result = summarise(runs, summaries)
-
     bench_n = args.bench_n if args.bench_n is not None else (256 if data["shapes"] else 0)
     args.bench_n = bench_n
+    benches: dict[tuple[str, int], dict[str, Any]] = {}
     if bench_n > 0 and data["images"]:
         classifier = None
         if data["shapes"]:
@@ -264,27 +346,36 @@ def main() -> None:
             if not (classifier / "config.json").is_file():
                 from eval.align import train_shapes_classifier
 
-                train_shapes_classifier(classifier, image_size=32, steps=1000, seed=args.seed)
+                train_shapes_classifier(classifier, image_size=32, steps=1000, seed=args.seeds[0])
         with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-            benches = dict(zip(names, pool.map(lambda n: bench_variant(run_dirs[n], data, args, classifier), names)))
-        for name, bench in benches.items():
-            result["variants"][name].update(bench)
+            benches = dict(zip(jobs, pool.map(lambda job: bench_variant(run_dirs[job], job[1], data, args, classifier),
+                                              jobs)))
+    per_seed = {}
+    for seed in args.seeds:
+        runs = {name: read_metrics(run_dirs[name, seed]) for name in names}
+        summaries = {name: json.loads((run_dirs[name, seed] / "summary.json").read_text()) for name in names}
+        per_seed[seed] = summarise(runs, summaries)
+        for name in names:
+            per_seed[seed]["variants"][name].update(benches.get((name, seed), {}))
+    result = per_seed[args.seeds[0]] if len(args.seeds) == 1 else {**over_seeds(per_seed), "per_seed": per_seed}
 
     title = (f"{args.data}: {args.steps} steps, evaluated every {args.eval_every} on {args.eval_samples} held-out "
-             f"samples (fixed draws)")
-    plot_curves(runs, out / "curves.png", title=title)
-    result.update({"data": args.data, "steps": args.steps, "eval_every": args.eval_every, "seed": args.seed,
-                   "overrides": args.set, "threads": args.threads, "jobs": args.jobs,
+             f"samples (fixed draws), experts {args.expert_init}")
+    plot_curves({run.name: read_metrics(run) for run in run_dirs.values()}, out / "curves.png", title=title)
+    result.update({"data": args.data, "steps": args.steps, "eval_every": args.eval_every, "seeds": args.seeds,
+                   "expert_init": args.expert_init, "overrides": args.set, "threads": args.threads, "jobs": args.jobs,
                    "machine": f"{platform.machine()}, {os.cpu_count()} cpus", "wall_s": round(time.perf_counter() - t0, 1),
                    "command": " ".join(["python benchmarks/mot_vs_dense.py", *sys.argv[1:]])})
     (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
-    grids = [f"**{name}**\n\n![{name} samples](runs/{name}/bench/samples.png)\n" for name in names
-             if (run_dirs[name] / "bench" / "samples.png").is_file()]  # what each variant drew (shapes data)
+    tables = (render_table(result, title) if len(args.seeds) == 1 else
+              render_seed_table(result, title) + "".join(
+                  "\n" + render_table(per_seed[seed], f"seed {seed}") for seed in args.seeds))
+    grids = [f"**{run.name}**\n\n![{run.name} samples](runs/{run.name}/bench/samples.png)\n"
+             for run in run_dirs.values() if (run / "bench" / "samples.png").is_file()]  # what each variant drew
     samples = ("\n## Samples (same prompts and seeds)\n\n" + "\n".join(grids)) if grids else ""
-    (out / "results.md").write_text(render_table(result, title) + f"\n![curves](curves.png)\n{samples}\n"
-                                    f"`{result['command']}`\n")
+    (out / "results.md").write_text(tables + f"\n![curves](curves.png)\n{samples}\n`{result['command']}`\n")
     print((out / "results.md").read_text())
-    print(json.dumps({k: v for k, v in result.items() if k != "variants"} | {"out": str(out)}))
+    print(json.dumps({k: v for k, v in result.items() if k not in ("variants", "per_seed")} | {"out": str(out)}))
 
 
 if __name__ == "__main__":

@@ -326,21 +326,22 @@ LM_TEXT = ["a small red circle above a large blue square", "the quick brown fox 
            "a red square", "a blue circle", "a cat sat on the mat"]
 
 
-def make_lm_tokenizer(directory: Path, bos: bool = True, vocab_size: int = 300):
+def make_lm_tokenizer(directory: Path, bos: bool = True, vocab_size: int = 300,
+                      specials: tuple[str, ...] = ("<s>", "</s>", "<pad>")):
     """A byte-level BPE as a transformers PreTrainedTokenizerFast with BOS/EOS (bos=False: none added, as
-    Qwen's tokenizers do), saved with save_pretrained."""
+    Qwen's tokenizers do; `specials` in the order of their ids), saved with save_pretrained."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    specials = ["<s>", "</s>", "<pad>"]
-    tok.train_from_iterator(LM_TEXT * 20, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+    tok.train_from_iterator(LM_TEXT * 20, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(specials),
                                                               initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                                               show_progress=False))
     if bos:
-        tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A",
+                                                           special_tokens=[("<s>", specials.index("<s>"))])
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
                                    pad_token="<pad>" if bos else None)
     fast.save_pretrained(str(directory))

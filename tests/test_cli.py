@@ -148,3 +148,20 @@ def test_a_folder_without_images_is_an_error(tmp_path, capsys):
     (src / "notes.txt").write_text("no images here")
     assert main(["data", "folder", "--src", str(src), "--out", str(tmp_path / "out"), "--size", "16"]) == 2
     assert "no image imported" in one_line(capsys)
+
+
+def test_info_of_a_training_config_from_a_language_model_adds_the_training_memory(tmp_path):
+    from helpers import make_tiny_lm
+
+    make_tiny_lm(tmp_path / "lm", "qwen2", tie=True)
+    r = tmot("info", "--config", "lmfusion-shapes", "--set", f"model.init_from={tmp_path / 'lm'}", "--json",
+             "--world-size", "2")
+    assert r.returncode == 0, r.stderr
+    info = json.loads(r.stdout)
+    memory = info["training_memory"]
+    assert memory["freeze"] == ["text"] and memory["trainable_params"] + memory["frozen_params"] == info["total_params"]
+    # the frozen text side is the LM: its parameters, less nothing (tied head), are the frozen ones
+    assert memory["frozen_params"] == info["params_per_modality"]["text"] - 2 * 32  # BOI/EOI rows train
+    gib = memory["trainable_params"] * 16 / 2 + memory["frozen_params"] * 4 / 2
+    assert memory["total_per_process_gib"] == pytest.approx(gib / 2**30, abs=1e-3)
+    assert info["init_from"] == str(tmp_path / "lm")

@@ -439,3 +439,58 @@ def test_bad_inputs_raise_value_errors():
     with pytest.raises(ValueError, match="exceeds max_seq_len"):
         model(dataclasses.replace(inputs, tokens=long, modality=long, positions=long, doc_ids=long, image_ids=long - 1,
                                   patches=inputs.patches[:0]))
+
+
+@pytest.mark.parametrize("untie", [["attn", "ffn", "norm"], ["ffn"]])
+def test_copied_experts_make_mot_the_dense_model_at_step_0(untie):
+    """expert_init copy draws only the text experts, so the random stream is the dense model's: every shared
+    weight is the dense model's value, each expert copy equals it, and the losses are the dense model's."""
+    from transfusion_mot.diffusion import make_objective
+    from transfusion_mot.losses import transfusion_loss
+
+    cfg = tiny_config(expert_init="copy", untie=untie)
+    torch.manual_seed(3)
+    mot = TransfusionMoT(cfg)
+    torch.manual_seed(3)
+    dense = TransfusionMoT(dataclasses.replace(cfg, untie=[]))
+    dense_state = dense.state_dict()
+    for name, value in mot.state_dict().items():
+        parts = name.split(".")
+        # an expert copy m of an untied group -> the dense model's single copy 0
+        shared = ".".join(p if not (p.isdigit() and parts[i - 1] in ("qkv", "out", "q_norm", "k_norm", "attn_norm",
+                                                                        "ffn_norm", "ffn", "final_norm")) else "0"
+                          for i, p in enumerate(parts))
+        assert torch.equal(value, dense_state[shared]), name
+    batch = Collator(cfg).collate_padded(random_samples(cfg, n=4))
+    out = [transfusion_loss(m, batch, make_objective(cfg), torch.Generator().manual_seed(0)) for m in (mot, dense)]
+    for key in ("loss", "text_loss", "image_loss"):
+        torch.testing.assert_close(out[0][key], out[1][key], rtol=1e-6, atol=1e-6)
+    torch.manual_seed(3)
+    random = TransfusionMoT(dataclasses.replace(cfg, expert_init="random"))
+    assert torch.equal(random.tok_embed.weight, dense.tok_embed.weight)  # drawn first: the same seed's value
+    assert not torch.equal(random.lm_head.weight, dense.lm_head.weight)  # after its own experts' draws
+    assert not torch.equal(random.blocks[0].ffn[1].down.weight, random.blocks[0].ffn[0].down.weight)
+
+
+def test_grouped_query_attention_matches_repeated_heads():
+    """n_kv_heads < n_heads: query head j reads key/value head j // (H / KV), as with the keys and values
+    repeated per group (transformers' repeat_kv); head_dim may differ from dim / n_heads."""
+    cfg = tiny_config(n_kv_heads=2, head_dim=24)
+    torch.manual_seed(0)
+    gqa = TransfusionMoT(cfg).eval()
+    full = TransfusionMoT(dataclasses.replace(cfg, n_kv_heads=4)).eval()
+    state = gqa.state_dict()
+    hd, h, kv = 24, 4, 2
+    for name, value in list(state.items()):
+        if ".attn.qkv." in name:
+            q, k, v = value.split([h * hd, kv * hd, kv * hd])
+            rep = [t.reshape(kv, hd, -1).repeat_interleave(h // kv, 0).reshape(h * hd, -1) for t in (k, v)]
+            state[name] = torch.cat([q, *rep])
+    full.load_state_dict(state)
+    batch = Collator(cfg).collate_padded(random_samples(cfg, n=3))
+    inputs = batch.model_inputs(batch.patches, torch.full((batch.num_images,), 10.0))
+    with torch.no_grad():
+        torch.testing.assert_close(gqa(inputs), full(inputs), rtol=1e-5, atol=1e-5)
+    assert gqa.blocks[0].attn.qkv[0].weight.shape == ((4 + 2 * 2) * 24, 64)
+    with pytest.raises(Exception, match="multiple of n_kv_heads"):
+        tiny_config(n_kv_heads=3)

@@ -20,6 +20,21 @@ def test_shipped_train_configs_load():
     assert tiny.model.untie == [] and tiny.optim.lr == 0.01 and tiny.model.dim == 128
 
 
+def test_the_shipped_lmfusion_config_takes_its_shape_from_the_language_model(tmp_path):
+    from helpers import make_tiny_lm
+
+    names = {p.stem for p in (REPO / "configs" / "train").glob("*.yaml")}
+    assert names == {"shapes-tiny", "emoji-tiny", "coco-760m", "lmfusion-shapes"}  # every one loaded in a test
+    make_tiny_lm(tmp_path, "qwen2", tie=True)  # stands in for its Qwen/Qwen2.5-0.5B (no download in tests)
+    cfg = load_run_config("lmfusion-shapes", [f"model.init_from={tmp_path}"])
+    assert (cfg.model.dim, cfg.model.qkv_bias, cfg.model.tie_embeddings, cfg.tokenizer.kind) == (32, True, True,
+                                                                                                  "pretrained")
+    assert cfg.train.freeze == ["text"] and cfg.model.copy_experts and cfg.model.objective == "flow"
+    saved = tmp_path / "config.yaml"  # a run's config.yaml loads without the language model
+    save_run_config(cfg, saved)
+    assert load_run_config(saved, resolve_pretrained=False) == cfg
+
+
 def test_unknown_keys_name_their_path(tmp_path, data):
     with pytest.raises(ConfigError, match=r"'train\.max_stpes'"):
         make_config(data, ["train.max_stpes=3"])

@@ -97,3 +97,65 @@ def batch_train_flops(accounting: dict, modality: Tensor, doc_ids: Tensor, modal
     document = (doc_ids + torch.arange(batch).unsqueeze(1) * (length + 1))[valid]  # unique per (row, doc)
     lengths = torch.bincount(document).double()
     return flops + accounting["attention_flops_per_token_pair"] * float(lengths.pow(2).sum())
+
+
+GIB = 2**30
+
+
+def training_memory(model: TransfusionMoT, ema: bool = True, world_size: int = 1) -> dict:
+    """Bytes of training state per process: fp32 weights (all), and for the trainable parameters only
+    (requires_grad: `train.freeze` leaves the rest out) fp32 gradients, AdamW's two moments and the EMA;
+    FSDP2 shards each of them over `world_size` processes. Activations, bf16 all-gather buffers and the
+    CUDA context are not counted: they depend on batch, context and activation checkpointing."""
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    parts = {"weights": 4 * total, "gradients": 4 * trainable, "adamw": 8 * trainable,
+             "ema": 4 * trainable if ema else 0}
+    return {"trainable_params": trainable, "frozen_params": total - trainable, "world_size": world_size,
+            "per_process_gib": {k: round(v / world_size / GIB, 3) for k, v in parts.items()},
+            "total_per_process_gib": round(sum(parts.values()) / world_size / GIB, 3),
+            "excludes": "activations, bf16 all-gather buffers, the CUDA context"}
+
+
+def describe_config(spec: str, overrides: list[str] | None = None, seq_len: int | None = None,
+                    world_size: int = 1) -> dict:
+    """`tmot info`: parameter and FLOP accounting of a model config or a training config (a path or a shipped
+    name, model configs first), built on the meta device (no memory for the weights; a model with `init_from`
+    reads only the language model's config.json). A training config adds its training memory, with its
+    `train.freeze` and EMA."""
+    import torch
+
+    from .common.config import (apply_overrides, from_dict, read_yaml_mapping, resolve_config_path,
+                                 shipped_config_names)
+    from .common.errors import ConfigError
+    from .config import ModelConfig
+    from .pretrained import resolve_init_from
+    from .run import load_run_config
+
+    try:
+        path, training = resolve_config_path(spec, "model"), False
+    except ConfigError as err:
+        if str(spec) not in shipped_config_names("train"):
+            raise ConfigError(f"{err}; or a shipped training config: {', '.join(shipped_config_names('train'))}") from None
+        path, training = resolve_config_path(spec, "train"), True
+    if not training and "model" in read_yaml_mapping(path):
+        training = True  # a training config given by its path
+    run = None
+    if training:
+        run = load_run_config(path, overrides)
+        config = run.model
+    else:
+        data = read_yaml_mapping(path)
+        apply_overrides(data, overrides or [])
+        config = from_dict(ModelConfig, resolve_init_from(data) if data.get("init_from") else data)
+    with torch.device("meta"):
+        model = TransfusionMoT(config)
+    report = parameter_accounting(model, seq_len=seq_len)
+    if run is not None:
+        for name in model.parameters_of(run.train.freeze):
+            model.get_parameter(name).requires_grad_(False)
+        report["training_memory"] = training_memory(model, ema=run.optim.ema_decay > 0, world_size=world_size)
+        report["training_memory"]["freeze"] = run.train.freeze
+    if config.init_from:
+        report["init_from"] = config.init_from
+    return report

@@ -34,17 +34,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    import torch
+    from .accounting import describe_config
 
-    from .accounting import parameter_accounting
-    from .common.config import load_yaml_config, resolve_config_path
-    from .config import ModelConfig
-    from .model import TransfusionMoT
-
-    cfg = load_yaml_config(ModelConfig, resolve_config_path(args.config, "model"), args.set)
-    with torch.device("meta"):  # no memory for the weights: the 7B config is accounted in milliseconds
-        model = TransfusionMoT(cfg)
-    print(json.dumps(parameter_accounting(model, seq_len=args.seq_len), indent=None if args.json else 2))
+    report = describe_config(args.config, args.set, seq_len=args.seq_len, world_size=args.world_size)
+    print(json.dumps(report, indent=None if args.json else 2))
     return 0
 
 
@@ -72,6 +65,13 @@ def cmd_data_folder(args: argparse.Namespace) -> int:
     report = import_folder(src, args.out, size=args.size, val_fraction=args.val_fraction, seed=args.seed,
                            max_pixels=args.max_pixels, min_side=args.min_side, workers=args.workers)
     print_json(report)
+    return 0
+
+
+def cmd_data_corpus(args: argparse.Namespace) -> int:
+    from .data.corpus import build_corpus
+
+    print_json(build_corpus(args.out, val_fraction=args.val_fraction, seed=args.seed, wordnet_dir=args.wordnet_dir))
     return 0
 
 
@@ -302,11 +302,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
 
-    p = command(sub, "info", "parameter and FLOP accounting of a model config",
+    p = command(sub, "info", "parameter, FLOP and training-memory accounting of a model or training config",
                 "tmot info --config configs/model/760m.yaml --set untie=[]", cmd_info,
                 "Total, per-modality and active parameters per token, and training FLOPs per token "
-                "(6N + attention), without allocating the weights.")
-    p.add_argument("--config", required=True, help="model config: a YAML file or a shipped name (tiny, 163m, 760m, 1.4b, 7b)")
+                "(6N + attention), without allocating the weights. A training config (e.g. lmfusion-shapes "
+                "--set model.init_from=Qwen/Qwen2.5-0.5B) adds the memory of weights, gradients, AdamW and EMA "
+                "per process, with its train.freeze (activations not included).")
+    p.add_argument("--config", required=True, help="model config (tiny, 163m, 760m, 1.4b, 7b) or training config "
+                   "(shapes-tiny, lmfusion-shapes, ...): a YAML file or a shipped name")
+    p.add_argument("--world-size", type=positive_int, default=1, help="processes the training state is sharded over")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     p.add_argument("--seq-len", type=positive_int, default=None, help="context for attention FLOPs (default: max_seq_len)")
     p.add_argument("--json", action="store_true", help="one-line JSON")
@@ -444,6 +448,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-pixels", type=positive_int, default=40_000_000, help="skip larger images (decompression bombs)")
     p.add_argument("--min-side", type=positive_int, default=1, help="skip images whose shorter side is smaller")
     p.add_argument("--workers", type=positive_int, default=1)
+
+    p = command(dsub, "corpus", "an English text corpus, offline: WordNet's glosses as train/val documents",
+                "tmot data corpus --out data/corpus", cmd_data_corpus,
+                "Writes OUT/train.txt and OUT/val.txt (one document per line) and OUT/info.json from Debian's "
+                "wordnet-base (apt-get install wordnet-base): text-only training documents (data.text_only_path), "
+                "held-out documents for the corpus loss (data.text_val_path), or a language model's pretraining text.")
+    p.add_argument("--out", required=True)
+    p.add_argument("--val-fraction", type=fraction, default=0.02, help="documents held out (by a hash of their text)")
+    p.add_argument("--seed", type=int, default=0, help="order of the training documents")
+    p.add_argument("--wordnet-dir", default="/usr/share/wordnet", help="directory of data.noun, data.verb, ...")
 
     p = command(dsub, "tokenizer", "train a byte-level BPE tokenizer on a data set's captions",
                 "tmot data tokenizer --data data/shapes --vocab-size 512 --out data/shapes/tokenizer.json",

@@ -314,6 +314,11 @@ class TransfusionMoT(nn.Module):
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
+        # the modules' own default initialisation must not move the RNG that reset_parameters draws from: a
+        # model's weights then depend on the seed and its parameter shapes only, so a dense model and a MoT
+        # with copied experts built from one seed share their draws, and so does a model built on the meta
+        # device and initialised later (FSDP2)
+        rng = torch.get_rng_state()
         self.config = config
         self.image_modality = config.modalities.index("image")
         self.text_modality = config.modalities.index("text")
@@ -333,6 +338,7 @@ class TransfusionMoT(nn.Module):
         self.lm_head = nn.Linear(d, base, bias=False) if untied_head else None  # tied: the token embedding
         self.new_lm_head = nn.Linear(d, config.vocab_size - base, bias=False) if untied_head and base < config.vocab_size else None
         self.image_head = nn.Linear(d, config.patch_dim)  # width -> latent patch (epsilon or velocity)
+        torch.set_rng_state(rng)
         self.reset_parameters()
 
     # -- initialisation ----------------------------------------------------------------------------
@@ -409,6 +415,12 @@ class TransfusionMoT(nn.Module):
             for p in (module.parameters() if module is not None else ()):
                 owner_of[id(p)] = "text"
         return {name: owner_of[id(p)] for name, p in self.named_parameters()}
+
+    def parameters_of(self, owners: list[str]) -> list[str]:
+        """Names of the parameters `owners` own (`parameter_owners`), but the rows appended to a pretrained
+        vocabulary: what `train.freeze: owners` freezes."""
+        appended = self.appended_token_parameters()
+        return [name for name, owner in self.parameter_owners().items() if owner in owners and name not in appended]
 
     def appended_token_parameters(self) -> set[str]:
         """Names of the rows added to a pretrained LM's vocabulary (BOI, EOI): new to the LM, so they train even

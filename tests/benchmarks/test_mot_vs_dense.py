@@ -90,6 +90,28 @@ def test_toy_end_to_end(tmp_path):
     assert result["variants"]["mot"]["active_per_token"] == result["variants"]["dense"]["active_per_token"]
     causal = yaml.safe_load((out / "runs" / "dense_causal" / "config.yaml").read_text())
     assert causal["model"]["image_attention"] == "causal" and causal["model"]["untie"] == []
+    mot = yaml.safe_load((out / "runs" / "mot" / "config.yaml").read_text())
+    assert mot["model"]["expert_init"] == "copy"  # the default: MoT starts as the dense model's function
+    first = {name: [json.loads(line) for line in (out / "runs" / name / "metrics.jsonl").read_text().splitlines()][0]
+             for name in ("mot", "dense")}
+    assert first["mot"]["step"] == 0 and first["mot"]["val_image_loss"] == pytest.approx(
+        first["dense"]["val_image_loss"], rel=1e-5)
     steps = [json.loads(line)["step"] for line in (out / "runs" / "mot" / "metrics.jsonl").read_text().splitlines()
              if "val_image_loss" in json.loads(line)]
-    assert steps == [2, 4]
+    assert steps == [0, 2, 4]
+
+
+def test_means_and_spreads_over_seeds():
+    per_seed = {}
+    for seed, (mot, dense) in enumerate([([0.4, 0.2], [0.4, 0.3]), ([0.4, 0.3], [0.4, 0.3]), ([0.4, 0.4], [0.4, 0.3])]):
+        per_seed[seed] = bench.summarise({"dense": records(dense), "mot": records(mot)},
+                                         {"dense": summary(10, 20.0), "mot": summary(20, 20.0)})
+    result = bench.over_seeds(per_seed)
+    assert result["mot_val_image_loss"] == pytest.approx(0.3) and result["mot_val_image_loss_std"] == pytest.approx(0.1)
+    assert result["dense_val_image_loss_std"] == 0.0
+    # seed 2 never reaches dense's final loss: the ratio is averaged over the two seeds that did
+    assert result["steps_ratio_per_seed"] == [1.0, 1.0, None] and result["steps_ratio"] == 1.0
+    assert result["variants"]["mot"]["reaches_dense_final_at_step"] == [20, 20, None]
+    table = bench.render_seed_table(result, "t")
+    assert "mean ± sd over seeds 0, 1, 2" in table and "| mot | - | 20 | 0.3000 ± 0.1000 |" in table
+    assert "| 20, 20, never |" in table

@@ -58,3 +58,25 @@ def test_ema_under_fsdp2_runs_one_foreach_over_local_shards(tmp_path, monkeypatc
         assert len(calls) == 6 and all(kind == "Tensor" for call in calls for kind in call)
         for name, shadow in ema.shadow.items():
             torch.testing.assert_close(shadow.full_tensor(), ema_plain.shadow[name], rtol=0, atol=0)
+
+
+def test_freezing_an_owner_leaves_it_out_of_the_optimizer_and_the_ema():
+    from helpers import tiny_config
+
+    from transfusion_mot.model import TransfusionMoT
+    from transfusion_mot.training.optim import freeze_parameters
+
+    model = TransfusionMoT(tiny_config(untie=["attn", "ffn"]))
+    owners = model.parameter_owners()
+    assert set(owners.values()) == {"text", "image", "shared"}  # norms are not untied: shared
+    frozen = freeze_parameters(model, ["text"])
+    assert set(frozen) == {n for n, o in owners.items() if o == "text"} and "tok_embed.weight" in frozen
+    assert "blocks.0.attn_norm.0.weight" not in frozen and "blocks.0.ffn.1.down.weight" not in frozen
+    groups = param_groups(model, 0.1, {"image": 0.5})
+    grouped = {id(p) for g in groups for p in g["params"]}
+    params = dict(model.named_parameters())
+    assert grouped == {id(p) for n, p in params.items() if n not in frozen}
+    assert {(g["owner"], g["weight_decay"], g["lr_mult"]) for g in groups} == {
+        ("image", 0.1, 0.5), ("image", 0.0, 0.5), ("shared", 0.0, 1.0)}  # shared: norms only, no decay
+    assert set(EMA(model, 0.9).shadow) == set(params) - set(frozen)
+    assert freeze_parameters(model, []) == []

@@ -165,3 +165,30 @@ def test_resume_on_another_number_of_processes(tmp_path, data):
     assert all(all(math.isfinite(v) for v in values) for values in steps.values())
     state = json.loads((run / "checkpoints/step_7/state.json").read_text())
     assert state["world_size"] == 2 and state["tokens_seen"] > 0
+
+
+def test_two_process_fsdp2_run_from_a_language_model_with_the_text_frozen(tmp_path, data):
+    """LMFusion under FSDP2: the LM's weights are loaded into every process's shards, the frozen text side
+    is sharded like the rest and nothing hangs; one process reads the text side back bit-identical to the LM,
+    the EMA holds the trained parameters only, and the image experts (copies of the text experts) moved."""
+    from helpers import make_tiny_lm, text_only_inputs
+
+    lm, hf = make_tiny_lm(tmp_path / "lm", "llama")
+    cd = config_dict(data, train={"max_steps": 3, "save_every": 3, "freeze": ["text"]})
+    cd["model"], cd["tokenizer"] = {"init_from": str(tmp_path / "lm"), "max_seq_len": 96, "latent_channels": 4,
+                                    "patch_size": 2}, {}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cd))
+    run = tmp_path / "run"
+    torchrun(["--config", str(tmp_path / "c.yaml"), "--out", str(run)])
+    checkpoint = run / "checkpoints/step_3"
+    assert (checkpoint / "dcp").is_dir()
+    averaged = ckpt.sharded_keys(checkpoint, "ema")
+    model, config, info = load_run_model(run)
+    frozen = {n for n, owner in model.parameter_owners().items() if owner == "text"} - model.appended_token_parameters()
+    assert averaged == set(dict(model.named_parameters())) - frozen and frozen
+    ids = torch.tensor([hf("a red circle above the lazy dog")["input_ids"]])
+    with torch.no_grad():
+        ours = model.text_logits(model(text_only_inputs(config.model, ids)))[..., :lm.config.vocab_size]
+        assert torch.equal(ours, lm(ids).logits)
+    block = model.blocks[0]
+    assert not torch.equal(block.ffn[1].down.weight, block.ffn[0].down.weight)

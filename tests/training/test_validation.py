@@ -2,6 +2,7 @@
 validation records of a training run."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -201,3 +202,44 @@ def test_missing_or_mismatched_validation_data_is_a_clear_error(data, tmp_path):
         build_run(no_val, tmp_path / "b")
 
 
+
+
+def test_corpus_loss_is_the_mean_next_token_loss_of_the_held_out_documents():
+    """val_corpus_loss against a naive reference: each document alone as BOS text EOS, every next-token
+    cross-entropy summed, divided by the number of predicted tokens (documents of different lengths and
+    batch sizes that split them unevenly)."""
+    cfg = tiny_config(vocab_size=261)
+    torch.manual_seed(0)
+    model = TransfusionMoT(cfg).eval()
+    tok = ByteTokenizer()
+    docs = [tok.encode(t) for t in ("a round object", "the colour of blood", "x", "")]
+    reference = []
+    with torch.no_grad():
+        for ids in docs:
+            full = [tok.specials.bos, *ids, tok.specials.eos]
+            logits = model.text_logits(model(Collator(cfg).collate_padded([Sample([ids])]).model_inputs(
+                torch.zeros(0, cfg.patch_dim), torch.zeros(0))))[0, :-1]
+            reference.append(F.cross_entropy(logits, torch.tensor(full[1:]), reduction="none"))
+    expected = torch.cat(reference).mean().item()
+    for batch_size in (1, 3):
+        valset = ValidationSet(pairs(2), tok, Collator(cfg), make_objective(cfg), seed=0, batch_size=batch_size,
+                               documents=docs)
+        result = valset.evaluate(loss_fn(model), 5.0)
+        assert result["val_corpus_loss"] == pytest.approx(expected, rel=1e-5)
+    assert "val_corpus_loss" not in ValidationSet(pairs(2), tok, Collator(cfg), make_objective(cfg),
+                                                  seed=0).evaluate(loss_fn(model), 5.0)
+
+
+def test_a_run_with_held_out_documents_logs_the_corpus_loss_from_step_0(data, tmp_path):
+    docs = tmp_path / "val.txt"
+    docs.write_text("a round object that is hit in games\nthe colour of blood\ndraw air into the lungs\n")
+    run = tmp_path / "run"
+    train(make_config(data, data={"val_path": str(data["latents"]), "text_val_path": str(docs)},
+                      train={"max_steps": 5, "eval_every": 5, "eval_samples": 2, "eval_batch_size": 4}), run)
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    corpus = [(r["step"], r["val_corpus_loss"]) for r in records if "val_corpus_loss" in r]
+    assert [s for s, _ in corpus] == [0, 5]
+    summary = json.loads((run / "summary.json").read_text())["validation"]
+    assert summary["corpus"]["first"]["val_corpus_loss"] == corpus[0][1]
+    assert summary["corpus"]["final"]["perplexity"] == pytest.approx(math.exp(corpus[-1][1]))
+    assert "text documents" in summary["source"] and "(2)" in summary["source"]  # eval_samples of them

@@ -8,6 +8,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from ..common.hub import is_repo_id
+
 LIBRARY = "transfusion-mot"
 LICENSE = "apache-2.0"
 TAGS = ["text-to-image", "image-to-text", "transfusion", "mixture-of-transformers", "diffusion", LIBRARY]
@@ -59,7 +61,11 @@ def card_body(model_config: Any, facts: dict[str, Any], info: dict[str, Any], la
               f"[{LIBRARY}](https://pypi.org/project/{LIBRARY}/): next-token loss on text and a {m.objective} "
               f"diffusion loss on {tuple(latent_shape)} VAE latents of {image_size} px images, one sequence."), "",
              "## Model", ""]
-    lines += _table([("width / layers / heads", f"{m.dim} / {m.n_layers} / {m.n_heads}"),
+    started = ([("started from", f"{m.init_from} (its tokenizer; text experts, embeddings and LM head loaded, "
+                 f"other experts {'copied from the text experts' if m.copy_experts else 'fresh'})"),
+                ("frozen during training", ", ".join((facts.get("training") or {}).get("train", {}).get("freeze", []))
+                 or "nothing")] if m.init_from else [])
+    lines += _table([*started, ("width / layers / heads", f"{m.dim} / {m.n_layers} / {m.n_heads}"),
                      ("FFN width", m.ffn_dim), ("untied per modality", ", ".join(untie) or "nothing (dense)"),
                      ("vocabulary", m.vocab_size), ("context", m.max_seq_len), ("patch size", m.patch_size),
                      ("image tokens", (latent_shape[1] // m.patch_size) * (latent_shape[2] // m.patch_size)),
@@ -114,7 +120,8 @@ def model_card(model_config: Any, facts: dict[str, Any], info: dict[str, Any], l
     """README.md: the Hub's YAML metadata (library, license, tags, pipeline tag) and `card_body`."""
     from huggingface_hub import ModelCard, ModelCardData
 
-    data = ModelCardData(library_name=LIBRARY, license=LICENSE, tags=TAGS, pipeline_tag="text-to-image")
+    base = {"base_model": model_config.init_from} if model_config.init_from and is_repo_id(model_config.init_from) else {}
+    data = ModelCardData(library_name=LIBRARY, license=LICENSE, tags=TAGS, pipeline_tag="text-to-image", **base)
     body = card_body(model_config, facts, info, latent_shape, image_size, repo_id)
     return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}"))
 

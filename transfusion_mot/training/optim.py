@@ -14,11 +14,8 @@ def freeze_parameters(model: nn.Module, owners: list[str]) -> list[str]:
     """requires_grad False on every parameter whose owner (`model.parameter_owners()`) is in `owners`, but
     the rows appended to a pretrained vocabulary (BOI, EOI: new to the LM, they always train). Called on the
     plain model before FSDP2 wraps it (the sharded parameters inherit the flag). Returns the frozen names."""
-    if not owners:
-        return []
-    appended = model.appended_token_parameters()
     params = dict(model.named_parameters())
-    frozen = [name for name, owner in model.parameter_owners().items() if owner in owners and name not in appended]
+    frozen = model.parameters_of(owners)
     for name in frozen:
         params[name].requires_grad_(False)
     return frozen

@@ -362,3 +362,7 @@ def check_latent_shape(model_config: Any, latent_shape: tuple[int, ...]) -> None
         raise ConfigError(f"the data's latents have {c} channels but model.latent_channels is {m.latent_channels}")
     if h % m.patch_size or w % m.patch_size:
         raise ConfigError(f"latents {h}x{w} are not divisible by model.patch_size {m.patch_size}")
+    tokens = (h // m.patch_size) * (w // m.patch_size)
+    if tokens + 4 > m.max_seq_len:  # BOS, BOI, EOI, EOS
+        raise ConfigError(f"latents {h}x{w} make {tokens} image tokens (patch_size {m.patch_size}); with the special "
+                          f"tokens that leaves no room for a caption in model.max_seq_len {m.max_seq_len}")
