@@ -18,8 +18,8 @@ Writes OUT/results.md (table), OUT/results.json, OUT/curves.png; the last stdout
 lm_corpus_loss (the LM's own held-out corpus loss), <variant>_corpus_loss, <variant>_val_image_loss,
 <variant>_val_caption_loss, <variant>_all_correct, <variant>_fid (means over seeds, `*_std` beside them).
 
-    python benchmarks/lmfusion.py --steps 40                       # a short check, about 15 minutes here
-    python benchmarks/lmfusion.py --steps 1500 --seeds 0,1,2 --jobs 2 --threads 1
+    python benchmarks/lmfusion.py --steps 40      # a check that it all runs: one seed, about 15 minutes here
+    python benchmarks/lmfusion.py --steps 1000    # the measurement: three seeds, LM 1000 steps
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from mot_vs_dense import bench_variant, mean_std  # noqa: E402  (the same bench and statistics)
+from mot_vs_dense import bench_variant, mean_std, reference_stats  # noqa: E402  (the same bench and statistics)
 
 VARIANTS = {
     "lmfusion": {"from_lm": True, "untie": ["attn", "ffn", "norm"], "freeze": ["text"]},
@@ -51,6 +51,7 @@ VARIANTS = {
     "scratch_dense": {"from_lm": False, "untie": [], "freeze": []},
 }
 SPECIALS = ("<s>", "</s>", "<pad>")
+MAX_SEQ_LEN = 512
 
 
 # --------------------------------------------------------------------------------------------------
@@ -76,13 +77,24 @@ def train_lm_tokenizer(texts: list[str], vocab_size: int, out: Path):
 
 
 @torch.no_grad()
-def lm_document_loss(lm, tokenizer, docs: list[str], max_len: int) -> float:
-    """Mean next-token loss per token over documents laid out as the runs lay them out (BOS text EOS, one per
-    row): the LM's own number, to set beside the runs' val_corpus_loss at step 0."""
+def lm_document_loss(lm_dir: Path, val_path: Path, n: int, max_text: int, appended: int = 0) -> float:
+    """The LM's own mean next-token loss per token, computed by transformers, on the documents the runs hold
+    out (the same evenly spaced n, cut to the same length) laid out as the runs lay them out (BOS text EOS,
+    one per row). A run appends `appended` rows (BOI, EOI) to the vocabulary that start as the mean of the
+    LM's rows, so their logit is the mean logit: with them in the softmax this is the run's step-0 number
+    exactly (and LMFusion's at every evaluation, but for what training taught the appended rows)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from transfusion_mot.training.stream import read_text_documents
+    from transfusion_mot.training.validation import evenly_spaced
+
+    lm, tokenizer = AutoModelForCausalLM.from_pretrained(str(lm_dir)).eval(), AutoTokenizer.from_pretrained(str(lm_dir))
+    texts = read_text_documents(val_path)
+    docs = [texts[i] for i in evenly_spaced(len(texts), n)]
     nll = count = 0.0
-    lm.eval()
     for start in range(0, len(docs), 32):
-        rows = [tokenizer(d)["input_ids"][: max_len - 1] + [tokenizer.eos_token_id] for d in docs[start:start + 32]]
+        rows = [[tokenizer.bos_token_id, *tokenizer(d, add_special_tokens=False)["input_ids"][:max_text],
+                 tokenizer.eos_token_id] for d in docs[start:start + 32]]
         width = max(map(len, rows))
         ids = torch.full((len(rows), width), tokenizer.pad_token_id)
         labels = torch.full((len(rows), width), -100)
@@ -90,6 +102,7 @@ def lm_document_loss(lm, tokenizer, docs: list[str], max_len: int) -> float:
             ids[i, :len(row)] = torch.tensor(row)
             labels[i, :len(row)] = torch.tensor(row)
         logits = lm(ids, attention_mask=(labels != -100).long()).logits[:, :-1].float()
+        logits = torch.cat([logits, logits.mean(-1, keepdim=True).expand(*logits.shape[:-1], appended)], -1)
         target = labels[:, 1:]
         nll += torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
                                                  ignore_index=-100, reduction="sum").item()
@@ -106,7 +119,6 @@ def pretrain_lm(corpus: Path, out: Path, args: argparse.Namespace) -> dict[str, 
     if info_path.is_file():
         return json.loads(info_path.read_text())
     train_docs = (corpus / "train.txt").read_text().splitlines()
-    val_docs = (corpus / "val.txt").read_text().splitlines()[: args.eval_samples]
     t0 = time.perf_counter()
     tokenizer = train_lm_tokenizer(train_docs, args.lm_vocab, out)
     stream = [i for doc in train_docs for i in tokenizer(doc)["input_ids"] + [tokenizer.eos_token_id]]
@@ -137,7 +149,7 @@ def pretrain_lm(corpus: Path, out: Path, args: argparse.Namespace) -> dict[str, 
     lm.eval().save_pretrained(str(out))
     info = {"steps": args.lm_steps, "tokens_seen": args.lm_steps * batch * block, "corpus_tokens": len(stream),
             "params": sum(p.numel() for p in lm.parameters()), "seconds": round(time.perf_counter() - t0, 1),
-            "val_corpus_loss": lm_document_loss(lm, tokenizer, val_docs, 510), "vocab": len(tokenizer)}
+            "vocab": len(tokenizer)}
     info_path.write_text(json.dumps(info, indent=2))
     return info
 
@@ -151,7 +163,8 @@ def variant_config(name: str, lm: Path, data: dict[str, Any], args: argparse.Nam
     weights and tokenizer), the corpus mixed in, and held-out corpus documents."""
     spec = VARIANTS[name]
     base = yaml.safe_load((REPO / "configs/train/shapes-tiny.yaml").read_text())
-    image = {"latent_channels": 4, "patch_size": 2, "max_seq_len": 512, "objective": "flow", "time_conditioning": "add",
+    image = {"latent_channels": 4, "patch_size": 2, "max_seq_len": MAX_SEQ_LEN, "objective": "flow",
+             "time_conditioning": "add",
              "untie": spec["untie"], "expert_init": "copy"}
     if spec["from_lm"]:
         model, tokenizer = {"init_from": str(lm), **image}, {"kind": "pretrained", "max_text_tokens": 32}
@@ -215,7 +228,10 @@ def render(result: dict[str, Any], args: argparse.Namespace) -> str:
              f"mean ± sd over seeds {', '.join(map(str, args.seeds))}", "",
              f"The language model: Llama architecture, {lm['params']:,} parameters, pretrained {lm['steps']} steps "
              f"({lm['tokens_seen']:,} tokens) on WordNet glosses in {lm['seconds']:.0f} s; its held-out corpus loss "
-             f"{lm['val_corpus_loss']:.4f} (transformers).", "",
+             f"{lm['val_corpus_loss']:.4f} (transformers)" + (
+                 f"; with the {lm['appended_rows']} rows a run appends (BOI, EOI) at their start, the mean of the "
+                 f"LM's rows, in the softmax: {lm['val_corpus_loss_appended']:.6f}, the runs' step-0 loss"
+                 if "appended_rows" in lm else "") + ".", "",
              "| variant | params (trained) | corpus loss: start -> end | val image loss | val caption loss | colour | "
              "shape | all correct | FID | train s |", "|" + "---|" * 10]
 
@@ -235,10 +251,11 @@ def render(result: dict[str, Any], args: argparse.Namespace) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=1500, help="training steps of every variant")
-    ap.add_argument("--seeds", default="0,1,2", help="comma-separated training seeds")
+    ap.add_argument("--steps", type=int, default=1000, help="training steps of every variant")
+    ap.add_argument("--seeds", default=None, help="comma-separated training seeds (default 0,1,2; 0 below 500 steps, "
+                    "a check that the whole benchmark runs)")
     ap.add_argument("--variants", default=",".join(VARIANTS))
-    ap.add_argument("--lm-steps", type=int, default=None, help="LM pretraining steps (default min(3000, 25 x steps))")
+    ap.add_argument("--lm-steps", type=int, default=None, help="LM pretraining steps (default min(3000, 10 x steps))")
     ap.add_argument("--lm-dim", type=int, default=128)
     ap.add_argument("--lm-layers", type=int, default=4)
     ap.add_argument("--lm-vocab", type=int, default=2048)
@@ -255,14 +272,14 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default="lmfusion")
     args = ap.parse_args()
-    args.seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    args.seeds = [int(s) for s in (args.seeds or ("0,1,2" if args.steps >= 500 else "0")).split(",") if s.strip()]
     names = [n.strip() for n in args.variants.split(",") if n.strip()]
     unknown = [n for n in names if n not in VARIANTS]
     if unknown or not args.seeds:
         raise SystemExit(f"unknown variant {unknown[0]!r} (choose from {', '.join(VARIANTS)})" if unknown
                          else "--seeds: give at least one seed")
     args.eval_every = args.eval_every or max(1, args.steps // 10)
-    args.lm_steps = args.lm_steps or min(3000, 25 * args.steps)
+    args.lm_steps = args.lm_steps or min(3000, 10 * args.steps)
     args.bench_n = args.bench_n if args.bench_n is not None else (256 if args.steps >= 500 else 64)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -282,11 +299,19 @@ def main() -> None:
             "images": str(prepared.data_dir), "corpus": corpus.resolve()}
     lm_dir = out / "lm"
     lm_info = pretrain_lm(corpus, lm_dir, args)
+    lm_info["val_corpus_loss"] = lm_document_loss(lm_dir, corpus / "val.txt", args.eval_samples, MAX_SEQ_LEN - 2)
     print(f"[lmfusion] LM ready: {lm_info}", file=sys.stderr, flush=True)
 
     jobs = [(name, seed) for seed in args.seeds for name in names]
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-        run_dirs = dict(zip(jobs, pool.map(lambda j: train_variant(j[0], j[1], lm_dir.resolve(), data, args, out), jobs)))
+        run_dirs = dict(zip(jobs, pool.map(lambda j: train_variant(j[0], j[1], lm_dir.resolve(), data, args, out),
+                                           jobs)))
+    first_from_lm = next((n for n in names if VARIANTS[n]["from_lm"]), None)
+    if first_from_lm:  # the LM's number with the run's appended rows (BOI, EOI) at their start: its step-0 number
+        model = yaml.safe_load((run_dirs[first_from_lm, args.seeds[0]] / "config.yaml").read_text())["model"]
+        lm_info["appended_rows"] = model["vocab_size"] - model["base_vocab_size"]
+        lm_info["val_corpus_loss_appended"] = lm_document_loss(lm_dir, corpus / "val.txt", args.eval_samples,
+                                                               MAX_SEQ_LEN - 2, lm_info["appended_rows"])
     classifier = out / "shapes-classifier"
     if args.bench_n and not (classifier / "config.json").is_file():
         from eval.align import train_shapes_classifier
@@ -294,8 +319,10 @@ def main() -> None:
         train_shapes_classifier(classifier, image_size=32, steps=1000, seed=0)
     benches = {}
     if args.bench_n:
+        stats = reference_stats(data["images"], out)
         with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-            benches = dict(zip(jobs, pool.map(lambda j: bench_variant(run_dirs[j], j[1], data, args, classifier), jobs)))
+            benches = dict(zip(jobs, pool.map(lambda j: bench_variant(run_dirs[j], j[1], data, args, classifier, stats),
+                                              jobs)))
 
     variants: dict[str, Any] = {}
     per_seed: dict[str, dict[int, Any]] = {}
@@ -303,7 +330,7 @@ def main() -> None:
         rows = {seed: {**run_numbers(run_dirs[name, seed]), **benches.get((name, seed), {})} for seed in args.seeds}
         per_seed[name] = rows
         merged: dict[str, Any] = dict(rows[args.seeds[0]])
-        for key, value in merged.items():
+        for key, value in list(merged.items()):
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 merged[key], merged[f"{key}_std"] = mean_std([r[key] for r in rows.values() if r.get(key) is not None])
         variants[name] = merged
@@ -317,8 +344,9 @@ def main() -> None:
     first_seed = {name: read_metrics(run_dirs[name, args.seeds[0]]) for name in names}
     plot_curves(first_seed, out / "curves.png", panels=panels, x_axes=("step",),
                 title=f"LMFusion in miniature, seed {args.seeds[0]}")
-    headline = {"lm_corpus_loss": variants.get("lmfusion", {}).get("corpus_loss_start", lm_info["val_corpus_loss"]),
-                "lm_corpus_loss_transformers": lm_info["val_corpus_loss"]}
+    headline = {"lm_corpus_loss": lm_info["val_corpus_loss"],
+                "lm_corpus_loss_in_runs": variants[first_from_lm]["corpus_loss_start"]
+                if first_from_lm else None}
     for name, v in variants.items():
         for key, out_key in (("corpus_loss", "corpus_loss"), ("val_image_loss", "val_image_loss"),
                              ("val_caption_loss", "val_caption_loss"), ("align_all_correct", "all_correct"),
@@ -327,12 +355,14 @@ def main() -> None:
             headline[f"{name}_{out_key}_std"] = v.get(f"{key}_std")
     result.update({"headline": headline, "steps": args.steps, "seeds": args.seeds, "bench_n": args.bench_n,
                    "text_ratio": args.text_ratio, "lr": args.lr, "jobs": args.jobs, "threads": args.threads,
-                   "machine": f"{platform.machine()}, {os.cpu_count()} cpus", "wall_s": round(time.perf_counter() - t0, 1),
+                   "machine": f"{platform.machine()}, {os.cpu_count()} cpus",
+                   "wall_s": round(time.perf_counter() - t0, 1),
                    "command": " ".join(["python benchmarks/lmfusion.py", *sys.argv[1:]])})
     (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
     (out / "results.md").write_text(render(result, args) + f"\n![curves](curves.png)\n\n`{result['command']}`\n")
     print((out / "results.md").read_text())
-    print(json.dumps({**headline, "steps": args.steps, "seeds": args.seeds, "wall_s": result["wall_s"], "out": str(out)}))
+    print(json.dumps({**headline, "steps": args.steps, "seeds": args.seeds, "wall_s": result["wall_s"],
+                      "out": str(out)}))
 
 
 if __name__ == "__main__":

@@ -138,20 +138,50 @@ def train_variant(name: str, seed: int, data: dict[str, Any], args: argparse.Nam
     return run
 
 
+def reference_stats(images: str, out: Path, split: str = "val") -> Path | None:
+    """FID statistics of the data split's images, computed once per benchmark (every variant and seed is
+    scored against the same file instead of re-extracting the real images each time); None without
+    Inception weights (the bench then reports FID as skipped)."""
+    from eval.fid import save_reference_stats
+    from eval.images import captioned_images
+    from eval.inception import InceptionWeightsNotFound
+
+    path = out / f"reference-{split}.npz"
+    if not path.is_file():
+        paths, _ = captioned_images(images, split=split)
+        try:
+            save_reference_stats([str(p) for p in paths], path)
+        except InceptionWeightsNotFound:
+            return None
+    return path
+
+
 def bench_variant(run: Path, seed: int, data: dict[str, Any], args: argparse.Namespace,
-                  classifier: Path | None) -> dict[str, Any]:
-    """Alignment and FID at equal n on validation captions, through `tmot eval bench` (same seeds for all)."""
+                  classifier: Path | None, ref_stats: Path | None = None) -> dict[str, Any]:
+    """Alignment and FID at equal n on validation captions, through `tmot eval bench` (same seeds for all);
+    FID against `ref_stats` when given, else against the split's images. A finished bench of the same n and
+    seed is reused (a re-run after a change to the tables does not generate again)."""
+    done = run / "bench" / "report.json"
+    if done.is_file():
+        report = json.loads(done.read_text())
+        if report.get("n") == args.bench_n and report.get("seed") == seed and "summary" in report:
+            return bench_numbers(report, args.bench_n)
     cmd = [sys.executable, "-m", "transfusion_mot", "eval", "bench", "--run", str(run), "--data", data["images"],
            "--n", str(args.bench_n), "--seed", str(seed), "--json", "--device", "cpu", "--out", str(run / "bench")]
     if classifier is not None:
         cmd += ["--classifier", str(classifier)]
+    if ref_stats is not None:
+        cmd += ["--ref-stats", str(ref_stats)]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode:
         raise SystemExit(f"bench of {run} failed:\n{proc.stderr[-3000:]}")
-    summary = json.loads(proc.stdout)
-    align = summary["report"].get("align", {})
-    return {"fid": summary.get("fid"), "n": args.bench_n,
+    return bench_numbers(json.loads(proc.stdout)["report"], args.bench_n)
+
+
+def bench_numbers(report: dict[str, Any], n: int) -> dict[str, Any]:
+    align = report.get("align", {})
+    return {"fid": report["summary"].get("fid"), "n": n,
             **{f"align_{k}": align.get(k) for k in ("colour", "shape", "size", "position", "all_correct")}}
 
 
@@ -347,9 +377,10 @@ def main() -> None:
                 from eval.align import train_shapes_classifier
 
                 train_shapes_classifier(classifier, image_size=32, steps=1000, seed=args.seeds[0])
+        stats = reference_stats(data["images"], out)
         with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-            benches = dict(zip(jobs, pool.map(lambda job: bench_variant(run_dirs[job], job[1], data, args, classifier),
-                                              jobs)))
+            benches = dict(zip(jobs, pool.map(
+                lambda job: bench_variant(run_dirs[job], job[1], data, args, classifier, stats), jobs)))
     per_seed = {}
     for seed in args.seeds:
         runs = {name: read_metrics(run_dirs[name, seed]) for name in names}

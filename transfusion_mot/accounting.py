@@ -125,8 +125,7 @@ def describe_config(spec: str, overrides: list[str] | None = None, seq_len: int 
     `train.freeze` and EMA."""
     import torch
 
-    from .common.config import (apply_overrides, from_dict, read_yaml_mapping, resolve_config_path,
-                                 shipped_config_names)
+    from .common.config import apply_overrides, from_dict, read_yaml_mapping, resolve_config_path, shipped_config_names
     from .common.errors import ConfigError
     from .config import ModelConfig
     from .pretrained import resolve_init_from

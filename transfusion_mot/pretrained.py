@@ -319,6 +319,6 @@ def export_text_lm(state: dict[str, torch.Tensor], config: ModelConfig, lm_files
     return out
 
 
-__all__ = ["LM_FILES_DIR", "LM_KEYS", "LMWeights", "check_tokenizer_matches_lm", "SUPPORTED", "check_matches_lm", "export_text_lm", "lm_model_keys",
-           "load_lm_weights", "read_lm_config", "resolve_init_from", "save_lm_files", "text_lm_state_dict",
-           "weight_map"]
+__all__ = ["LM_FILES_DIR", "LM_KEYS", "LMWeights", "SUPPORTED", "check_matches_lm", "check_tokenizer_matches_lm",
+           "export_text_lm", "lm_model_keys", "load_lm_weights", "read_lm_config", "resolve_init_from",
+           "save_lm_files", "text_lm_state_dict", "weight_map"]

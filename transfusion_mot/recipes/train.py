@@ -22,11 +22,11 @@ from ..common.device import resolve_device
 from ..common.errors import ConfigError, InputNotFound, TrainingError
 from ..diffusion import make_objective
 from ..model import TransfusionMoT
+from ..pretrained import LM_FILES_DIR, check_matches_lm, check_tokenizer_matches_lm, load_lm_weights, save_lm_files
 from ..run import (RESUMABLE_KEYS, RunConfig, absolute_local_paths, config_differences, load_run_config,
                    resolve_precision, save_run_config)
 from ..tokenizer import load_tokenizer
 from ..training.metrics import validation_summary, write_summary
-from ..pretrained import LM_FILES_DIR, check_matches_lm, check_tokenizer_matches_lm, load_lm_weights, save_lm_files
 from ..training.optim import EMA, freeze_parameters, param_groups
 from ..training.parallel import (
     DistInfo,
