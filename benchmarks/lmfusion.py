@@ -18,8 +18,11 @@ Writes OUT/results.md (table), OUT/results.json, OUT/curves.png; the last stdout
 lm_corpus_loss (the LM's own held-out corpus loss), <variant>_corpus_loss, <variant>_val_image_loss,
 <variant>_val_caption_loss, <variant>_all_correct, <variant>_fid (means over seeds, `*_std` beside them).
 
-    python benchmarks/lmfusion.py --steps 40      # a check that it all runs: one seed, about 15 minutes here
+    python benchmarks/lmfusion.py --steps 40      # a check that it all runs (about 10-15 minutes here)
     python benchmarks/lmfusion.py --steps 1000    # the measurement: three seeds, LM 1000 steps
+
+Below 500 steps it is a check, not a measurement: one seed, 64 images per bench, a 300-step shapes
+classifier and FID against 256 validation images (a measurement: 256 images, 1000 steps, the whole split).
 """
 
 from __future__ import annotations
@@ -312,14 +315,16 @@ def main() -> None:
         lm_info["appended_rows"] = model["vocab_size"] - model["base_vocab_size"]
         lm_info["val_corpus_loss_appended"] = lm_document_loss(lm_dir, corpus / "val.txt", args.eval_samples,
                                                                MAX_SEQ_LEN - 2, lm_info["appended_rows"])
-    classifier = out / "shapes-classifier"
+    check = args.steps < 500  # a check that everything runs: a smaller classifier and FID reference
+    classifier = out / ("shapes-classifier-check" if check else "shapes-classifier")
     if args.bench_n and not (classifier / "config.json").is_file():
         from eval.align import train_shapes_classifier
 
-        train_shapes_classifier(classifier, image_size=32, steps=1000, seed=0)
+        train_shapes_classifier(classifier, image_size=32, steps=300 if check else 1000, seed=0,
+                                eval_images=500 if check else 2000)
     benches = {}
     if args.bench_n:
-        stats = reference_stats(data["images"], out)
+        stats = reference_stats(data["images"], out, limit=256 if check else None)
         with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
             benches = dict(zip(jobs, pool.map(lambda j: bench_variant(run_dirs[j], j[1], data, args, classifier, stats),
                                               jobs)))

@@ -138,17 +138,19 @@ def train_variant(name: str, seed: int, data: dict[str, Any], args: argparse.Nam
     return run
 
 
-def reference_stats(images: str, out: Path, split: str = "val") -> Path | None:
-    """FID statistics of the data split's images, computed once per benchmark (every variant and seed is
-    scored against the same file instead of re-extracting the real images each time); None without
-    Inception weights (the bench then reports FID as skipped)."""
+def reference_stats(images: str, out: Path, split: str = "val", limit: int | None = None) -> Path | None:
+    """FID statistics of the data split's images (with `limit`, that many evenly spaced ones), computed once
+    per benchmark (every variant and seed is scored against the same file instead of re-extracting the real
+    images each time); None without Inception weights (the bench then reports FID as skipped)."""
     from eval.fid import save_reference_stats
     from eval.images import captioned_images
     from eval.inception import InceptionWeightsNotFound
 
-    path = out / f"reference-{split}.npz"
+    path = out / (f"reference-{split}.npz" if limit is None else f"reference-{split}-{limit}.npz")
     if not path.is_file():
         paths, _ = captioned_images(images, split=split)
+        if limit is not None and limit < len(paths):
+            paths = [paths[round(i * (len(paths) - 1) / max(1, limit - 1))] for i in range(limit)]
         try:
             save_reference_stats([str(p) for p in paths], path)
         except InceptionWeightsNotFound:
