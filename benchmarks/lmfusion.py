@@ -44,7 +44,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from mot_vs_dense import bench_variant, mean_std, reference_stats  # noqa: E402  (the same bench and statistics)
+from mot_vs_dense import bench_variant, mean_sd_cell, mean_std, reference_stats  # noqa: E402  (the same bench, statistics)
 
 VARIANTS = {
     "lmfusion": {"from_lm": True, "untie": ["attn", "ffn", "norm"], "freeze": ["text"]},
@@ -238,11 +238,7 @@ def render(result: dict[str, Any], args: argparse.Namespace) -> str:
              "| variant | params (trained) | corpus loss: start -> end | val image loss | val caption loss | colour | "
              "shape | all correct | FID | train s |", "|" + "---|" * 10]
 
-    def ms(v: dict[str, Any], key: str, fmt: str = ".4f", scale: float = 1.0) -> str:
-        if v.get(key) is None:
-            return "–"
-        return f"{scale * v[key]:{fmt}} ± {scale * (v.get(key + '_std') or 0):{fmt}}"
-
+    ms = mean_sd_cell
     for name, v in result["variants"].items():
         lines.append(f"| {name} | {v['params']:,.0f} ({v['trainable']:,.0f}) | {v['corpus_loss_start']:.4f} -> "
                      f"{ms(v, 'corpus_loss')} | {ms(v, 'val_image_loss')} | {ms(v, 'val_caption_loss')} | "

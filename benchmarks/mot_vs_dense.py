@@ -301,6 +301,13 @@ def render_table(result: dict[str, Any], title: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def mean_sd_cell(v: dict[str, Any], key: str, fmt: str = ".4f", scale: float = 1.0) -> str:
+    """A table cell "mean ± sd" of `key` (its spread under `key`_std), "–" when it was not measured."""
+    if v.get(key) is None:
+        return "–"
+    return f"{scale * v[key]:{fmt}} ± {scale * (v.get(key + '_std') or 0.0):{fmt}}"
+
+
 def render_seed_table(result: dict[str, Any], title: str) -> str:
     """Means ± sample standard deviations over the seeds, one row per variant."""
     seeds = result["seeds"]
@@ -308,11 +315,7 @@ def render_seed_table(result: dict[str, Any], title: str) -> str:
              "| variant | untie | params | val image loss | val caption loss | val text loss | reaches dense's final "
              "image loss at (per seed) | colour | shape | all correct | FID |", "|" + "---|" * 11]
 
-    def ms(v: dict[str, Any], key: str, fmt: str = ".4f", scale: float = 1.0) -> str:
-        if v.get(key) is None:
-            return "–"
-        return f"{scale * v[key]:{fmt}} ± {scale * (v.get(key + '_std') or 0.0):{fmt}}"
-
+    ms = mean_sd_cell
     for name, v in result["variants"].items():
         reach_at = ", ".join("never" if s is None else str(s) for s in v["reaches_dense_final_at_step"]) \
             if name != "dense" else "–"
