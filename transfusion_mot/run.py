@@ -25,6 +25,7 @@ from .tokenizer import TokenizerConfig
 
 DATA_KINDS = ("latents", "folder", "webdataset")
 PRECISIONS = ("fp32", "bf16", "auto")
+RUN_TOKENIZER = "tokenizer.json"  # in a run directory: the BPE a run trained on its data (tokenizer.path null)
 
 
 @dataclass
@@ -207,9 +208,6 @@ class RunConfig:
         if self.tokenizer.kind == "pretrained" and not self.model.init_from:
             raise ConfigError("tokenizer kind 'pretrained' belongs to a model started from a language model: set "
                               "model.init_from")
-        if self.tokenizer.kind == "hf" and not self.tokenizer.path and not (self.data.builtin and not self.data.path):
-            raise ConfigError("tokenizer config: kind 'hf' needs path: the tokenizer.json to load (only built-in data "
-                              "trains one itself)")
         if self.data.token_budget is not None and self.data.token_budget > self.model.max_seq_len:
             raise ConfigError(f"data.token_budget {self.data.token_budget} exceeds model.max_seq_len "
                               f"{self.model.max_seq_len}")

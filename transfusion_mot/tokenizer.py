@@ -196,10 +196,11 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out_path: str | Path)
     return HFTokenizer(out_path)
 
 
-def _folder_captions(data_dir: Path) -> Iterator[str]:
+def folder_captions(data_dir: str | Path, split: str = "train") -> Iterator[str]:
+    """The non-empty captions of an image folder's rows of `split` (rows with no split count as train)."""
     from .data.imageio import read_metadata
 
-    for row in read_metadata(data_dir, split="train"):
+    for row in read_metadata(data_dir, split=split):
         if row["text"]:
             yield row["text"]
 
@@ -215,7 +216,7 @@ def train_tokenizer_from_folder(data_dir: str | Path, vocab_size: int, out: str 
 
     def counted() -> Iterator[str]:
         nonlocal count
-        for text in _folder_captions(data_dir):
+        for text in folder_captions(data_dir):
             count += 1
             yield text
 
@@ -241,8 +242,8 @@ def load_tokenizer(config_or_spec: TokenizerConfig | str | Path | None = None, m
                                   "set model.init_from (the tokenizer comes from there unless tokenizer.path says)")
             return PretrainedTokenizer(source, model_config.base_vocab_size)
         if not config_or_spec.path:
-            raise ConfigError("tokenizer config: kind 'hf' needs path: the tokenizer.json to load (with "
-                              "data.builtin, one is trained on the built-in captions when path is null)")
+            raise ConfigError("tokenizer config: kind 'hf' needs path: the tokenizer.json to load (`tmot train` "
+                              "trains one on its data's training captions when path is null)")
         return HFTokenizer(config_or_spec.path)
     if str(config_or_spec) == "bytes":
         return ByteTokenizer()

@@ -241,6 +241,16 @@ class LatentDataset(torch.utils.data.Dataset):
             f.seek(int(offsets[row]))
             return json.loads(f.read(int(offsets[row + 1] - offsets[row])))
 
+    def captions(self) -> Iterator[str]:
+        """Every caption of the cache in order, read from the jsonl sidecars alone (no latent is touched):
+        what a tokenizer of this data learns from."""
+        for shard in self.shards:
+            with (self.root / shard["captions"]).open(encoding="utf-8") as f:
+                for line in f:
+                    text = json.loads(line).get("text")
+                    if text:
+                        yield text
+
     def __getitem__(self, i: int) -> dict[str, Any]:
         shard, row = self._locate(int(i))
         try:

@@ -42,6 +42,19 @@ def test_overrides_and_missing_file(tmp_path):
         ModelConfig.from_yaml(tmp_path / "nope.yaml")
 
 
+def test_numbers_written_without_a_dot_are_numbers(tmp_path):
+    """YAML 1.1 (PyYAML) reads `3e-4` as the string "3e-4": a number field takes it as the number, in a
+    file and in an override; words stay errors."""
+    p = tmp_path / "c.yaml"
+    p.write_text("init_std: 2e-2\nrope_theta: 1E+4\n")
+    cfg = load_yaml_config(ModelConfig, p, ["norm_eps=1e-6"])
+    assert (cfg.init_std, cfg.rope_theta, cfg.norm_eps) == (0.02, 10000.0, 1e-6)
+    assert isinstance(cfg.init_std, float)
+    for bad in ("norm_eps=1e", "norm_eps=e-4", "norm_eps=small"):
+        with pytest.raises(ConfigError, match="norm_eps: expected a number"):
+            load_yaml_config(ModelConfig, p, [bad])
+
+
 def test_shipped_configs_by_name_or_path(tmp_path):
     from transfusion_mot.common.config import resolve_config_path, shipped_config_names, shipped_configs_dir
 

@@ -275,6 +275,36 @@ def _tar_samples(url: str, on_error: Callable[[str], None]) -> Iterator[dict[str
         stream.close()
 
 
+def sample_caption(raw: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """(caption, json metadata) of a raw shard sample: its .txt, else the json's 'caption' or 'text'."""
+    meta: dict[str, Any] = {}
+    if "json" in raw:
+        meta = json.loads(raw["json"])
+        if not isinstance(meta, dict):
+            meta = {"json": meta}
+    text = raw["txt"].decode("utf-8").strip() if "txt" in raw else meta.get("caption", meta.get("text"))
+    if not isinstance(text, str):
+        raise ValueError(f"sample {raw['__key__']} has no caption (.txt, or json 'caption'/'text')")
+    return text, meta
+
+
+def webdataset_captions(urls: str | Path | Sequence[str | Path], limit: int | None = None) -> Iterator[str]:
+    """The captions of shards in order, up to `limit`, without decoding any image (samples with no caption,
+    and damaged shards, are passed over): what a tokenizer of this data learns from."""
+    count = 0
+    for url in expand_urls(urls):
+        for raw in _tar_samples(url, on_error=lambda message: None):
+            try:
+                text = sample_caption(raw)[0]
+            except (ValueError, UnicodeDecodeError):
+                continue
+            if text:
+                yield text
+                count += 1
+                if limit is not None and count >= limit:
+                    return
+
+
 def _seeded_rng(*parts: Any) -> random.Random:
     # str seeds are hashed with sha512 by `random`: stable across runs and machines (unlike hash())
     return random.Random("-".join(str(p) for p in parts))
@@ -392,17 +422,7 @@ class WebDatasetReader(IterableDataset):
         ext = next((e for e in IMAGE_EXTS if e in raw), None)
         if ext is None:
             raise ValueError(f"sample {key} has no image ({', '.join(IMAGE_EXTS)})")
-        meta: dict[str, Any] = {}
-        if "json" in raw:
-            meta = json.loads(raw["json"])
-            if not isinstance(meta, dict):
-                meta = {"json": meta}
-        if "txt" in raw:
-            text = raw["txt"].decode("utf-8").strip()
-        else:
-            text = meta.get("caption", meta.get("text"))
-        if not isinstance(text, str):
-            raise ValueError(f"sample {key} has no caption (.txt, or json 'caption'/'text')")
+        text, meta = sample_caption(raw)
         image = decode_image(raw[ext])
         if self.transform is not None:
             image = self.transform(image)

@@ -1,7 +1,8 @@
-"""Build the embedded default data end to end (images -> tiny VAE -> latent caches of the train and val
-splits), reusing whatever a previous call already finished. `tmot train` uses it when a config names
-`data.builtin`, and `tmot demo` builds the same artifacts, so the first command a user runs can train
-without any download.
+"""What a run needs before it can train, built from its data. The embedded default data end to end
+(images -> tiny VAE -> latent caches of the train and val splits), reusing whatever a previous call already
+finished: `tmot train` uses it when a config names `data.builtin`, and `tmot demo` builds the same
+artifacts, so the first command a user runs can train without any download. And, for a config whose
+tokenizer is `hf` with no file, a BPE trained on the training captions of whatever data it trains on.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from ..common.config import shipped_config_names, shipped_configs_dir
 from ..common.errors import ConfigError
@@ -41,7 +42,7 @@ def prepare_builtin(name: str, root: str | Path, image_size: int = 32, num_image
                     vae_steps: int = 1500, seed: int = 0, workers: int = 2, progress: bool = True,
                     tokenizer_vocab: int | None = None, log=print) -> PreparedData:
     """Images, VAE and train/val latents of a built-in data set under `root`, and with `tokenizer_vocab` a
-    byte-level BPE of that many ids (specials included) trained on the train captions; each stage is
+    byte-level BPE of up to that many ids (specials included) trained on the train captions; each stage is
     skipped when its output is already complete (stages write their completion marker last)."""
     from vae import encode_folder, train_vae
 
@@ -89,11 +90,7 @@ def prepare_builtin(name: str, root: str | Path, image_size: int = 32, num_image
             from ..tokenizer import train_tokenizer_from_folder
 
             partial = tokenizer.with_name(f".tmp-{tokenizer.name}")
-            trained = train_tokenizer_from_folder(data_dir, tokenizer_vocab, partial)
-            if trained.vocab_size != tokenizer_vocab:
-                partial.unlink()
-                raise ConfigError(f"a BPE trained on the {name} captions has {trained.vocab_size} ids (specials "
-                                  f"included), not {tokenizer_vocab}: set model.vocab_size={trained.vocab_size}")
+            train_tokenizer_from_folder(data_dir, tokenizer_vocab, partial)  # up to that many ids
             partial.replace(tokenizer)
     return PreparedData(data_dir, vae_dir, latents_dir, val_dir, info, tokenizer)
 
@@ -129,3 +126,50 @@ def prepare_for_run(config: Any, root: str | Path | None = None, build: bool = T
     if prepared.tokenizer is not None:
         config.tokenizer.path = str(prepared.tokenizer)
     return prepared
+
+
+# WebDataset shards are read for captions only (no image is decoded), but a corpus of millions of captions
+# needs no more than this many for a BPE of a few thousand ids
+MAX_TOKENIZER_CAPTIONS = 200_000
+
+
+def training_captions(data: Any) -> Iterator[str]:
+    """The training captions of a data config, in order: a latent cache's sidecars, an image folder's rows
+    of the training split, or the first MAX_TOKENIZER_CAPTIONS captions of WebDataset shards."""
+    if data.kind == "latents":
+        from vae.latents import LatentDataset
+
+        return LatentDataset(data.path).captions()
+    if data.kind == "folder":
+        from ..tokenizer import folder_captions
+
+        return folder_captions(data.path, data.split)
+    from ..data.readers import webdataset_captions
+
+    return webdataset_captions(data.path, limit=MAX_TOKENIZER_CAPTIONS)
+
+
+def train_data_tokenizer(config: Any, out: str | Path) -> Any:
+    """A byte-level BPE of up to `model.vocab_size` ids (specials included) trained on the run's training
+    captions, saved at `out`; fewer ids when the captions run out of pairs to merge (the caller then sizes
+    the model to the tokenizer)."""
+    from ..common.errors import InvalidInput
+    from ..tokenizer import HFTokenizer, train_tokenizer
+
+    count = 0
+
+    def counted() -> Iterator[str]:
+        nonlocal count
+        for text in training_captions(config.data):
+            count += 1
+            yield text
+
+    out = Path(out)
+    partial = out.with_name(f".tmp-{out.name}")  # a tokenizer file that exists is complete
+    train_tokenizer(counted(), config.model.vocab_size, partial)
+    if count == 0:
+        partial.unlink(missing_ok=True)
+        raise InvalidInput(f"{config.data.path}: no training captions to train the tokenizer on (tokenizer.kind "
+                           "'hf' with no path); give tokenizer.path or use tokenizer.kind bytes")
+    partial.replace(out)
+    return HFTokenizer(out)

@@ -23,8 +23,8 @@ from ..common.errors import ConfigError, InputNotFound, TrainingError
 from ..diffusion import make_objective
 from ..model import TransfusionMoT
 from ..pretrained import LM_FILES_DIR, check_matches_lm, check_tokenizer_matches_lm, load_lm_weights, save_lm_files
-from ..run import (RESUMABLE_KEYS, RunConfig, absolute_local_paths, config_differences, load_run_config,
-                   resolve_precision, save_run_config)
+from ..run import (RESUMABLE_KEYS, RUN_TOKENIZER, RunConfig, absolute_local_paths, config_differences,
+                   load_run_config, resolve_precision, save_run_config)
 from ..tokenizer import load_tokenizer
 from ..training.metrics import validation_summary, write_summary
 from ..training.optim import EMA, freeze_parameters, param_groups
@@ -40,7 +40,8 @@ from ..training.parallel import (
 from ..training.state import CHECKPOINT_DIR
 from ..training.stream import build_batches, build_stream
 from ..training.trainer import Trainer, TrainResult, TransfusionStep
-from ..training.validation import ValidationSet, load_validation_documents, load_validation_pairs
+from ..training.validation import (ValidationSet, load_validation_documents, load_validation_pairs,
+                                   missing_held_out)
 
 
 def prepare_run_dir(config: RunConfig, run_dir: Path, resume: bool, dist: DistInfo) -> Path | None:
@@ -82,6 +83,23 @@ def prepare_builtin_data(config: RunConfig, dist: DistInfo) -> None:
     barrier(dist)
     if not dist.is_main:
         prepare_for_run(config, build=False)
+
+
+def prepare_data_tokenizer(config: RunConfig, run_dir: Path, resume: bool, dist: DistInfo) -> None:
+    """A tokenizer of kind `hf` with no file, on data that brings none: RUN/tokenizer.json, a BPE of the
+    training captions (trained once, by the main process; a resumed run keeps its own)."""
+    from ..common.checkpoint import latest_checkpoint
+    from .prepare import train_data_tokenizer
+
+    path = (run_dir / RUN_TOKENIZER).resolve()
+    if dist.is_main and not path.is_file():
+        if not resume and latest_checkpoint(run_dir / CHECKPOINT_DIR) is not None:
+            return  # another run's directory: prepare_run_dir refuses it, and nothing of it is touched
+        print(f"[tokenizer] training a BPE of up to {config.model.vocab_size} ids on the training captions of "
+              f"{config.data.path} -> {path}", file=sys.stderr)
+        train_data_tokenizer(config, path)
+    barrier(dist)
+    config.tokenizer.path = str(path)
 
 
 def build_validation(config: RunConfig, tokenizer: Any, collator: Collator, objective: Any, latent_shape: tuple,
@@ -133,6 +151,7 @@ def build_run(config: RunConfig, run_dir: str | Path, resume: bool = False, dist
     tc, oc = config.train, config.optim
     device = resolve_device(tc.device, dist.local_rank)
     precision = resolve_precision(tc.precision, device)
+    trains_tokenizer = config.tokenizer.kind == "hf" and not config.tokenizer.path  # a BPE of the data's captions
     if config.data.path is None and config.data.builtin:
         prepare_builtin_data(config, dist)
     absolute_local_paths(config)  # the run directory then works from any directory
@@ -142,7 +161,14 @@ def build_run(config: RunConfig, run_dir: str | Path, resume: bool = False, dist
         lm_files = run_dir / LM_FILES_DIR
         if resume and (lm_files / "config.json").is_file():  # the run's own copy of the LM's config and tokenizer
             config.tokenizer.path = str(lm_files.resolve())
+    if config.tokenizer.kind == "hf" and not config.tokenizer.path:
+        prepare_data_tokenizer(config, run_dir, resume, dist)
     tokenizer = load_tokenizer(config.tokenizer, config.model)
+    if trains_tokenizer and tokenizer.vocab_size < config.model.vocab_size:  # few captions: fewer merges
+        if dist.is_main:
+            print(f"note: the training captions give a BPE of {tokenizer.vocab_size} ids, not model.vocab_size "
+                  f"{config.model.vocab_size}: the model is sized to it", file=sys.stderr)
+        config.model.vocab_size = tokenizer.vocab_size
     if tokenizer.vocab_size != config.model.vocab_size:
         raise ConfigError(f"model.vocab_size is {config.model.vocab_size} but the tokenizer has {tokenizer.vocab_size} "
                           f"ids (specials included): set model.vocab_size={tokenizer.vocab_size}")
@@ -184,8 +210,12 @@ def build_run(config: RunConfig, run_dir: str | Path, resume: bool = False, dist
     ema = EMA(model, oc.ema_decay) if oc.ema_decay > 0 else None
     stream, latent_shape, vae_path, vae_model = build_stream(config, tokenizer, dist.rank, dist.world_size, device)
     collator = Collator(config.model, tokenizer.specials, max_len=config.model.max_seq_len)
-    validation, source = (build_validation(config, tokenizer, collator, objective, latent_shape, vae_model, device)
-                          if tc.eval_every else (None, None))
+    validation, source, missing = None, None, missing_held_out(config.data) if tc.eval_every else None
+    if tc.eval_every and missing is None:
+        validation, source = build_validation(config, tokenizer, collator, objective, latent_shape, vae_model, device)
+    elif missing and dist.is_main:
+        print(f"note: train.eval_every is {tc.eval_every} but {missing}: training without held-out losses (a "
+              "val cache: `tmot vae encode --split val`)", file=sys.stderr)
     torch.manual_seed(tc.seed * 1_000_003 + dist.rank)
     noise = torch.Generator().manual_seed(tc.seed * 7_919 + dist.rank)
     batches = build_batches(config, stream, collator)
@@ -239,5 +269,5 @@ def train(config: RunConfig, run_dir: str | Path, resume: bool = False) -> Train
         shutdown_distributed()
 
 
-__all__ = ["ComposedRun", "build_run", "build_validation", "prepare_builtin_data", "prepare_run_dir", "run_summary",
-           "train"]
+__all__ = ["ComposedRun", "build_run", "build_validation", "prepare_builtin_data", "prepare_data_tokenizer",
+           "prepare_run_dir", "run_summary", "train"]

@@ -28,6 +28,7 @@ from torch import Tensor
 
 from ..batch import Batch, Collator, Sample, patchify
 from ..common.errors import ConfigError
+from ..data.imageio import read_metadata
 from ..data.readers import ImageFolderReader, WebDatasetReader
 from ..diffusion import DiffusionObjective
 from ..tokenizer import encode_caption
@@ -135,6 +136,18 @@ def load_validation_documents(path: str | Path, n: int, tokenizer: Any, max_toke
 
     docs = read_text_documents(path)
     return [tokenizer.encode(docs[i])[:max_tokens] for i in evenly_spaced(len(docs), n)]
+
+
+def missing_held_out(data: Any) -> str | None:
+    """Why a data config has no held-out image-caption pairs (None when it has them): a latent cache or
+    shards with no data.val_path, an image folder with no rows of data.val_split."""
+    if data.kind in ("latents", "webdataset"):
+        held_out = "latents" if data.kind == "latents" else "shards"
+        return None if data.val_path else f"data.val_path (held-out {held_out}, --val-data) is not set"
+    path = data.val_path or data.path
+    if read_metadata(path, split=data.val_split):
+        return None
+    return f"{Path(path) / 'metadata.jsonl'} has no rows of split {data.val_split!r} (data.val_split, data.val_path)"
 
 
 def load_validation_pairs(data: Any, n: int, vae: Any = None, device: torch.device | str = "cpu",
