@@ -149,6 +149,9 @@ def test_frozen_text_is_bit_identical_after_training_and_holds_no_optimizer_stat
     run = build_run(run_config_from_dict(lm_config_dict(data, tmp_path / "lm", freeze=["text"])), tmp_path / "run")
     trainer, model = run.trainer, run.trainer.model
     before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    ids = torch.tensor([hf("a red circle above the lazy dog")["input_ids"]])
+    with torch.no_grad():
+        start = model.text_logits(model(text_only_inputs(run.trainer.config.model, ids)))[..., :lm.config.vocab_size]
     result = trainer.run()
     owners = model.parameter_owners()
     frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
@@ -161,13 +164,14 @@ def test_frozen_text_is_bit_identical_after_training_and_holds_no_optimizer_stat
     assert all(torch.equal(before[n], after[n]) for n in frozen)
     moved = [n for n in after if n not in frozen and not torch.equal(before[n], after[n])]
     assert "new_tok_embed.weight" in moved and any(".attn.qkv.1." in n for n in moved)  # BOI/EOI, image experts
-    # the trained run's text logits are the LM's, bit for bit
+    # the trained run's text logits are the ones it started with, bit for bit, and so the LM's (the same
+    # function computed with fused projections: equal to rounding, which depends on the CPU's kernels)
     trained, config, info = load_run_model(result.run_dir)
     assert "frozen parameters from the raw weights" in info["weights"]
-    ids = torch.tensor([hf("a red circle above the lazy dog")["input_ids"]])
     with torch.no_grad():
         ours = trained.text_logits(trained(text_only_inputs(config.model, ids)))[..., :lm.config.vocab_size]
-        assert torch.equal(ours, lm(ids).logits)
+        assert torch.equal(ours, start)
+        assert (ours - lm(ids).logits).abs().max() <= 1e-4
     summary = run_summary(run, result)
     assert summary["trainable_parameters"] == sum(params[n].numel() for n in set(params) - frozen)
     assert summary["model"]["freeze"] == ["text"] and summary["model"]["init_from"] == str(tmp_path / "lm")

@@ -186,9 +186,16 @@ def test_two_process_fsdp2_run_from_a_language_model_with_the_text_frozen(tmp_pa
     model, config, info = load_run_model(run)
     frozen = {n for n, owner in model.parameter_owners().items() if owner == "text"} - model.appended_token_parameters()
     assert averaged == set(dict(model.named_parameters())) - frozen and frozen
+    from transfusion_mot.model import TransfusionMoT
+    from transfusion_mot.pretrained import load_lm_weights
+
+    fresh = TransfusionMoT(config.model)  # the model as it starts: the LM's weights, untrained
+    load_lm_weights(fresh, tmp_path / "lm")
     ids = torch.tensor([hf("a red circle above the lazy dog")["input_ids"]])
     with torch.no_grad():
-        ours = model.text_logits(model(text_only_inputs(config.model, ids)))[..., :lm.config.vocab_size]
-        assert torch.equal(ours, lm(ids).logits)
+        ours, start = (m.text_logits(m(text_only_inputs(config.model, ids)))[..., :lm.config.vocab_size]
+                       for m in (model, fresh))
+        assert torch.equal(ours, start)  # bit for bit; and the LM's function (fused projections: to rounding)
+        assert (ours - lm(ids).logits).abs().max() <= 1e-4
     block = model.blocks[0]
     assert not torch.equal(block.ffn[1].down.weight, block.ffn[0].down.weight)

@@ -16,7 +16,8 @@ from transfusion_mot.losses import transfusion_loss
 from transfusion_mot.model import TransfusionMoT
 from transfusion_mot.recipes.train import build_run, train
 from transfusion_mot.tokenizer import ByteTokenizer
-from transfusion_mot.training.validation import NUM_BUCKETS, ValidationSet, bucket_names, stratified_timesteps
+from transfusion_mot.training.validation import (NUM_BUCKETS, ValidationSet, bucket_names, load_validation_pairs,
+                                               stratified_timesteps)
 
 CAPTIONS = ["a red circle", "a blue square", "a small green cross", "two yellow triangles", "white", ""]
 
@@ -191,15 +192,23 @@ def test_folder_validation_uses_the_val_split(data, tmp_path):
     assert set(trainer.evaluate()) >= {"val_image_loss", "val_text_loss"}
 
 
-def test_missing_or_mismatched_validation_data_is_a_clear_error(data, tmp_path):
-    with pytest.raises(ConfigError, match="data.val_path"):
-        build_run(make_config(data, train={"eval_every": 5}), tmp_path / "a")
+def test_missing_validation_data_is_said_once_and_training_goes_on(data, tmp_path, capsys):
+    """eval_every with no held-out set (a latent cache without data.val_path, a folder without val rows):
+    one note naming what is missing, and a run without held-out losses."""
+    run = build_run(make_config(data, train={"eval_every": 5}), tmp_path / "a")
+    assert run.trainer.validation is None and run.validation_source is None
+    err = capsys.readouterr().err
+    assert err.count("training without held-out losses") == 1 and "data.val_path" in err
     with pytest.raises(ConfigError, match="eval_every must be >= 0"):
         make_config(data, train={"eval_every": -1})
     no_val = make_config(data, data={"kind": "folder", "path": str(data["folder"])}, vae={"path": str(data["vae"])},
                          train={"eval_every": 5})
-    with pytest.raises(ConfigError, match="no rows with split 'val'"):
-        build_run(no_val, tmp_path / "b")
+    assert build_run(no_val, tmp_path / "b").trainer.validation is None
+    err = capsys.readouterr().err
+    assert err.count("training without held-out losses") == 1 and "no rows of split 'val'" in err
+    # the library call itself still refuses, for code that asks for held-out pairs directly
+    with pytest.raises(ConfigError, match="data.val_path"):
+        load_validation_pairs(make_config(data).data, 4)
 
 
 
