@@ -6,6 +6,7 @@ extensions) and must count, not crash on, the one corrupt file in 30k generated 
 
 from __future__ import annotations
 
+import json
 import os
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -25,13 +26,38 @@ class ImageFolderNotFound(InputNotFound):
 
 
 def list_images(folder: str | os.PathLike) -> list[Path]:
-    """All image files under ``folder`` (recursive, sorted, extensions case-insensitive)."""
+    """All image files under ``folder`` (recursive, sorted, extensions case-insensitive); for a sample
+    folder (`tmot sample`: a manifest.json listing its images), exactly the images it lists, so its
+    grid.png is not scored as one more sample."""
     folder = Path(folder)
     if not folder.is_dir():
         raise ImageFolderNotFound(f"image folder not found: {folder}")
+    listed = sample_manifest_images(folder)
+    if listed is not None:
+        return listed
     files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
     if not files:
         raise ImageFolderNotFound(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {folder}")
+    return files
+
+
+def sample_manifest_images(folder: Path) -> list[Path] | None:
+    """The images a sample folder's manifest.json lists (`{"images": [{"file": ...}, ...]}`), or None when
+    the folder has no such manifest; a listed file that is missing is an error naming it."""
+    manifest = folder / "manifest.json"
+    if not manifest.is_file():
+        return None
+    try:
+        rows = json.loads(manifest.read_text())["images"]
+        files = [folder / row["file"] for row in rows]
+    except (ValueError, KeyError, TypeError):
+        return None  # some other manifest.json: not ours, so the folder is read as a plain image folder
+    missing = [f for f in files if not f.is_file()]
+    if missing:
+        raise InvalidInput(f"{manifest} lists {len(missing)} images that are missing (first: {missing[0].name}); "
+                           "sample the folder again or remove manifest.json to score whatever images it holds")
+    if not files:
+        raise ImageFolderNotFound(f"{manifest} lists no images")
     return files
 
 

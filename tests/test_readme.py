@@ -9,17 +9,18 @@ from pathlib import Path
 
 import yaml
 from helpers import make_training_data
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 
 
-def readme_command(start: str) -> list[str]:
-    """The first README command that starts with `start`: continuation lines joined, the comment cut, split
-    as the shell splits it (so a quoting mistake in the README fails here)."""
+def readme_command(start: str, whole_line: bool = False) -> list[str]:
+    """The first README command that starts with `start` (or, with whole_line, is exactly it): continuation
+    lines joined, the comment cut, split as the shell splits it (so a quoting mistake in the README fails)."""
     lines = README.read_text().splitlines()
     for i, line in enumerate(lines):
-        if line.startswith(start):
+        if line.rstrip() == start if whole_line else line.startswith(start):
             command = line
             while command.rstrip().endswith("\\"):
                 i += 1
@@ -89,10 +90,27 @@ def test_the_first_hour_runs_as_written(tmp_path):
         "tmot export --run runs/shapes-tiny --out shapes-tiny-model": [],
         "tmot sample --run shapes-tiny-model": ["--steps", "2", "--out", "samples-export/"],
         "tmot info --config 760m": [],
+        "tmot eval fid --real data/shapes/images --fake samples/ --json": [],
+        "tmot eval fid --real data/shapes/images --save-stats shapes_ref.npz": [],
+        "tmot data folder --src photos/ --out data/photos --size 64\n": [],
+        "tmot data folder --src photos/ --out data/photos --size 64 --max-pixels": ["--out", "data/photos-2"],
     }
+    photos = tmp_path / "photos"  # your own images: three photos with sidecar captions, one of them too small
+    photos.mkdir()
+    for i, (size, text) in enumerate([(96, "a red kite"), (80, "a green field"), (40, "a tiny stamp")]):
+        Image.new("RGB", (size + 10, size), (40 * i, 200 - 50 * i, 90)).save(photos / f"p{i}.jpg")
+        (photos / f"p{i}.txt").write_text(text)
+    outputs = {}
     for start, flags in toy.items():
-        result = run([*readme_command(start), *flags], tmp_path)
+        result = run([*readme_command(start.rstrip("\n"), whole_line=start.endswith("\n")), *flags], tmp_path)
         assert result.returncode == 0, f"{start}: {result.stderr[-2000:]}"
+        outputs[start] = result.stdout
+    fid = json.loads(outputs["tmot eval fid --real data/shapes/images --fake samples/ --json"])
+    assert fid["n_fake"] == 8 and fid["fid"] > 0 and (tmp_path / "shapes_ref.npz").is_file()
+    from transfusion_mot.data.imageio import read_metadata
+
+    assert len(read_metadata(tmp_path / "data" / "photos")) == 3  # every photo, resized to 64 px
+    assert sorted(r["text"] for r in read_metadata(tmp_path / "data" / "photos-2")) == ["a green field", "a red kite"]
     assert len(list((tmp_path / "samples").glob("*.png"))) >= 8 and (tmp_path / "recon.png").is_file()
     assert (tmp_path / "shapes-tiny-model" / "pipeline.json").is_file()
     # the model config given by path is the repository's own file: run where the README runs it

@@ -22,6 +22,22 @@ def test_list_images_is_recursive_sorted_and_clear_when_empty(tmp_path):
         list_images(tmp_path / "none")
 
 
+def test_a_sample_folder_is_the_images_its_manifest_lists(tmp_path):
+    """`tmot sample` writes its images, grid.png and manifest.json: a metric scores the samples, not the
+    grid; a manifest naming a missing image is a one-line error; another program's manifest is ignored."""
+    from transfusion_mot.common.images import image_grid, save_images
+
+    images = [Image.new("RGB", (8, 8), (40 * i, 0, 0)) for i in range(3)]
+    save_images(images, tmp_path / "s", [{"prompt": "p", "seed": i} for i in range(3)], manifest={"steps": 2})
+    image_grid(images).save(tmp_path / "s" / "grid.png")
+    assert [p.name for p in list_images(tmp_path / "s")] == ["00000.png", "00001.png", "00002.png"]
+    (tmp_path / "s" / "00001.png").unlink()
+    with pytest.raises(InvalidInput, match="lists 1 images that are missing .first: 00001.png"):
+        list_images(tmp_path / "s")
+    (tmp_path / "s" / "manifest.json").write_text('{"name": "someone else\'s"}')
+    assert [p.name for p in list_images(tmp_path / "s")] == ["00000.png", "00002.png", "grid.png"]
+
+
 def test_lazy_images_skip_and_count_or_refuse(tmp_path):
     good = tmp_path / "good.png"
     Image.new("RGB", (4, 4), (9, 9, 9)).save(good)
