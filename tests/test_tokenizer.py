@@ -153,3 +153,6 @@ def test_train_from_folder_uses_train_captions(tmp_path):
     with pytest.raises(ValueError, match="no training captions"):
         train_tokenizer_from_folder(empty, 300, empty / "t.json")
     assert not (empty / "t.json").exists()
+    with pytest.raises(ValueError, match="^my captions: no training captions to learn from$"):
+        train_tokenizer(iter([]), 300, empty / "u.json", source="my captions")
+    assert not (empty / "u.json").exists()

@@ -170,7 +170,8 @@ class PretrainedTokenizer:
 AnyTokenizer = Union[ByteTokenizer, HFTokenizer, PretrainedTokenizer]
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int, out_path: str | Path) -> HFTokenizer:
+def train_tokenizer(texts: Iterable[str], vocab_size: int, out_path: str | Path,
+                    source: str = "the texts") -> HFTokenizer:
     """Train a byte-level BPE on `texts` and save it as tokenizer.json at `out_path`.
 
     `vocab_size` is the MODEL's vocabulary, the 5 specials included, so it can go into the model config as
@@ -189,7 +190,17 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out_path: str | Path)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size - NUM_SPECIALS, min_frequency=2, show_progress=False,
                                   special_tokens=[], initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(texts, trainer=trainer)
+    count = 0
+
+    def counted() -> Iterator[str]:
+        nonlocal count
+        for text in texts:
+            count += 1
+            yield text
+
+    tok.train_from_iterator(counted(), trainer=trainer)
+    if count == 0:
+        raise InvalidInput(f"{source}: no training captions to learn from")
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tok.save(str(out_path))
@@ -212,19 +223,8 @@ def train_tokenizer_from_folder(data_dir: str | Path, vocab_size: int, out: str 
     if not (data_dir / "metadata.jsonl").is_file():
         raise InputNotFound(f"no metadata.jsonl in {data_dir} (expected an image folder made by "
                                 f"`tmot data ...`)")
-    count = 0
-
-    def counted() -> Iterator[str]:
-        nonlocal count
-        for text in folder_captions(data_dir):
-            count += 1
-            yield text
-
-    tok = train_tokenizer(counted(), vocab_size, out)
-    if count == 0:
-        Path(out).unlink(missing_ok=True)
-        raise InvalidInput(f"{data_dir / 'metadata.jsonl'}: no training captions (field 'text') to learn from")
-    return tok
+    return train_tokenizer(folder_captions(data_dir), vocab_size, out,
+                           source=f"{data_dir / 'metadata.jsonl'} (field 'text')")
 
 
 def load_tokenizer(config_or_spec: TokenizerConfig | str | Path | None = None, model_config=None) -> AnyTokenizer:

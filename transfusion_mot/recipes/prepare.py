@@ -153,23 +153,11 @@ def train_data_tokenizer(config: Any, out: str | Path) -> Any:
     """A byte-level BPE of up to `model.vocab_size` ids (specials included) trained on the run's training
     captions, saved at `out`; fewer ids when the captions run out of pairs to merge (the caller then sizes
     the model to the tokenizer)."""
-    from ..common.errors import InvalidInput
     from ..tokenizer import HFTokenizer, train_tokenizer
-
-    count = 0
-
-    def counted() -> Iterator[str]:
-        nonlocal count
-        for text in training_captions(config.data):
-            count += 1
-            yield text
 
     out = Path(out)
     partial = out.with_name(f".tmp-{out.name}")  # a tokenizer file that exists is complete
-    train_tokenizer(counted(), config.model.vocab_size, partial)
-    if count == 0:
-        partial.unlink(missing_ok=True)
-        raise InvalidInput(f"{config.data.path}: no training captions to train the tokenizer on (tokenizer.kind "
-                           "'hf' with no path); give tokenizer.path or use tokenizer.kind bytes")
+    train_tokenizer(training_captions(config.data), config.model.vocab_size, partial,
+                    source=f"{config.data.path} (tokenizer.kind 'hf' with no path: give tokenizer.path, or kind bytes)")
     partial.replace(out)
     return HFTokenizer(out)

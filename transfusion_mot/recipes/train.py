@@ -210,7 +210,8 @@ def build_run(config: RunConfig, run_dir: str | Path, resume: bool = False, dist
     ema = EMA(model, oc.ema_decay) if oc.ema_decay > 0 else None
     stream, latent_shape, vae_path, vae_model = build_stream(config, tokenizer, dist.rank, dist.world_size, device)
     collator = Collator(config.model, tokenizer.specials, max_len=config.model.max_seq_len)
-    validation, source, missing = None, None, missing_held_out(config.data) if tc.eval_every else None
+    validation, source = None, None
+    missing = missing_held_out(config.data) if tc.eval_every else None
     if tc.eval_every and missing is None:
         validation, source = build_validation(config, tokenizer, collator, objective, latent_shape, vae_model, device)
     elif missing and dist.is_main:
