@@ -143,9 +143,9 @@ OUT_OF_RANGE = {"model.dim": [0, -64, 33], "model.n_layers": [0, -1], "model.n_h
 
 
 def config_cases(ws: dict[str, Any], rng: random.Random) -> list[Case]:
-    from transfusion_mot.run import run_config_to_dict, run_config_from_dict
+    from transfusion_mot.config import run_config_from_dict
 
-    full = run_config_to_dict(run_config_from_dict(ws["config"]))
+    full = run_config_from_dict(ws["config"]).to_dict()
     full["model"] = ws["config"]["model"] | {k: v for k, v in full["model"].items() if k not in ws["config"]["model"]}
     cases, folder = [], ws["root"] / "configs"
     folder.mkdir(exist_ok=True)

@@ -33,12 +33,12 @@ from transfusion_mot.common.config import from_dict, read_yaml_mapping
 from transfusion_mot.config import ModelConfig
 from transfusion_mot.diffusion import make_objective
 from transfusion_mot.inference.sampling import generate_latents
+from transfusion_mot.losses import TransfusionStep
 from transfusion_mot.model import TransfusionMoT
 from transfusion_mot.tokenizer import ByteTokenizer
 from transfusion_mot.training.parallel import apply_compile
 from transfusion_mot.training.stream import PackedBatches
 from transfusion_mot.training.throughput import mfu, peak_tflops
-from transfusion_mot.training.trainer import TransfusionStep
 
 from packing import SyntheticSamples  # benchmarks/packing.py, beside this script
 
@@ -57,7 +57,7 @@ def model_config(name: str, untie: list[str], attn: str, smoke: bool) -> ModelCo
 def packed_rows(cfg: ModelConfig, rows: int, budget: int, latent: int, seed: int):
     """`rows` rows of `budget` tokens packed by the trainer's own packer from coco-760m-like samples."""
     stream = SyntheticSamples(cfg, latent, seed=seed)
-    return PackedBatches(stream, Collator(cfg, max_len=budget), rows=rows, budget=budget).next_batch()
+    return next(PackedBatches(stream, Collator(cfg, max_len=budget), rows=rows, budget=budget))
 
 
 def build_variant(name: str, untie: str, compiled: bool, attn: str, args, device: torch.device):
@@ -70,9 +70,9 @@ def build_variant(name: str, untie: str, compiled: bool, attn: str, args, device
         apply_compile(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     batch = packed_rows(cfg, args.rows, args.budget, args.latent, seed=0)
-    flops = batch_train_flops(acc, batch.modality, batch.doc_ids, cfg.modalities)
+    flops = batch_train_flops(acc, batch.inputs.modality, batch.inputs.doc_ids, cfg.modalities)
     return {"model": model, "step": step, "optimizer": optimizer, "batch": batch.to(device), "flops": flops,
-            "tokens": int((batch.doc_ids >= 0).sum()), "params": acc["total_params"]}
+            "tokens": int((batch.inputs.doc_ids >= 0).sum()), "params": acc["total_params"]}
 
 
 def train_step(v: dict, device: torch.device, dtype: torch.dtype | None) -> float:

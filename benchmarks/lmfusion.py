@@ -88,7 +88,7 @@ def lm_document_loss(lm_dir: Path, val_path: Path, n: int, max_text: int, append
     exactly (and LMFusion's at every evaluation, but for what training taught the appended rows)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from transfusion_mot.training.stream import read_text_documents
+    from transfusion_mot.data.streams import read_text_documents
     from transfusion_mot.training.validation import evenly_spaced
 
     lm, tokenizer = AutoModelForCausalLM.from_pretrained(str(lm_dir)).eval(), AutoTokenizer.from_pretrained(str(lm_dir))
@@ -214,9 +214,9 @@ def train_variant(name: str, seed: int, lm: Path, data: dict[str, Any], args: ar
 
 
 def run_numbers(run: Path) -> dict[str, Any]:
-    from transfusion_mot.training.metrics import read_metrics
+    from transfusion_mot.run_dir import RunDir
 
-    evals = [r for r in read_metrics(run) if "val_image_loss" in r]
+    evals = [r for r in RunDir(run).read_metrics() if "val_image_loss" in r]
     summary = json.loads((run / "summary.json").read_text())
     first, last = evals[0], evals[-1]
     return {"corpus_loss_start": first["val_corpus_loss"], "corpus_loss": last["val_corpus_loss"],
@@ -287,7 +287,7 @@ def main() -> None:
 
     from transfusion_mot.data.corpus import build_corpus
     from transfusion_mot.recipes.prepare import prepare_for_run
-    from transfusion_mot.run import load_run_config
+    from transfusion_mot.config import load_run_config
 
     corpus = out / "corpus"
     if not (corpus / "info.json").is_file():
@@ -338,11 +338,11 @@ def main() -> None:
     result = {"lm": lm_info, "variants": variants, "per_seed": per_seed}
 
     from transfusion_mot.training.curves import plot_curves
-    from transfusion_mot.training.metrics import read_metrics
+    from transfusion_mot.run_dir import RunDir
 
     panels = (("held-out image loss", ("val_image_loss",)), ("held-out captioning loss", ("val_caption_loss",)),
               ("held-out corpus loss (the LM's text)", ("val_corpus_loss",)))
-    first_seed = {name: read_metrics(run_dirs[name, args.seeds[0]]) for name in names}
+    first_seed = {name: RunDir(run_dirs[name, args.seeds[0]]).read_metrics() for name in names}
     plot_curves(first_seed, out / "curves.png", panels=panels, x_axes=("step",),
                 title=f"LMFusion in miniature, seed {args.seeds[0]}")
     headline = {"lm_corpus_loss": lm_info["val_corpus_loss"],

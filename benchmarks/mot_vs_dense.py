@@ -63,7 +63,7 @@ def variant_overrides(name: str) -> list[str]:
 
 def prepare_data(args: argparse.Namespace) -> dict[str, Any]:
     """Training data, held-out data, VAE and the config every variant starts from."""
-    from transfusion_mot.run import load_run_config
+    from transfusion_mot.config import load_run_config
 
     if args.data in BUILTIN_CONFIGS:
         from transfusion_mot.recipes.prepare import prepare_for_run
@@ -369,7 +369,7 @@ def main() -> None:
         run_dirs = dict(zip(jobs, pool.map(lambda job: train_variant(job[0], job[1], data, args, out), jobs)))
 
     from transfusion_mot.training.curves import plot_curves
-    from transfusion_mot.training.metrics import read_metrics
+    from transfusion_mot.run_dir import RunDir
 
     bench_n = args.bench_n if args.bench_n is not None else (256 if data["shapes"] else 0)
     args.bench_n = bench_n
@@ -388,7 +388,7 @@ def main() -> None:
                 lambda job: bench_variant(run_dirs[job], job[1], data, args, classifier, stats), jobs)))
     per_seed = {}
     for seed in args.seeds:
-        runs = {name: read_metrics(run_dirs[name, seed]) for name in names}
+        runs = {name: RunDir(run_dirs[name, seed]).read_metrics() for name in names}
         summaries = {name: json.loads((run_dirs[name, seed] / "summary.json").read_text()) for name in names}
         per_seed[seed] = summarise(runs, summaries)
         for name in names:
@@ -397,7 +397,7 @@ def main() -> None:
 
     title = (f"{args.data}: {args.steps} steps, evaluated every {args.eval_every} on {args.eval_samples} held-out "
              f"samples (fixed draws), experts {args.expert_init}")
-    plot_curves({run.name: read_metrics(run) for run in run_dirs.values()}, out / "curves.png", title=title)
+    plot_curves({run.name: RunDir(run).read_metrics() for run in run_dirs.values()}, out / "curves.png", title=title)
     result.update({"data": args.data, "steps": args.steps, "eval_every": args.eval_every, "seeds": args.seeds,
                    "expert_init": args.expert_init, "overrides": args.set, "threads": args.threads, "jobs": args.jobs,
                    "machine": f"{platform.machine()}, {os.cpu_count()} cpus", "wall_s": round(time.perf_counter() - t0, 1),

@@ -55,9 +55,9 @@ def main() -> None:
     packer = PackedBatches(stream, Collator(config), rows=args.rows, budget=args.budget)
     padding, samples = 0, 0
     for _ in range(args.batches):
-        batch = packer.next_batch()
-        padding += int((batch.doc_ids < 0).sum())
-        samples += int((batch.doc_ids.max(dim=1).values + 1).sum())
+        doc_ids = next(packer).inputs.doc_ids
+        padding += int((doc_ids < 0).sum())
+        samples += int((doc_ids.max(dim=1).values + 1).sum())
     fraction = padding / (args.batches * args.rows * args.budget)
     print(f"{args.rows} rows x {args.budget} tokens, text-only {args.text_only:.0%}: {fraction:.1%} padding, "
           f"{samples / args.batches:.1f} samples per micro-batch")

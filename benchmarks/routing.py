@@ -68,14 +68,14 @@ def main() -> None:
             times[name].append(step(model))
     med = {name: statistics.median(t) for name, t in times.items()}
     params = {name: sum(p.numel() for p in m.parameters()) for name, m in models.items()}
-    tokens = batch.tokens.numel()
+    tokens = batch.inputs.tokens.numel()
     for name in models:
         print(f"{name:5s} params {params[name] / 1e6:6.2f}M  fwd+bwd median {med[name] * 1e3:8.2f} ms  "
               f"({tokens / med[name]:,.0f} tokens/s)")
     result = {
         "benchmark": "routing", "mot_over_dense": round(med["mot"] / med["dense"], 4),
         "dense_ms": round(med["dense"] * 1e3, 3), "mot_ms": round(med["mot"] * 1e3, 3),
-        "tokens_per_batch": tokens, "seq_len": batch.tokens.shape[1], "batch": args.batch,
+        "tokens_per_batch": tokens, "seq_len": batch.inputs.tokens.shape[1], "batch": args.batch,
         "dim": args.dim, "layers": args.layers, "repeats": args.repeats,
         "threads": torch.get_num_threads(), "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
     }

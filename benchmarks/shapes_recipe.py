@@ -83,8 +83,8 @@ def main() -> None:
     from transfusion_mot.recipes.demo import DEMO_SET, prompt_sets
     from transfusion_mot.recipes.prepare import prepare_for_run
     from transfusion_mot.recipes.train import train
-    from transfusion_mot.run import load_run_config
-    from transfusion_mot.training.metrics import read_metrics
+    from transfusion_mot.config import load_run_config
+    from transfusion_mot.run_dir import RunDir
 
     config = load_run_config(args.config, [f"train.max_steps={args.steps}", "train.progress=false",
                                            "train.tensorboard=false", f"train.save_every={args.steps}",
@@ -100,7 +100,7 @@ def main() -> None:
     t0 = time.perf_counter()
     train(config, run)
     wall = time.perf_counter() - t0
-    metrics = read_metrics(run)
+    metrics = RunDir(run).read_metrics()
     summary = json.loads((run / "summary.json").read_text())
     evals = [m for m in metrics if "val_image_loss" in m]
     row = {"name": args.name, "steps": args.steps, "set": args.set, "threads": torch.get_num_threads(),

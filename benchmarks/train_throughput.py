@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from transfusion_mot.recipes.train import build_run
-from transfusion_mot.run import run_config_from_dict
+from transfusion_mot.recipes.train import build_trainer
+from transfusion_mot.config import run_config_from_dict
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -60,7 +60,7 @@ def main() -> None:
                     "train": {"max_steps": 10**6, "batch_size": args.batch, "precision": precision, "device": "cpu",
                               "progress": False, "tensorboard": False}},
                     [f"model.untie={json.dumps(untie)}"])
-                trainers[name] = build_run(cfg, tmp / name).trainer
+                trainers[name] = build_trainer(cfg, tmp / name)
         times: dict[str, list[float]] = {n: [] for n in trainers}
         tokens: dict[str, list[int]] = {n: [] for n in trainers}
         for step in range(args.warmup + args.steps):
@@ -70,7 +70,7 @@ def main() -> None:
                 elapsed = time.perf_counter() - start
                 if step >= args.warmup:
                     times[name].append(elapsed)
-                    tokens[name].append(out["tokens"])
+                    tokens[name].append(out.tokens)
         params = {n: sum(p.numel() for p in t.model.parameters()) for n, t in trainers.items()}
 
     result = {}

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from transfusion_mot.run import run_config_from_dict
+from transfusion_mot.config import run_config_from_dict
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -1,11 +1,15 @@
-"""Strict config loading: unknown keys and bad values fail with the key named; shipped configs load."""
+"""Strict config loading: unknown keys and bad values fail with the key named; shipped configs load; run
+configs take model files, overrides and settings, compare by key and make their paths absolute."""
 
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
+from helpers import REPO, config_dict, make_config
 
-from transfusion_mot.config import ModelConfig
+from transfusion_mot.common.errors import ConfigError
+from transfusion_mot.config import ModelConfig, load_run_config, run_config_from_dict
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "model"
 
@@ -39,3 +43,67 @@ def test_paper_shapes_have_their_dense_size(name, dense_params):
     with torch.device("meta"):
         n = sum(p.numel() for p in TransfusionMoT(cfg).parameters())
     assert abs(n - dense_params) / dense_params < 0.05
+
+
+def test_shipped_train_configs_load():
+    for name in ("shapes-tiny", "emoji-tiny", "coco-760m"):
+        cfg = load_run_config(REPO / "configs" / "train" / f"{name}.yaml")
+        assert cfg.optim.betas == [0.9, 0.95]
+    coco = load_run_config(REPO / "configs/train/coco-760m.yaml")
+    assert coco.model.dim == 1536 and coco.model.latent_channels == 4  # base file + in-file change
+    assert coco.data.kind == "webdataset" and coco.data.packing
+    tiny = load_run_config(REPO / "configs/train/shapes-tiny.yaml", ["model.untie=[]", "optim.lr=0.01"])
+    assert tiny.model.untie == [] and tiny.optim.lr == 0.01 and tiny.model.dim == 128
+
+
+def test_the_shipped_lmfusion_config_takes_its_shape_from_the_language_model(tmp_path):
+    from helpers import make_tiny_lm
+
+    names = {p.stem for p in (REPO / "configs" / "train").glob("*.yaml")}
+    assert names == {"shapes-tiny", "emoji-tiny", "coco-760m", "lmfusion-shapes"}  # every one loaded in a test
+    make_tiny_lm(tmp_path, "qwen2", tie=True)  # stands in for its Qwen/Qwen2.5-0.5B (no download in tests)
+    cfg = load_run_config("lmfusion-shapes", [f"model.init_from={tmp_path}"])
+    assert (cfg.model.dim, cfg.model.qkv_bias, cfg.model.tie_embeddings, cfg.tokenizer.kind) == (32, True, True,
+                                                                                                  "pretrained")
+    assert cfg.train.freeze == ["text"] and cfg.model.copy_experts and cfg.model.objective == "flow"
+    saved = tmp_path / "config.yaml"  # a run's config loads without the language model
+    saved.write_text(cfg.to_yaml())
+    assert load_run_config(saved, resolve_pretrained=False) == cfg
+
+
+def test_unknown_keys_name_their_path(tmp_path, data):
+    with pytest.raises(ConfigError, match=r"'train\.max_stpes'"):
+        make_config(data, ["train.max_stpes=3"])
+    with pytest.raises(ConfigError, match=r"'model\.dimm'"):
+        make_config(data, ["model.dimm=3"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({**config_dict(data), "optimizer": {"lr": 1}}))
+    with pytest.raises(ConfigError, match=r"bad\.yaml: unknown config key 'optimizer'"):
+        load_run_config(bad)
+
+
+def test_resolved_config_round_trips_and_names_its_differences(tmp_path, data):
+    cfg = make_config(data, ["train.seed=3"])
+    (tmp_path / "config.yaml").write_text(cfg.to_yaml())
+    again = load_run_config(tmp_path / "config.yaml")
+    assert again == cfg and again.differences(cfg) == []
+    other = make_config(data, ["train.seed=4", "optim.lr=0.5", "train.max_steps=9"])
+    assert cfg.differences(other) == ["optim.lr", "train.max_steps", "train.seed"]
+    assert cfg.differences(other, ignore=("train.max_steps",)) == ["optim.lr", "train.seed"]
+
+
+def test_settings_are_taken_as_they_are_after_the_overrides(data):
+    """Command-line flags become settings: a path that YAML would read as a number or a boolean stays a string,
+    and a setting wins over an override of the same key."""
+    cfg = run_config_from_dict(config_dict(data), ["train.max_steps=7", "data.path=ignored"],
+                               {"data.path": "123", "vae.path": "yes", "train.max_steps": 9})
+    assert (cfg.data.path, cfg.vae.path, cfg.train.max_steps) == ("123", "yes", 9)
+
+
+def test_paths_are_made_absolute_where_they_exist(tmp_path, data, monkeypatch):
+    monkeypatch.chdir(data["latents"].parent)
+    cfg = make_config(data, [f"data.path={data['latents'].name}", "vae.path=org/hub-vae",
+                             "data.val_path=missing/cache"])
+    cfg.make_paths_absolute()
+    assert cfg.data.path == str(data["latents"].resolve())  # on this machine: absolute
+    assert cfg.vae.path == "org/hub-vae" and cfg.data.val_path == "missing/cache"  # a hub id, a path not here

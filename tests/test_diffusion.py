@@ -36,20 +36,20 @@ def hand_loss(model, batch, objective_name, seed, weight=5.0):
         full = torch.randint(0, 1000, (n_img,), generator=g)
         capped = torch.randint(0, 501, (n_img,), generator=g)
         t = torch.where(batch.image_first, capped, full)
-        noise = torch.randn(batch.patches.shape, generator=g)
-        abar = cosine_alphas_cumprod().float()[t][batch.patch_image][:, None]
-        noisy = abar.sqrt() * batch.patches + (1 - abar).sqrt() * noise
+        noise = torch.randn(batch.inputs.patches.shape, generator=g)
+        abar = cosine_alphas_cumprod().float()[t][batch.inputs.patch_image][:, None]
+        noisy = abar.sqrt() * batch.inputs.patches + (1 - abar).sqrt() * noise
         target = noise
         t_model = t.float()
     else:
         sigma = torch.sigmoid(torch.normal(0.0, 1.0, (n_img,), generator=g))
         sigma = torch.where(batch.image_first, sigma * 0.5, sigma)
-        noise = torch.randn(batch.patches.shape, generator=g)
-        s = sigma[batch.patch_image][:, None]
-        noisy = (1 - s) * batch.patches + s * noise
-        target = noise - batch.patches
+        noise = torch.randn(batch.inputs.patches.shape, generator=g)
+        s = sigma[batch.inputs.patch_image][:, None]
+        noisy = (1 - s) * batch.inputs.patches + s * noise
+        target = noise - batch.inputs.patches
         t_model = sigma * 1000
-    hidden = model(batch.model_inputs(noisy, t_model))
+    hidden = model(batch.noised(noisy, t_model))
     # cross-entropy by hand: -log softmax at the target, averaged over positions with a target
     nll = []
     for b in range(hidden.shape[0]):
@@ -59,7 +59,7 @@ def hand_loss(model, batch, objective_name, seed, weight=5.0):
                 logits = model.lm_head(hidden[b, i])
                 nll.append(torch.logsumexp(logits, 0) - logits[tgt])
     text_loss = torch.stack(nll).mean()
-    pred = model.image_head(hidden[batch.modality == model.image_modality])
+    pred = model.image_head(hidden[batch.inputs.modality == model.image_modality])
     image_loss = ((pred - target) ** 2).sum() / target.numel()
     return text_loss, image_loss, text_loss + weight * image_loss
 

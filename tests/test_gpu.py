@@ -27,7 +27,7 @@ def test_flex_equals_sdpa_forward_and_backward_on_packed_rows():
     sdpa = TransfusionMoT(tiny_config(dim=128, max_seq_len=512, attn_backend="sdpa")).cuda()
     sdpa.load_state_dict(flex.state_dict())
     batch = packed(flex.config, seed=0, budget=300).to("cuda")
-    assert (batch.doc_ids.max(dim=1).values >= 2).all()  # several documents per row
+    assert (batch.inputs.doc_ids.max(dim=1).values >= 2).all()  # several documents per row
     objective = make_objective(flex.config)
     out = [transfusion_loss(m, batch, objective, torch.Generator().manual_seed(1)) for m in (flex, sdpa)]
     for key in ("loss", "text_loss", "image_loss"):
@@ -43,7 +43,7 @@ def test_bf16_compiled_training_step_with_fsdp2_on_one_gpu(tmp_path):
     """Meta-device init, compiled blocks, FSDP2 with bf16 all-gathers and fp32 reduction, flex attention:
     the loss of a fixed packed batch falls and every gradient is finite."""
     from transfusion_mot.training.parallel import apply_compile, apply_fsdp
-    from transfusion_mot.training.trainer import TransfusionStep
+    from transfusion_mot.losses import TransfusionStep
 
     torch.cuda.set_device(0)
     cfg = tiny_config(dim=128, max_seq_len=512, attn_backend="flex")

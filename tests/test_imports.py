@@ -85,7 +85,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 def test_the_walk_sees_lazy_and_relative_imports(graph):
     assert "transfusion_mot.recipes.train" in graph["transfusion_mot.cli"]  # imported inside cmd_train
-    assert "transfusion_mot.common.checkpoint" in graph["transfusion_mot.training.trainer"]  # from ..common...
+    assert "transfusion_mot.common.loop" in graph["transfusion_mot.training.trainer"]  # from ..common...
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
 
@@ -99,7 +99,7 @@ LAYERS = [
     ("cli", ["transfusion_mot.cli", "transfusion_mot.__main__", "eval.cli", "eval.__main__"]),
     ("recipes", ["transfusion_mot.recipes"]),
     ("training / inference", ["transfusion_mot.training", "transfusion_mot.inference", "eval"]),
-    ("run and the model", ["transfusion_mot.run", "transfusion_mot.model", "transfusion_mot.losses",
+    ("run and the model", ["transfusion_mot.run_dir", "transfusion_mot.model", "transfusion_mot.losses",
                            "transfusion_mot.accounting", "transfusion_mot.diffusion", "transfusion_mot.masks",
                            "transfusion_mot.pretrained",
                            "vae"]),

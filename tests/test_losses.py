@@ -41,7 +41,7 @@ def test_every_parameter_gets_a_gradient_from_a_text_only_batch(untie, condition
     cfg = tiny_config(dim=32, n_layers=2, untie=untie, time_conditioning=conditioning)
     model = TransfusionMoT(cfg)
     batch = Collator(cfg).collate_padded([Sample([[3, 1, 4, 1, 5]]), Sample([[2, 7]])])
-    assert batch.patches.shape[0] == 0
+    assert batch.inputs.patches.shape[0] == 0
     out = transfusion_loss(model, batch, make_objective(cfg), torch.Generator().manual_seed(0))
     out["loss"].backward()
     missing = [name for name, p in model.named_parameters() if p.grad is None]
@@ -75,5 +75,5 @@ def test_text_only_rows_give_the_same_text_loss_as_before_the_zero_row_experts()
             state[".".join(parts)] = tensor
     dense.load_state_dict(state)
     batch = Collator(cfg).collate_padded([Sample([[3, 1, 4, 1, 5]]), Sample([[2, 7]])])
-    inputs = batch.model_inputs(batch.patches, torch.zeros(0))
+    inputs = batch.noised(batch.inputs.patches, torch.zeros(0))
     torch.testing.assert_close(mot(inputs), dense(inputs), rtol=1e-5, atol=1e-6)

@@ -17,12 +17,12 @@ def packed_batch():
 
 def test_mask_semantics(packed_batch):
     b = packed_batch
-    B, L = b.tokens.shape
-    assert (b.doc_ids.max(dim=1).values >= 1).any(), "the fixture must pack several documents into a row"
-    assert (b.doc_ids == -1).any(), "the fixture must contain padding"
-    mask = dense_mask(transfusion_mask_mod(b.doc_ids, b.image_ids), B, L, L, torch.device("cpu"))[:, 0]
+    B, L = b.inputs.tokens.shape
+    assert (b.inputs.doc_ids.max(dim=1).values >= 1).any(), "the fixture must pack several documents into a row"
+    assert (b.inputs.doc_ids == -1).any(), "the fixture must contain padding"
+    mask = dense_mask(transfusion_mask_mod(b.inputs.doc_ids, b.inputs.image_ids), B, L, L, torch.device("cpu"))[:, 0]
     for r in range(B):
-        doc, img, m = b.doc_ids[r], b.image_ids[r], mask[r]
+        doc, img, m = b.inputs.doc_ids[r], b.inputs.image_ids[r], mask[r]
         for q in range(L):
             later = torch.arange(L) > q
             if doc[q] < 0:  # padding sees only itself
@@ -45,9 +45,9 @@ def test_mask_semantics(packed_batch):
 
 def test_image_tokens_are_bidirectional_text_is_not(packed_batch):
     b = packed_batch
-    B, L = b.tokens.shape
-    mask = dense_mask(transfusion_mask_mod(b.doc_ids, b.image_ids), B, L, L, torch.device("cpu"))[:, 0]
-    first_patch = (b.image_ids[0] >= 0).nonzero()[0].item()
+    B, L = b.inputs.tokens.shape
+    mask = dense_mask(transfusion_mask_mod(b.inputs.doc_ids, b.inputs.image_ids), B, L, L, torch.device("cpu"))[:, 0]
+    first_patch = (b.inputs.image_ids[0] >= 0).nonzero()[0].item()
     assert mask[0, first_patch, first_patch + 1]  # a patch sees the next patch of its image
     assert not mask[0, first_patch - 1, first_patch]  # BOI does not see the first patch
 
@@ -57,8 +57,8 @@ def test_dense_mask_equals_flex_materialised_mask(packed_batch):
     from torch.nn.attention.flex_attention import create_block_mask, create_mask
 
     b = packed_batch
-    B, L = b.tokens.shape
-    mod = transfusion_mask_mod(b.doc_ids, b.image_ids)
+    B, L = b.inputs.tokens.shape
+    mod = transfusion_mask_mod(b.inputs.doc_ids, b.inputs.image_ids)
     ours = dense_mask(mod, B, L, L, torch.device("cpu"))
     flex = create_mask(mod, B, 1, L, L, device="cpu")
     assert ours.shape == flex.shape
@@ -74,9 +74,9 @@ def test_dense_mask_equals_flex_materialised_mask(packed_batch):
 
 def test_kv_offset_mask_is_a_slice_of_the_full_mask(packed_batch):
     b = packed_batch
-    B, L = b.tokens.shape
-    full = dense_mask(transfusion_mask_mod(b.doc_ids, b.image_ids), B, L, L, torch.device("cpu"))
+    B, L = b.inputs.tokens.shape
+    full = dense_mask(transfusion_mask_mod(b.inputs.doc_ids, b.inputs.image_ids), B, L, L, torch.device("cpu"))
     off = 17
-    tail = dense_mask(transfusion_mask_mod(b.doc_ids, b.image_ids, q_offset=off), B, L - off, L, torch.device("cpu"))
+    tail = dense_mask(transfusion_mask_mod(b.inputs.doc_ids, b.inputs.image_ids, q_offset=off), B, L - off, L, torch.device("cpu"))
     assert torch.equal(tail, full[:, :, off:])
 

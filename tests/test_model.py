@@ -145,7 +145,7 @@ def make_inputs(config, samples, packed=False, seed=0):
     batch = col.collate_packed(samples) if packed else col.collate_padded(samples)
     g = torch.Generator().manual_seed(seed)
     t = torch.randint(0, 1000, (batch.num_images,), generator=g).float()
-    return batch, batch.model_inputs(batch.patches + torch.randn(batch.patches.shape, generator=g), t)
+    return batch, batch.noised(batch.inputs.patches + torch.randn(batch.inputs.patches.shape, generator=g), t)
 
 
 def dense_param_count(cfg):
@@ -312,7 +312,7 @@ def test_mot_model_matches_naive_per_token_reference(untie):
     batch, inputs = make_inputs(cfg, random_samples(cfg, n=3), packed=True)
     # mark a few text tokens as the third modality so all three expert sets run
     mod = inputs.modality.clone()
-    mod[(batch.tokens < 10) & (mod == 0)] = 2
+    mod[(batch.inputs.tokens < 10) & (mod == 0)] = 2
     inputs = dataclasses.replace(inputs, modality=mod)
     with torch.no_grad():
         torch.testing.assert_close(model(inputs), reference_forward(model, inputs), atol=2e-5, rtol=2e-5)
@@ -488,7 +488,7 @@ def test_grouped_query_attention_matches_repeated_heads():
             state[name] = torch.cat([q, *rep])
     full.load_state_dict(state)
     batch = Collator(cfg).collate_padded(random_samples(cfg, n=3))
-    inputs = batch.model_inputs(batch.patches, torch.full((batch.num_images,), 10.0))
+    inputs = batch.noised(batch.inputs.patches, torch.full((batch.num_images,), 10.0))
     with torch.no_grad():
         torch.testing.assert_close(gqa(inputs), full(inputs), rtol=1e-5, atol=1e-5)
     assert gqa.blocks[0].attn.qkv[0].weight.shape == ((4 + 2 * 2) * 24, 64)

@@ -13,8 +13,11 @@ from helpers import config_dict, make_tiny_lm, text_only_inputs
 from transfusion_mot.batch import Collator, Sample
 from transfusion_mot.common.errors import ConfigError, InvalidInput
 from transfusion_mot.model import TransfusionMoT
-from transfusion_mot.pretrained import SUPPORTED, load_lm_weights, resolve_init_from, text_lm_state_dict, weight_map
-from transfusion_mot.run import load_run_model, run_config_from_dict
+from transfusion_mot.config import SUPPORTED, resolve_init_from
+from transfusion_mot.model import parameter_owners
+from transfusion_mot.pretrained import load_lm_weights, text_lm_state_dict, weight_map
+from transfusion_mot.config import run_config_from_dict
+from transfusion_mot.run_dir import RunDir
 from transfusion_mot.tokenizer import load_tokenizer
 
 IMAGE_KEYS = {"latent_channels": 4, "patch_size": 2}
@@ -97,7 +100,7 @@ def test_the_lm_tokenizer_keeps_every_id_and_its_bos_convention(tmp_path):
         assert tok.vocab_size == model.config.vocab_size
         batch = Collator(model.config, sp).collate_padded([Sample([tok.encode(text)])])
         # the document is what the LM's own tokenizer makes of it, then EOS
-        assert batch.tokens[0].tolist() == hf(text)["input_ids"] + [hf.eos_token_id]
+        assert batch.inputs.tokens[0].tolist() == hf(text)["input_ids"] + [hf.eos_token_id]
         assert (sp.bos is None) is (arch == "qwen2")
         assert tok.decode([*tok.encode(text), sp.boi, sp.eoi]) == text
 
@@ -143,17 +146,17 @@ def lm_config_dict(data, lm_dir, **train):
 
 
 def test_frozen_text_is_bit_identical_after_training_and_holds_no_optimizer_state(tmp_path, data):
-    from transfusion_mot.recipes.train import build_run, run_summary
+    from transfusion_mot.recipes.train import build_trainer
 
     lm, hf = make_tiny_lm(tmp_path / "lm", "llama")
-    run = build_run(run_config_from_dict(lm_config_dict(data, tmp_path / "lm", freeze=["text"])), tmp_path / "run")
-    trainer, model = run.trainer, run.trainer.model
+    trainer = build_trainer(run_config_from_dict(lm_config_dict(data, tmp_path / "lm", freeze=["text"])), tmp_path / "run")
+    model = trainer.model
     before = {k: v.detach().clone() for k, v in model.state_dict().items()}
     ids = torch.tensor([hf("a red circle above the lazy dog")["input_ids"]])
     with torch.no_grad():
-        start = model.text_logits(model(text_only_inputs(run.trainer.config.model, ids)))[..., :lm.config.vocab_size]
-    result = trainer.run()
-    owners = model.parameter_owners()
+        start = model.text_logits(model(text_only_inputs(trainer.config.model, ids)))[..., :lm.config.vocab_size]
+    result = trainer.fit()
+    owners = parameter_owners(model)
     frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
     assert frozen == {n for n, o in owners.items() if o == "text"} - {"new_tok_embed.weight", "new_lm_head.weight"}
     in_optimizer = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
@@ -166,24 +169,24 @@ def test_frozen_text_is_bit_identical_after_training_and_holds_no_optimizer_stat
     assert "new_tok_embed.weight" in moved and any(".attn.qkv.1." in n for n in moved)  # BOI/EOI, image experts
     # the trained run's text logits are the ones it started with, bit for bit, and so the LM's (the same
     # function computed with fused projections: equal to rounding, which depends on the CPU's kernels)
-    trained, config, info = load_run_model(result.run_dir)
+    trained, config, info = RunDir(result.run_dir).load_model()
     assert "frozen parameters from the raw weights" in info["weights"]
     with torch.no_grad():
         ours = trained.text_logits(trained(text_only_inputs(config.model, ids)))[..., :lm.config.vocab_size]
         assert torch.equal(ours, start)
         assert (ours - lm(ids).logits).abs().max() <= 1e-4
-    summary = run_summary(run, result)
+    summary = trainer.summary(result)
     assert summary["trainable_parameters"] == sum(params[n].numel() for n in set(params) - frozen)
     assert summary["model"]["freeze"] == ["text"] and summary["model"]["init_from"] == str(tmp_path / "lm")
 
 
 def test_lr_multipliers_per_owner(tmp_path, data):
-    from transfusion_mot.recipes.train import build_run
+    from transfusion_mot.recipes.train import build_trainer
 
     make_tiny_lm(tmp_path / "lm", "qwen2")
     cd = lm_config_dict(data, tmp_path / "lm", max_steps=3)
     cd["optim"]["lr_mult"] = {"text": 0.1}
-    trainer = build_run(run_config_from_dict(cd), tmp_path / "run").trainer
+    trainer = build_trainer(run_config_from_dict(cd), tmp_path / "run")
     trainer.train_step(5)
     owners = {g.get("owner"): g for g in trainer.optimizer.param_groups}
     assert owners.keys() == {"text", "image"}
@@ -202,7 +205,7 @@ def lm_run(tmp_path_factory, data):
     root = tmp_path_factory.mktemp("lmrun")
     lm, hf = make_tiny_lm(root / "lm", "qwen2", tie=True)
     (root / "c.yaml").write_text(yaml.safe_dump(lm_config_dict(data, root / "lm", freeze=["text"])))
-    from transfusion_mot.run import load_run_config
+    from transfusion_mot.config import load_run_config
 
     train(load_run_config(root / "c.yaml"), root / "run")
     return root, lm, hf
@@ -247,18 +250,18 @@ def test_every_command_works_on_a_run_started_from_an_lm(lm_run, tmp_path, capsy
     card = (tmp_path / "pipe" / "README.md").read_text()
     assert f"| started from | {root / 'lm'} (its tokenizer" in card and "| frozen during training | text |" in card
     # resume: the weights come from the checkpoint, not again from the LM
-    from transfusion_mot.recipes.train import build_run
-    from transfusion_mot.run import load_run_config
+    from transfusion_mot.config import load_run_config
+    from transfusion_mot.recipes.train import build_trainer
 
-    resumed = build_run(load_run_config(root / "c.yaml", ["train.max_steps=8"]), run, resume=True)
-    assert resumed.resumed_from.name == "step_6" and resumed.trainer.progress.step == 6
+    resumed = build_trainer(load_run_config(root / "c.yaml", ["train.max_steps=8"]), run, resume=True)
+    assert resumed.resumed_from.name == "step_6" and resumed.progress.step == 6
 
 
 def test_resume_of_a_run_started_from_an_lm_is_exact(tmp_path, data):
     from helpers import losses
 
+    from transfusion_mot.config import load_run_config
     from transfusion_mot.recipes.train import train
-    from transfusion_mot.run import load_run_config
 
     make_tiny_lm(tmp_path / "lm", "qwen3")
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(lm_config_dict(data, tmp_path / "lm")))
@@ -269,7 +272,7 @@ def test_resume_of_a_run_started_from_an_lm_is_exact(tmp_path, data):
 
 
 def test_mismatched_tokenizer_and_untakeable_images_are_one_line(tmp_path, data):
-    from transfusion_mot.recipes.train import build_run
+    from transfusion_mot.recipes.train import build_trainer
 
     make_tiny_lm(tmp_path / "lm", "llama")
     from helpers import make_lm_tokenizer
@@ -281,11 +284,11 @@ def test_mismatched_tokenizer_and_untakeable_images_are_one_line(tmp_path, data)
                            ("bigger", "tokens but the language model has 307 embedding rows")):
         cd["tokenizer"] = {"path": str(tmp_path / other)}
         with pytest.raises(InvalidInput, match=message):
-            build_run(run_config_from_dict(cd), tmp_path / f"run-{other}")
+            build_trainer(run_config_from_dict(cd), tmp_path / f"run-{other}")
     cd = lm_config_dict(data, tmp_path / "lm")
     cd["model"]["patch_size"] = 3  # 8x8 latents cannot be cut into 3x3 patches
     with pytest.raises(ConfigError, match="not divisible by model.patch_size 3"):
-        build_run(run_config_from_dict(cd), tmp_path / "run2")
+        build_trainer(run_config_from_dict(cd), tmp_path / "run2")
     with pytest.raises(ConfigError, match="make 16 image tokens .* no room for a caption in model.max_seq_len 18"):
-        build_run(run_config_from_dict({**lm_config_dict(data, tmp_path / "lm"), "model": {
+        build_trainer(run_config_from_dict({**lm_config_dict(data, tmp_path / "lm"), "model": {
             "init_from": str(tmp_path / "lm"), "max_seq_len": 18, **IMAGE_KEYS}}), tmp_path / "run3")

@@ -126,7 +126,7 @@ def test_tokenizer_config_validation():
         TokenizerConfig(kind="sentencepiece")
     with pytest.raises(ConfigError, match="needs path"):
         load_tokenizer(TokenizerConfig(kind="hf"))  # the library needs the file; a run trains it first
-    from transfusion_mot.run import run_config_from_dict
+    from transfusion_mot.config import run_config_from_dict
 
     # a run config may leave the path to the run, which trains a BPE on its data's captions
     assert run_config_from_dict({"tokenizer": {"kind": "hf"}, "data": {"path": "somewhere"}}).tokenizer.path is None

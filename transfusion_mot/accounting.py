@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from .config import ModelConfig
-from .model import Experts, TransfusionMoT
+from .model import Experts, TransfusionMoT, parameters_of
 
 
 def parameter_accounting(model: TransfusionMoT, seq_len: int | None = None) -> dict:
@@ -127,9 +127,7 @@ def describe_config(spec: str, overrides: list[str] | None = None, seq_len: int 
 
     from .common.config import apply_overrides, from_dict, read_yaml_mapping, resolve_config_path, shipped_config_names
     from .common.errors import ConfigError
-    from .config import ModelConfig
-    from .pretrained import resolve_init_from
-    from .run import load_run_config
+    from .config import ModelConfig, load_run_config, resolve_init_from
 
     try:
         path, training = resolve_config_path(spec, "model"), False
@@ -151,7 +149,7 @@ def describe_config(spec: str, overrides: list[str] | None = None, seq_len: int 
         model = TransfusionMoT(config)
     report = parameter_accounting(model, seq_len=seq_len)
     if run is not None:
-        for name in model.parameters_of(run.train.freeze):
+        for name in parameters_of(model, run.train.freeze):
             model.get_parameter(name).requires_grad_(False)
         report["training_memory"] = training_memory(model, ema=run.optim.ema_decay > 0, world_size=world_size)
         report["training_memory"]["freeze"] = run.train.freeze

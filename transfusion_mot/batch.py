@@ -12,7 +12,7 @@ them apart in attention, positions restart at 0 for each).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Sequence, Union
 
 import torch
@@ -65,10 +65,10 @@ def is_image(segment: Segment) -> bool:
 
 @dataclass
 class ModelInputs:
-    """What the backbone consumes (see README, batch format); `Batch.model_inputs` produces it.
+    """What the backbone consumes (see README, batch format).
 
-    tokens, modality, positions, doc_ids, image_ids: (B, L) long. patches: (P, patch_dim) noisy latent
-    patches in row-major sequence order; patch_coords: (P, 2) (row, col) in the image's patch grid;
+    tokens, modality, positions, doc_ids, image_ids: (B, L) long. patches: (P, patch_dim) latent patches of the
+    image positions, in row-major sequence order; patch_coords: (P, 2) (row, col) in the image's patch grid;
     patch_image: (P,) image index; timesteps: (I,) diffusion timestep of each image, in [0, T].
     """
 
@@ -82,42 +82,73 @@ class ModelInputs:
     patch_image: Tensor
     timesteps: Tensor
 
+    def to(self, device: torch.device | str) -> ModelInputs:
+        return ModelInputs(**{f.name: getattr(self, f.name).to(device, non_blocking=True) for f in fields(self)})
+
+    def window(self, start: int, stop: int, image_modality: int) -> ModelInputs:
+        """Positions [start, stop) of every row, with the patches of the image positions among them (every
+        image keeps its timestep): a chunk to run after the positions before `start` are in a KV cache."""
+        is_image = (self.modality == image_modality).reshape(-1)
+        inside = torch.zeros_like(self.modality, dtype=torch.bool)
+        inside[:, start:stop] = True
+        chosen = inside.reshape(-1)[is_image]  # (P,): does patch k lie in the window
+        cut = {name: getattr(self, name)[:, start:stop] for name in ("tokens", "modality", "positions", "doc_ids",
+                                                                     "image_ids")}
+        return ModelInputs(**cut, patches=self.patches[chosen], patch_coords=self.patch_coords[chosen],
+                           patch_image=self.patch_image[chosen], timesteps=self.timesteps)
+
+    def check(self, config: ModelConfig) -> None:
+        """ValueError naming the problem, for inputs a collator would not produce."""
+        if self.tokens.dim() != 2:
+            raise ValueError(f"tokens must be (batch, seq), got shape {tuple(self.tokens.shape)}")
+        batch, seq = self.tokens.shape
+        for name in ("modality", "positions", "doc_ids", "image_ids"):
+            if tuple(getattr(self, name).shape) != (batch, seq):
+                raise ValueError(f"{name} must have shape {(batch, seq)}, got {tuple(getattr(self, name).shape)}")
+        if seq > config.max_seq_len:
+            raise ValueError(f"sequence length {seq} exceeds max_seq_len {config.max_seq_len}")
+        if self.patches.dim() != 2 or self.patches.shape[1] != config.patch_dim:
+            raise ValueError(f"patches must be (P, {config.patch_dim}) = (P, latent_channels*patch_size^2), "
+                             f"got {tuple(self.patches.shape)}")
+        # one host sync for all value checks (this runs every step)
+        lo, hi, m_lo, m_hi, n_image = torch.stack([
+            self.tokens.min(), self.tokens.max(), self.modality.min(), self.modality.max(),
+            (self.modality == config.modalities.index("image")).sum()]).tolist()
+        if lo < 0 or hi >= config.vocab_size:
+            raise ValueError(f"token ids must be in [0, {config.vocab_size}), got range [{lo}, {hi}]")
+        if m_lo < 0 or m_hi >= config.num_modalities:
+            raise ValueError(f"modality ids must be in [0, {config.num_modalities}), got [{m_lo}, {m_hi}]")
+        if n_image != self.patches.shape[0]:
+            raise ValueError(f"{n_image} image positions in the sequence but {self.patches.shape[0]} patches")
+
 
 @dataclass
 class Batch:
-    """Tensors for one training step. (B, L) fields are per position; the rest are per patch or image.
+    """One collated batch: the model's inputs with the CLEAN latent patches (the loss noises them and sets the
+    timesteps), and what the losses need besides.
 
-    text_targets: next-token target at each position, IGNORE_INDEX where no LM loss applies (image
+    text_targets: (B, L) next-token target at each position, IGNORE_INDEX where no LM loss applies (image
     patches, the last token of a document, padding, and positions whose next token is an image patch).
+    image_first: (I,) bool, the image precedes its caption (captioning direction); image_shapes: latent
+    (C, H, W) per image.
     """
 
-    tokens: Tensor
-    modality: Tensor
-    positions: Tensor
-    doc_ids: Tensor
-    image_ids: Tensor
+    inputs: ModelInputs
     text_targets: Tensor
-    patches: Tensor  # clean latent patches (P, C*p*p), row-major sequence order
-    patch_coords: Tensor  # (P, 2)
-    patch_image: Tensor  # (P,)
-    image_first: Tensor  # (I,) bool: the image precedes its caption (captioning direction)
-    image_shapes: list[tuple[int, int, int]] = field(default_factory=list)  # latent (C, H, W) per image
+    image_first: Tensor
+    image_shapes: list[tuple[int, int, int]] = field(default_factory=list)
 
     @property
     def num_images(self) -> int:
         return len(self.image_shapes)
 
-    def to(self, device: torch.device | str) -> "Batch":
-        moved = {f.name: getattr(self, f.name) for f in fields(self)}
-        for key, value in moved.items():
-            if isinstance(value, Tensor):
-                moved[key] = value.to(device, non_blocking=True)
-        return Batch(**moved)
+    def to(self, device: torch.device | str) -> Batch:
+        return Batch(self.inputs.to(device), self.text_targets.to(device, non_blocking=True),
+                     self.image_first.to(device, non_blocking=True), self.image_shapes)
 
-    def model_inputs(self, patches: Tensor, timesteps: Tensor) -> ModelInputs:
-        """Inputs with the given (noisy) patches and per-image timesteps."""
-        return ModelInputs(self.tokens, self.modality, self.positions, self.doc_ids, self.image_ids,
-                           patches, self.patch_coords, self.patch_image, timesteps)
+    def noised(self, patches: Tensor, timesteps: Tensor) -> ModelInputs:
+        """The inputs with the given (noisy) patches and per-image timesteps."""
+        return replace(self.inputs, patches=patches, timesteps=timesteps)
 
 
 def patchify(latent: Tensor, patch: int) -> Tensor:
@@ -127,6 +158,12 @@ def patchify(latent: Tensor, patch: int) -> Tensor:
     return x.permute(1, 3, 0, 2, 4).reshape((h // patch) * (w // patch), c * patch * patch)
 
 
+def grid_coords(rows: int, cols: int) -> Tensor:
+    """(rows * cols, 2) (row, col) of a patch grid in row-major order."""
+    rr, cc = torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij")
+    return torch.stack([rr.reshape(-1), cc.reshape(-1)], dim=1)
+
+
 def unpatchify(patches: Tensor, channels: int, height: int, width: int, patch: int) -> Tensor:
     """Inverse of `patchify`: (N, C*p*p) -> (C, H, W)."""
     gh, gw = height // patch, width // patch
@@ -134,8 +171,49 @@ def unpatchify(patches: Tensor, channels: int, height: int, width: int, patch: i
     return x.permute(2, 0, 3, 1, 4).reshape(channels, height, width)
 
 
+def assemble(rows: list[list[dict]], length: int, pad: int, text_modality: int, patch_dim: int) -> Batch:
+    """Laid-out samples, several per row where packed, as one batch of `length` positions per row."""
+    b = len(rows)
+    tokens = torch.full((b, length), pad, dtype=torch.long)
+    modality = torch.full((b, length), text_modality, dtype=torch.long)
+    positions = torch.zeros((b, length), dtype=torch.long)
+    doc_ids = torch.full((b, length), -1, dtype=torch.long)
+    image_ids = torch.full((b, length), -1, dtype=torch.long)
+    targets = torch.full((b, length), IGNORE_INDEX, dtype=torch.long)
+    patches, coords, patch_image, image_first, shapes = [], [], [], [], []
+    for r, docs in enumerate(rows):
+        start = 0
+        for d, lay in enumerate(docs):
+            n = len(lay["tokens"])
+            sl = slice(start, start + n)
+            tokens[r, sl] = torch.tensor(lay["tokens"])
+            modality[r, sl] = torch.tensor(lay["modality"])
+            positions[r, sl] = torch.arange(n)
+            doc_ids[r, sl] = d
+            local = torch.tensor(lay["image_local"])
+            image_ids[r, sl] = torch.where(local >= 0, local + len(shapes), local)
+            targets[r, sl] = torch.tensor(lay["targets"])
+            for pt, co, sh in zip(lay["patches"], lay["coords"], lay["shapes"]):
+                patches.append(pt)
+                coords.append(co)
+                patch_image.append(torch.full((pt.shape[0],), len(shapes), dtype=torch.long))
+                image_first.append(lay["image_first"])
+                shapes.append(sh)
+            start += n
+    inputs = ModelInputs(
+        tokens=tokens, modality=modality, positions=positions, doc_ids=doc_ids, image_ids=image_ids,
+        patches=torch.cat(patches) if patches else torch.zeros(0, patch_dim),
+        patch_coords=torch.cat(coords) if coords else torch.zeros(0, 2, dtype=torch.long),
+        patch_image=torch.cat(patch_image) if patch_image else torch.zeros(0, dtype=torch.long),
+        timesteps=torch.zeros(len(shapes)))
+    return Batch(inputs, text_targets=targets, image_first=torch.tensor(image_first, dtype=torch.bool),
+                 image_shapes=shapes)
+
+
 class Collator:
-    """Turns `Sample`s into a `Batch`, padded (one sample per row) or packed (rows up to a budget)."""
+    """Lays out every sequence the model sees: training samples padded (one per row) or packed (rows up to a
+    budget), held-out samples, the prefix a generation or captioning starts from and the positions it
+    then runs (`collate_generation`, `collate_captioning`)."""
 
     def __init__(self, config: ModelConfig, specials: SpecialTokens | None = None,
                  max_len: int | None = None) -> None:
@@ -168,8 +246,7 @@ class Collator:
                 modality += [self.text_modality] + [self.image_modality] * n + [self.text_modality]
                 image_local += [-1] + [k] * n + [-1]
                 patches.append(patchify(seg.detach().float(), p))
-                rr, cc = torch.meshgrid(torch.arange(h // p), torch.arange(w // p), indexing="ij")
-                coords.append(torch.stack([rr.reshape(-1), cc.reshape(-1)], dim=1))
+                coords.append(grid_coords(h // p, w // p))
                 shapes.append(tuple(seg.shape))
             else:
                 ids = seg.tolist() if isinstance(seg, Tensor) else list(seg)
@@ -220,44 +297,7 @@ class Collator:
     # -- rows -> batch -----------------------------------------------------------------------------
 
     def _assemble(self, rows: list[list[dict]], length: int) -> Batch:
-        sp = self.specials
-        b = len(rows)
-        tokens = torch.full((b, length), sp.pad, dtype=torch.long)
-        modality = torch.full((b, length), self.text_modality, dtype=torch.long)
-        positions = torch.zeros((b, length), dtype=torch.long)
-        doc_ids = torch.full((b, length), -1, dtype=torch.long)
-        image_ids = torch.full((b, length), -1, dtype=torch.long)
-        targets = torch.full((b, length), IGNORE_INDEX, dtype=torch.long)
-        patches, coords, patch_image, image_first, shapes = [], [], [], [], []
-        for r, docs in enumerate(rows):
-            start = 0
-            for d, lay in enumerate(docs):
-                n = len(lay["tokens"])
-                sl = slice(start, start + n)
-                tokens[r, sl] = torch.tensor(lay["tokens"])
-                modality[r, sl] = torch.tensor(lay["modality"])
-                positions[r, sl] = torch.arange(n)
-                doc_ids[r, sl] = d
-                local = torch.tensor(lay["image_local"])
-                image_ids[r, sl] = torch.where(local >= 0, local + len(shapes), local)
-                targets[r, sl] = torch.tensor(lay["targets"])
-                for k, (pt, co, sh) in enumerate(zip(lay["patches"], lay["coords"], lay["shapes"])):
-                    patches.append(pt)
-                    coords.append(co)
-                    patch_image.append(torch.full((pt.shape[0],), len(shapes), dtype=torch.long))
-                    image_first.append(lay["image_first"])
-                    shapes.append(sh)
-                start += n
-        patch_dim = self.config.patch_dim
-        return Batch(
-            tokens=tokens, modality=modality, positions=positions, doc_ids=doc_ids, image_ids=image_ids,
-            text_targets=targets,
-            patches=torch.cat(patches) if patches else torch.zeros(0, patch_dim),
-            patch_coords=torch.cat(coords) if coords else torch.zeros(0, 2, dtype=torch.long),
-            patch_image=torch.cat(patch_image) if patch_image else torch.zeros(0, dtype=torch.long),
-            image_first=torch.tensor(image_first, dtype=torch.bool),
-            image_shapes=shapes,
-        )
+        return assemble(rows, length, self.specials.pad, self.text_modality, self.config.patch_dim)
 
     def collate_padded(self, samples: Sequence[Sample], pad_to: int | None = None) -> Batch:
         """One sample per row, right-padded to the longest (or `pad_to`)."""
@@ -278,6 +318,45 @@ class Collator:
             raise ValueError("cannot collate an empty list of samples")
         layouts = [self._prefix_layout(s, with_image) for s in samples]
         return self._assemble([[lay] for lay in layouts], max(len(lay["tokens"]) for lay in layouts))
+
+    def collate_generation(self, captions: Sequence[Sequence[int]], latent_shape: tuple[int, int, int]
+                           ) -> tuple[Batch, ModelInputs]:
+        """What text -> image runs with a KV cache: the prefix `BOS caption BOI` of each row (right-padded), and
+        the N image positions that follow each row's own prefix, with zero patches and timesteps (a sampler
+        sets them at every step). Together they are `collate_padded`'s layout of (caption, image)."""
+        placeholder = torch.zeros(latent_shape)
+        prefix = self.collate_prefix([Sample([list(c), placeholder]) for c in captions])
+        rows, p = len(captions), self.config.patch_size
+        grid = (latent_shape[1] // p, latent_shape[2] // p)
+        n = grid[0] * grid[1]
+        lengths = (prefix.inputs.doc_ids >= 0).sum(dim=1)
+        image = ModelInputs(
+            tokens=torch.full((rows, n), self.specials.pad, dtype=torch.long),
+            modality=torch.full((rows, n), self.image_modality, dtype=torch.long),
+            positions=lengths[:, None] + torch.arange(n),  # the patches follow the BOI
+            doc_ids=torch.zeros((rows, n), dtype=torch.long), image_ids=torch.zeros((rows, n), dtype=torch.long),
+            patches=torch.zeros(rows * n, self.config.patch_dim), patch_coords=grid_coords(*grid).repeat(rows, 1),
+            patch_image=torch.arange(rows).repeat_interleave(n), timesteps=torch.zeros(rows))
+        return prefix, image
+
+    def collate_captioning(self, images: Sequence[Tensor], room: int) -> ModelInputs:
+        """What image -> text runs: `BOS BOI patches EOI` of each clean image (timestep 0), then `room` positions
+        of its document for the caption (pad tokens until a decoder writes them)."""
+        if len({tuple(img.shape) for img in images}) > 1:
+            raise ValueError("collate_captioning takes images of one latent shape (their prompts are one length)")
+        prompt = self.collate_prefix([Sample([img], image_first=True) for img in images], with_image=True).inputs
+        rows, length = prompt.tokens.shape
+        total = length + room
+
+        def extended(t: Tensor, fill: int) -> Tensor:
+            out = torch.full((rows, total), fill, dtype=t.dtype)
+            out[:, :length] = t
+            return out
+
+        return replace(prompt, tokens=extended(prompt.tokens, self.specials.pad),
+                       modality=extended(prompt.modality, self.text_modality),
+                       positions=torch.arange(total).expand(rows, total).clone(),
+                       doc_ids=torch.zeros((rows, total), dtype=torch.long), image_ids=extended(prompt.image_ids, -1))
 
     def collate_packed(self, samples: Sequence[Sample], token_budget: int | None = None) -> Batch:
         """Several samples per row, each row at most `token_budget` tokens (default: max_len).

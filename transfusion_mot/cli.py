@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-from .common.cli import Parser, bounded_float, fraction, non_negative_int, positive_int, run_command
-from .common.errors import InputNotFound, UserError
+from .common.cli import Parser, fraction, non_negative_int, positive_int, run_command
+from .common.errors import UserError
 
 
 def print_json(obj: dict) -> None:
@@ -57,14 +59,10 @@ def cmd_data_emoji(args: argparse.Namespace) -> int:
 
 
 def cmd_data_folder(args: argparse.Namespace) -> int:
-    src = Path(args.src)
-    if not src.is_dir():
-        raise InputNotFound(f"source directory not found: {src}")
     from .data.folder import import_folder
 
-    report = import_folder(src, args.out, size=args.size, val_fraction=args.val_fraction, seed=args.seed,
-                           max_pixels=args.max_pixels, min_side=args.min_side, workers=args.workers)
-    print_json(report)
+    print_json(import_folder(args.src, args.out, size=args.size, val_fraction=args.val_fraction, seed=args.seed,
+                             max_pixels=args.max_pixels, min_side=args.min_side, workers=args.workers))
     return 0
 
 
@@ -107,54 +105,29 @@ def cmd_vae_reconstruct(args: argparse.Namespace) -> int:
     return 0
 
 
-def infer_data_kind(path: str) -> str:
-    """latents (a cache with index.json), folder (metadata.jsonl) or webdataset (.tar shards, braces ok)."""
-    p = Path(path)
-    if (p / "index.json").is_file():
-        return "latents"
-    if (p / "metadata.jsonl").is_file():
-        return "folder"
-    if ".tar" in path:
-        return "webdataset"
-    if not p.exists():
-        raise InputNotFound(f"--data {path}: not found (expected a latent cache, an image folder or .tar shards)")
-    raise UserError(f"--data {path}: neither a latent cache (index.json), an image folder (metadata.jsonl) "
-                    "nor .tar shards")
+def train_settings(args: argparse.Namespace) -> dict[str, object]:
+    """The flags of `tmot train` that stand for config keys, as {key: value} (`--data PATH` also sets
+    data.kind: auto, so the run tells what PATH holds)."""
+    flags = {"data.path": args.data, "data.kind": "auto" if args.data else None, "vae.path": args.vae,
+             "data.val_path": args.val_data, "train.eval_every": args.eval_every, "train.max_steps": args.max_steps,
+             "train.save_every": args.save_every, "train.progress": False if args.no_progress else None}
+    return {key: value for key, value in flags.items() if value is not None}
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from .config import load_run_config
     from .recipes.train import train
-    from .run import load_run_config
+    from .run_dir import RunDir
 
-    config_path = args.config
-    if config_path is None:
-        saved = Path(args.out) / "config.yaml"
-        if not (args.resume and saved.is_file()):
-            raise UserError("--config is required (except with --resume in a run directory that has config.yaml)")
-        config_path = saved
-    config = load_run_config(config_path, args.set)
-    if args.data:
-        config.data.path = args.data
-        config.data.kind = infer_data_kind(args.data)
-    if args.vae:
-        config.vae.path = args.vae
-    if args.val_data:
-        config.data.val_path = args.val_data
-    if args.eval_every is not None:
-        config.train.eval_every = args.eval_every
-    if args.max_steps:
-        config.train.max_steps = args.max_steps
-    if args.save_every:
-        config.train.save_every = args.save_every
-    if args.no_progress:
-        config.train.progress = False
-    result = train(config, args.out, resume=args.resume)
-    import os
-
-    if int(os.environ.get("RANK", "0")) == 0:
+    run = RunDir(args.out)
+    if args.config is None and not (args.resume and run.exists()):
+        raise UserError("--config is required (except with --resume in a run directory that has its config)")
+    config = load_run_config(args.config or run.config_file, args.set, train_settings(args))
+    result = train(config, run.path, resume=args.resume)
+    if result.main:
         how = {"completed": "finished", "stopped": "stopped on request"}[result.status]
         print(f"tmot train: {how} at step {result.step}; checkpoint {result.checkpoint}; "
-              f"metrics {Path(args.out) / 'metrics.jsonl'}; summary {Path(args.out) / 'summary.json'}"
+              f"metrics {run.metrics_file}; summary {run.summary_file}"
               + ("; continue with --resume" if result.status == "stopped" else ""))
     return 0
 
@@ -175,32 +148,20 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    from .common.images import image_grid, save_images
     from .inference.pipeline import load_pipeline
 
     prompts = read_prompts(args)
     pipe = load_pipeline(args.run, step=args.step, ema=not args.no_ema, device=args.device)
-    scheduler = args.scheduler or ("flow" if pipe.model.config.objective == "flow" else "ddpm")
-    expanded = [p for p in prompts for _ in range(args.n)]
-    seeds = [args.seed + k for k in range(len(expanded))]
-    images = pipe.generate(expanded, seed=seeds, cfg_scale=args.cfg, num_steps=args.steps, scheduler=scheduler,
-                           use_kv_cache=not args.no_kv_cache, batch_size=args.batch_size)
-    out = Path(args.out)
-    save_images(images, out, [{"prompt": p, "seed": s} for p, s in zip(expanded, seeds)], manifest={
-        "source": str(args.run), "checkpoint": pipe.info.get("checkpoint"), "step": pipe.info.get("step"),
-        "weights": pipe.info.get("weights"), "cfg": args.cfg, "steps": args.steps, "scheduler": scheduler,
-        "kv_cache": not args.no_kv_cache, "image_size": pipe.image_size})
-    image_grid(images, cols=args.n if args.n > 1 else None).save(out / "grid.png")
-    print(f"tmot sample: {len(images)} images in {out} (grid.png, manifest.json)")
+    rows = pipe.sample_to_folder(prompts, args.out, n=args.n, seed=args.seed, cfg_scale=args.cfg, num_steps=args.steps,
+                                 scheduler=args.scheduler, use_kv_cache=not args.no_kv_cache,
+                                 batch_size=args.batch_size)
+    print(f"tmot sample: {len(rows)} images in {args.out} (grid.png, manifest.json)")
     return 0
 
 
 def cmd_caption(args: argparse.Namespace) -> int:
     from .inference.pipeline import load_pipeline
 
-    missing = [p for p in args.images if not Path(p).is_file()]
-    if missing:
-        raise InputNotFound(f"image not found: {missing[0]}")
     pipe = load_pipeline(args.run, step=args.step, ema=not args.no_ema, device=args.device)
     captions = pipe.caption(args.images, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                             top_k=args.top_k, seed=args.seed, use_kv_cache=not args.no_kv_cache)
@@ -218,9 +179,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     if not (args.out or args.text_lm):
         raise UserError("give --out (the pipeline directory) and/or --text-lm (the language model's text side)")
     if args.text_lm:
-        from .run import export_run_text_lm
+        from .run_dir import RunDir
 
-        lm = export_run_text_lm(args.run, args.text_lm, step=args.step, ema=not args.no_ema)
+        lm = RunDir(args.run).export_text_lm(args.text_lm, step=args.step, ema=not args.no_ema)
         print(f"tmot export: {lm}: the text side as a transformers model (AutoModelForCausalLM.from_pretrained"
               f"({str(lm)!r}), with its tokenizer)")
         if not args.out:
@@ -268,21 +229,38 @@ def bench_loader(run: str, device: str):
 # parser
 
 
+FORMAT = argparse.RawDescriptionHelpFormatter
+
+
+def command(group: Any, name: str, help_: str, example: str, func: Callable[[argparse.Namespace], int],
+            description: str | None = None) -> argparse.ArgumentParser:
+    """A subcommand of `group` whose --help shows its description and an example."""
+    p = group.add_parser(name, help=help_, description=description or help_, epilog=f"example:\n  {example}",
+                         formatter_class=FORMAT)
+    p.set_defaults(func=func)
+    return p
+
+
 def build_parser() -> argparse.ArgumentParser:
-    fmt = argparse.RawDescriptionHelpFormatter
     parser = Parser(
         prog="tmot", description="Transfusion text-to-image models on a Mixture-of-Transformers backbone.",
-        formatter_class=fmt,
+        formatter_class=FORMAT,
         epilog="examples:\n  tmot demo --out tmot_demo\n  tmot data shapes --out data/shapes --num 20000 --size 32\n"
                "  tmot info --config configs/model/760m.yaml")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
+    add_demo_and_info(sub)
+    add_train(sub)
+    add_model_commands(sub)
+    from eval.cli import register as register_eval
 
-    def command(group, name: str, help_: str, example: str, func, description: str | None = None):
-        p = group.add_parser(name, help=help_, description=description or help_, epilog=f"example:\n  {example}",
-                             formatter_class=fmt)
-        p.set_defaults(func=func)
-        return p
+    register_eval(sub, bench_loader=bench_loader)
+    add_data(sub)
+    add_vae(sub)
+    return parser
 
+
+def add_demo_and_info(sub: Any) -> None:
+    """`tmot demo` and `tmot info`."""
     p = command(sub, "demo", "the whole system on the embedded shapes data (about 9 minutes on 2 CPU cores)",
                 "tmot demo --out tmot_demo", cmd_demo,
                 "Generate the shapes data, train a tiny VAE, encode latents, train a tiny MoT, sample a grid for "
@@ -315,11 +293,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=positive_int, default=None, help="context for attention FLOPs (default: max_seq_len)")
     p.add_argument("--json", action="store_true", help="one-line JSON")
 
+
+def add_train(sub: Any) -> None:
+    """`tmot train`."""
     p = command(sub, "train", "train a Transfusion MoT model (one process, or torchrun + FSDP2)",
                 "tmot train --config configs/train/shapes-tiny.yaml --out runs/shapes-tiny", cmd_train,
                 "Train from a config (configs/train/*.yaml: model, tokenizer, data, vae, optim, train sections). "
-                "Writes RUN/config.yaml, metrics.jsonl, TensorBoard events, summary.json and "
-                "checkpoints/step_N/. SIGTERM or Ctrl-C saves a checkpoint and exits; --resume continues "
+                "Writes the run directory: its resolved config, metrics (JSONL and TensorBoard), summary and "
+                "checkpoints. SIGTERM or Ctrl-C saves a checkpoint and exits; --resume continues "
                 "exactly. Multi-process: torchrun --standalone --nproc_per_node N -m transfusion_mot train ...")
     p.add_argument("--config", default=None, help="training config: a YAML file or a shipped name (shapes-tiny, "
                    "emoji-tiny, coco-760m); optional with --resume")
@@ -336,8 +317,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config key, e.g. --set optim.lr=3e-4 --set model.untie=[]")
     p.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar (logs still go to metrics.jsonl)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (the metrics are still logged)")
 
+
+def add_model_commands(sub: Any) -> None:
+    """What takes a trained model: `tmot sample`, `caption`, `export`, `serve`, `plot`."""
     def source_flags(p) -> None:
         p.add_argument("--run", required=True, help="run directory (tmot train --out) or a saved pipeline (tmot export)")
         p.add_argument("--step", type=positive_int, default=None, help="checkpoint step (default: the last)")
@@ -355,7 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts", default=None, help="file of prompts: .txt one per line, or .jsonl with 'prompt'/'text'")
     p.add_argument("--n", type=positive_int, default=1, help="images per prompt")
     p.add_argument("--seed", type=int, default=0, help="image k uses seed + k")
-    p.add_argument("--cfg", type=bounded_float(0.0, 100.0), default=3.0, help="guidance scale (1: no guidance)")
+    p.add_argument("--cfg", type=float, default=3.0, help="guidance scale in [0, 100] (1: no guidance)")
     p.add_argument("--steps", type=positive_int, default=50, help="denoising steps")
     p.add_argument("--scheduler", choices=["ddpm", "ddim", "flow"], default=None,
                    help="default: ddpm for DDPM models, flow for flow models")
@@ -368,7 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
     source_flags(p)
     p.add_argument("images", nargs="+", metavar="IMAGE")
     p.add_argument("--max-new-tokens", type=positive_int, default=64)
-    p.add_argument("--temperature", type=bounded_float(0.0, 10.0), default=0.0, help="0: greedy")
+    p.add_argument("--temperature", type=float, default=0.0, help="in [0, 10]; 0: greedy")
     p.add_argument("--top-k", type=positive_int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-kv-cache", action="store_true")
@@ -400,19 +384,17 @@ def build_parser() -> argparse.ArgumentParser:
                 "tmot plot runs/mot runs/dense --out curves.png", cmd_plot,
                 "Training and held-out image and text losses and the learning rate, against steps and training "
                 "time, several runs overlaid with their directory names.")
-    p.add_argument("runs", nargs="+", metavar="RUN", help="run directories (metrics.jsonl)")
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run directories (their metrics)")
     p.add_argument("--out", required=True, help="PNG to write")
     p.add_argument("--x", choices=["step", "time", "both"], default="both", help="x axis (default: both panels)")
 
-    from eval.cli import register as register_eval
 
-    register_eval(sub, bench_loader=bench_loader)
-
-    # tmot data ...
+def add_data(sub: Any) -> None:
+    """`tmot data shapes|emoji|folder|corpus|tokenizer`."""
     data = sub.add_parser("data", help="make or import image-caption data sets (image folder + metadata.jsonl)",
                           description="Make or import image-caption data sets. Every subcommand writes an image "
                                       "folder: DIR/metadata.jsonl (file_name, text, split, attributes) + PNGs.",
-                          formatter_class=fmt, epilog="example:\n  tmot data shapes --out data/shapes --num 20000")
+                          formatter_class=FORMAT, epilog="example:\n  tmot data shapes --out data/shapes --num 20000")
     dsub = data.add_subparsers(dest="data_command", required=True, metavar="SOURCE", parser_class=Parser)
     p = command(dsub, "shapes", "procedural captioned shapes (the embedded default data set)",
                 "tmot data shapes --out data/shapes --num 20000 --size 32 --seed 0", cmd_data_shapes,
@@ -466,11 +448,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vocab-size", type=positive_int, default=1024)
     p.add_argument("--out", required=True, help="tokenizer.json to write")
 
-    # tmot vae ...
+
+def add_vae(sub: Any) -> None:
+    """`tmot vae train|encode|reconstruct`."""
     vae = sub.add_parser("vae", help="train, apply and check the image autoencoder (diffusers AutoencoderKL)",
                          description="The image autoencoder: train a small AutoencoderKL, encode a data set to "
                                      "cached latents, and check reconstructions.",
-                         formatter_class=fmt,
+                         formatter_class=FORMAT,
                          epilog="example:\n  tmot vae train --config configs/vae/tiny-32.yaml --data data/shapes --out vae32")
     vsub = vae.add_subparsers(dest="vae_command", required=True, metavar="ACTION", parser_class=Parser)
     p = command(vsub, "train", "train an AutoencoderKL (reconstruction + KL) and save_pretrained it",
@@ -498,7 +482,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="PNG grid to write")
     p.add_argument("--n", type=positive_int, default=16)
     p.add_argument("--split", default="val")
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,10 +1,13 @@
-"""The Transfusion objective: L = L_LM + lambda * L_diff, with both terms reported separately."""
+"""The Transfusion objective: L = L_LM + lambda * L_diff, with both terms reported separately; and the same
+loss as a module (`TransfusionStep`), the root that FSDP2 shards."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from .batch import IGNORE_INDEX, Batch
 from .diffusion import DiffusionObjective
@@ -25,15 +28,16 @@ def transfusion_loss(model: TransfusionMoT, batch: Batch, objective: DiffusionOb
     (cross-entropy summed over text targets, and their count) and `image_mse_per_image` (I,).
     """
     weight = model.config.image_loss_weight if image_loss_weight is None else image_loss_weight
-    device = batch.tokens.device
+    inputs = batch.inputs
+    device = inputs.tokens.device
     if timesteps is None:
         timesteps = objective.sample_timesteps(batch.image_first, generator)
     timesteps = timesteps.to(device)
     if noise is None:
-        noise = torch.randn(batch.patches.shape, generator=generator)
-    noise = noise.to(device=device, dtype=batch.patches.dtype)
-    noisy = objective.add_noise(batch.patches, noise, timesteps[batch.patch_image])
-    hidden = model(batch.model_inputs(noisy, timesteps), check=check)
+        noise = torch.randn(inputs.patches.shape, generator=generator)
+    noise = noise.to(device=device, dtype=inputs.patches.dtype)
+    noisy = objective.add_noise(inputs.patches, noise, timesteps[inputs.patch_image])
+    hidden = model(batch.noised(noisy, timesteps), check=check)
 
     out: dict[str, Tensor] = {}
     # both heads run even on an empty selection, so their gradients are zero rather than missing (FSDP2
@@ -48,14 +52,14 @@ def transfusion_loss(model: TransfusionMoT, batch: Batch, objective: DiffusionOb
     if details:
         out["text_nll_sum"] = F.cross_entropy(logits, targets, reduction="sum") if targets.numel() else text_loss.detach()
         out["text_tokens"] = targets.new_tensor(targets.numel())
-    image_positions = batch.modality == model.image_modality
+    image_positions = inputs.modality == model.image_modality
     prediction = model.image_head(hidden[image_positions])
-    if batch.patches.shape[0]:
-        image_loss = objective.loss(prediction, batch.patches, noise)
+    if inputs.patches.shape[0]:
+        image_loss = objective.loss(prediction, inputs.patches, noise)
         if details:
-            sq = (prediction.float() - objective.target(batch.patches, noise).float()).pow(2).mean(dim=1)  # (P,)
-            per_image = torch.zeros(batch.num_images, device=device).index_add_(0, batch.patch_image, sq)
-            patches_per_image = torch.bincount(batch.patch_image, minlength=batch.num_images)
+            sq = (prediction.float() - objective.target(inputs.patches, noise).float()).pow(2).mean(dim=1)  # (P,)
+            per_image = torch.zeros(batch.num_images, device=device).index_add_(0, inputs.patch_image, sq)
+            patches_per_image = torch.bincount(inputs.patch_image, minlength=batch.num_images)
             out["image_mse_per_image"] = per_image / patches_per_image.clamp(min=1)
     else:
         image_loss = prediction.float().sum() * 0.0
@@ -63,3 +67,17 @@ def transfusion_loss(model: TransfusionMoT, batch: Batch, objective: DiffusionOb
             out["image_mse_per_image"] = hidden.new_zeros(0)
     out.update(loss=text_loss + weight * image_loss, text_loss=text_loss, image_loss=image_loss)
     return out
+
+
+class TransfusionStep(nn.Module):
+    """The loss as a module, so that under FSDP2 the heads run inside the root's forward (the root module is
+    what gets sharded last). Holds the plain model and its objective; its parameters are the model's."""
+
+    def __init__(self, model: TransfusionMoT, objective: DiffusionObjective) -> None:
+        super().__init__()
+        self.model = model
+        self.objective = objective
+
+    def forward(self, batch: Batch, generator: torch.Generator | None = None, **draws: Any) -> dict[str, Tensor]:
+        """Training: draws from `generator`. Validation: fixed `timesteps`, `noise` and `details=True`."""
+        return transfusion_loss(self.model, batch, self.objective, generator, **draws)

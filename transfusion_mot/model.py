@@ -395,65 +395,8 @@ class TransfusionMoT(nn.Module):
         for param, text in self.expert_twins():
             local_tensor(param).copy_(local_tensor(text))
 
-    def parameter_owners(self) -> dict[str, str]:
-        """Which tokens use each parameter (by name): a modality's name, or "shared" (one copy of an expert
-        group that is not untied serves every modality). The token embedding and LM head belong to text, the
-        patch and timestep embeddings, the image head and the adaLN modulations to image."""
-        owner_of: dict[int, str] = {}
-        for module in self.modules():
-            if isinstance(module, Experts):
-                for m, copy in enumerate(module):
-                    for p in copy.parameters():
-                        owner_of[id(p)] = self.config.modalities[m] if len(module) > 1 else "shared"
-        image_end = [self.patch_embed, self.time_embed, self.image_head, self.final_modulation,
-                     *(blk.modulation for blk in self.blocks)]
-        for module in image_end:
-            for p in (module.parameters() if module is not None else ()):
-                owner_of[id(p)] = "image"
-        text_end = [self.tok_embed, self.new_tok_embed, self.lm_head, self.new_lm_head]
-        for module in text_end:
-            for p in (module.parameters() if module is not None else ()):
-                owner_of[id(p)] = "text"
-        return {name: owner_of[id(p)] for name, p in self.named_parameters()}
-
-    def parameters_of(self, owners: list[str]) -> list[str]:
-        """Names of the parameters `owners` own (`parameter_owners`), but the rows appended to a pretrained
-        vocabulary: what `train.freeze: owners` freezes."""
-        appended = self.appended_token_parameters()
-        return [name for name, owner in self.parameter_owners().items() if owner in owners and name not in appended]
-
-    def appended_token_parameters(self) -> set[str]:
-        """Names of the rows added to a pretrained LM's vocabulary (BOI, EOI): new to the LM, so they train even
-        when the text side is frozen."""
-        return {name for name, _ in self.named_parameters() if name.startswith(("new_tok_embed.", "new_lm_head."))}
-
     def attention_backend(self, device: torch.device) -> str:
         return resolve_backend(self.config.attn_backend, device)
-
-    def check_inputs(self, inputs: ModelInputs) -> None:
-        """ValueError naming the problem, for inputs a collator would not produce."""
-        cfg = self.config
-        if inputs.tokens.dim() != 2:
-            raise ValueError(f"tokens must be (batch, seq), got shape {tuple(inputs.tokens.shape)}")
-        batch, seq = inputs.tokens.shape
-        for name in ("modality", "positions", "doc_ids", "image_ids"):
-            if tuple(getattr(inputs, name).shape) != (batch, seq):
-                raise ValueError(f"{name} must have shape {(batch, seq)}, got {tuple(getattr(inputs, name).shape)}")
-        if seq > cfg.max_seq_len:
-            raise ValueError(f"sequence length {seq} exceeds max_seq_len {cfg.max_seq_len}")
-        if inputs.patches.dim() != 2 or inputs.patches.shape[1] != cfg.patch_dim:
-            raise ValueError(f"patches must be (P, {cfg.patch_dim}) = (P, latent_channels*patch_size^2), "
-                             f"got {tuple(inputs.patches.shape)}")
-        # one host sync for all value checks (this runs every step)
-        lo, hi, m_lo, m_hi, n_image = torch.stack([
-            inputs.tokens.min(), inputs.tokens.max(), inputs.modality.min(), inputs.modality.max(),
-            (inputs.modality == self.image_modality).sum()]).tolist()
-        if lo < 0 or hi >= cfg.vocab_size:
-            raise ValueError(f"token ids must be in [0, {cfg.vocab_size}), got range [{lo}, {hi}]")
-        if m_lo < 0 or m_hi >= cfg.num_modalities:
-            raise ValueError(f"modality ids must be in [0, {cfg.num_modalities}), got [{m_lo}, {m_hi}]")
-        if n_image != inputs.patches.shape[0]:
-            raise ValueError(f"{n_image} image positions in the sequence but {inputs.patches.shape[0]} patches")
 
     def embed_tokens(self, ids: Tensor) -> Tensor:
         """(N,) token ids -> (N, D); ids past a pretrained vocabulary read the appended rows."""
@@ -504,7 +447,7 @@ class TransfusionMoT(nn.Module):
         changes at every decoding step, which a compiled FlexAttention would recompile for).
         """
         if check:
-            self.check_inputs(inputs)
+            inputs.check(self.config)
         batch, seq = inputs.tokens.shape
         device = inputs.tokens.device
         past = 0 if cache is None else len(cache)
@@ -559,3 +502,41 @@ class TransfusionMoT(nn.Module):
         model = cls(load_yaml_config(ModelConfig, directory / MODEL_CONFIG_FILE))
         model.load_state_dict(load_file(str(directory / MODEL_WEIGHTS_FILE)))
         return model.to(device).eval()
+
+
+# --------------------------------------------------------------------------------------------------
+# which tokens use each parameter (for train.freeze and optim.lr_mult)
+
+
+def parameter_owners(model: TransfusionMoT) -> dict[str, str]:
+    """Which tokens use each parameter (by name): a modality's name, or "shared" (one copy of an expert group
+    that is not untied serves every modality). The token embedding and LM head belong to text, the patch and
+    timestep embeddings, the image head and the adaLN modulations to image."""
+    owner_of: dict[int, str] = {}
+    for module in model.modules():
+        if isinstance(module, Experts):
+            for m, copy in enumerate(module):
+                for p in copy.parameters():
+                    owner_of[id(p)] = model.config.modalities[m] if len(module) > 1 else "shared"
+    image_end = [model.patch_embed, model.time_embed, model.image_head, model.final_modulation,
+                 *(blk.modulation for blk in model.blocks)]
+    for module in image_end:
+        for p in (module.parameters() if module is not None else ()):
+            owner_of[id(p)] = "image"
+    for module in [model.tok_embed, model.new_tok_embed, model.lm_head, model.new_lm_head]:
+        for p in (module.parameters() if module is not None else ()):
+            owner_of[id(p)] = "text"
+    return {name: owner_of[id(p)] for name, p in model.named_parameters()}
+
+
+def appended_token_parameters(model: TransfusionMoT) -> set[str]:
+    """Names of the rows added to a pretrained LM's vocabulary (BOI, EOI): new to the LM, so they train even
+    when the text side is frozen."""
+    return {name for name, _ in model.named_parameters() if name.startswith(("new_tok_embed.", "new_lm_head."))}
+
+
+def parameters_of(model: TransfusionMoT, owners: list[str]) -> list[str]:
+    """Names of the parameters `owners` own (`parameter_owners`), but the rows appended to a pretrained
+    vocabulary: what `train.freeze: owners` freezes."""
+    appended = appended_token_parameters(model)
+    return [name for name, owner in parameter_owners(model).items() if owner in owners and name not in appended]

@@ -24,120 +24,16 @@ from typing import Any
 
 import torch
 
-from .common.errors import ConfigError, InputNotFound, InvalidInput, describe
+from .common.errors import ConfigError, InputNotFound, InvalidInput
 from .common.hub import local_snapshot
 from .common.tensors import copy_full_into
-from .config import ModelConfig
-from .tokenizer import APPENDED_TOKENS
+from .config import ModelConfig, lm_model_keys, read_lm_config
 
-# architecture -> (Q/K/V bias, output-projection bias, per-head QK-norm); None: the config's attention_bias
-SUPPORTED: dict[str, tuple[bool | None, bool | None, bool]] = {
-    "LlamaForCausalLM": (None, None, False),
-    "MistralForCausalLM": (False, False, False),
-    "Qwen2ForCausalLM": (True, False, False),
-    "Qwen3ForCausalLM": (None, None, True),
-}
-# the model config keys an LM's config decides (a config with init_from needs none of them)
-LM_KEYS = ("dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_dim", "vocab_size", "base_vocab_size",
-           "norm_eps", "rope_theta", "rope_scaling", "qkv_bias", "out_bias", "qk_norm", "tie_embeddings",
-           "norm_placement")
-CONFIG_FILES = ["config.json"]
-LM_FILES_DIR = "text_lm"  # in a run directory: the LM's config.json and tokenizer (`save_lm_files`)
 WEIGHT_FILES = ["*.safetensors", "*.safetensors.index.json", "config.json"]
 
 
 # --------------------------------------------------------------------------------------------------
-# the LM's config -> the backbone's shape
-
-
-def read_lm_config(source: str | Path) -> Any:
-    """The transformers config of a local directory or Hub id (only config.json is downloaded)."""
-    from transformers import AutoConfig
-
-    directory = local_snapshot(source, "of a transformers causal LM", allow_patterns=CONFIG_FILES)
-    if not (Path(directory) / "config.json").is_file():
-        raise InputNotFound(f"model.init_from {source}: no config.json (expected a transformers model directory "
-                            "written by save_pretrained, or a Hub id)")
-    try:
-        return AutoConfig.from_pretrained(str(directory))
-    except Exception as err:  # an unknown model_type, a damaged file
-        raise InvalidInput(f"model.init_from {source}: cannot read its config.json ({describe(err)})") from None
-
-
-def _architecture(lm: Any, source: str | Path) -> str:
-    archs = list(getattr(lm, "architectures", None) or [])
-    arch = next((a for a in archs if a in SUPPORTED), None)
-    if arch is None:
-        found = archs[0] if archs else getattr(lm, "model_type", "unknown")
-        raise ConfigError(f"model.init_from {source}: architecture {found} is not supported (supported: "
-                          f"{', '.join(SUPPORTED)})")
-    return arch
-
-
-def _rope(lm: Any, source: str | Path) -> tuple[float, dict[str, Any] | None]:
-    """(theta, Llama-3 scaling or None) from either config layout: transformers >= 5 keeps both in
-    `rope_parameters`, earlier versions in `rope_theta` and `rope_scaling`."""
-    params = dict(getattr(lm, "rope_parameters", None) or {})
-    theta = params.get("rope_theta", getattr(lm, "rope_theta", None))
-    scaling = params if params else dict(getattr(lm, "rope_scaling", None) or {})
-    kind = scaling.get("rope_type", scaling.get("type", "default")) if scaling else "default"
-    if theta is None:
-        raise ConfigError(f"model.init_from {source}: the config gives no RoPE theta")
-    if float(getattr(lm, "partial_rotary_factor", None) or scaling.get("partial_rotary_factor", 1.0)) != 1.0:
-        raise ConfigError(f"model.init_from {source}: partial rotary embeddings are not supported")
-    if kind == "default":
-        return float(theta), None
-    if kind != "llama3":
-        raise ConfigError(f"model.init_from {source}: rope scaling {kind!r} is not supported (supported: default, "
-                          "llama3)")
-    keep = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
-    return float(theta), {"rope_type": "llama3", **{k: scaling[k] for k in keep if k in scaling}}
-
-
-def lm_model_keys(lm: Any, source: str | Path, max_seq_len: int) -> dict[str, Any]:
-    """The model config keys the LM decides (`LM_KEYS`); ConfigError for what this backbone cannot compute
-    exactly (another architecture, activation, sliding windows shorter than the context, MLP biases)."""
-    arch = _architecture(lm, source)
-    qkv_bias, out_bias, qk_norm = SUPPORTED[arch]
-    bias = bool(getattr(lm, "attention_bias", False))
-    act = getattr(lm, "hidden_act", "silu")
-    if act != "silu":
-        raise ConfigError(f"model.init_from {source}: activation {act!r} is not supported (SwiGLU with silu only)")
-    if getattr(lm, "mlp_bias", False):
-        raise ConfigError(f"model.init_from {source}: MLP biases are not supported")
-    window = getattr(lm, "sliding_window", None)
-    windowed = getattr(lm, "use_sliding_window", arch == "MistralForCausalLM") and window is not None
-    if windowed and window < max_seq_len:
-        raise ConfigError(f"model.init_from {source}: sliding-window attention ({window} positions) is not supported "
-                          f"for a context of {max_seq_len}; set model.max_seq_len <= {window}")
-    limit = getattr(lm, "max_position_embeddings", None)
-    if limit is not None and max_seq_len > limit:
-        raise ConfigError(f"model.max_seq_len {max_seq_len} exceeds the {limit} positions {source} was trained for")
-    heads = int(lm.num_attention_heads)
-    theta, scaling = _rope(lm, source)
-    return {
-        "dim": int(lm.hidden_size), "n_layers": int(lm.num_hidden_layers), "n_heads": heads,
-        "n_kv_heads": int(getattr(lm, "num_key_value_heads", None) or heads),
-        "head_dim": int(getattr(lm, "head_dim", None) or lm.hidden_size // heads),
-        "ffn_dim": int(lm.intermediate_size), "vocab_size": int(lm.vocab_size) + len(APPENDED_TOKENS),
-        "base_vocab_size": int(lm.vocab_size), "norm_eps": float(lm.rms_norm_eps), "rope_theta": theta,
-        "rope_scaling": scaling, "qkv_bias": bias if qkv_bias is None else qkv_bias,
-        "out_bias": bias if out_bias is None else out_bias, "qk_norm": qk_norm,
-        "tie_embeddings": bool(getattr(lm, "tie_word_embeddings", False)), "norm_placement": "pre",
-    }
-
-
-def resolve_init_from(model: dict[str, Any]) -> dict[str, Any]:
-    """A model config mapping with `init_from`, completed with the LM's keys. A key the mapping sets to
-    another value than the LM's is a ConfigError naming both."""
-    source = model["init_from"]
-    max_seq_len = int(model.get("max_seq_len", ModelConfig.max_seq_len))
-    derived = lm_model_keys(read_lm_config(source), source, max_seq_len)
-    for key, value in derived.items():
-        if key in model and model[key] != value:
-            raise ConfigError(f"model.{key} is {model[key]!r} but {source} has {value!r}: a config with "
-                              "model.init_from needs no shape keys (remove it, or start from another model file)")
-    return {**model, **derived}
+# the LM's config against the model config
 
 
 def check_matches_lm(config: ModelConfig) -> None:
@@ -148,7 +44,7 @@ def check_matches_lm(config: ModelConfig) -> None:
     if wrong:
         k = wrong[0]
         raise ConfigError(f"model.{k} is {getattr(config, k)!r} but {config.init_from} has {derived[k]!r}; build the "
-                          "config with transfusion_mot.run.run_config_from_dict, which takes every shape key from the LM")
+                          "config with transfusion_mot.config.run_config_from_dict, which takes every shape key from the LM")
 
 
 def check_tokenizer_matches_lm(tokenizer: Any, source: str | Path) -> None:
@@ -319,6 +215,5 @@ def export_text_lm(state: dict[str, torch.Tensor], config: ModelConfig, lm_files
     return out
 
 
-__all__ = ["LM_FILES_DIR", "LM_KEYS", "LMWeights", "SUPPORTED", "check_matches_lm", "check_tokenizer_matches_lm",
-           "export_text_lm", "lm_model_keys", "load_lm_weights", "read_lm_config", "resolve_init_from",
+__all__ = ["LMWeights", "check_matches_lm", "check_tokenizer_matches_lm", "export_text_lm", "load_lm_weights",
            "save_lm_files", "text_lm_state_dict", "weight_map"]

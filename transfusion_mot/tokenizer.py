@@ -12,47 +12,14 @@ NOT used as ours: they stay ordinary ids of the file, which keeps any tokenizer.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Protocol, Sequence, Union
 
 from .batch import SpecialTokens
 from .common.errors import ConfigError, InputNotFound, InvalidInput
+from .config import APPENDED_TOKENS, OVERFLOW_CHOICES, TokenizerConfig
 
 NUM_SPECIALS = 5
-TOKENIZER_KINDS = ("bytes", "hf", "pretrained")
-APPENDED_TOKENS = ("boi", "eoi")  # the rows a pretrained LM's vocabulary gains (model.base_vocab_size onwards)
-OVERFLOW_CHOICES = ("error", "truncate")
-
-
-@dataclass
-class TokenizerConfig:
-    """Which tokenizer to use and what to do with captions longer than `max_text_tokens`.
-
-    kind: "bytes" (no file needed), "hf" (a tokenizer.json at `path`, e.g. from `tmot data tokenizer`; for
-    built-in data with `path: null`, a BPE of `model.vocab_size` ids is trained on the training captions) or
-    "pretrained" (a transformers tokenizer: the directory or Hub id at `path`, by default `model.init_from`:
-    a model started from a language model keeps that model's tokenizer).
-    overflow: "error" fails loudly (a silently cut caption changes what the model learns); "truncate"
-    keeps the first `max_text_tokens` tokens.
-    """
-
-    kind: str = "bytes"
-    path: str | None = None
-    max_text_tokens: int | None = None
-    overflow: str = "error"
-
-    def __post_init__(self) -> None:
-        self.validate()
-
-    def validate(self) -> None:
-        if self.kind not in TOKENIZER_KINDS:
-            raise ConfigError(f"tokenizer config: kind must be one of {list(TOKENIZER_KINDS)}, got {self.kind!r}")
-        if self.overflow not in OVERFLOW_CHOICES:
-            raise ConfigError(f"tokenizer config: overflow must be one of {list(OVERFLOW_CHOICES)}, "
-                              f"got {self.overflow!r}")
-        if self.max_text_tokens is not None and int(self.max_text_tokens) <= 0:
-            raise ConfigError(f"tokenizer config: max_text_tokens must be positive, got {self.max_text_tokens}")
 
 
 class Tokenizer(Protocol):

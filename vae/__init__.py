@@ -20,12 +20,12 @@ from .autoencoder import (
                           psnr_per_image,
                           set_latent_stats,
 )
-from .latents import LatentDataset, LatentStream, encode_folder
+from .latents import LatentDataset, encode_folder
 from .reconstruct import evaluate_psnr, reconstruct
 from .train import train_vae
 
 __all__ = [
-    "HUB_EXAMPLE", "LatentDataset", "LatentStats", "LatentStream", "VAEConfig", "VAENotFoundError", "VAERunConfig",
+    "HUB_EXAMPLE", "LatentDataset", "LatentStats", "VAEConfig", "VAENotFoundError", "VAERunConfig",
     "VAETrainConfig", "build_vae", "compute_latent_stats", "decode", "encode", "encode_folder", "evaluate_psnr",
     "latent_scale_shift", "load_vae", "load_vae_config", "psnr_per_image", "reconstruct", "set_latent_stats",
     "train_vae",

@@ -1,11 +1,11 @@
 """The model card an export writes: valid Hub metadata, and numbers that are the run's own."""
 
-import json
 
 import yaml
 
-from transfusion_mot.inference.card import EVALUATION_FILE, LIBRARY
+from transfusion_mot.inference.card import LIBRARY
 from transfusion_mot.inference.pipeline import Pipeline
+from transfusion_mot.run_dir import RunDir
 
 
 def front_matter(text: str) -> tuple[dict, str]:
@@ -15,17 +15,17 @@ def front_matter(text: str) -> tuple[dict, str]:
 
 
 def test_exported_card_has_hub_metadata_and_the_runs_numbers(tiny_run, tmp_path):
-    (tiny_run / EVALUATION_FILE).write_text(json.dumps({"source": "test", "alignment demo: all_correct": 0.953,
-                                                        "FID (100 vs 100 val images)": 166.4}))
+    run = RunDir(tiny_run)
+    run.write_evaluation({"source": "test", "alignment demo: all_correct": 0.953, "FID (100 vs 100 val images)": 166.4})
     try:
         pipe = Pipeline.from_run(tiny_run)
         out = pipe.save_pretrained(tmp_path / "model", repo_id="someone/tiny-mot")
     finally:
-        (tiny_run / EVALUATION_FILE).unlink()
+        run.evaluation_file.unlink()
     meta, body = front_matter((out / "README.md").read_text())
     assert meta["library_name"] == LIBRARY and meta["license"] == "apache-2.0"
     assert meta["pipeline_tag"] == "text-to-image" and "mixture-of-transformers" in meta["tags"]
-    summary = json.loads((tiny_run / "summary.json").read_text())
+    summary = run.read_summary()
     params = sum(p.numel() for p in pipe.model.parameters())
     assert summary["parameters"]["total"] == params
     assert f"| parameters | {params:,} |" in body or f"| parameters | {params} |" in body

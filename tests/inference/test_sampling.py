@@ -61,9 +61,9 @@ def reference_sample(model, prompt, seed, cfg_scale, kind, steps):
 
     def predict(caption, x_t, t):
         batch = collator.collate_padded([Sample([TOK.encode(caption), torch.zeros(SHAPE)])])
-        inputs = batch.model_inputs(patchify(x_t[0], p), t.float().reshape(1))
+        inputs = batch.noised(patchify(x_t[0], p), t.float().reshape(1))
         hidden = model(inputs)
-        return unpatchify(model.image_head(hidden[batch.modality == model.image_modality]), c, h, w, p)[None]
+        return unpatchify(model.image_head(hidden[batch.inputs.modality == model.image_modality]), c, h, w, p)[None]
 
     with torch.no_grad():
         for t in scheduler.timesteps:
@@ -81,14 +81,14 @@ def reference_sample(model, prompt, seed, cfg_scale, kind, steps):
 
 def split_inputs(batch, patches, timesteps, rows, a, b):
     """Rows `rows`, columns [a, b) of a collated batch as ModelInputs (with the patches that fall inside)."""
-    is_image = batch.modality == 1
+    is_image = batch.inputs.modality == 1
     ordinal = torch.cumsum(is_image.reshape(-1), 0).reshape(is_image.shape) - 1
     inside = torch.zeros_like(is_image)
     inside[rows, a:b] = True
     picked = ordinal[is_image & inside]
-    return ModelInputs(batch.tokens[rows, a:b], batch.modality[rows, a:b], batch.positions[rows, a:b],
-                       batch.doc_ids[rows, a:b], batch.image_ids[rows, a:b], patches[picked],
-                       batch.patch_coords[picked], batch.patch_image[picked], timesteps)
+    return ModelInputs(batch.inputs.tokens[rows, a:b], batch.inputs.modality[rows, a:b], batch.inputs.positions[rows, a:b],
+                       batch.inputs.doc_ids[rows, a:b], batch.inputs.image_ids[rows, a:b], patches[picked],
+                       batch.inputs.patch_coords[picked], batch.inputs.patch_image[picked], timesteps)
 
 
 def valid_splits(image_ids):
@@ -107,16 +107,16 @@ def test_cached_chunks_equal_full_forward(untie, packed):
     samples = random_samples(model.config, n=4, seed=1)
     batch = collator.collate_packed(samples, 80) if packed else collator.collate_padded(samples)
     timesteps = torch.tensor([0.0, 250.0, 500.0, 999.0])[: batch.num_images]
-    patches = torch.randn_like(batch.patches)
-    n_rows, length = batch.tokens.shape
+    patches = torch.randn_like(batch.inputs.patches)
+    n_rows, length = batch.inputs.tokens.shape
     kinds = set()
     with torch.no_grad():
-        full = model(batch.model_inputs(patches, timesteps))
+        full = model(batch.noised(patches, timesteps))
         for rows in [slice(r, r + 1) for r in range(n_rows)] + [slice(0, n_rows)]:
-            splits = valid_splits(batch.image_ids[rows])
+            splits = valid_splits(batch.inputs.image_ids[rows])
             assert splits
             for s in splits:
-                kinds.add("image" if (batch.modality[rows, s] == 1).any() else "text")
+                kinds.add("image" if (batch.inputs.modality[rows, s] == 1).any() else "text")
                 cache = KVCache.empty(model.config.n_layers, rows.stop - rows.start)
                 head = model(split_inputs(batch, patches, timesteps, rows, 0, s), cache=cache)
                 assert len(cache) == s and cache.layers[0].k.shape[2] == s
@@ -144,9 +144,9 @@ def test_cache_checks_context_and_shape():
     cache = KVCache.empty(model.config.n_layers, 2)
     cache.doc_ids = cache.image_ids = torch.zeros(2, model.config.max_seq_len, dtype=torch.long)
     with pytest.raises(ValueError, match="exceed max_seq_len"):
-        model(batch.model_inputs(batch.patches, torch.zeros(batch.num_images)), cache=cache)
+        model(batch.noised(batch.inputs.patches, torch.zeros(batch.num_images)), cache=cache)
     with pytest.raises(ValueError, match="rows"):
-        model(batch.model_inputs(batch.patches, torch.zeros(batch.num_images)),
+        model(batch.noised(batch.inputs.patches, torch.zeros(batch.num_images)),
               cache=KVCache.empty(model.config.n_layers, 3))
 
 

@@ -3,7 +3,7 @@
 import json
 
 from transfusion_mot.recipes.train import train
-from transfusion_mot.run import load_run_config, run_config_from_dict
+from transfusion_mot.config import load_run_config, run_config_from_dict
 from transfusion_mot.tokenizer import ByteTokenizer, load_tokenizer
 
 

@@ -8,7 +8,7 @@ from helpers import make_config
 from transfusion_mot.common import checkpoint as ckpt
 from transfusion_mot.common.errors import ConfigError
 from transfusion_mot.recipes.train import train
-from transfusion_mot.run import load_run_config
+from transfusion_mot.config import load_run_config
 
 
 def test_run_directory_contents(tmp_path, data):
@@ -51,7 +51,7 @@ def test_the_run_directory_works_from_any_directory(tmp_path, data, monkeypatch)
     """Relative paths in a config are recorded absolute in RUN/config.yaml, so the run loads from elsewhere."""
     import shutil
 
-    from transfusion_mot.run import load_run_model
+    from transfusion_mot.run_dir import RunDir
 
     work = tmp_path / "work"
     shutil.copytree(data["latents"], work / "latents")
@@ -60,5 +60,5 @@ def test_the_run_directory_works_from_any_directory(tmp_path, data, monkeypatch)
     saved = load_run_config(work / "run" / "config.yaml")
     assert saved.data.path == str(work / "latents") and saved.vae.path == str(data["vae"])
     monkeypatch.chdir(tmp_path)
-    model, config, info = load_run_model("work/run")
+    model, config, info = RunDir("work/run").load_model()
     assert info["step"] == 2

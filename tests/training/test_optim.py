@@ -3,6 +3,7 @@
 
 import torch
 
+from transfusion_mot.model import parameter_owners
 from transfusion_mot.training.optim import EMA, param_groups
 
 
@@ -67,7 +68,7 @@ def test_freezing_an_owner_leaves_it_out_of_the_optimizer_and_the_ema():
     from transfusion_mot.training.optim import freeze_parameters
 
     model = TransfusionMoT(tiny_config(untie=["attn", "ffn"]))
-    owners = model.parameter_owners()
+    owners = parameter_owners(model)
     assert set(owners.values()) == {"text", "image", "shared"}  # norms are not untied: shared
     frozen = freeze_parameters(model, ["text"])
     assert set(frozen) == {n for n, o in owners.items() if o == "text"} and "tok_embed.weight" in frozen

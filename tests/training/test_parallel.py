@@ -1,4 +1,4 @@
-"""Data-parallel training: collectives on the training device, FSDP2 with meta-device initialisation,
+"""Data-parallel training: FSDP2 with meta-device initialisation,
 sharded (DCP) checkpoints that one process loads and exports, text-only micro-batches, exact resume on the
 same number of processes and re-split resume on another."""
 
@@ -12,38 +12,9 @@ import torch
 import yaml
 from helpers import cli_env, config_dict, losses
 
-from transfusion_mot.common import checkpoint as ckpt
-from transfusion_mot.run import load_run_model
-from transfusion_mot.training import parallel
-from transfusion_mot.training.parallel import DistInfo, all_reduce_sum, any_rank, barrier
-
-
-class Recorded(Exception):
-    pass
-
-
-def test_collectives_run_on_the_process_group_device(monkeypatch):
-    """NCCL serves only CUDA tensors: every collective must put its tensor on DistInfo.device (here the meta
-    device stands in for a GPU, which a CPU cannot show otherwise), whatever device the values live on."""
-    devices = []
-
-    def fake_all_reduce(tensor, op=None):
-        devices.append(tensor.device)
-        raise Recorded
-
-    monkeypatch.setattr(parallel.dist, "all_reduce", fake_all_reduce)
-    info = DistInfo(rank=0, world_size=2, device=torch.device("meta"))
-    for call in (lambda: all_reduce_sum(torch.zeros(9, dtype=torch.float64), info), lambda: any_rank(True, info)):
-        with pytest.raises(Recorded):
-            call()
-    assert devices == [torch.device("meta")] * 2
-    barriers = []
-    monkeypatch.setattr(parallel.dist, "barrier", lambda **kw: barriers.append(kw))
-    barrier(DistInfo(rank=1, world_size=2, device=torch.device("cuda", 1)))
-    barrier(DistInfo(rank=1, world_size=2))
-    assert barriers == [{"device_ids": [1]}, {}]
-    # a single process needs no collective at all
-    assert all_reduce_sum(torch.ones(2), DistInfo()).tolist() == [1.0, 1.0]
+from transfusion_mot.common.checkpoint import load_tensors
+from transfusion_mot.model import appended_token_parameters, parameter_owners
+from transfusion_mot.run_dir import RunDir, sharded_keys
 
 
 def torchrun(args, nproc=2):
@@ -69,9 +40,9 @@ def test_two_process_fsdp2_run_writes_a_sharded_checkpoint_one_process_loads_and
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     assert all(r["mfu"] is None and 0 <= r["padding_fraction"] < 1 for r in rows)  # CPU: no peak to compare with
     # one process assembles the full weights, raw and EMA, and runs the model
-    model, config, info = load_run_model(run, ema=False)
+    model, config, info = RunDir(run).load_model(ema=False)
     assert info["step"] == 4 and info["weights"] == "dcp/model"
-    ema_model, _, ema_info = load_run_model(run)
+    ema_model, _, ema_info = RunDir(run).load_model()
     assert ema_info["weights"] == "dcp/ema"
     # the weights moved away from the seed's initialisation in every process's shard
     torch.manual_seed(config.train.seed)
@@ -95,7 +66,7 @@ def test_two_process_fsdp2_run_writes_a_sharded_checkpoint_one_process_loads_and
     proc = subprocess.run([sys.executable, "-m", "transfusion_mot", "export", "--run", str(run), "--out", str(out)],
                           env=cli_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    exported = ckpt.load_tensors(out / "model.safetensors")
+    exported = load_tensors(out / "model.safetensors")
     assert set(exported) == set(ema_model.state_dict())
     assert all(torch.equal(exported[k], v) for k, v in ema_model.state_dict().items())
 
@@ -134,18 +105,17 @@ def test_text_only_micro_batches_do_not_hang_fsdp2(tmp_path, data):
 def test_resume_on_another_number_of_processes(tmp_path, data):
     """2 processes -> 1 -> 2: the sharded checkpoint loads exactly into one process (weights, EMA, optimizer),
     a one-process checkpoint resumes on two, and the step count, tokens and losses carry on."""
-    from transfusion_mot.recipes.train import build_run
-    from transfusion_mot.run import load_run_config
+    from transfusion_mot.config import load_run_config
+    from transfusion_mot.recipes.train import build_trainer
 
     cfg = tmp_path / "c.yaml"
     cfg.write_text(yaml.safe_dump(config_dict(data, train={"max_steps": 3, "save_every": 3})))
     run = tmp_path / "run"
     torchrun(["--config", str(cfg), "--out", str(run)])
     # in this process: the trainer resumed from the 2-process checkpoint holds exactly its state
-    composed = build_run(load_run_config(run / "config.yaml"), run, resume=True)
-    trainer = composed.trainer
-    raw, _, _ = load_run_model(run, ema=False)
-    ema, _, _ = load_run_model(run)
+    trainer = build_trainer(load_run_config(run / "config.yaml"), run, resume=True)
+    raw, _, _ = RunDir(run).load_model(ema=False)
+    ema, _, _ = RunDir(run).load_model()
     for name, p in trainer.model.named_parameters():
         assert torch.equal(p.detach(), raw.state_dict()[name]), name
         assert torch.equal(trainer.ema.shadow[name], ema.state_dict()[name]), name
@@ -182,9 +152,9 @@ def test_two_process_fsdp2_run_from_a_language_model_with_the_text_frozen(tmp_pa
     torchrun(["--config", str(tmp_path / "c.yaml"), "--out", str(run)])
     checkpoint = run / "checkpoints/step_3"
     assert (checkpoint / "dcp").is_dir()
-    averaged = ckpt.sharded_keys(checkpoint, "ema")
-    model, config, info = load_run_model(run)
-    frozen = {n for n, owner in model.parameter_owners().items() if owner == "text"} - model.appended_token_parameters()
+    averaged = sharded_keys(checkpoint, "ema")
+    model, config, info = RunDir(run).load_model()
+    frozen = {n for n, owner in parameter_owners(model).items() if owner == "text"} - appended_token_parameters(model)
     assert averaged == set(dict(model.named_parameters())) - frozen and frozen
     from transfusion_mot.model import TransfusionMoT
     from transfusion_mot.pretrained import load_lm_weights

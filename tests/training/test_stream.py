@@ -1,15 +1,13 @@
 """The training sample stream: Transfusion's direction mix (80/20 caption-first / image-first), caption
 dropout for classifier-free guidance, the text-only stream, per-rank draws, and exact resumption."""
 
-import io
-
 import pytest
 import torch
 
-from transfusion_mot.common.errors import InputNotFound, InvalidInput
+from transfusion_mot.common.errors import InvalidInput
 from transfusion_mot.tokenizer import ByteTokenizer
-from transfusion_mot.training.stream import ImagePairSource, TrainingStream, read_text_documents
-from vae.latents import LatentStream
+from transfusion_mot.data.streams import ShuffledStream
+from transfusion_mot.training.stream import ImagePairSource, TrainingStream
 
 N = 40
 
@@ -20,8 +18,8 @@ def pairs():
 
 
 def stream(seed=0, rank=0, text_docs=None, **kwargs):
-    source = ImagePairSource(LatentStream(pairs(), seed=seed, rank=0, world_size=1))
-    text = LatentStream(text_docs, seed=seed + 1) if text_docs else None
+    source = ImagePairSource(ShuffledStream(pairs(), seed=seed, rank=0, world_size=1))
+    text = ShuffledStream(text_docs, seed=seed + 1) if text_docs else None
     return TrainingStream(source, ByteTokenizer(), seed=seed, rank=rank, text_stream=text, **kwargs)
 
 
@@ -99,33 +97,21 @@ def test_long_captions_follow_the_overflow_rule():
     assert len(cut[0].segments[0]) == 3
 
 
-def test_text_documents_files(tmp_path):
-    """The corpus is read by the shared text reader (tested in tests/common/test_files.py); here its field
-    and the empty-corpus error."""
-    jsonl = tmp_path / "docs.jsonl"
-    jsonl.write_text('{"text": " a "}\n{"text": "b"}\n')
-    assert read_text_documents(jsonl) == [" a ", "b"]  # documents are kept as written
-    (tmp_path / "empty.txt").write_text("\n")
-    with pytest.raises(InvalidInput, match="no documents"):
-        read_text_documents(tmp_path / "empty.txt")
-    with pytest.raises(InputNotFound, match="text-only corpus not found"):
-        read_text_documents(tmp_path / "none.txt")
-
-
-def test_build_stream_shares_text_documents_between_ranks(tmp_path, data):
+def test_training_data_shares_text_documents_between_ranks(tmp_path, data):
     """Each process of a data-parallel run reads its own documents: over one pass of the corpus, the two
     ranks' text-only documents are disjoint and together cover every document once."""
     from helpers import make_config
 
-    from transfusion_mot.training.stream import build_stream
+    from transfusion_mot.common.distributed import DistInfo
+    from transfusion_mot.training.stream import build_training_data
 
     corpus = tmp_path / "docs.txt"
     corpus.write_text("".join(f"document number {i}\n" for i in range(12)))
     config = make_config(data, data={"text_only_path": str(corpus), "text_only_ratio": 0.5})
     seen = []
     for rank in (0, 1):
-        stream, *_ = build_stream(config, ByteTokenizer(), rank, 2, torch.device("cpu"))
-        seen.append([next(stream.text_stream) for _ in range(6)])
+        built = build_training_data(config, ByteTokenizer(), DistInfo(rank=rank, world_size=2), torch.device("cpu"))
+        seen.append([next(built.mix.text_stream) for _ in range(6)])
     assert set(seen[0]).isdisjoint(seen[1])
     assert sorted(seen[0] + seen[1]) == sorted(f"document number {i}" for i in range(12))
 
@@ -148,14 +134,14 @@ def test_packing_fills_batch_size_rows_to_the_budget_and_drops_nothing():
     expected = reference.next_samples(200)
     placed = []
     for _ in range(6):
-        batch = packed.next_batch()
-        assert tuple(batch.tokens.shape) == (3, 64)
+        batch = next(packed)
+        assert tuple(batch.inputs.tokens.shape) == (3, 64)
         lengths = [collator.layout_length(s) for s in expected[len(placed):len(placed) + 40]]
-        n_docs = int((batch.doc_ids.max(dim=1).values + 1).sum())
-        used = int((batch.doc_ids >= 0).sum())
+        n_docs = int((batch.inputs.doc_ids.max(dim=1).values + 1).sum())
+        used = int((batch.inputs.doc_ids >= 0).sum())
         assert used == sum(lengths[:n_docs])
         # the first sample left over fits in no row: the rows are as full as first-fit makes them
-        free = [64 - int((row >= 0).sum()) for row in batch.doc_ids]
+        free = [64 - int((row >= 0).sum()) for row in batch.inputs.doc_ids]
         assert lengths[n_docs] > max(free)
         placed += expected[len(placed):len(placed) + n_docs]
     assert 1 - used / (3 * 64) < 0.25  # samples of ~15 tokens leave little padding in 64-token rows
@@ -163,14 +149,14 @@ def test_packing_fills_batch_size_rows_to_the_budget_and_drops_nothing():
 
 def test_packed_batches_resume_exactly_with_the_unplaced_samples():
     packed, _ = _packing_parts(draw=7)
-    packed.next_batch()
+    next(packed)
     state = packed.state_dict()
     assert state["pending"]  # drawn but not yet placed
-    following = [packed.next_batch() for _ in range(3)]
+    following = [next(packed) for _ in range(3)]
     resumed, _ = _packing_parts(draw=7)
     resumed.load_state_dict(state)
-    for a, b in zip(following, [resumed.next_batch() for _ in range(3)]):
-        assert torch.equal(a.tokens, b.tokens) and torch.equal(a.patches, b.patches)
+    for a, b in zip(following, [next(resumed) for _ in range(3)]):
+        assert torch.equal(a.inputs.tokens, b.inputs.tokens) and torch.equal(a.inputs.patches, b.inputs.patches)
 
 
 def test_layout_length_counts_what_the_collator_lays_out():
@@ -183,60 +169,3 @@ def test_layout_length_counts_what_the_collator_lays_out():
         assert collator.layout_length(sample) == len(collator._layout(sample)["tokens"])
 
 
-def test_worker_processes_deliver_the_same_items_and_resume_at_the_exact_next_one(data):
-    """Folder images decoded by 2 DataLoader workers arrive in the order the training process would read
-    them itself; the state taken after k items (the workers are ahead by then) resumes at item k + 1."""
-    from transfusion_mot.data.readers import ImageFolderReader
-    from transfusion_mot.training.stream import PrefetchedItems
-
-    def order():
-        return LatentStream(ImageFolderReader(data["folder"], split="train", size=16), seed=3, drop_last=True)
-
-    plain = order()
-    expected = [next(plain) for _ in range(30)]  # more than one epoch
-    prefetched = PrefetchedItems(order(), num_workers=2, prefetch_factor=2)
-    got = [next(prefetched) for _ in range(11)]
-    state = prefetched.state_dict()
-    got += [next(prefetched) for _ in range(4)]
-    prefetched.close()
-    resumed = PrefetchedItems(order(), num_workers=2, prefetch_factor=2)
-    resumed.load_state_dict(state)
-    again = [next(resumed) for _ in range(19)]
-    resumed.close()
-    assert [g["key"] for g in got] == [e["key"] for e in expected[:15]]
-    assert [g["key"] for g in again] == [e["key"] for e in expected[11:30]]
-    assert all(torch.equal(g["image"], e["image"]) for g, e in zip(got + again, expected[:15] + expected[11:30]))
-
-
-def test_shard_items_read_by_workers_resume_exactly(tmp_path):
-    """WebDataset shards read by 2 workers: every sample once per epoch, the same stream every time (the
-    shards are split between the workers, so it is not the in-process order), and an exact resume across an
-    epoch boundary."""
-    import webdataset as wds
-    from PIL import Image
-
-    from transfusion_mot.data.readers import WebDatasetReader
-    from transfusion_mot.training.stream import ShardItems
-
-    urls = []
-    for k in range(4):
-        urls.append(str(tmp_path / f"shard-{k}.tar"))
-        with wds.TarWriter(urls[-1]) as sink:
-            for i in range(5):
-                buf = io.BytesIO()
-                Image.new("RGB", (8, 8), (40 * k, 40 * i, 0)).save(buf, format="PNG")
-                sink.write({"__key__": f"{k}-{i}", "png": buf.getvalue(), "txt": f"shard {k} sample {i}".encode()})
-
-    def reader():
-        return WebDatasetReader(urls, shuffle_buffer=3, seed=1, size=8)
-
-    straight = ShardItems(reader(), num_workers=2, prefetch_factor=2)
-    expected = [next(straight)["key"] for _ in range(27)]
-    assert sorted(expected[:20]) == sorted(f"{k}-{i}" for k in range(4) for i in range(5))
-    workers = ShardItems(reader(), num_workers=2, prefetch_factor=2)
-    got = [next(workers)["key"] for _ in range(9)]
-    state = workers.state_dict()
-    resumed = ShardItems(reader(), num_workers=2, prefetch_factor=2)
-    resumed.load_state_dict(state)
-    got += [next(resumed)["key"] for _ in range(18)]
-    assert got == expected

@@ -90,15 +90,15 @@ def test_metrics_report_mfu_and_padding_of_the_batches_trained_on(tmp_path, data
     """mfu x peak / tokens_per_s is the FLOPs per token of the step's packed rows and padding_fraction their
     share of padding, both recomputed here from the same batches (the stream does not depend on weights)."""
     from transfusion_mot.accounting import batch_train_flops
-    from transfusion_mot.recipes.train import build_run
+    from transfusion_mot.recipes.train import build_trainer
 
     sections = dict(data={"packing": True, "token_budget": 64}, train={"max_steps": 3, "batch_size": 2,
                                                                         "peak_tflops": 0.5})
     train(make_config(data, **sections), tmp_path / "run")
     rows = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
-    replay = build_run(make_config(data, **sections), tmp_path / "replay").trainer
+    replay = build_trainer(make_config(data, **sections), tmp_path / "replay")
     for row in rows:
-        batch = replay.batches.next_batch()
+        batch = next(replay.data.batches).inputs
         assert tuple(batch.tokens.shape) == (2, 64)
         real = batch.doc_ids >= 0
         flops = batch_train_flops(replay.accounting, batch.modality, batch.doc_ids, replay.config.model.modalities)
@@ -164,9 +164,9 @@ def test_failed_save_keeps_the_previous_checkpoint(tmp_path, data, monkeypatch, 
 
 
 def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path, data, monkeypatch):
-    import transfusion_mot.training.trainer as train_mod
+    import transfusion_mot.losses as losses_module
 
-    real_loss = train_mod.transfusion_loss
+    real_loss = losses_module.transfusion_loss
     calls = {"n": 0}
     poisoned = {4, 5} | set(range(12, 40))  # two isolated bad steps, then a run of them
 
@@ -178,7 +178,7 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path, data, monkeypa
             out["loss"] = out["loss"] * float("nan")
         return out
 
-    monkeypatch.setattr(train_mod, "transfusion_loss", loss_fn)
+    monkeypatch.setattr(losses_module, "transfusion_loss", loss_fn)
     run = tmp_path / "run"
     cfg = make_config(data, optim={"ema_decay": 0.9}, train={"max_steps": 40, "max_bad_steps": 5, "save_every": 10})
     with pytest.raises(TrainingError, match="5 consecutive steps.*step_10"):
@@ -228,7 +228,7 @@ def test_sigkill_at_random_moments_resumes_bit_exactly(tmp_path, data, nproc):
     import os
     import random
 
-    from transfusion_mot.run import load_run_model
+    from transfusion_mot.run_dir import RunDir
 
     cfg = tmp_path / "c.yaml"
     cfg.write_text(yaml.safe_dump(config_dict(data, train={"max_steps": 40, "save_every": 1, "keep_checkpoints": 2})))
@@ -260,6 +260,6 @@ def test_sigkill_at_random_moments_resumes_bit_exactly(tmp_path, data, nproc):
     assert kills >= 5
     assert losses(run) == losses(straight)
     for ema in (True, False):
-        a, _, _ = load_run_model(straight, ema=ema)
-        b, _, _ = load_run_model(run, ema=ema)
+        a, _, _ = RunDir(straight).load_model(ema=ema)
+        b, _, _ = RunDir(run).load_model(ema=ema)
         assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))

@@ -14,7 +14,7 @@ from transfusion_mot.common.errors import ConfigError
 from transfusion_mot.diffusion import make_objective
 from transfusion_mot.losses import transfusion_loss
 from transfusion_mot.model import TransfusionMoT
-from transfusion_mot.recipes.train import build_run, train
+from transfusion_mot.recipes.train import build_trainer, train
 from transfusion_mot.tokenizer import ByteTokenizer
 from transfusion_mot.training.validation import (NUM_BUCKETS, ValidationSet, bucket_names, load_validation_pairs,
                                                stratified_timesteps)
@@ -105,16 +105,16 @@ def test_validation_matches_a_naive_one_sample_at_a_time_reference():
         for i, (z, text) in enumerate(data):
             ids = tok.encode(text)
             batch = collator.collate_padded([Sample([ids, z])])
-            noisy = objective.add_noise(batch.patches, patchify(noises[i], 2), t[i:i + 1].expand(batch.patches.shape[0]))
-            hidden = model(batch.model_inputs(noisy, t[i:i + 1]))
-            pred = model.image_head(hidden[batch.modality == 1])
+            noisy = objective.add_noise(batch.inputs.patches, patchify(noises[i], 2), t[i:i + 1].expand(batch.inputs.patches.shape[0]))
+            hidden = model(batch.noised(noisy, t[i:i + 1]))
+            pred = model.image_head(hidden[batch.inputs.modality == 1])
             mses.append(((pred - patchify(noises[i], 2)) ** 2).mean().item())
             mask = batch.text_targets != IGNORE_INDEX
             nll += F.cross_entropy(model.lm_head(hidden[mask]), batch.text_targets[mask], reduction="sum").item()
             count += int(mask.sum())
             cap = collator.collate_padded([Sample([z, ids], image_first=True)])
-            hidden = model(cap.model_inputs(objective.add_noise(cap.patches, torch.zeros_like(cap.patches),
-                                                                torch.zeros(cap.patches.shape[0])), torch.zeros(1)))
+            hidden = model(cap.noised(objective.add_noise(cap.inputs.patches, torch.zeros_like(cap.inputs.patches),
+                                                                torch.zeros(cap.inputs.patches.shape[0])), torch.zeros(1)))
             mask = cap.text_targets != IGNORE_INDEX
             cap_nll += F.cross_entropy(model.lm_head(hidden[mask]), cap.text_targets[mask], reduction="sum").item()
             cap_count += int(mask.sum())
@@ -166,10 +166,10 @@ def test_training_logs_validation_and_it_does_not_change_training(data, tmp_path
 
 def test_validation_is_the_same_in_runs_with_other_training_seeds(data, tmp_path):
     """eval_seed, not train.seed, fixes the draws: two runs are scored on identical work."""
-    a = build_run(val_config(data, seed=0), tmp_path / "a").trainer
-    b = build_run(val_config(data, seed=5), tmp_path / "b").trainer
+    a = build_trainer(val_config(data, seed=0), tmp_path / "a")
+    b = build_trainer(val_config(data, seed=5), tmp_path / "b")
     for (ga, ta, na, _), (gb, tb, nb, _) in zip(a.validation.batches, b.validation.batches):
-        assert torch.equal(ta, tb) and torch.equal(na, nb) and torch.equal(ga.patches, gb.patches)
+        assert torch.equal(ta, tb) and torch.equal(na, nb) and torch.equal(ga.inputs.patches, gb.inputs.patches)
     b.model.load_state_dict(a.model.state_dict())
     assert a.evaluate() == b.evaluate()
 
@@ -186,24 +186,22 @@ def test_folder_validation_uses_the_val_split(data, tmp_path):
     (copy / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     config = make_config(data, data={"kind": "folder", "path": str(copy)}, vae={"path": str(data["vae"])},
                          train={"eval_every": 5, "eval_samples": 100})
-    run = build_run(config, tmp_path / "run")
-    trainer = run.trainer
-    assert trainer.validation.num_samples == 4 and "split val" in run.validation_source
+    trainer = build_trainer(config, tmp_path / "run")
+    assert trainer.validation.num_samples == 4 and "split val" in trainer.validation.source
     assert set(trainer.evaluate()) >= {"val_image_loss", "val_text_loss"}
 
 
 def test_missing_validation_data_is_said_once_and_training_goes_on(data, tmp_path, capsys):
     """eval_every with no held-out set (a latent cache without data.val_path, a folder without val rows):
     one note naming what is missing, and a run without held-out losses."""
-    run = build_run(make_config(data, train={"eval_every": 5}), tmp_path / "a")
-    assert run.trainer.validation is None and run.validation_source is None
+    assert build_trainer(make_config(data, train={"eval_every": 5}), tmp_path / "a").validation is None
     err = capsys.readouterr().err
     assert err.count("training without held-out losses") == 1 and "data.val_path" in err
     with pytest.raises(ConfigError, match="eval_every must be >= 0"):
         make_config(data, train={"eval_every": -1})
     no_val = make_config(data, data={"kind": "folder", "path": str(data["folder"])}, vae={"path": str(data["vae"])},
                          train={"eval_every": 5})
-    assert build_run(no_val, tmp_path / "b").trainer.validation is None
+    assert build_trainer(no_val, tmp_path / "b").validation is None
     err = capsys.readouterr().err
     assert err.count("training without held-out losses") == 1 and "no rows of split 'val'" in err
     # the library call itself still refuses, for code that asks for held-out pairs directly
@@ -226,7 +224,7 @@ def test_corpus_loss_is_the_mean_next_token_loss_of_the_held_out_documents():
     with torch.no_grad():
         for ids in docs:
             full = [tok.specials.bos, *ids, tok.specials.eos]
-            logits = model.text_logits(model(Collator(cfg).collate_padded([Sample([ids])]).model_inputs(
+            logits = model.text_logits(model(Collator(cfg).collate_padded([Sample([ids])]).noised(
                 torch.zeros(0, cfg.patch_dim), torch.zeros(0))))[0, :-1]
             reference.append(F.cross_entropy(logits, torch.tensor(full[1:]), reduction="none"))
     expected = torch.cat(reference).mean().item()

@@ -1,4 +1,4 @@
-"""Latent caches (encode_folder -> LatentDataset) and the resumable, rank-sharded LatentStream."""
+"""Latent caches (encode_folder -> LatentDataset), also read through a shuffled stream."""
 
 import json
 import pickle
@@ -9,7 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from vae import LatentDataset, LatentStream, VAEConfig, build_vae, encode, encode_folder, load_vae, set_latent_stats
+from transfusion_mot.data.streams import ShuffledStream
+from vae import LatentDataset, VAEConfig, build_vae, encode, encode_folder, load_vae, set_latent_stats
 
 
 def make_folder(root: Path, n: int, size: int = 16) -> Path:
@@ -97,86 +98,12 @@ def test_missing_cache_is_clear(tmp_path):
         LatentDataset(tmp_path)
 
 
-class Ints:
-    def __init__(self, n):
-        self.n = n
-
-    def __len__(self):
-        return self.n
-
-    def __getitem__(self, i):
-        return i
-
-
-def test_stream_resumes_exactly_across_epochs():
-    reference = LatentStream(Ints(7), seed=11)
-    expected = [next(reference) for _ in range(30)]  # 4+ epochs
-    for cut in (0, 3, 7, 12, 14, 29):
-        s = LatentStream(Ints(7), seed=11)
-        head = [next(s) for _ in range(cut)]
-        state = s.state_dict()
-        assert set(state) == {"epoch", "position", "seed"}
-        resumed = LatentStream(Ints(7), seed=999)  # the state carries the seed
-        resumed.load_state_dict(json.loads(json.dumps(state)))
-        assert head + [next(resumed) for _ in range(30 - cut)] == expected
-    for e in range(4):  # each epoch is a permutation, and epochs differ
-        assert sorted(expected[7 * e:7 * e + 7]) == list(range(7))
-    assert expected[:7] != expected[7:14]
-
-
-def test_stream_rank_sharding_is_disjoint_and_covering():
-    for n, world in ((10, 3), (12, 4), (5, 5)):
-        per_rank = [LatentStream(Ints(n), seed=2, rank=r, world_size=world).epoch_order(1).tolist()
-                    for r in range(world)]
-        flat = [i for part in per_rank for i in part]
-        assert sorted(flat) == list(range(n))  # disjoint and covering
-        dropped = [LatentStream(Ints(n), seed=2, rank=r, world_size=world, drop_last=True).epoch_order(0)
-                   for r in range(world)]
-        assert len({len(d) for d in dropped}) == 1
-    s = LatentStream(Ints(10), seed=2, rank=1, world_size=3)
-    first_epoch = [next(s) for _ in range(len(s.epoch_order(0)))]
-    assert first_epoch == s.epoch_order(0).tolist()
-    with pytest.raises(ValueError):
-        LatentStream(Ints(4), rank=2, world_size=2)
-
-
 def test_stream_over_latent_dataset(tmp_path, vae_dir):
     data = make_folder(tmp_path / "data", 6)
     encode_folder(vae_dir, data, tmp_path / "c", shard_size=4, progress=False)
     ds = LatentDataset(tmp_path / "c")
-    s = LatentStream(ds, seed=0)
+    s = ShuffledStream(ds, seed=0)
     batch = s.take(6)
     assert sorted(b["index"] for b in batch) == list(range(6))
     for b in batch:
         assert b["text"] == f"caption {b['index']}"
-
-
-@pytest.mark.parametrize("old_world,new_world,steps", [(2, 3, [5, 7]), (3, 1, [4, 4, 6]), (1, 2, [9]),
-                                                       (2, 2, [11, 3])])
-def test_resplit_to_another_world_size_skips_nothing(old_world, new_world, steps):
-    """Ranks that consumed different numbers of items re-split onto another world size: every item no old
-    rank had read is read exactly once in the rest of the epoch, and only items some old ranks had already
-    read (beyond the slowest) are read again."""
-    items = list(range(23))
-    old = [LatentStream(items, seed=4, rank=r, world_size=old_world, drop_last=True) for r in range(old_world)]
-    consumed = set()
-    for stream, n in zip(old, steps):
-        consumed |= {stream.next_index() for _ in range(n)}
-    states = [s.state_dict() for s in old]
-    new = [LatentStream(items, seed=4, rank=r, world_size=new_world, drop_last=True) for r in range(new_world)]
-    read = []
-    for stream in new:
-        stream.load_resplit(states, old_world)
-        order = stream.epoch_order(stream.epoch)
-        read += order.tolist()
-    assert len(read) == len(set(read))  # no item twice within the new split
-    epoch_items = set(torch.randperm(23, generator=torch.Generator().manual_seed(4))[: 23 - 23 % old_world].tolist())
-    unread = epoch_items - consumed
-    assert unread <= set(read)  # nothing skipped ...
-    assert len(set(read) - unread) <= max(steps) * old_world - min(steps) * old_world  # ... few repeats
-    assert all(len(stream.epoch_order(stream.epoch)) == len(new[0].epoch_order(new[0].epoch)) for stream in new)
-    # the state round-trips (start included) and later epochs are whole again
-    again = LatentStream(items, seed=4, rank=0, world_size=new_world, drop_last=True)
-    again.load_state_dict(new[0].state_dict())
-    assert torch.equal(again.epoch_order(again.epoch), new[0].epoch_order(new[0].epoch))
-    assert len(again.epoch_order(again.epoch + 1)) == (23 - 23 % new_world) // new_world

@@ -33,9 +33,9 @@ from torch import Tensor
 
 from .errors import InputNotFound, TrainingError, describe
 from .files import file_manifest, manifest_problem
+from .tensors import full_state_dict, load_full_into
 
 STATE_FILE = "state.json"
-SHARDED_DIR = "dcp"  # the torch.distributed.checkpoint directory of a checkpoint written by several processes
 STEP_RE = re.compile(r"^step_(\d+)$")
 
 
@@ -133,39 +133,6 @@ def latest_intact_checkpoint(root: str | Path, report: Callable[[str], None] = l
         except TrainingError as err:
             report(f"warning: {err}; using an older checkpoint")
     return None
-
-
-def read_sharded_weights(checkpoint: str | Path, names_and_shapes: dict[str, torch.Size], which: str) -> dict[str, Tensor]:
-    """Full fp32 tensors of `which` ("model" or "ema") from a checkpoint's DCP directory, in one process
-    (inference, export): each tensor is assembled from every process's shards."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.api import CheckpointException
-
-    state = {which: {name: torch.empty(shape) for name, shape in names_and_shapes.items()}}
-    try:
-        dcp.load(state, checkpoint_id=str(checkpoint / SHARDED_DIR), no_dist=True)
-    except (Exception, CheckpointException) as err:  # DCP's own error is a BaseException
-        raise TrainingError(f"damaged checkpoint {checkpoint}: cannot read {SHARDED_DIR}/ "
-                            f"({describe(err, 300)})") from None
-    return state[which]
-
-
-def sharded_keys(checkpoint: str | Path, which: str) -> set[str]:
-    """Tensor names under `which` ("model", "ema", "optimizer") in a checkpoint's DCP directory (empty when
-    it holds none)."""
-    import torch.distributed.checkpoint as dcp
-
-    try:
-        metadata = dcp.FileSystemReader(str(checkpoint / SHARDED_DIR)).read_metadata()
-    except Exception as err:
-        raise TrainingError(f"damaged checkpoint {checkpoint}: cannot read {SHARDED_DIR}/.metadata "
-                            f"({type(err).__name__})") from None
-    return {key[len(which) + 1:] for key in metadata.state_dict_metadata if key.startswith(which + ".")}
-
-
-def sharded_has(checkpoint: str | Path, which: str) -> bool:
-    """Whether a checkpoint's DCP directory holds `which` ("model", "ema", "optimizer")."""
-    return bool(sharded_keys(checkpoint, which))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -379,16 +346,18 @@ class Checkpointer:
 
 
 class ModuleWeights:
-    """A module's state dict as tensors (for `.safetensors` parts)."""
+    """A module's weights (its state dict) as full fp32 tensors keyed by the plain module's names, whether or
+    not it is sharded (FSDP2) or wrapped (compile, activation checkpointing): a `.safetensors` part. Saving
+    gathers sharded tensors (a collective: every process calls it); loading keeps each process's shard."""
 
-    def __init__(self, module: torch.nn.Module) -> None:
-        self.module = module
+    def __init__(self, module: torch.nn.Module, what: str = "model weights") -> None:
+        self.module, self.what = module, what
 
     def state_dict(self) -> dict[str, Tensor]:
-        return {k: v.detach().cpu().contiguous() for k, v in self.module.state_dict().items()}
+        return full_state_dict(self.module.state_dict())
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
-        self.module.load_state_dict(state)
+        load_full_into(self.module.state_dict(), state, self.what)
 
 
 class GeneratorState:
@@ -439,6 +408,6 @@ class Bundle:
             part.load_state_dict(state[key])
 
 
-__all__ = ["Bundle", "CheckpointSaveError", "Checkpointer", "DirectoryPart", "GeneratorState", "ModuleWeights", "STATE_FILE",
-           "SHARDED_DIR", "Stateful", "latest_intact_checkpoint", "verify_checkpoint", "TorchRNGState", "read_sharded_weights", "sharded_has", "sharded_keys", "latest_checkpoint", "list_checkpoints", "load_tensors", "read_state",
-           "resolve_checkpoint", "save_tensors"]
+__all__ = ["Bundle", "CheckpointSaveError", "Checkpointer", "DirectoryPart", "GeneratorState", "ModuleWeights",
+           "STATE_FILE", "Stateful", "TorchRNGState", "latest_checkpoint", "latest_intact_checkpoint", "list_checkpoints",
+           "load_tensors", "read_state", "resolve_checkpoint", "save_tensors", "verify_checkpoint"]

@@ -11,6 +11,7 @@ import math
 import re
 import types
 import typing
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -128,19 +129,26 @@ def load_yaml_config(cls: type[T], path: str | Path, overrides: list[str] | None
         raise ConfigError(f"{path}: {err}") from None
 
 
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> None:
-    """Apply `a.b=c` overrides in place; the value is parsed as YAML so `x=3`, `x=[a,b]` work."""
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} must look like key.path=value")
-        key, raw = item.split("=", 1)
+def apply_overrides(data: dict[str, Any], overrides: list[str] | Mapping[str, Any]) -> None:
+    """Apply overrides in place: `a.b=c` strings, whose value is parsed as YAML so `x=3`, `x=[a,b]` work, or a
+    {"a.b": value} mapping whose values are taken as they are (a path that looks like a number stays a string)."""
+    if isinstance(overrides, Mapping):
+        items = list(overrides.items())
+    else:
+        items = []
+        for item in overrides:
+            if "=" not in item:
+                raise ConfigError(f"override {item!r} must look like key.path=value")
+            key, raw = item.split("=", 1)
+            items.append((key, yaml.safe_load(raw)))
+    for key, value in items:
         parts = key.strip().split(".")
         node = data
         for part in parts[:-1]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
-                raise ConfigError(f"override {item!r}: {part!r} is not a section")
-        node[parts[-1]] = yaml.safe_load(raw)
+                raise ConfigError(f"override {key}: {part!r} is not a section")
+        node[parts[-1]] = value
 
 
 def save_yaml_config(config: Any, path: str | Path) -> None:

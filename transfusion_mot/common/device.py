@@ -1,5 +1,6 @@
 """Which device a command runs on: "auto" is CUDA when there is one (this process's local GPU under
-torchrun), else the CPU; asking for CUDA where there is none is the user's mistake, said in one line."""
+torchrun), else the CPU; asking for CUDA where there is none is the user's mistake, said in one line. And
+which precision a run computes in there."""
 
 from __future__ import annotations
 
@@ -23,4 +24,17 @@ def resolve_device(name: str | torch.device | None = "auto", local_rank: int = 0
         raise InvalidInput(f"unknown device {name!r} (use auto, cpu, cuda or cuda:N)") from None
 
 
-__all__ = ["resolve_device"]
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """"fp32" or "bf16" for train.precision on `device` ("auto": bf16 only where it is native: CUDA with bf16,
+    CPUs with AVX512-BF16 or AMX; elsewhere a CPU emulates it, about 2x slower than fp32)."""
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    if device.type == "cpu":
+        caps = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
+        return "bf16" if caps.get("avx512_bf16") or caps.get("amx_bf16") else "fp32"
+    return "fp32"
+
+
+__all__ = ["resolve_device", "resolve_precision"]

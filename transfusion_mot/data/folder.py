@@ -150,7 +150,7 @@ def import_folder(src: str | os.PathLike, out: str | os.PathLike, size: int, val
     """
     src, out = Path(src), Path(out)
     if not src.is_dir():
-        raise InputNotFound(f"source folder {src} does not exist")
+        raise InputNotFound(f"source directory not found: {src}")
     if out.resolve() == src.resolve():
         raise InvalidInput("out must differ from src (importing would overwrite the source images)")
     t0 = time.perf_counter()

@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_in
 
 from ..common.errors import InvalidInput
 from .imageio import center_crop_resize, read_metadata, to_rgb
+from .streams import Resplit
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 Transform = Callable[[Image.Image], Any]
@@ -517,15 +518,15 @@ class WebDatasetReader(IterableDataset):
         """Start `epoch` from its beginning."""
         self.load_state_dict({"epoch": epoch, "consumed": 0})
 
-    def load_resplit(self, states: list[dict[str, Any]], old_world_size: int) -> None:
-        """Continue, as this rank of this world size, from the states of all `old_world_size` ranks. Shards
-        are assigned whole per consumer, so a started epoch cannot be re-split exactly: it ends (the samples
-        no old rank had read yet are skipped, with a warning) and the next one starts."""
+    def load_resplit(self, states: list[dict[str, Any]], resplit: Resplit) -> None:
+        """Continue, as this rank of this world size, from the states of all the old ranks. Shards are
+        assigned whole per consumer, so a started epoch cannot be re-split exactly: it ends (the samples no
+        old rank had read yet are skipped, with a warning) and the next one starts."""
         epoch = min(int(st["epoch"]) for st in states)
         read = sum(int(st.get("consumed", 0)) for st in states if int(st["epoch"]) == epoch)
         if read:
             warnings.warn(f"webdataset shards re-split over {self.world_size} processes (the checkpoint has "
-                          f"{old_world_size}): epoch {epoch} ends after the {read} samples read of it; epoch "
+                          f"{resplit.old_world_size}): epoch {epoch} ends after the {read} samples read of it; epoch "
                           f"{epoch + 1} starts", stacklevel=2)
             epoch += 1
         self.set_epoch(epoch)

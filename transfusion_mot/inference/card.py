@@ -1,37 +1,25 @@
 """The model card of an exported pipeline (README.md with the Hub's YAML metadata), and the facts it states,
-read from the run directory that trained the model: its config, summary.json (parameters, steps, tokens,
-held-out losses) and evaluation.json (what `tmot demo` measured: alignment, FID), when present."""
+read from the run directory that trained the model: its config, its summary (parameters, steps, tokens,
+held-out losses) and its evaluation (what `tmot demo` measured: alignment, FID), when present."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from ..common.hub import is_repo_id
+from ..run_dir import RunDir
 
 LIBRARY = "transfusion-mot"
 LICENSE = "apache-2.0"
 TAGS = ["text-to-image", "image-to-text", "transfusion", "mixture-of-transformers", "diffusion", LIBRARY]
-EVALUATION_FILE = "evaluation.json"
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-
-
-def run_facts(run_dir: str | Path) -> dict[str, Any]:
+def run_facts(run: RunDir) -> dict[str, Any]:
     """What a run directory says about how its model was made (empty sections where a file is missing)."""
-    from ..run import load_run_config, run_config_to_dict
-
-    run_dir = Path(run_dir)
-    facts: dict[str, Any] = {"summary": _read_json(run_dir / "summary.json"),
-                             "evaluation": _read_json(run_dir / EVALUATION_FILE)}
-    if (run_dir / "config.yaml").is_file():
-        config = run_config_to_dict(load_run_config(run_dir / "config.yaml", resolve_pretrained=False))
+    facts: dict[str, Any] = {"summary": run.read_summary(), "evaluation": run.read_evaluation()}
+    if run.exists():
+        config = run.load_config().to_dict()
         facts["training"] = {"data": config["data"], "optim": config["optim"], "train": config["train"],
                              "tokenizer": config["tokenizer"]}
     return facts
@@ -126,4 +114,4 @@ def model_card(model_config: Any, facts: dict[str, Any], info: dict[str, Any], l
     return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}"))
 
 
-__all__ = ["EVALUATION_FILE", "LIBRARY", "card_body", "model_card", "run_facts"]
+__all__ = ["LIBRARY", "card_body", "model_card", "run_facts"]

@@ -29,7 +29,9 @@ from ..common.errors import InputNotFound, InvalidInput
 from ..common.files import file_manifest, manifest_problem, write_json
 from ..common.images import images_from_tensor
 from ..model import TransfusionMoT
-from ..tokenizer import TokenizerConfig, load_tokenizer
+from ..config import TokenizerConfig
+from ..run_dir import RunDir
+from ..tokenizer import load_tokenizer
 from .card import card_body, model_card, run_facts
 from .hub import is_repo_id, resolve_pretrained
 from .sampling import caption_images, generate_latents
@@ -69,18 +71,16 @@ class Pipeline:
         trained on (from its config or latent cache) unless `vae` names another."""
         from vae import load_vae
 
-        from ..run import load_run_model
-
+        run = RunDir(run_dir)
         dev = resolve_device(device)
-        model, config, loaded = load_run_model(run_dir, step=step, ema=ema, device=dev)
-        state = json.loads((Path(loaded["checkpoint"]) / "state.json").read_text())
-        vae_path = vae or config.vae.path or state.get("vae")
+        model, config, loaded = run.load_model(step=step, ema=ema, device=dev)
+        vae_path = vae or config.vae.path or loaded["vae"]
         if not vae_path:
             raise InputNotFound(f"{run_dir}: the run records no VAE; pass one (--vae DIR or hub id)")
-        info = {"source": "run", "run": str(Path(run_dir).resolve()), **loaded, "vae": str(vae_path),
+        info = {"source": "run", "run": str(run.path.resolve()), **loaded, "vae": str(vae_path),
                 "objective": config.model.objective}
         tokenizer = load_tokenizer(config.tokenizer, config.model)
-        return cls(model, tokenizer, config.tokenizer, load_vae(vae_path, device=dev), info, run_facts(run_dir))
+        return cls(model, tokenizer, config.tokenizer, load_vae(vae_path, device=dev), info, run_facts(run))
 
     def model_card(self, repo_id: str | None = None, metadata: bool = True) -> str:
         """README.md of the exported directory: Hub metadata (unless `metadata=False`), the model, its
@@ -174,6 +174,30 @@ class Pipeline:
                                         dtype=dtype)
         return self.decode(latents)
 
+    def sample_to_folder(self, prompts: Sequence[str], out: str | Path, *, n: int = 1, seed: int = 0,
+                         cfg_scale: float = 3.0, num_steps: int = 50, scheduler: str | None = None,
+                         use_kv_cache: bool = True, batch_size: int = 16) -> list[dict[str, Any]]:
+        """`n` images per prompt into `out` (00000.png..., grid.png with one row per prompt when n > 1, and
+        manifest.json: prompt and seed of every image, and how they were sampled); image k uses seed + k.
+        Returns the manifest's rows."""
+        from ..common.images import image_grid, save_images
+        from .sampling import scheduler_name
+
+        if not prompts:
+            raise InvalidInput("give a prompt to sample from")
+        expanded = [p for p in prompts for _ in range(n)]
+        seeds = [seed + k for k in range(len(expanded))]
+        images = self.generate(expanded, seed=seeds, cfg_scale=cfg_scale, num_steps=num_steps, scheduler=scheduler,
+                               use_kv_cache=use_kv_cache, batch_size=batch_size)
+        out = Path(out)
+        rows = save_images(images, out, [{"prompt": p, "seed": s} for p, s in zip(expanded, seeds)], manifest={
+            "source": self.info.get("run") or self.info.get("source_dir"), "checkpoint": self.info.get("checkpoint"),
+            "step": self.info.get("step"), "weights": self.info.get("weights"), "cfg": cfg_scale, "steps": num_steps,
+            "scheduler": scheduler_name(self.model.config, scheduler), "kv_cache": use_kv_cache,
+            "image_size": self.image_size})
+        image_grid(images, cols=n if n > 1 else None).save(out / "grid.png")
+        return rows
+
     # -- image -> text -----------------------------------------------------------------------------
 
     @torch.no_grad()
@@ -187,6 +211,8 @@ class Pipeline:
         tensors = []
         for im in images:
             if not isinstance(im, Image.Image):
+                if not Path(im).is_file():
+                    raise InputNotFound(f"image not found: {im}")
                 try:
                     im = load_rgb(im)
                 except BadImage as err:
@@ -214,7 +240,7 @@ def load_pipeline(source: str | Path, *, step: int | None = None, ema: bool = Tr
     source = Path(source)
     if (source / "pipeline.json").is_file():
         return Pipeline.from_pretrained(source, device=device)
-    if (source / "config.yaml").is_file():
+    if RunDir(source).exists():
         return Pipeline.from_run(source, step=step, ema=ema, device=device)
     if not source.exists():
         raise InputNotFound(f"{source}: not found (expected a run directory or a saved pipeline)")

@@ -31,8 +31,9 @@ from torch import Tensor
 
 from ..batch import Collator, Sample, SpecialTokens, patchify, unpatchify
 from ..common.errors import InvalidInput
+from ..config import ModelConfig
 from ..diffusion import make_objective
-from ..model import KVCache, ModelInputs, TransfusionMoT
+from ..model import KVCache, TransfusionMoT
 from ..tokenizer import AnyTokenizer
 
 SCHEDULERS = ("ddpm", "ddim", "flow")
@@ -41,6 +42,12 @@ Predictor = Callable[[Tensor, Tensor], Tensor]  # (rows, N, patch_dim) noisy pat
 
 # --------------------------------------------------------------------------------------------------
 # small helpers
+
+
+def scheduler_name(config: ModelConfig, scheduler: str | None) -> str:
+    """The sampler `scheduler` names, or a model's own: its objective's (ddpm for DDPM models, flow for flow
+    models)."""
+    return scheduler or config.objective
 
 
 def _seeds(seed: int | Sequence[int], n: int) -> list[int]:
@@ -67,44 +74,23 @@ def _specials(tokenizer: AnyTokenizer, model: TransfusionMoT) -> SpecialTokens:
     return tokenizer.specials
 
 
-def _patch_coords(grid_h: int, grid_w: int, device: torch.device) -> Tensor:
-    rr, cc = torch.meshgrid(torch.arange(grid_h), torch.arange(grid_w), indexing="ij")
-    return torch.stack([rr.reshape(-1), cc.reshape(-1)], dim=1).to(device)
-
-
 # --------------------------------------------------------------------------------------------------
 # text -> image
 
 
 def _cached_predictor(model: TransfusionMoT, captions: list[list[int]], latent_shape: tuple[int, int, int],
                       specials: SpecialTokens, device: torch.device) -> Predictor:
-    """The prefix `BOS caption BOI` of every row (the collator's layout) computed once into a KV cache; each
-    call runs only the N image tokens that follow it."""
+    """The prefix `BOS caption BOI` of every row computed once into a KV cache; each call runs only the N image
+    positions that follow it (both laid out by the Collator)."""
     cfg = model.config
-    collator = Collator(cfg, specials)
-    placeholder = torch.zeros(latent_shape)
-    prefix = collator.collate_prefix([Sample([c, placeholder]) for c in captions]).to(device)
-    rows = len(captions)
-    grid = (latent_shape[1] // cfg.patch_size, latent_shape[2] // cfg.patch_size)
-    n = grid[0] * grid[1]
+    prefix, image = Collator(cfg, specials).collate_generation(captions, latent_shape)
+    prefix, image = prefix.to(device), image.to(device)
+    rows, n = image.tokens.shape
     cache = KVCache.empty(cfg.n_layers, rows, device)
-    model(prefix.model_inputs(prefix.patches, torch.zeros(0, device=device)), check=False, cache=cache)
-    lengths = (prefix.doc_ids >= 0).sum(dim=1)
-    image = cfg.modalities.index("image")
-    chunk = ModelInputs(
-        tokens=torch.full((rows, n), specials.pad, dtype=torch.long, device=device),
-        modality=torch.full((rows, n), image, dtype=torch.long, device=device),
-        positions=lengths[:, None] + torch.arange(n, device=device),  # the patches follow the BOI
-        doc_ids=torch.zeros((rows, n), dtype=torch.long, device=device),
-        image_ids=torch.zeros((rows, n), dtype=torch.long, device=device),
-        patches=torch.zeros(rows * n, cfg.patch_dim, device=device),  # replaced at every step
-        patch_coords=_patch_coords(*grid, device).repeat(rows, 1),
-        patch_image=torch.arange(rows, device=device).repeat_interleave(n),
-        timesteps=torch.zeros(rows, device=device),
-    )
+    model(prefix.inputs, check=False, cache=cache)
 
     def predict(patches: Tensor, t: Tensor) -> Tensor:
-        inputs = replace(chunk, patches=patches.reshape(rows * n, -1), timesteps=t)
+        inputs = replace(image, patches=patches.reshape(rows * n, -1), timesteps=t)
         hidden = model(inputs, check=False, cache=cache, extend_cache=False)
         return model.image_head(hidden.reshape(rows * n, -1)).reshape(rows, n, -1)
 
@@ -116,11 +102,11 @@ def _full_predictor(model: TransfusionMoT, captions: list[list[int]], latent_sha
     """The slow exact path: the whole training-layout sequence (Collator) at every step."""
     placeholder = torch.zeros(latent_shape)
     batch = Collator(model.config, specials).collate_padded([Sample([c, placeholder]) for c in captions]).to(device)
-    is_image = batch.modality == model.image_modality
+    is_image = batch.inputs.modality == model.image_modality
     rows = len(captions)
 
     def predict(patches: Tensor, t: Tensor) -> Tensor:
-        hidden = model(batch.model_inputs(patches.reshape(-1, patches.shape[-1]), t), check=False)
+        hidden = model(batch.noised(patches.reshape(-1, patches.shape[-1]), t), check=False)
         return model.image_head(hidden[is_image]).reshape(rows, -1, patches.shape[-1])
 
     return predict
@@ -251,48 +237,29 @@ def caption_images(model: TransfusionMoT, tokenizer: AnyTokenizer, latents: Tens
     if c != cfg.latent_channels or h % p or w % p:
         raise ValueError(f"latents {tuple(latents.shape)} must be (N, {cfg.latent_channels}, H, W) with H and W "
                          f"divisible by patch_size {p}")
-    # the prompt: the training layout of an image-first sample up to its EOI (BOS BOI patches EOI)
+    # the prompt (BOS BOI patches EOI) and room for the caption, laid out by the Collator
     collator = Collator(cfg, specials)
-    samples = [Sample([img.float().cpu()], image_first=True) for img in latents]
-    prompt_len = collator.layout_length(samples[0]) - 1  # all but the trailing EOS
+    images = [img.float().cpu() for img in latents]
+    prompt_len = collator.layout_length(Sample(images[:1], image_first=True)) - 1  # all but the trailing EOS
     if prompt_len >= cfg.max_seq_len:
         raise InvalidInput(f"the image takes {prompt_len} of the model's {cfg.max_seq_len} positions: no room for text")
-    batch = collator.collate_prefix(samples, with_image=True).to(device)
     budget = min(max_new_tokens, cfg.max_seq_len - prompt_len)
-    # the full sequence (prompt, then room for `budget` tokens of document 0); steps read column ranges
-    total = prompt_len + budget
-    tokens = torch.full((n, total), specials.pad, dtype=torch.long, device=device)
-    tokens[:, :prompt_len] = batch.tokens[:, :prompt_len]
-    modality = torch.full_like(tokens, cfg.modalities.index("text"))
-    modality[:, :prompt_len] = batch.modality[:, :prompt_len]
-    image_ids = torch.full_like(tokens, -1)
-    image_ids[:, :prompt_len] = batch.image_ids[:, :prompt_len]
-    positions = torch.arange(total, device=device).expand(n, total)
-    doc_ids = torch.zeros_like(tokens)
-    timesteps = torch.zeros(n, device=device)  # the clean image
-
-    def columns(a: int, b: int) -> ModelInputs:
-        """Positions [a, b) of every row; the image's patches only when the range starts at 0."""
-        with_image = a == 0
-        return ModelInputs(
-            tokens[:, a:b], modality[:, a:b], positions[:, a:b], doc_ids[:, a:b], image_ids[:, a:b],
-            patches=batch.patches if with_image else batch.patches[:0],
-            patch_coords=batch.patch_coords if with_image else batch.patch_coords[:0],
-            patch_image=batch.patch_image if with_image else batch.patch_image[:0],
-            timesteps=timesteps if with_image else timesteps[:0])
+    sequence = collator.collate_captioning(images, room=budget).to(device)
+    tokens = sequence.tokens  # decoded tokens are written here
 
     generators = [torch.Generator().manual_seed(s) for s in _seeds(seed, n)]
     done = torch.zeros(n, dtype=torch.bool, device=device)
+    image = model.image_modality
     length = prompt_len  # positions filled so far
     with torch.no_grad():
         cache = KVCache.empty(cfg.n_layers, n, device) if use_kv_cache else None
         for _ in range(budget):
             if cache is None:  # the whole sequence every step
-                hidden = model(columns(0, length), check=False)
+                hidden = model(sequence.window(0, length, image), check=False)
             elif length == prompt_len:  # the image prompt, once
-                hidden = model(columns(0, length), check=False, cache=cache)
+                hidden = model(sequence.window(0, length, image), check=False, cache=cache)
             else:  # only the newest token
-                hidden = model(columns(length - 1, length), check=False, cache=cache)
+                hidden = model(sequence.window(length - 1, length, image), check=False, cache=cache)
             token = _pick_tokens(model.text_logits(hidden[:, -1]), temperature, top_k, generators)
             token = torch.where(done, torch.full_like(token, specials.eos), token)
             tokens[:, length] = token

@@ -25,10 +25,8 @@ from typing import Any
 import torch
 from PIL import Image
 
-from ..common.files import write_json
 from ..common.images import image_grid, save_images
 from ..data.shapes import COLOURS, POSITIONS, SHAPES, SIZES, make_caption
-from ..inference.card import EVALUATION_FILE
 
 # the prompts the demo shows (and the recipe was chosen on): every colour x shape, large, no position
 DEMO_PROMPTS = [f"a large {colour} {shape}" for colour in COLOURS for shape in SHAPES]
@@ -78,7 +76,7 @@ def prompt_sets(seed: int, images_per_prompt: int = 4,
 
 def demo_config(steps: int, seed: int, progress: bool, eval_every: int, num_images: int, vae_steps: int):
     """configs/train/shapes-tiny.yaml (the recipe) with the demo's length, seed and data size."""
-    from ..run import load_run_config
+    from ..config import load_run_config
 
     return load_run_config("shapes-tiny", [
         f"train.max_steps={steps}", f"train.seed={seed}", f"train.progress={str(progress).lower()}",
@@ -99,15 +97,8 @@ def run_demo(out: str | Path = "tmot_demo", *, num_images: int = 20000, vae_step
     """Run (or finish) the demo in `out`; returns the report dict (also written to report.json).
 
     scheduler None samples with the objective's own (flow for flow models, ddpm for ddpm ones)."""
-    from eval.align import load_classifier, score_alignment, train_shapes_classifier
-
-    from ..common.checkpoint import list_checkpoints
     from ..inference.pipeline import Pipeline
-    from ..training.curves import TRAINING_PANELS, plot_curves
-    from ..training.metrics import read_metrics
-    from ..training.state import CHECKPOINT_DIR
-    from .prepare import prepare_for_run
-    from .train import train
+    from ..run_dir import RunDir
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -121,30 +112,54 @@ def run_demo(out: str | Path = "tmot_demo", *, num_images: int = 20000, vae_step
                                            "images_per_prompt": images_per_prompt, "fid_images": fid_images,
                                            "eval_every": eval_every, "seed": seed},
                               "stages": {}}
-
-    # 1. data, VAE, latents, tokenizer
-    t = time.perf_counter()
     config = demo_config(train_steps, seed, progress, eval_every, num_images, vae_steps)
+    prepared = _prepare_stage(report, config, out, progress, log)
+    run = RunDir(out / "run")
+    _train_stage(report, config, run, out, log)
+    pipe = Pipeline.from_run(run.path, device="cpu")
+    sampling = dict(cfg_scale=cfg_scale, num_steps=sample_steps, scheduler=scheduler, batch_size=64)
+    sets, images = _sample_stage(report, pipe, out, seed, images_per_prompt, sampling, log)
+    classifier_dir = _align_stage(report, pipe, sets, images, prepared.data_dir, out, classifier_steps, seed, log)
+    t = time.perf_counter()
+    report["fid"] = _fid(pipe, prepared.data_dir, fid_images, sampling, seed)
+    _stage(report, "fid", t, log)
+    report["total_seconds"] = round(time.perf_counter() - t_all, 1)
+    report["outputs"] = {"report_md": str(out / "report.md"), "samples_png": str(out / "samples.png"),
+                         "curves_png": str(out / "curves.png"), "samples_dir": str(out / "samples"),
+                         "run": str(run.path), "vae": str(prepared.vae_dir), "data": str(prepared.data_dir),
+                         "classifier": str(classifier_dir)}
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / "report.md").write_text(render_report(report))
+    run.write_evaluation(evaluation_summary(report))  # what the model card of an export states
+    return report
+
+
+def _prepare_stage(report: dict[str, Any], config: Any, out: Path, progress: bool, log) -> Any:
+    """1. data, VAE, latents, tokenizer (reused when complete)."""
+    from .prepare import prepare_for_run
+
+    t = time.perf_counter()
     prepared = prepare_for_run(config, root=out / "shapes-32", progress=progress, log=log)
     _stage(report, "data_vae_latents", t, log, reused=prepared.info["reused"], latents=prepared.info["latents"])
+    return prepared
 
-    # 2. the MoT, with held-out losses
+
+def _train_stage(report: dict[str, Any], config: Any, run: Any, out: Path, log) -> None:
+    """2. the MoT, with held-out losses (continued where a stopped demo left it; reused when finished)."""
+    from ..training.curves import TRAINING_PANELS, plot_curves
+    from .train import train
+
     t = time.perf_counter()
-    run = out / "run"
-    done = [s for s, _ in list_checkpoints(run / CHECKPOINT_DIR)]
-    if train_steps in done:
-        reused = True
-    else:
-        reused = False
-        if train(config, run, resume=bool(done)).status != "completed":  # SIGTERM / Ctrl-C: checkpoint saved
-            raise KeyboardInterrupt("training stopped on request; run `tmot demo` again to continue")
-    summary = json.loads((run / "summary.json").read_text())
-    metrics = read_metrics(run)
+    steps_done = [s for s, _ in run.checkpoints()]
+    train_steps = config.train.max_steps
+    reused = train_steps in steps_done
+    if not reused and train(config, run.path, resume=bool(steps_done)).status != "completed":
+        raise KeyboardInterrupt("training stopped on request; run `tmot demo` again to continue")  # checkpoint saved
+    summary, metrics = run.read_summary(), run.read_metrics()
     steps = [m for m in metrics if "loss" in m]  # the step-0 record holds held-out losses only
     _stage(report, "train", t, log, reused=reused, steps=train_steps)
-    last = metrics[-1]
-    window = steps[-10:]
-    report["train"] = {"run": str(run), "steps": train_steps, "parameters": summary["parameters"],
+    last, window = metrics[-1], steps[-10:]
+    report["train"] = {"run": str(run.path), "steps": train_steps, "parameters": summary["parameters"],
                        "final": {k: round(last[k], 4) for k in ("loss", "text_loss", "image_loss")},
                        "first": {k: round(steps[0][k], 4) for k in ("loss", "text_loss", "image_loss")},
                        "validation": {k: round(v, 4) for k, v in last.items() if k.startswith("val_")},
@@ -153,45 +168,47 @@ def run_demo(out: str | Path = "tmot_demo", *, num_images: int = 20000, vae_step
     plot_curves({"demo": metrics}, out / "curves.png", panels=TRAINING_PANELS,
                 title=f"tmot demo: training and held-out losses ({train_steps} steps)")
 
-    # 3. samples: the demo prompts (the grid), then held-out prompt sets with other seeds
+
+def _sample_stage(report: dict[str, Any], pipe: Any, out: Path, seed: int, images_per_prompt: int,
+                  sampling: dict[str, Any], log) -> tuple[dict[str, tuple[list[str], list[int]]], dict[str, list]]:
+    """3. samples: the demo prompts (the grid), then held-out prompt sets with other seeds."""
     t = time.perf_counter()
-    pipe = Pipeline.from_run(run, device="cpu")
-    sampling = dict(cfg_scale=cfg_scale, num_steps=sample_steps, scheduler=scheduler, batch_size=64)
     sets = prompt_sets(seed, images_per_prompt)
     images: dict[str, list[Image.Image]] = {name: pipe.generate(prompts, seed=seeds, **sampling)
                                              for name, (prompts, seeds) in sets.items()}
-    sample_dir = out / "samples"
     rows, all_images = [], []
     for name, (prompts, seeds) in sets.items():
         rows += [{"prompt": prompt, "seed": s, "set": name} for prompt, s in zip(prompts, seeds)]
         all_images += images[name]
-    rows = save_images(all_images, sample_dir, rows, manifest={
-        "checkpoint": pipe.info["checkpoint"], "weights": pipe.info["weights"], "cfg": cfg_scale, "steps": sample_steps,
-        "scheduler": scheduler or pipe.info["objective"]})
-    k = len(rows)
+    rows = save_images(all_images, out / "samples", rows, manifest={
+        "checkpoint": pipe.info["checkpoint"], "weights": pipe.info["weights"], "cfg": sampling["cfg_scale"],
+        "steps": sampling["num_steps"], "scheduler": sampling["scheduler"] or pipe.info["objective"]})
     # the grid: one row per colour, shapes (x images per prompt) across; relation prompts last
     relation = pipe.generate(RELATION_PROMPTS, seed=seed, **sampling)
-    grid = image_grid([im.resize((64, 64), resample=Image.NEAREST)
-                       for im in images[DEMO_SET] + relation],
+    grid = image_grid([im.resize((64, 64), resample=Image.NEAREST) for im in images[DEMO_SET] + relation],
                       cols=len(SHAPES) * images_per_prompt)
     grid.save(out / "samples.png")
-    _stage(report, "sample", t, log, images=k + len(relation))
+    _stage(report, "sample", t, log, images=len(rows) + len(relation))
+    return sets, images
 
-    # 4. alignment
+
+def _align_stage(report: dict[str, Any], pipe: Any, sets: dict[str, tuple[list[str], list[int]]],
+                 images: dict[str, list], data_dir: Path, out: Path, classifier_steps: int, seed: int, log) -> Path:
+    """4. alignment of every prompt set, of real validation images and of those through the VAE."""
+    from eval.align import load_classifier, score_alignment, train_shapes_classifier
+
     t = time.perf_counter()
     classifier_dir = out / "shapes-classifier"
-    if (classifier_dir / "config.json").is_file():
+    reused = (classifier_dir / "config.json").is_file()
+    if reused:
         classifier = load_classifier(classifier_dir)
-        reused = True
-    else:
-        # every core: the demo has the machine to itself here (the classifier's default of 1 thread is for
+    else:  # every core: the demo has the machine to itself here (the classifier's default of 1 thread is for
         # scoring beside other jobs)
         classifier = train_shapes_classifier(classifier_dir, image_size=32, steps=classifier_steps, seed=seed,
                                              threads=torch.get_num_threads())
-        reused = False
     alignment = {name: _strip(score_alignment(classifier, images[name], prompts))
                  for name, (prompts, _) in sets.items()}
-    real_val = _val_images(prepared.data_dir, 256)
+    real_val = _val_images(data_dir, 256)
     real_images, real_captions = [Image.open(p).convert("RGB") for p, _ in real_val], [c for _, c in real_val]
     alignment["real val images (reference)"] = _strip(score_alignment(classifier, real_images, real_captions))
     # the same images encoded and decoded by the VAE: what a perfect generator of latents could reach
@@ -200,20 +217,7 @@ def run_demo(out: str | Path = "tmot_demo", *, num_images: int = 20000, vae_step
     report["alignment"] = alignment
     report["classifier_heldout"] = classifier.metrics.get("heldout")
     _stage(report, "align", t, log, classifier_reused=reused)
-
-    # 5. FID against the validation split
-    t = time.perf_counter()
-    report["fid"] = _fid(pipe, prepared.data_dir, fid_images, sampling, seed)
-    _stage(report, "fid", t, log)
-
-    report["total_seconds"] = round(time.perf_counter() - t_all, 1)
-    report["outputs"] = {"report_md": str(out / "report.md"), "samples_png": str(out / "samples.png"),
-                         "curves_png": str(out / "curves.png"), "samples_dir": str(sample_dir), "run": str(run),
-                         "vae": str(prepared.vae_dir), "data": str(prepared.data_dir), "classifier": str(classifier_dir)}
-    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out / "report.md").write_text(render_report(report))
-    write_json(run / EVALUATION_FILE, evaluation_summary(report))  # what the model card of an export states
-    return report
+    return classifier_dir
 
 
 def evaluation_summary(report: dict[str, Any]) -> dict[str, Any]:
@@ -307,6 +311,6 @@ def render_report(report: dict[str, Any]) -> str:
     o = report["outputs"]
     lines += ["", "## Where things are", "", f"- samples grid: `{o['samples_png']}`, loss curves: `{o['curves_png']}`",
               f"- samples and manifest (prompt, seed, set of every image): `{o['samples_dir']}`",
-              f"- training run: `{o['run']}` (metrics.jsonl, summary.json, checkpoints)", f"- VAE: `{o['vae']}`",
+              f"- training run: `{o['run']}` (metrics, summary, checkpoints)", f"- VAE: `{o['vae']}`",
               f"- data: `{o['data']}`", f"- shapes classifier: `{o['classifier']}`", ""]
     return "\n".join(lines)

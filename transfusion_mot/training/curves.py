@@ -81,15 +81,16 @@ def plot_runs(run_dirs: Sequence[str | Path], out: str | Path, x: str = "both") 
     """`tmot plot`: training and held-out image and text losses and the learning rate of several runs,
     overlaid and named, against steps, training time or both (`x`: step | time | both)."""
     from ..common.errors import InvalidInput
-    from .metrics import read_metrics
+    from ..run_dir import RunDir
 
     axes = {"step": ("step",), "time": ("train_time_s",), "both": ("step", "train_time_s")}
     if x not in axes:
         raise InvalidInput(f"x axis {x!r}: choose step, time or both")
     if not run_dirs:
         raise InvalidInput("no run directories to plot")
-    runs = {name: read_metrics(Path(d)) for name, d in zip(run_names(run_dirs), run_dirs)}
+    dirs = [RunDir(d) for d in run_dirs]
+    runs = {name: run.read_metrics() for name, run in zip(run_names(run_dirs), dirs)}
     empty = [name for name, records in runs.items() if not records]
     if empty:
-        raise InvalidInput(f"{empty[0]}: metrics.jsonl has no records yet")
+        raise InvalidInput(f"{empty[0]}: {dirs[0].metrics_file.name} has no records yet")
     return plot_curves(runs, out, panels=RUN_PANELS, x_axes=axes[x], title=", ".join(runs))

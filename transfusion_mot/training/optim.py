@@ -1,21 +1,28 @@
-"""Optimiser pieces of the paper's recipe: AdamW with decay only on matrices, and an EMA of the weights.
-(The warm-up + cosine schedule is shared by every training loop: `transfusion_mot.common.schedule`.)"""
+"""Optimiser pieces of the paper's recipe, each built from the run config's optim section: AdamW with decay
+only on matrices, the warm-up + cosine learning rate (the schedule every training loop shares:
+`transfusion_mot.common.schedule`), and an EMA of the weights. And which parameters train at all
+(`train.freeze`)."""
 
 from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import nn
 
-from ..common.tensors import local_tensor
-from .state import full_state_dict, load_full_into
+from ..common.schedule import warmup_cosine
+from ..common.tensors import full_state_dict, load_full_into, local_tensor
+from ..config import OptimConfig
+from ..model import parameter_owners, parameters_of
 
 
 def freeze_parameters(model: nn.Module, owners: list[str]) -> list[str]:
-    """requires_grad False on every parameter whose owner (`model.parameter_owners()`) is in `owners`, but
+    """requires_grad False on every parameter whose owner (`parameter_owners`) is in `owners`, but
     the rows appended to a pretrained vocabulary (BOI, EOI: new to the LM, they always train). Called on the
     plain model before FSDP2 wraps it (the sharded parameters inherit the flag). Returns the frozen names."""
     params = dict(model.named_parameters())
-    frozen = model.parameters_of(owners)
+    frozen = parameters_of(model, owners)
     for name in frozen:
         params[name].requires_grad_(False)
     return frozen
@@ -26,7 +33,7 @@ def param_groups(model: nn.Module, weight_decay: float, lr_mult: dict[str, float
     or biases (1-D tensors); with `lr_mult`, one pair of groups per parameter owner (a modality, or
     "shared"), each with its "lr_mult" (the trainer multiplies the scheduled lr by it). Frozen parameters
     (requires_grad False) are in no group, so the optimizer keeps no state for them."""
-    owners = model.parameter_owners() if lr_mult else {}
+    owners = parameter_owners(model) if lr_mult else {}
     groups: dict[tuple[str, bool], list] = {}
     for name, p in model.named_parameters():
         if p.requires_grad:
@@ -35,6 +42,19 @@ def param_groups(model: nn.Module, weight_decay: float, lr_mult: dict[str, float
     return [{"params": params, "weight_decay": weight_decay if decay else 0.0, "lr_mult": lr_mult.get(owner, 1.0),
              **({"owner": owner} if owner else {})}
             for (owner, decay), params in sorted(groups.items(), key=lambda kv: (kv[0][0], not kv[0][1]))]
+
+
+def build_optimizer(model: nn.Module, config: OptimConfig, sharded: bool = False) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters (`param_groups`). The fused kernel (CPU and CUDA) is 2-3x faster
+    than the per-tensor loop; sharded (FSDP2) parameters keep the default implementation."""
+    return torch.optim.AdamW(param_groups(model, config.weight_decay, config.lr_mult), lr=config.lr,
+                             betas=tuple(config.betas), eps=config.eps, fused=not sharded)
+
+
+def learning_rate(config: OptimConfig, step: int, max_steps: int) -> float:
+    """The learning rate at 0-based `step`: linear warm-up, then cosine to min_lr over decay_steps (default:
+    the run's max_steps); each parameter group multiplies it by its lr_mult."""
+    return warmup_cosine(step, config.lr, config.warmup_steps, config.decay_steps or max_steps, config.min_lr)
 
 
 class EMA:
@@ -74,3 +94,21 @@ class EMA:
         for name, p in model.named_parameters():
             if name in self.shadow:
                 p.copy_(self.shadow[name].to(p.dtype))
+
+    @contextmanager
+    def swapped_in(self, model: nn.Module) -> Iterator[None]:
+        """The averaged weights in `model` for the duration (held-out losses of the EMA), then its own again."""
+        params = dict(model.named_parameters())
+        raw = {name: p.detach().clone() for name, p in params.items()}
+        self.copy_to(model)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for name, p in params.items():
+                    p.copy_(raw[name])
+
+
+def build_ema(model: nn.Module, config: OptimConfig) -> EMA | None:
+    """The EMA of the trainable weights with optim.ema_decay (None for 0: no EMA)."""
+    return EMA(model, config.ema_decay) if config.ema_decay > 0 else None

@@ -1,5 +1,5 @@
-"""Parallelism and memory/speed options applied from OUTSIDE the model (torchtitan style), so
-`TransfusionMoT` stays a plain nn.Module: activation checkpointing, torch.compile, FSDP2.
+"""The model a run trains, with parallelism and memory/speed options applied from OUTSIDE it (torchtitan
+style), so `TransfusionMoT` stays a plain nn.Module: activation checkpointing, torch.compile, FSDP2.
 
 Order matters: activation checkpointing wraps each block, compile compiles each (wrapped) block, and
 FSDP2's `fully_shard` goes on each block and then on the root.
@@ -7,54 +7,19 @@ FSDP2's `fully_shard` goes on each block and then on the root.
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass, field
+import sys
+from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
-
-@dataclass
-class DistInfo:
-    """This process's place in the process group, and the device its collectives run on: NCCL serves only
-    CUDA tensors and gloo CPU ones, so every collective goes through `all_reduce_sum` / `barrier`, which
-    put their tensors on `device`."""
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
-
-
-def init_distributed(device_kind: str) -> DistInfo:
-    """Join the process group torchrun describes in the environment (single process: nothing to do).
-
-    gloo on CPU, NCCL on CUDA; multi-node rendezvous is torchrun's (--nnodes, --rdzv-endpoint)."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size <= 1:
-        return DistInfo()
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    if not dist.is_initialized():
-        backend = "nccl" if device_kind == "cuda" else "gloo"
-        if device_kind == "cuda":
-            torch.cuda.set_device(local_rank)
-        dist.init_process_group(backend=backend)
-    device = torch.device("cuda", local_rank) if dist.get_backend() == "nccl" else torch.device("cpu")
-    return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
-
-
-def shutdown_distributed() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
+from ..accounting import parameter_accounting
+from ..common.distributed import DistInfo
+from ..config import RunConfig
+from ..diffusion import make_objective
+from ..losses import TransfusionStep
+from ..model import TransfusionMoT
+from .optim import freeze_parameters
 
 
 def apply_activation_checkpointing(model: nn.Module) -> None:
@@ -91,24 +56,33 @@ def apply_fsdp(root: nn.Module, blocks: nn.ModuleList, bf16: bool, reshard_after
     fully_shard(root, mp_policy=root_mp, reshard_after_forward=reshard_after_forward)
 
 
-def all_reduce_sum(values: torch.Tensor, info: DistInfo) -> torch.Tensor:
-    """Sum over processes; the reduction runs on the collective device, the result comes back where
-    `values` were."""
-    if not info.distributed:
-        return values
-    buffer = values.to(info.device)
-    dist.all_reduce(buffer, op=dist.ReduceOp.SUM)
-    return buffer.to(values.device)
-
-
-def barrier(info: DistInfo) -> None:
-    if info.distributed:
-        if info.device.type == "cuda":  # NCCL's barrier must know this process's GPU
-            dist.barrier(device_ids=[info.device.index])
-        else:
-            dist.barrier()
-
-
-def any_rank(flag: bool, info: DistInfo) -> bool:
-    """True on every process when `flag` is true on any (one all-reduce)."""
-    return all_reduce_sum(torch.tensor([float(flag)]), info).item() > 0
+def build_model(config: RunConfig, dist: DistInfo, device: torch.device, precision: str
+                ) -> tuple[TransfusionMoT, TransfusionStep, dict[str, Any]]:
+    """(the model of config.model, the loss module around it, its parameter and FLOP accounting), with
+    train.freeze, activation checkpointing, compile and FSDP2 applied from outside, in that order. Several
+    processes build on the meta device (no process ever holds the full model), shard, then draw each tensor
+    whole from the same seed and keep their shard. Draws from the global RNG: seed it first."""
+    tc = config.train
+    if dist.distributed:
+        with torch.device("meta"):
+            model = TransfusionMoT(config.model)
+    else:
+        model = TransfusionMoT(config.model).to(device)
+    frozen = freeze_parameters(model, tc.freeze)  # before FSDP2: the sharded parameters inherit the flags
+    accounting = parameter_accounting(model, seq_len=config.data.token_budget or config.model.max_seq_len)
+    step_module = TransfusionStep(model, make_objective(config.model))
+    if tc.activation_checkpointing:
+        apply_activation_checkpointing(model)
+    if tc.compile:
+        apply_compile(model)
+    if dist.distributed:
+        apply_fsdp(step_module, model.blocks, bf16=precision == "bf16")
+        model.to_empty(device=device)
+        torch.manual_seed(tc.seed)
+        model.reset_parameters()  # each process draws every tensor whole and keeps its own shard
+    shared = sorted({"attn", "ffn", "norm"} - set(config.model.untie))
+    if frozen and shared and dist.is_main:  # their experts serve every modality, so they still train
+        print(f"note: train.freeze {tc.freeze} freezes {len(frozen)} tensors, but the {', '.join(shared)} weights "
+              f"are shared by every modality (model.untie lacks them) and still train: the frozen modality's "
+              f"outputs will change; untie them to keep it exactly as it was", file=sys.stderr)
+    return model, step_module, accounting

@@ -8,6 +8,9 @@ in TFLOP/s), and is the only way to get an MFU on a CPU.
 
 from __future__ import annotations
 
+import time
+from typing import Any
+
 import torch
 
 # dense bf16 TFLOP/s per device; the first name contained in the device name wins, so longer names first
@@ -57,4 +60,34 @@ def mfu(flops: float, seconds: float, peak: float | None, world_size: int) -> fl
     return flops / seconds / (peak * 1e12 * world_size)
 
 
-__all__ = ["PEAK_BF16_TFLOPS", "mfu", "peak_tflops"]
+class ThroughputWindow:
+    """tokens/s, MFU and the padding fraction over the steps since the last metrics line (`take`); `restart`
+    after work that is not training (an evaluation), so it is not counted."""
+
+    KEYS = ("tokens", "flops", "padding", "positions")
+
+    def __init__(self, device: torch.device, peak_override: float | None, world_size: int) -> None:
+        self.peak = peak_tflops(device, peak_override)
+        self.world_size = world_size
+        self.restart()
+
+    def restart(self) -> None:
+        self.start = time.perf_counter()
+        self.sums = dict.fromkeys(self.KEYS, 0.0)
+
+    def add(self, stats: Any) -> None:
+        """One step's `StepStats` (tokens, flops, padding, positions)."""
+        for key in self.KEYS:
+            self.sums[key] += getattr(stats, key)
+
+    def take(self) -> dict[str, float | None]:
+        """{tokens_per_s, mfu, padding_fraction} of the window, which then starts again."""
+        seconds = max(time.perf_counter() - self.start, 1e-9)
+        s = self.sums
+        record = {"tokens_per_s": s["tokens"] / seconds, "mfu": mfu(s["flops"], seconds, self.peak, self.world_size),
+                  "padding_fraction": s["padding"] / max(s["positions"], 1.0)}
+        self.restart()
+        return record
+
+
+__all__ = ["PEAK_BF16_TFLOPS", "ThroughputWindow", "mfu", "peak_tflops"]

@@ -19,6 +19,8 @@ token (documents laid out as in training: BOS text EOS, cut to the context), on 
 
 from __future__ import annotations
 
+import math
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -27,9 +29,12 @@ import torch
 from torch import Tensor
 
 from ..batch import Batch, Collator, Sample, patchify
+from ..common.distributed import DistInfo
 from ..common.errors import ConfigError
+from ..config import DataConfig, RunConfig
 from ..data.imageio import read_metadata
 from ..data.readers import ImageFolderReader, WebDatasetReader
+from ..data.streams import read_text_documents
 from ..diffusion import DiffusionObjective
 from ..tokenizer import encode_caption
 
@@ -63,12 +68,13 @@ class ValidationSet:
     def __init__(self, pairs: Sequence[tuple[Tensor, str]], tokenizer: Any, collator: Collator,
                  objective: DiffusionObjective, *, seed: int, batch_size: int = 64,
                  max_text_tokens: int | None = None, overflow: str = "error",
-                 device: torch.device | str = "cpu", documents: Sequence[Sequence[int]] = ()) -> None:
+                 device: torch.device | str = "cpu", documents: Sequence[Sequence[int]] = (), source: str = "") -> None:
         if not pairs:
             raise ConfigError("validation: no held-out samples")
         if batch_size < 1:
             raise ConfigError(f"validation: batch size must be positive, got {batch_size}")
         self.num_samples = len(pairs)
+        self.source, self.seed = source, int(seed)  # where the pairs came from, and the draws' seed (summary.json)
         self.num_train_timesteps = objective.num_train_timesteps
         self.bucket_names = bucket_names(self.num_train_timesteps)
         generator = torch.Generator().manual_seed(int(seed))
@@ -100,7 +106,7 @@ class ValidationSet:
             text_tokens += out["text_tokens"].item()
             mse.append(out["image_mse_per_image"].float().cpu())
             clean = torch.zeros(captioning.num_images, device=t.device)
-            out = loss_fn(captioning, timesteps=clean, noise=torch.zeros_like(captioning.patches), details=True)
+            out = loss_fn(captioning, timesteps=clean, noise=torch.zeros_like(captioning.inputs.patches), details=True)
             caption_nll += out["text_nll_sum"].item()
             caption_tokens += out["text_tokens"].item()
         mse_all, t_all = torch.cat(mse).double(), self.timesteps
@@ -110,8 +116,8 @@ class ValidationSet:
         if self.corpus_batches:
             nll = tokens = 0.0
             for batch in self.corpus_batches:
-                none = batch.patches.new_zeros(0)
-                out = loss_fn(batch, timesteps=none, noise=batch.patches, details=True)
+                none = batch.inputs.patches.new_zeros(0)
+                out = loss_fn(batch, timesteps=none, noise=batch.inputs.patches, details=True)
                 nll += out["text_nll_sum"].item()
                 tokens += out["text_tokens"].item()
             result["val_corpus_loss"] = nll / max(tokens, 1)
@@ -132,13 +138,11 @@ def evenly_spaced(total: int, n: int) -> list[int]:
 
 def load_validation_documents(path: str | Path, n: int, tokenizer: Any, max_tokens: int) -> list[list[int]]:
     """Up to n held-out text documents (evenly spaced over the file), tokenized and cut to `max_tokens`."""
-    from .stream import read_text_documents
-
     docs = read_text_documents(path)
     return [tokenizer.encode(docs[i])[:max_tokens] for i in evenly_spaced(len(docs), n)]
 
 
-def missing_held_out(data: Any) -> str | None:
+def missing_held_out(data: DataConfig) -> str | None:
     """Why a data config has no held-out image-caption pairs (None when it has them): a latent cache or
     shards with no data.val_path, an image folder with no rows of data.val_split."""
     if data.kind in ("latents", "webdataset"):
@@ -150,7 +154,7 @@ def missing_held_out(data: Any) -> str | None:
     return f"{Path(path) / 'metadata.jsonl'} has no rows of split {data.val_split!r} (data.val_split, data.val_path)"
 
 
-def load_validation_pairs(data: Any, n: int, vae: Any = None, device: torch.device | str = "cpu",
+def load_validation_pairs(data: DataConfig, n: int, vae: Any = None, device: torch.device | str = "cpu",
                           image_size: int | None = None) -> tuple[list[tuple[Tensor, str]], str]:
     """Up to n held-out (latent (C, H, W), caption) pairs and a description of where they came from.
 
@@ -200,6 +204,55 @@ def load_validation_pairs(data: Any, n: int, vae: Any = None, device: torch.devi
     return [(z, item["text"] or "") for z, item in zip(torch.cat(latents), items)], source
 
 
-__all__ = ["NUM_BUCKETS", "ValidationBatch", "ValidationSet", "bucket_names", "evenly_spaced",
-           "load_validation_documents", "load_validation_pairs",
-           "stratified_timesteps"]
+def build_validation(config: RunConfig, tokenizer: Any, data: Any, objective: DiffusionObjective, dist: DistInfo,
+                     device: torch.device) -> ValidationSet | None:
+    """The held-out set of a run with train.eval_every, its draws fixed by train.eval_seed; None (said once)
+    when the data has no held-out part. Every process scores all of it (identical forwards, as FSDP needs),
+    so no reduction is needed. `data`: the run's `TrainingData` (latent shape, VAE, collator)."""
+    tc = config.train
+    if not tc.eval_every:
+        return None
+    missing = missing_held_out(config.data)
+    if missing is not None:
+        if dist.is_main:
+            print(f"note: train.eval_every is {tc.eval_every} but {missing}: training without held-out losses (a "
+                  "val cache: `tmot vae encode --split val`)", file=sys.stderr)
+        return None
+    vae = data.vae
+    size = config.data.image_size or (int(vae.config.sample_size) if vae is not None else None)
+    pairs, source = load_validation_pairs(config.data, tc.eval_samples, vae=vae, device=device, image_size=size)
+    shapes = {tuple(latent.shape) for latent, _ in pairs}
+    if shapes != {tuple(data.latent_shape)}:
+        raise ConfigError(f"validation data {source}: latents of shape {sorted(shapes)}, but the training data's are "
+                          f"{tuple(data.latent_shape)}; use held-out data encoded by the same VAE")
+    documents = []
+    if config.data.text_val_path:
+        documents = load_validation_documents(config.data.text_val_path, tc.eval_samples, tokenizer,
+                                              config.model.max_seq_len - 2)
+        source += f"; text documents {config.data.text_val_path} ({len(documents)})"
+    return ValidationSet(pairs, tokenizer, data.collator, objective, seed=tc.eval_seed, batch_size=tc.eval_batch_size,
+                         max_text_tokens=config.tokenizer.max_text_tokens, overflow=config.tokenizer.overflow,
+                         device=device, documents=documents, source=source)
+
+
+def validation_summary(valset: ValidationSet, every: int, records: list[dict[str, Any]]) -> dict[str, Any]:
+    """summary.json's held-out part: where the set came from, the last evaluation and the best image loss of
+    the whole run (`records`: metrics.jsonl, so a resumed run includes evaluations from before the resume)."""
+    evals = [{k: v for k, v in r.items() if k == "step" or k.startswith("val_")} for r in records
+             if "val_image_loss" in r]
+    best = min(evals, key=lambda r: r["val_image_loss"]) if evals else None
+    summary = {"source": valset.source, "samples": valset.num_samples, "draw_seed": valset.seed, "every": every,
+               "timestep_buckets": valset.bucket_names, "evaluations": len(evals),
+               "final": evals[-1] if evals else None,
+               "best_image_loss": {"step": best["step"], "val_image_loss": best["val_image_loss"]} if best else None}
+    corpus = [r for r in evals if "val_corpus_loss" in r]
+    if corpus:  # held-out text documents: loss per token and perplexity before training and at the end
+        first, last = corpus[0], corpus[-1]
+        summary["corpus"] = {name: {"step": r["step"], "val_corpus_loss": r["val_corpus_loss"],
+                                    "perplexity": math.exp(r["val_corpus_loss"])}
+                             for name, r in (("first", first), ("final", last))}
+    return summary
+
+
+__all__ = ["NUM_BUCKETS", "ValidationBatch", "ValidationSet", "bucket_names", "build_validation", "evenly_spaced",
+           "load_validation_documents", "load_validation_pairs", "stratified_timesteps", "validation_summary"]
