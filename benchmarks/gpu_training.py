@@ -5,7 +5,7 @@ FlexAttention vs SDPA, one bf16 training step (forward, backward, AdamW) on pack
 synthetic samples shaped like the coco-760m recipe (`benchmarks/packing.py`: captions of 5-60 tokens, 32x32x4
 latents -> 256 image tokens, 20% image-first). The variants run one after another (one model in memory at a time: the 760m MoT
 with AdamW state alone is ~22 GB), each warmed up before its timed steps (median reported). Reports tokens/s (real tokens), MFU (`accounting.batch_train_flops` over the device's dense bf16
-peak, `transfusion_mot.training.throughput`) and peak memory, plus the MoT/dense step-time and flex/SDPA
+peak, `transfusion_mot.common.throughput`) and peak memory, plus the MoT/dense step-time and flex/SDPA
 ratios. Sampling: the 760m MoT (4 latent channels), 32x32x4 latents, CFG 3, 250 and 50 steps, images/s with
 and without the KV cache. The last line is one JSON object.
 
@@ -26,10 +26,12 @@ import zlib
 from pathlib import Path
 
 import torch
+from packing import SyntheticSamples  # benchmarks/packing.py, beside this script
 
 from transfusion_mot.accounting import batch_train_flops, parameter_accounting
 from transfusion_mot.batch import Collator
 from transfusion_mot.common.config import from_dict, read_yaml_mapping
+from transfusion_mot.common.throughput import mfu, peak_tflops
 from transfusion_mot.config import ModelConfig
 from transfusion_mot.diffusion import make_objective
 from transfusion_mot.inference.sampling import generate_latents
@@ -38,9 +40,6 @@ from transfusion_mot.model import TransfusionMoT
 from transfusion_mot.tokenizer import ByteTokenizer
 from transfusion_mot.training.parallel import apply_compile
 from transfusion_mot.training.stream import PackedBatches
-from transfusion_mot.training.throughput import mfu, peak_tflops
-
-from packing import SyntheticSamples  # benchmarks/packing.py, beside this script
 
 REPO = Path(__file__).resolve().parents[1]
 UNTIE = {"mot": ["attn", "ffn", "norm"], "dense": []}

@@ -46,6 +46,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from mot_vs_dense import bench_variant, mean_sd_cell, mean_std, reference_stats  # noqa: E402  (the same bench, statistics)
 
+from transfusion_mot.run_dir import RunDir
+
 VARIANTS = {
     "lmfusion": {"from_lm": True, "untie": ["attn", "ffn", "norm"], "freeze": ["text"]},
     "mot_ft": {"from_lm": True, "untie": ["attn", "ffn", "norm"], "freeze": []},
@@ -88,12 +90,10 @@ def lm_document_loss(lm_dir: Path, val_path: Path, n: int, max_text: int, append
     exactly (and LMFusion's at every evaluation, but for what training taught the appended rows)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from transfusion_mot.data.streams import read_text_documents
-    from transfusion_mot.training.validation import evenly_spaced
+    from transfusion_mot.data.streams import held_out_documents
 
     lm, tokenizer = AutoModelForCausalLM.from_pretrained(str(lm_dir)).eval(), AutoTokenizer.from_pretrained(str(lm_dir))
-    texts = read_text_documents(val_path)
-    docs = [texts[i] for i in evenly_spaced(len(texts), n)]
+    docs = held_out_documents(val_path, n)
     nll = count = 0.0
     for start in range(0, len(docs), 32):
         rows = [[tokenizer.bos_token_id, *tokenizer(d, add_special_tokens=False)["input_ids"][:max_text],
@@ -194,7 +194,7 @@ def variant_config(name: str, lm: Path, data: dict[str, Any], args: argparse.Nam
 
 def train_variant(name: str, seed: int, lm: Path, data: dict[str, Any], args: argparse.Namespace, out: Path) -> Path:
     run = out / "runs" / f"{name}-s{seed}"
-    if (run / "summary.json").is_file() and json.loads((run / "summary.json").read_text()).get("step") == args.steps:
+    if RunDir(run).read_summary().get("step") == args.steps:
         return run  # finished earlier: reuse
     config = out / "configs" / f"{name}.yaml"
     config.parent.mkdir(parents=True, exist_ok=True)
@@ -214,10 +214,8 @@ def train_variant(name: str, seed: int, lm: Path, data: dict[str, Any], args: ar
 
 
 def run_numbers(run: Path) -> dict[str, Any]:
-    from transfusion_mot.run_dir import RunDir
-
     evals = [r for r in RunDir(run).read_metrics() if "val_image_loss" in r]
-    summary = json.loads((run / "summary.json").read_text())
+    summary = RunDir(run).read_summary()
     first, last = evals[0], evals[-1]
     return {"corpus_loss_start": first["val_corpus_loss"], "corpus_loss": last["val_corpus_loss"],
             "val_image_loss": last["val_image_loss"], "val_caption_loss": last["val_caption_loss"],
@@ -248,7 +246,7 @@ def render(result: dict[str, Any], args: argparse.Namespace) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=1000, help="training steps of every variant")
     ap.add_argument("--seeds", default=None, help="comma-separated training seeds (default 0,1,2; 0 below 500 steps, "
@@ -272,22 +270,23 @@ def main() -> None:
     ap.add_argument("--out", default="lmfusion")
     args = ap.parse_args()
     args.seeds = [int(s) for s in (args.seeds or ("0,1,2" if args.steps >= 500 else "0")).split(",") if s.strip()]
-    names = [n.strip() for n in args.variants.split(",") if n.strip()]
-    unknown = [n for n in names if n not in VARIANTS]
+    args.names = [n.strip() for n in args.variants.split(",") if n.strip()]
+    unknown = [n for n in args.names if n not in VARIANTS]
     if unknown or not args.seeds:
         raise SystemExit(f"unknown variant {unknown[0]!r} (choose from {', '.join(VARIANTS)})" if unknown
                          else "--seeds: give at least one seed")
     args.eval_every = args.eval_every or max(1, args.steps // 10)
     args.lm_steps = args.lm_steps or min(3000, 10 * args.steps)
     args.bench_n = args.bench_n if args.bench_n is not None else (256 if args.steps >= 500 else 64)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    torch.set_num_threads(max(1, args.threads * args.jobs))
+    return args
 
+
+def prepare(args: argparse.Namespace, out: Path) -> tuple[dict[str, Any], Path, dict[str, Any]]:
+    """(the data every variant trains on, the pretrained LM's directory, what the LM is): the built-in shapes
+    data, WordNet's corpus, and the LM pretrained on it."""
+    from transfusion_mot.config import load_run_config
     from transfusion_mot.data.corpus import build_corpus
     from transfusion_mot.recipes.prepare import prepare_for_run
-    from transfusion_mot.config import load_run_config
 
     corpus = out / "corpus"
     if not (corpus / "info.json").is_file():
@@ -300,34 +299,31 @@ def main() -> None:
     lm_info = pretrain_lm(corpus, lm_dir, args)
     lm_info["val_corpus_loss"] = lm_document_loss(lm_dir, corpus / "val.txt", args.eval_samples, MAX_SEQ_LEN - 2)
     print(f"[lmfusion] LM ready: {lm_info}", file=sys.stderr, flush=True)
+    return data, lm_dir, lm_info
 
-    jobs = [(name, seed) for seed in args.seeds for name in names]
-    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-        run_dirs = dict(zip(jobs, pool.map(lambda j: train_variant(j[0], j[1], lm_dir.resolve(), data, args, out),
-                                           jobs)))
-    first_from_lm = next((n for n in names if VARIANTS[n]["from_lm"]), None)
-    if first_from_lm:  # the LM's number with the run's appended rows (BOI, EOI) at their start: its step-0 number
-        model = yaml.safe_load((run_dirs[first_from_lm, args.seeds[0]] / "config.yaml").read_text())["model"]
-        lm_info["appended_rows"] = model["vocab_size"] - model["base_vocab_size"]
-        lm_info["val_corpus_loss_appended"] = lm_document_loss(lm_dir, corpus / "val.txt", args.eval_samples,
-                                                               MAX_SEQ_LEN - 2, lm_info["appended_rows"])
-    check = args.steps < 500  # a check that everything runs: a smaller classifier and FID reference
+
+def bench_all(args: argparse.Namespace, out: Path, data: dict[str, Any], run_dirs: dict, jobs: list) -> dict:
+    """Alignment and FID of every run, at equal n (a smaller classifier and FID reference for a check run)."""
+    if not args.bench_n:
+        return {}
+    check = args.steps < 500
     classifier = out / ("shapes-classifier-check" if check else "shapes-classifier")
-    if args.bench_n and not (classifier / "config.json").is_file():
+    if not (classifier / "config.json").is_file():
         from eval.align import train_shapes_classifier
 
         train_shapes_classifier(classifier, image_size=32, steps=300 if check else 1000, seed=0,
                                 eval_images=500 if check else 2000)
-    benches = {}
-    if args.bench_n:
-        stats = reference_stats(data["images"], out, limit=256 if check else None)
-        with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-            benches = dict(zip(jobs, pool.map(lambda j: bench_variant(run_dirs[j], j[1], data, args, classifier, stats),
-                                              jobs)))
+    stats = reference_stats(data["images"], out, limit=256 if check else None)
+    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        return dict(zip(jobs, pool.map(lambda j: bench_variant(run_dirs[j], j[1], data, args, classifier, stats),
+                                       jobs)))
 
+
+def aggregate(args: argparse.Namespace, run_dirs: dict, benches: dict) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(mean and sd over seeds of every number, per variant; the numbers of every seed)."""
     variants: dict[str, Any] = {}
     per_seed: dict[str, dict[int, Any]] = {}
-    for name in names:
+    for name in args.names:
         rows = {seed: {**run_numbers(run_dirs[name, seed]), **benches.get((name, seed), {})} for seed in args.seeds}
         per_seed[name] = rows
         merged: dict[str, Any] = dict(rows[args.seeds[0]])
@@ -335,19 +331,39 @@ def main() -> None:
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 merged[key], merged[f"{key}_std"] = mean_std([r[key] for r in rows.values() if r.get(key) is not None])
         variants[name] = merged
-    result = {"lm": lm_info, "variants": variants, "per_seed": per_seed}
+    return variants, per_seed
+
+
+def main() -> None:
+    args = parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    torch.set_num_threads(max(1, args.threads * args.jobs))
+    data, lm_dir, lm_info = prepare(args, out)
+    jobs = [(name, seed) for seed in args.seeds for name in args.names]
+    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        run_dirs = dict(zip(jobs, pool.map(lambda j: train_variant(j[0], j[1], lm_dir.resolve(), data, args, out),
+                                           jobs)))
 
     from transfusion_mot.training.curves import plot_curves
-    from transfusion_mot.run_dir import RunDir
 
+    first_from_lm = next((n for n in args.names if VARIANTS[n]["from_lm"]), None)
+    if first_from_lm:  # the LM's number with the run's appended rows (BOI, EOI) at their start: its step-0 number
+        model = RunDir(run_dirs[first_from_lm, args.seeds[0]]).load_config().model
+        lm_info["appended_rows"] = model.vocab_size - model.base_vocab_size
+        lm_info["val_corpus_loss_appended"] = lm_document_loss(lm_dir, Path(data["corpus"]) / "val.txt",
+                                                               args.eval_samples, MAX_SEQ_LEN - 2,
+                                                               lm_info["appended_rows"])
+    variants, per_seed = aggregate(args, run_dirs, bench_all(args, out, data, run_dirs, jobs))
+    result = {"lm": lm_info, "variants": variants, "per_seed": per_seed}
     panels = (("held-out image loss", ("val_image_loss",)), ("held-out captioning loss", ("val_caption_loss",)),
               ("held-out corpus loss (the LM's text)", ("val_corpus_loss",)))
-    first_seed = {name: RunDir(run_dirs[name, args.seeds[0]]).read_metrics() for name in names}
+    first_seed = {name: RunDir(run_dirs[name, args.seeds[0]]).read_metrics() for name in args.names}
     plot_curves(first_seed, out / "curves.png", panels=panels, x_axes=("step",),
                 title=f"LMFusion in miniature, seed {args.seeds[0]}")
     headline = {"lm_corpus_loss": lm_info["val_corpus_loss"],
-                "lm_corpus_loss_in_runs": variants[first_from_lm]["corpus_loss_start"]
-                if first_from_lm else None}
+                "lm_corpus_loss_in_runs": variants[first_from_lm]["corpus_loss_start"] if first_from_lm else None}
     for name, v in variants.items():
         for key, out_key in (("corpus_loss", "corpus_loss"), ("val_image_loss", "val_image_loss"),
                              ("val_caption_loss", "val_caption_loss"), ("align_all_correct", "all_correct"),

@@ -48,6 +48,8 @@ from typing import Any
 
 import torch
 
+from transfusion_mot.run_dir import RunDir
+
 REPO = Path(__file__).resolve().parents[1]
 UNTIE = {"dense": "[]", "ffn": "[ffn]", "ffn_attn": "[ffn,attn]", "mot": "[attn,ffn,norm]"}
 BUILTIN_CONFIGS = {"shapes": REPO / "configs/train/shapes-tiny.yaml", "emoji": REPO / "configs/train/emoji-tiny.yaml"}
@@ -108,7 +110,7 @@ def run_name(name: str, seed: int, args: argparse.Namespace) -> str:
 
 def train_variant(name: str, seed: int, data: dict[str, Any], args: argparse.Namespace, out: Path) -> Path:
     run = out / "runs" / run_name(name, seed, args)
-    if (run / "summary.json").is_file() and json.loads((run / "summary.json").read_text()).get("step") == args.steps:
+    if RunDir(run).read_summary().get("step") == args.steps:
         return run  # finished earlier: reuse
     cmd = [sys.executable, "-m", "transfusion_mot", "train", "--config", str(data["config"]), "--out", str(run),
            "--data", data["data"], "--max-steps", str(args.steps), "--eval-every", str(args.eval_every),
@@ -329,6 +331,24 @@ def render_seed_table(result: dict[str, Any], title: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def bench_all(args: argparse.Namespace, out: Path, data: dict[str, Any], run_dirs: dict, jobs: list
+              ) -> dict[tuple[str, int], dict[str, Any]]:
+    """FID and (on shapes data) alignment of every run, at equal n."""
+    if args.bench_n <= 0 or not data["images"]:
+        return {}
+    classifier = None
+    if data["shapes"]:
+        classifier = out / "shapes-classifier"
+        if not (classifier / "config.json").is_file():
+            from eval.align import train_shapes_classifier
+
+            train_shapes_classifier(classifier, image_size=32, steps=1000, seed=args.seeds[0])
+    stats = reference_stats(data["images"], out)
+    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        return dict(zip(jobs, pool.map(lambda job: bench_variant(run_dirs[job], job[1], data, args, classifier, stats),
+                                       jobs)))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default="shapes", help="shapes | emoji | a latent cache | an image folder")
@@ -369,27 +389,13 @@ def main() -> None:
         run_dirs = dict(zip(jobs, pool.map(lambda job: train_variant(job[0], job[1], data, args, out), jobs)))
 
     from transfusion_mot.training.curves import plot_curves
-    from transfusion_mot.run_dir import RunDir
 
-    bench_n = args.bench_n if args.bench_n is not None else (256 if data["shapes"] else 0)
-    args.bench_n = bench_n
-    benches: dict[tuple[str, int], dict[str, Any]] = {}
-    if bench_n > 0 and data["images"]:
-        classifier = None
-        if data["shapes"]:
-            classifier = out / "shapes-classifier"
-            if not (classifier / "config.json").is_file():
-                from eval.align import train_shapes_classifier
-
-                train_shapes_classifier(classifier, image_size=32, steps=1000, seed=args.seeds[0])
-        stats = reference_stats(data["images"], out)
-        with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-            benches = dict(zip(jobs, pool.map(
-                lambda job: bench_variant(run_dirs[job], job[1], data, args, classifier, stats), jobs)))
+    args.bench_n = args.bench_n if args.bench_n is not None else (256 if data["shapes"] else 0)
+    benches = bench_all(args, out, data, run_dirs, jobs)
     per_seed = {}
     for seed in args.seeds:
         runs = {name: RunDir(run_dirs[name, seed]).read_metrics() for name in names}
-        summaries = {name: json.loads((run_dirs[name, seed] / "summary.json").read_text()) for name in names}
+        summaries = {name: RunDir(run_dirs[name, seed]).read_summary() for name in names}
         per_seed[seed] = summarise(runs, summaries)
         for name in names:
             per_seed[seed]["variants"][name].update(benches.get((name, seed), {}))

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from transfusion_mot.run_dir import RunDir
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -79,12 +81,11 @@ def main() -> None:
 
     from eval.align import load_classifier, score_alignment, train_shapes_classifier
     from transfusion_mot.common.images import image_grid
+    from transfusion_mot.config import load_run_config
     from transfusion_mot.inference.pipeline import Pipeline
     from transfusion_mot.recipes.demo import DEMO_SET, prompt_sets
     from transfusion_mot.recipes.prepare import prepare_for_run
     from transfusion_mot.recipes.train import train
-    from transfusion_mot.config import load_run_config
-    from transfusion_mot.run_dir import RunDir
 
     config = load_run_config(args.config, [f"train.max_steps={args.steps}", "train.progress=false",
                                            "train.tensorboard=false", f"train.save_every={args.steps}",
@@ -101,7 +102,7 @@ def main() -> None:
     train(config, run)
     wall = time.perf_counter() - t0
     metrics = RunDir(run).read_metrics()
-    summary = json.loads((run / "summary.json").read_text())
+    summary = RunDir(run).read_summary()
     evals = [m for m in metrics if "val_image_loss" in m]
     row = {"name": args.name, "steps": args.steps, "set": args.set, "threads": torch.get_num_threads(),
            "train_time_s": round(summary["train_time_s"], 1), "wall_s": round(wall, 1),

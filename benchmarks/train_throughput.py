@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from transfusion_mot.recipes.train import build_trainer
 from transfusion_mot.config import run_config_from_dict
+from transfusion_mot.recipes.train import build_trainer
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -20,8 +20,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from vae.autoencoder import load_vae  # noqa: E402
 from transfusion_mot.data.readers import ImageFolderReader  # noqa: E402
+from vae.autoencoder import load_vae  # noqa: E402
 from vae.latents import encode_folder  # noqa: E402
 from vae.reconstruct import evaluate_psnr, reconstruct  # noqa: E402
 from vae.train import resolve_config, train_vae  # noqa: E402

@@ -15,13 +15,14 @@ import os
 import sys
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from transfusion_mot.common.errors import InvalidInput
 from transfusion_mot.common.files import write_jsonl
-from transfusion_mot.common.images import image_grid, save_images, to_pil
-from transfusion_mot.data.imageio import write_metadata
+from transfusion_mot.common.images import image_grid, to_pil
+from transfusion_mot.data.imageio import save_images, write_metadata
 
 from .images import LazyImages, SkipCounter, list_images
 
@@ -57,91 +58,109 @@ def generate_images(generate: GenerateFn, prompts: Sequence[str], out_dir: str |
             "paths": [str(out / r["file_name"]) for r in rows]}
 
 
-def run_bench(generate: GenerateFn, prompts: Sequence[str], out_dir: str | os.PathLike, *,
-              ref_stats: str | os.PathLike | None = None, real_dir: str | os.PathLike | Sequence[str] | None = None,
-              clip_model: Any = None, classifier: Any = None, inception: str | os.PathLike | None = None,
-              extractor: Any = None, batch_size: int = 16, seed: int = 0, device: str = "cpu", kid: bool = True,
-              grid_size: int = 64, quiet: bool = False, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Generate one image per prompt into ``out_dir`` and compute:
+@dataclass
+class BenchSpec:
+    """What a benchmark scores its images against and with; a metric whose inputs are missing is recorded as
+    skipped, with the reason.
 
-    - FID (+ KID) against ``ref_stats`` (.npz) or ``real_dir`` (folder or list of files), when
-      Inception weights (or a given ``extractor``) are available;
-    - CLIP score when ``clip_model`` (hub id, directory or loaded ClipBundle) is given;
-    - CMMD when ``clip_model`` and real images are given;
-    - shapes alignment when ``classifier`` (directory or ShapesClassifier) is given and prompts
-      are shapes captions.
+    FID (+ KID) against `ref_stats` (.npz) or `real_dir` (folder or list of files), with `extractor` or the
+    Inception weights found from `inception`; CLIP score with `clip_model` (hub id, directory or loaded
+    ClipBundle), and CMMD with it and real images; shapes alignment with `classifier` (directory or
+    ShapesClassifier) for prompts that are shapes captions. Images are generated `batch_size` prompts at a
+    time, the batch starting at prompt i with seed `seed` + i."""
 
-    Writes ``report.json``, ``report.md``, ``report.html`` (the numbers, the grid and every image with
-    its prompt and, with a classifier, the per-attribute verdicts), ``samples.png``, ``images/``,
-    ``prompts.jsonl``, ``metadata.jsonl``; returns the report.
-    """
+    ref_stats: str | os.PathLike | None = None
+    real_dir: str | os.PathLike | Sequence[str] | None = None
+    clip_model: Any = None
+    classifier: Any = None
+    inception: str | os.PathLike | None = None
+    extractor: Any = None
+    batch_size: int = 16
+    seed: int = 0
+    device: str = "cpu"
+    kid: bool = True
+    grid_size: int = 64
+
+
+def run_bench(generate: GenerateFn, prompts: Sequence[str], out_dir: str | os.PathLike, spec: BenchSpec | None = None,
+              *, quiet: bool = False, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Generate one image per prompt into ``out_dir`` and compute every metric `spec` allows. Writes
+    ``report.json``, ``report.md``, ``report.html`` (the numbers, the grid and every image with its prompt and,
+    with a classifier, the per-attribute verdicts), ``samples.png``, ``images/``, ``prompts.jsonl``,
+    ``metadata.jsonl``; returns the report."""
+    spec = spec or BenchSpec()
     if not prompts:
         raise InvalidInput("no prompts to generate")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    report: dict[str, Any] = {"n": len(prompts), "seed": seed, "batch_size": batch_size, **(extra or {})}
-    gen = generate_images(generate, prompts, out, batch_size, seed, quiet)
+    report: dict[str, Any] = {"n": len(prompts), "seed": spec.seed, "batch_size": spec.batch_size, **(extra or {})}
+    gen = generate_images(generate, prompts, out, spec.batch_size, spec.seed, quiet)
     report["generation"] = {"seconds": gen["seconds"], "images_per_s": gen["images_per_s"]}
     fakes = LazyImages(gen["paths"])
-    real_paths = (list_images(real_dir) if isinstance(real_dir, (str, os.PathLike)) else list(real_dir)) if real_dir else None
-
-    # FID / KID
-    if ref_stats is None and real_paths is None:
-        report["fid"] = {"skipped": "no reference: pass ref_stats (.npz) or real_dir"}
-    else:
-        from .fid import compute_fid, resolve_extractor
-        from .inception import InceptionWeightsNotFound
-
-        try:
-            feat = resolve_extractor(extractor, inception, device)
-        except InceptionWeightsNotFound as err:
-            report["fid"] = {"skipped": str(err)}
-        else:
-            _log("bench: FID features ...", quiet)
-            reference = ref_stats if ref_stats is not None else real_paths
-            result = compute_fid(reference, gen["paths"], feat, batch_size=32, device=device, kid=kid, seed=seed)
-            report["fid"] = result
-
-    # CLIP score and CMMD
-    if clip_model is None:
-        report["clip"] = {"skipped": "no CLIP model given"}
-        report["cmmd"] = {"skipped": "no CLIP model given"}
-    else:
-        from .clip import ClipBundle, clip_score, load_clip
-        from .cmmd import compute_cmmd
-
-        bundle = clip_model if isinstance(clip_model, ClipBundle) else load_clip(clip_model, device)
-        _log("bench: CLIP score ...", quiet)
-        report["clip"] = clip_score(bundle, fakes, list(prompts))
-        if real_paths:
-            _log("bench: CMMD ...", quiet)
-            skipped = SkipCounter()
-            report["cmmd"] = compute_cmmd(bundle, LazyImages(real_paths, skipped), fakes)
-            report["cmmd"]["skipped_real"] = skipped.total
-        else:
-            report["cmmd"] = {"skipped": "no real images (real_dir) to compare with"}
-
-    # shapes alignment
-    verdicts: list[dict[str, Any]] = []
-    if classifier is None:
-        report["align"] = {"skipped": "no shapes classifier given"}
-    else:
-        from .align import score_alignment
-
-        result = score_alignment(classifier, fakes, list(prompts), details=True)
-        verdicts = result.pop("per_image", [])
-        report["align"] = result if result["n_scored"] else {"skipped": "no prompt is a shapes caption"}
-
+    real = spec.real_dir
+    real_paths = (list_images(real) if isinstance(real, (str, os.PathLike)) else list(real)) if real else None
+    report["fid"] = _fid(spec, gen["paths"], real_paths, quiet)
+    report["clip"], report["cmmd"] = _clip_and_cmmd(spec, fakes, prompts, real_paths, quiet)
+    report["align"], verdicts = _alignment(spec, fakes, prompts)
     report["summary"] = summarise(report)
+    _write_reports(report, prompts, out, fakes, [Path(p).relative_to(out).as_posix() for p in gen["paths"]], verdicts,
+                   spec.grid_size)
+    _log(f"bench: report in {out / 'report.md'} and {out / 'report.html'}", quiet)
+    return report
+
+
+def _fid(spec: BenchSpec, fakes: list[str], real_paths: list[str] | None, quiet: bool) -> dict[str, Any]:
+    if spec.ref_stats is None and real_paths is None:
+        return {"skipped": "no reference: pass ref_stats (.npz) or real_dir"}
+    from .fid import compute_fid, resolve_extractor
+    from .inception import InceptionWeightsNotFound
+
+    try:
+        feat = resolve_extractor(spec.extractor, spec.inception, spec.device)
+    except InceptionWeightsNotFound as err:
+        return {"skipped": str(err)}
+    _log("bench: FID features ...", quiet)
+    reference = spec.ref_stats if spec.ref_stats is not None else real_paths
+    return compute_fid(reference, fakes, feat, batch_size=32, device=spec.device, kid=spec.kid, seed=spec.seed)
+
+
+def _clip_and_cmmd(spec: BenchSpec, fakes: LazyImages, prompts: Sequence[str], real_paths: list[str] | None,
+                   quiet: bool) -> tuple[dict[str, Any], dict[str, Any]]:
+    if spec.clip_model is None:
+        return {"skipped": "no CLIP model given"}, {"skipped": "no CLIP model given"}
+    from .clip import ClipBundle, clip_score, load_clip
+    from .cmmd import compute_cmmd
+
+    bundle = spec.clip_model if isinstance(spec.clip_model, ClipBundle) else load_clip(spec.clip_model, spec.device)
+    _log("bench: CLIP score ...", quiet)
+    clip = clip_score(bundle, fakes, list(prompts))
+    if not real_paths:
+        return clip, {"skipped": "no real images (real_dir) to compare with"}
+    _log("bench: CMMD ...", quiet)
+    skipped = SkipCounter()
+    cmmd = compute_cmmd(bundle, LazyImages(real_paths, skipped), fakes)
+    cmmd["skipped_real"] = skipped.total
+    return clip, cmmd
+
+
+def _alignment(spec: BenchSpec, fakes: LazyImages, prompts: Sequence[str]) -> tuple[dict[str, Any], list[dict]]:
+    if spec.classifier is None:
+        return {"skipped": "no shapes classifier given"}, []
+    from .align import score_alignment
+
+    result = score_alignment(spec.classifier, fakes, list(prompts), details=True)
+    verdicts = result.pop("per_image", [])
+    return (result if result["n_scored"] else {"skipped": "no prompt is a shapes caption"}), verdicts
+
+
+def _write_reports(report: dict[str, Any], prompts: Sequence[str], out: Path, fakes: LazyImages,
+                   image_files: list[str], verdicts: list[dict[str, Any]], grid_size: int) -> None:
     grid = image_grid([fakes[i] for i in range(min(grid_size, len(fakes)))], cell=max(64, to_pil(fakes[0]).size[0]),
                       background=(16, 16, 16))
     grid.save(out / "samples.png")
     (out / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
     (out / "report.md").write_text(render_markdown(report, prompts))
-    (out / "report.html").write_text(render_html(report, prompts, [Path(p).relative_to(out).as_posix()
-                                                                   for p in gen["paths"]], verdicts))
-    _log(f"bench: report in {out / 'report.md'} and {out / 'report.html'}", quiet)
-    return report
+    (out / "report.html").write_text(render_html(report, prompts, image_files, verdicts))
 
 
 def summarise(report: dict[str, Any]) -> dict[str, Any]:

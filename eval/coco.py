@@ -19,8 +19,7 @@ from PIL import Image
 
 from transfusion_mot.common.errors import InputNotFound, InvalidInput
 from transfusion_mot.common.files import iter_jsonl, read_prompts, write_jsonl
-from transfusion_mot.common.images import save_images, save_png
-from transfusion_mot.data.imageio import BadImage, center_crop_resize, load_rgb
+from transfusion_mot.data.imageio import BadImage, center_crop_resize, load_rgb, save_images, save_png
 
 from .images import SkipCounter
 

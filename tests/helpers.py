@@ -354,8 +354,16 @@ def make_tiny_lm(directory: Path, arch: str = "llama", tie: bool = False, seed: 
     head_dim != dim / heads; mistral) causal LM with its tokenizer, saved in `directory`. Its embedding has
     `extra_rows` more rows than the tokenizer has tokens (as Qwen's do); norms and biases are perturbed so
     that a mix-up of them shows."""
-    from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
-                              Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
+    from transformers import (
+        LlamaConfig,
+        LlamaForCausalLM,
+        MistralConfig,
+        MistralForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+        Qwen3Config,
+        Qwen3ForCausalLM,
+    )
 
     tokenizer = make_lm_tokenizer(directory, bos=arch != "qwen2")
     base = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,

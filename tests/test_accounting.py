@@ -3,7 +3,6 @@
 import dataclasses
 
 import torch
-
 from helpers import tiny_config
 
 from transfusion_mot.accounting import parameter_accounting

@@ -8,7 +8,7 @@ import torch
 import yaml
 from helpers import REPO, config_dict, make_config
 
-from transfusion_mot.common.errors import ConfigError
+from transfusion_mot.common.errors import ConfigError, InputNotFound
 from transfusion_mot.config import ModelConfig, load_run_config, run_config_from_dict
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "model"
@@ -100,10 +100,19 @@ def test_settings_are_taken_as_they_are_after_the_overrides(data):
     assert (cfg.data.path, cfg.vae.path, cfg.train.max_steps) == ("123", "yes", 9)
 
 
-def test_paths_are_made_absolute_where_they_exist(tmp_path, data, monkeypatch):
+def test_paths_are_made_absolute_where_they_exist_and_the_data_kind_is_told(tmp_path, data, monkeypatch):
+    """Loading resolves a config's paths from where it is loaded (the run directory keeps absolute ones) and
+    data.kind auto from what data.path holds."""
     monkeypatch.chdir(data["latents"].parent)
-    cfg = make_config(data, [f"data.path={data['latents'].name}", "vae.path=org/hub-vae",
-                             "data.val_path=missing/cache"])
-    cfg.make_paths_absolute()
-    assert cfg.data.path == str(data["latents"].resolve())  # on this machine: absolute
+    cfg = make_config(data, [f"data.path={data['latents'].name}", "vae.path=org/hub-vae", "data.val_path=missing/cache",
+                             "data.kind=auto"])
+    assert cfg.data.path == str(data["latents"].resolve()) and cfg.data.kind == "latents"  # on this machine
     assert cfg.vae.path == "org/hub-vae" and cfg.data.val_path == "missing/cache"  # a hub id, a path not here
+    folder = make_config(data, [f"data.path={data['folder'].name}", "data.kind=auto"])
+    assert folder.data.kind == "folder"
+    absent = make_config(data, ["data.path=nowhere", "data.kind=auto"])  # not here (yet): told when the run starts
+    assert absent.data.kind == "auto" and absent.data.path == "nowhere"
+    from transfusion_mot.data.sources import open_source
+
+    with pytest.raises(InputNotFound, match="data.path nowhere: not found"):
+        open_source(absent.data)

@@ -42,8 +42,8 @@ def test_flex_equals_sdpa_forward_and_backward_on_packed_rows():
 def test_bf16_compiled_training_step_with_fsdp2_on_one_gpu(tmp_path):
     """Meta-device init, compiled blocks, FSDP2 with bf16 all-gathers and fp32 reduction, flex attention:
     the loss of a fixed packed batch falls and every gradient is finite."""
-    from transfusion_mot.training.parallel import apply_compile, apply_fsdp
     from transfusion_mot.losses import TransfusionStep
+    from transfusion_mot.training.parallel import apply_compile, apply_fsdp
 
     torch.cuda.set_device(0)
     cfg = tiny_config(dim=128, max_seq_len=512, attn_backend="flex")

@@ -39,17 +39,16 @@ def naive_mask(doc, img, i, j, bidirectional_images=True):
     return j <= i or (bidirectional_images and img[i] >= 0 and img[i] == img[j])
 
 
-def reference_forward(model, inputs):
+def reference_embed(model, inputs):
+    """(B*L, D) inputs of the first block, row by row: token embeddings, and at image rows the patch embedding
+    plus the timestep embedding plus the 2D sin-cos position; also the image rows and timestep embeddings."""
     cfg = model.config
     B, L = inputs.tokens.shape
-    D, H, hd, eps = cfg.dim, cfg.n_heads, cfg.head_size, cfg.norm_eps
-    image_m = cfg.modalities.index("image")
-    # input embedding
     x = model.tok_embed.weight[inputs.tokens].clone()
     flat_mod = inputs.modality.reshape(-1)
-    image_rows = [i for i in range(B * L) if flat_mod[i] == image_m]
+    image_rows = [i for i in range(B * L) if flat_mod[i] == cfg.modalities.index("image")]
     t_emb = model.time_embed(inputs.timesteps)
-    quarter = D // 4
+    quarter = cfg.dim // 4
     omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
     for p, row in enumerate(image_rows):
         r, c = inputs.patch_coords[p].double()
@@ -57,8 +56,38 @@ def reference_forward(model, inputs):
         b, l = divmod(row, L)
         x[b, l] = inputs.patches[p] @ model.patch_embed.weight.T + model.patch_embed.bias \
             + t_emb[inputs.patch_image[p]] + cfg.pos_embed_scale * pos
-    x = x.reshape(B * L, D)
-    mods = flat_mod
+    return x.reshape(B * L, cfg.dim), image_rows, t_emb
+
+
+def naive_rope(t, positions, theta):
+    """Rotary embedding of (N, H, hd) at `positions` (N,), one angle at a time."""
+    hd = t.shape[-1]
+    out = t.clone()
+    for i in range(t.shape[0]):
+        for k in range(hd // 2):
+            ang = positions[i].item() * theta ** (-2 * k / hd)
+            a, b_ = t[i, :, k], t[i, :, k + hd // 2]
+            out[i, :, k] = a * math.cos(ang) - b_ * math.sin(ang)
+            out[i, :, k + hd // 2] = a * math.sin(ang) + b_ * math.cos(ang)
+    return out
+
+
+def naive_allowed(inputs, bidirectional_images):
+    B, L = inputs.tokens.shape
+    allowed = torch.zeros(B, L, L, dtype=torch.bool)
+    for b in range(B):
+        for i in range(L):
+            for j in range(L):
+                allowed[b, i, j] = naive_mask(inputs.doc_ids[b], inputs.image_ids[b], i, j, bidirectional_images)
+    return allowed
+
+
+def reference_forward(model, inputs):
+    cfg = model.config
+    B, L = inputs.tokens.shape
+    D, H, hd, eps = cfg.dim, cfg.n_heads, cfg.head_size, cfg.norm_eps
+    x, image_rows, t_emb = reference_embed(model, inputs)
+    mods = inputs.modality.reshape(-1)
     # adaLN: each image row's (shift, scale, gate, ...) from its own image's timestep, one row at a time
     image_of_row = {row: int(inputs.patch_image[p]) for p, row in enumerate(image_rows)}
 
@@ -85,24 +114,7 @@ def reference_forward(model, inputs):
     def norm(experts, x_):
         return per_token(lambda m, row: rms(row, pick(experts, m).weight, eps), x_, mods)
 
-    # RoPE, naive
-    def rope(t):  # (B*L, H, hd)
-        out = t.clone()
-        pos = inputs.positions.reshape(-1)
-        for i in range(B * L):
-            for k in range(hd // 2):
-                ang = pos[i].item() * cfg.rope_theta ** (-2 * k / hd)
-                a, b_ = t[i, :, k], t[i, :, k + hd // 2]
-                out[i, :, k] = a * math.cos(ang) - b_ * math.sin(ang)
-                out[i, :, k + hd // 2] = a * math.sin(ang) + b_ * math.cos(ang)
-        return out
-
-    allowed = torch.zeros(B, L, L, dtype=torch.bool)
-    for b in range(B):
-        for i in range(L):
-            for j in range(L):
-                allowed[b, i, j] = naive_mask(inputs.doc_ids[b], inputs.image_ids[b], i, j,
-                                              cfg.image_attention == "bidirectional")
+    allowed = naive_allowed(inputs, cfg.image_attention == "bidirectional")
 
     def attention(blk, h):
         qkv = linear(blk.attn.qkv, h)
@@ -110,7 +122,8 @@ def reference_forward(model, inputs):
         if cfg.qk_norm:
             q = per_token(lambda m, row: rms(row, pick(blk.attn.q_norm, m).weight, eps), q, mods)
             k = per_token(lambda m, row: rms(row, pick(blk.attn.k_norm, m).weight, eps), k, mods)
-        q, k = rope(q), rope(k)
+        positions = inputs.positions.reshape(-1)
+        q, k = naive_rope(q, positions, cfg.rope_theta), naive_rope(k, positions, cfg.rope_theta)
         q, k, v = (t.reshape(B, L, H, hd).transpose(1, 2) for t in (q, k, v))
         scores = q @ k.transpose(-1, -2) / math.sqrt(hd)
         scores = scores.masked_fill(~allowed[:, None], float("-inf"))

@@ -12,11 +12,9 @@ from helpers import config_dict, make_tiny_lm, text_only_inputs
 
 from transfusion_mot.batch import Collator, Sample
 from transfusion_mot.common.errors import ConfigError, InvalidInput
-from transfusion_mot.model import TransfusionMoT
-from transfusion_mot.config import SUPPORTED, resolve_init_from
-from transfusion_mot.model import parameter_owners
+from transfusion_mot.config import SUPPORTED, resolve_init_from, run_config_from_dict
+from transfusion_mot.model import TransfusionMoT, parameter_owners
 from transfusion_mot.pretrained import load_lm_weights, text_lm_state_dict, weight_map
-from transfusion_mot.config import run_config_from_dict
 from transfusion_mot.run_dir import RunDir
 from transfusion_mot.tokenizer import load_tokenizer
 

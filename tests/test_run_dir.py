@@ -12,8 +12,15 @@ from transfusion_mot.common.distributed import DistInfo
 from transfusion_mot.common.errors import ConfigError, InputNotFound, InvalidInput, TrainingError
 from transfusion_mot.common.tensors import clean_key
 from transfusion_mot.model import TransfusionMoT
-from transfusion_mot.run_dir import (OptimizerState, RunDir, RunProgress, ShardedWeights, load_inference_weights,
-                                     read_sharded, sharded_keys)
+from transfusion_mot.run_dir import (
+    OptimizerState,
+    RunDir,
+    RunProgress,
+    ShardedWeights,
+    load_inference_weights,
+    read_sharded,
+    sharded_keys,
+)
 from transfusion_mot.training.optim import EMA
 from transfusion_mot.training.parallel import apply_activation_checkpointing
 

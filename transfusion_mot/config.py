@@ -415,10 +415,11 @@ class RunConfig:
         a, b = _flatten(self.to_dict()), _flatten(other.to_dict())
         return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and k not in ignore)
 
-    def make_paths_absolute(self) -> None:
-        """The files this config names (data, held-out data, text corpus, VAE, tokenizer, language model)
-        made absolute where they are on this machine, so the config works from any directory. Hub ids, URLs
-        and anything not on disk are left as they are."""
+    def resolve_paths(self) -> None:
+        """The files this config names (data, held-out data, text corpus, VAE, tokenizer, language model) made
+        absolute where they are on this machine, so the config works from any directory (hub ids, URLs and
+        anything not on disk are left as they are); data.kind "auto" becomes what data.path holds (data that
+        is not here yet is told when the run starts)."""
         def absolute(value: str | None) -> str | None:
             if not value or "://" in value or value.startswith("pipe:"):
                 return value
@@ -432,6 +433,10 @@ class RunConfig:
         self.model.init_from = absolute(self.model.init_from)
         self.vae.path = absolute(self.vae.path)
         self.tokenizer.path = absolute(self.tokenizer.path)
+        if d.kind == "auto" and d.path and (Path(d.path).exists() or ".tar" in d.path):
+            from .data.sources import data_kind
+
+            d.kind = data_kind(d.path)
 
 
 # keys that may change when a run is resumed (they do not change what the run computes per step)
@@ -471,9 +476,10 @@ def run_config_from_dict(data: dict[str, Any], overrides: list[str] | None = Non
                          settings: Mapping[str, Any] | None = None, base: Path | None = None, where: str = "",
                          resolve_pretrained: bool = True) -> RunConfig:
     """A RunConfig from a mapping (a model file by name or path), `--set` overrides (`a.b=c`, values parsed as
-    YAML), then `settings` ({key path: value}, taken as they are: what command-line flags set). With
-    model.init_from and `resolve_pretrained`, the language model's config fills the shape keys (reading its
-    config.json: a run directory's own config already holds them, so loading a trained run passes False)."""
+    YAML), then `settings` ({key path: value}, taken as they are: what command-line flags set); its paths
+    resolved (`RunConfig.resolve_paths`). With model.init_from and `resolve_pretrained`, the language model's
+    config fills the shape keys (reading its config.json: a run directory's own config already holds them, so
+    loading a trained run passes False)."""
     data = dict(data)
     model = data.get("model")
     if isinstance(model, str):
@@ -484,9 +490,11 @@ def run_config_from_dict(data: dict[str, Any], overrides: list[str] | None = Non
     apply_overrides(data, overrides or [])
     apply_overrides(data, settings or {})
     try:
-        return from_dict(RunConfig, with_pretrained_lm(data) if resolve_pretrained else data)
+        config = from_dict(RunConfig, with_pretrained_lm(data) if resolve_pretrained else data)
     except ConfigError as err:
         raise ConfigError(f"{where}{err}") from None
+    config.resolve_paths()
+    return config
 
 
 def load_run_config(path: str | Path, overrides: list[str] | None = None, settings: Mapping[str, Any] | None = None,

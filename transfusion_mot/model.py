@@ -505,7 +505,7 @@ class TransfusionMoT(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------------
-# which tokens use each parameter (for train.freeze and optim.lr_mult)
+# which tokens use each parameter, and freezing them (train.freeze, optim.lr_mult)
 
 
 def parameter_owners(model: TransfusionMoT) -> dict[str, str]:
@@ -540,3 +540,14 @@ def parameters_of(model: TransfusionMoT, owners: list[str]) -> list[str]:
     vocabulary: what `train.freeze: owners` freezes."""
     appended = appended_token_parameters(model)
     return [name for name, owner in parameter_owners(model).items() if owner in owners and name not in appended]
+
+
+def freeze_parameters(model: TransfusionMoT, owners: list[str]) -> list[str]:
+    """requires_grad False on every parameter whose owner (`parameter_owners`) is in `owners`, but
+    the rows appended to a pretrained vocabulary (BOI, EOI: new to the LM, they always train). Called on the
+    plain model before FSDP2 wraps it (the sharded parameters inherit the flag). Returns the frozen names."""
+    params = dict(model.named_parameters())
+    frozen = parameters_of(model, owners)
+    for name in frozen:
+        params[name].requires_grad_(False)
+    return frozen

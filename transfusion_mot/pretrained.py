@@ -47,9 +47,11 @@ def check_matches_lm(config: ModelConfig) -> None:
                           "config with transfusion_mot.config.run_config_from_dict, which takes every shape key from the LM")
 
 
-def check_tokenizer_matches_lm(tokenizer: Any, source: str | Path) -> None:
-    """InvalidInput when the tokenizer's BOS/EOS ids are not the ones the LM's config names (a tokenizer of
-    another model that happens to fit its vocabulary)."""
+def keep_lm_files(source: str | Path, tokenizer: Any, directory: str | Path, write: bool = True) -> None:
+    """Check that `tokenizer` is the LM's (its BOS/EOS ids are the ones the LM's config names: not a tokenizer
+    of another model that happens to fit its vocabulary; InvalidInput otherwise) and, with `write`, keep the
+    LM's config.json and the tokenizer's files (no weights) in `directory`, so that sampling, export and
+    `export_text_lm` of a run need neither the Hub nor the original directory."""
     lm = read_lm_config(source)
     for name in ("bos", "eos"):
         want = getattr(lm, f"{name}_token_id", None)
@@ -58,6 +60,11 @@ def check_tokenizer_matches_lm(tokenizer: Any, source: str | Path) -> None:
         if want is not None and have is not None and have not in allowed:
             raise InvalidInput(f"tokenizer {tokenizer.source} does not match {source}: its {name.upper()} id is {have}, "
                                f"the model's config says {want}")
+    if write:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        lm.save_pretrained(str(directory))
+        tokenizer.save_pretrained(directory)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -181,20 +188,10 @@ def text_lm_state_dict(state: dict[str, torch.Tensor], config: ModelConfig) -> d
 # the LM's files in a run directory, and the way back
 
 
-def save_lm_files(source: str | Path, tokenizer: Any, directory: str | Path) -> Path:
-    """The LM's config.json and tokenizer files (no weights) in `directory`: a run keeps them, so sampling,
-    export and `export_text_lm` need neither the Hub nor the original directory."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    read_lm_config(source).save_pretrained(str(directory))
-    tokenizer.save_pretrained(directory)
-    return directory
-
-
 def export_text_lm(state: dict[str, torch.Tensor], config: ModelConfig, lm_files: str | Path,
                    out: str | Path) -> Path:
     """The text side as a transformers model of the LM's architecture (`lm_files`: the config.json and
-    tokenizer a run saved with `save_lm_files`), in the LM's dtype, written with save_pretrained."""
+    tokenizer a run kept with `keep_lm_files`), in the LM's dtype, written with save_pretrained."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     lm_files = Path(lm_files)
@@ -215,5 +212,5 @@ def export_text_lm(state: dict[str, torch.Tensor], config: ModelConfig, lm_files
     return out
 
 
-__all__ = ["LMWeights", "check_matches_lm", "check_tokenizer_matches_lm", "export_text_lm", "load_lm_weights",
-           "save_lm_files", "text_lm_state_dict", "weight_map"]
+__all__ = ["LMWeights", "check_matches_lm", "export_text_lm", "keep_lm_files", "load_lm_weights", "text_lm_state_dict",
+           "weight_map"]

@@ -42,9 +42,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .common.checkpoint import (Bundle, Checkpointer, CheckpointSaveError, GeneratorState, ModuleWeights,
-                                TorchRNGState, latest_checkpoint, latest_intact_checkpoint, list_checkpoints,
-                                load_tensors, read_state, resolve_checkpoint, verify_checkpoint)
+from .common import checkpoint as ckpt
+from .common.checkpoint import Bundle, Checkpointer, CheckpointSaveError, GeneratorState, ModuleWeights, TorchRNGState
 from .common.distributed import DistInfo, any_rank, barrier
 from .common.errors import ConfigError, InputNotFound, InvalidInput, TrainingError, describe
 from .common.files import read_jsonl, write_json
@@ -66,6 +65,7 @@ OPTIMIZER_FILE = "optimizer.pt"
 RANK_FILE = "rank_{rank}.pt"
 SHARDED_DIR = "dcp"
 CHECKPOINT_FORMAT = "tmot-checkpoint/1"
+CONFIG_HEADER = "# The fully resolved training config of this run (written by tmot train).\n"
 
 
 class RunDir:
@@ -95,22 +95,18 @@ class RunDir:
             raise InputNotFound(f"{self.path}: no {CONFIG_FILE} (not a run directory written by `tmot train`)")
         return load_run_config(self.config_file, resolve_pretrained=False)
 
-    def save_config(self, config: RunConfig) -> None:
-        self.path.mkdir(parents=True, exist_ok=True)
-        self.config_file.write_text("# The fully resolved training config of this run (written by tmot train).\n"
-                                    + config.to_yaml())
-
     def begin(self, config: RunConfig, resume: bool, dist: DistInfo) -> Path | None:
         """Start a run here (or, `resume`, continue it): the checkpoint to resume from, None for a new run. A new
         run refuses a directory that holds checkpoints; a resumed one refuses changes to anything but
-        run-control keys (`RESUMABLE_KEYS`) and passes over a damaged newest checkpoint, naming it. Writes the
-        config (main process); every process returns the same answer."""
+        run-control keys (`RESUMABLE_KEYS`) and passes over a damaged newest checkpoint, naming it. The main
+        process writes the config; every process returns the same answer."""
         resume_from = self._resume_point(config, dist) if resume else None
         if not resume and self.latest_checkpoint() is not None:
             raise ConfigError(f"{self.path} already holds checkpoints: pass --resume to continue it, or choose a new "
                               "--out")
         if dist.is_main:
-            self.save_config(config)
+            self.path.mkdir(parents=True, exist_ok=True)
+            self.config_file.write_text(CONFIG_HEADER + config.to_yaml())
         barrier(dist)
         return resume_from
 
@@ -118,7 +114,7 @@ class RunDir:
         if self.latest_checkpoint() is None:
             raise InputNotFound(f"--resume: no checkpoint in {self.checkpoints_dir} to resume from")
         report = (lambda message: print(message, file=sys.stderr)) if dist.is_main else (lambda message: None)
-        checkpoint = latest_intact_checkpoint(self.checkpoints_dir, report=report)
+        checkpoint = ckpt.latest_intact_checkpoint(self.checkpoints_dir, report=report)
         if checkpoint is None:
             raise TrainingError(f"--resume: every checkpoint in {self.checkpoints_dir} is damaged (see above)")
         if self.exists():
@@ -132,15 +128,15 @@ class RunDir:
 
     def checkpoints(self) -> list[tuple[int, Path]]:
         """(step, path) of every complete checkpoint, oldest first."""
-        return list_checkpoints(self.checkpoints_dir)
+        return ckpt.list_checkpoints(self.checkpoints_dir)
 
     def latest_checkpoint(self) -> Path | None:
-        return latest_checkpoint(self.checkpoints_dir)
+        return ckpt.latest_checkpoint(self.checkpoints_dir)
 
     def checkpoint(self, step: int | None = None) -> Path:
         """The checkpoint of `step` (default: the newest), checked against its manifest."""
-        checkpoint = resolve_checkpoint(self.checkpoints_dir, step, what=str(self.path))
-        verify_checkpoint(checkpoint)  # a damaged file is named here, not deep inside a reader
+        checkpoint = ckpt.resolve_checkpoint(self.checkpoints_dir, step, what=str(self.path))
+        ckpt.verify_checkpoint(checkpoint)  # a damaged file is named here, not deep inside a reader
         return checkpoint
 
     def load_model(self, step: int | None = None, ema: bool = True,
@@ -162,7 +158,7 @@ class RunDir:
         if missing or unexpected:
             raise InvalidInput(f"{checkpoint}: weights do not match the run's model config "
                                f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
-        saved = read_state(checkpoint)
+        saved = ckpt.read_state(checkpoint)
         info = {"checkpoint": str(checkpoint), "step": saved["step"], "weights": which, "vae": saved.get("vae")}
         return model.to(device).eval(), config, info
 
@@ -319,12 +315,12 @@ def load_inference_weights(checkpoint: str | Path, shapes: dict[str, torch.Size]
     else:
         state, source = {}, MODEL_FILE
         if ema and (checkpoint / EMA_FILE).is_file():
-            state, source = load_tensors(checkpoint / EMA_FILE), EMA_FILE
+            state, source = ckpt.load_tensors(checkpoint / EMA_FILE), EMA_FILE
         elif not (checkpoint / MODEL_FILE).is_file():
             raise InputNotFound(f"{checkpoint}: no {MODEL_FILE} or {SHARDED_DIR}/ (incomplete or foreign checkpoint)")
     rest = {k: v for k, v in shapes.items() if k not in state}
     if rest:  # no EMA, or an EMA of the trained parameters only
-        raw = read_sharded(checkpoint, rest, "model") if sharded else load_tensors(checkpoint / MODEL_FILE)
+        raw = read_sharded(checkpoint, rest, "model") if sharded else ckpt.load_tensors(checkpoint / MODEL_FILE)
         state = {**{k: v for k, v in raw.items() if k in rest or k not in shapes}, **state}
         if source in (EMA_FILE, f"{SHARDED_DIR}/ema"):
             source += " (frozen parameters from the raw weights)"
@@ -408,7 +404,7 @@ class TrainingCheckpointer:
         few samples seen twice, none skipped) and its random streams re-seeded."""
         checkpoint = Path(checkpoint)
         weights = self._weights(sharded=(checkpoint / SHARDED_DIR).is_dir())
-        saved_world = int(read_state(checkpoint)["world_size"])
+        saved_world = int(ckpt.read_state(checkpoint)["world_size"])
         dist = self.dist
         if saved_world == dist.world_size:
             self.checkpointer.load(checkpoint, parts={**weights, RANK_FILE: self.per_rank}, verify=verify)

@@ -144,7 +144,8 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out_path: str | Path,
     `vocab_size` is the MODEL's vocabulary, the 5 specials included, so it can go into the model config as
     is; the file gets `vocab_size - 5` entries, or fewer when the corpus runs out of pairs to merge (read
     the returned tokenizer's `vocab_size`). All 256 byte symbols are always in the alphabet, so any text
-    round-trips. Same texts in the same order -> the same file.
+    round-trips. Same texts in the same order -> the same file, written to a temporary name and renamed, so a
+    tokenizer file that exists is complete.
     """
     from tokenizers import Tokenizer as _HFTok
     from tokenizers import decoders, models, pre_tokenizers, trainers
@@ -170,22 +171,17 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out_path: str | Path,
         raise InvalidInput(f"{source}: no training captions to learn from")
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    tok.save(str(out_path))
+    partial = out_path.with_name(f".tmp-{out_path.name}")
+    tok.save(str(partial))
+    partial.replace(out_path)
     return HFTokenizer(out_path)
-
-
-def folder_captions(data_dir: str | Path, split: str = "train") -> Iterator[str]:
-    """The non-empty captions of an image folder's rows of `split` (rows with no split count as train)."""
-    from .data.imageio import read_metadata
-
-    for row in read_metadata(data_dir, split=split):
-        if row["text"]:
-            yield row["text"]
 
 
 def train_tokenizer_from_folder(data_dir: str | Path, vocab_size: int, out: str | Path) -> HFTokenizer:
     """Train on the `text` field of DIR/metadata.jsonl (rows of split "train" or with no split: the
     validation captions stay unseen, like the validation images)."""
+    from .data.imageio import folder_captions
+
     data_dir = Path(data_dir)
     if not (data_dir / "metadata.jsonl").is_file():
         raise InputNotFound(f"no metadata.jsonl in {data_dir} (expected an image folder made by "

@@ -1,4 +1,5 @@
-"""Train a small AutoencoderKL on an image folder.
+"""Train a small AutoencoderKL on an image folder, with the loop pieces every training loop of the project
+shares (checkpointer, learning-rate schedule, metrics log, progress bar: `transfusion_mot.common`).
 
 Batches are a pure function of (seed, step) (per-epoch permutations from a seeded generator), and the only
 other randomness, posterior sampling, uses a generator whose state is checkpointed. That is what makes a
@@ -7,7 +8,6 @@ killed-and-resumed run produce bit-identical weights to an uninterrupted one.
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from pathlib import Path
@@ -20,6 +20,7 @@ from torch import Tensor
 from transfusion_mot.common.checkpoint import Checkpointer, ModuleWeights
 from transfusion_mot.common.config import apply_overrides, from_dict, save_yaml_config, to_dict
 from transfusion_mot.common.errors import ConfigError, InvalidInput, TrainingError
+from transfusion_mot.common.loop import MetricsLogger, ProgressBar
 from transfusion_mot.common.schedule import warmup_cosine
 from transfusion_mot.data.readers import ImageFolderReader
 
@@ -33,6 +34,8 @@ from .autoencoder import (
 )
 
 CHECKPOINT_DIR = "checkpoints"
+CONFIG_FILE = "vae_config.yaml"
+LOG_FILE = "train_log.jsonl"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -177,124 +180,141 @@ def _training_dataset(data_dir: str | Path, cfg: VAERunConfig) -> ImageFolderRea
     return dataset
 
 
+class VAETrainer:
+    """Trains an AutoencoderKL on an image folder with the loop pieces every training loop of the project
+    shares: the checkpointer (model.safetensors + trainer.pt, atomic, resumable), the warm-up + cosine
+    schedule, the metrics log (train_log.jsonl) and the progress bar. A fresh run in an existing `out_dir`
+    deletes its old checkpoints and log, so a later resume can never mix two runs."""
+
+    def __init__(self, cfg: VAERunConfig, data_dir: str | Path, out_dir: str | Path, resume: bool = False,
+                 progress: bool = True, device: str | torch.device = "cpu") -> None:
+        t = cfg.train
+        self.cfg, self.out, self.device = cfg, Path(out_dir), torch.device(device)
+        self.perceptual = build_perceptual(cfg)  # fails before any work if its weights are missing
+        self.dataset = _training_dataset(data_dir, cfg)
+        self.out.mkdir(parents=True, exist_ok=True)
+        save_yaml_config(cfg, self.out / CONFIG_FILE)
+        torch.manual_seed(t.seed)
+        self.vae = build_vae(cfg.model).to(self.device).train()
+        if self.perceptual is not None:
+            self.perceptual.to(self.device)
+        self.opt = torch.optim.AdamW(self.vae.parameters(), lr=t.lr, betas=(0.9, 0.99), weight_decay=t.weight_decay)
+        self.noise = torch.Generator(device=self.device).manual_seed(t.seed + 1)
+        self.state = TrainerState(self.opt, self.noise)
+        self.checkpoints = checkpointer(self.out, self.vae, self.state, t.keep_checkpoints)
+        self.start = self._restore(resume)
+        self.log = MetricsLogger(self.out / LOG_FILE, self.start)  # a fresh run starts an empty log
+        self.bar = ProgressBar(t.max_steps, self.start, desc="vae", enabled=progress)
+
+    def _restore(self, resume: bool) -> int:
+        """The step to start from: the newest checkpoint's with `resume`, else 0 (old checkpoints removed)."""
+        ckpt = self.checkpoints.latest() if resume else None
+        if resume and ckpt is None:
+            print(f"resume: no checkpoint in {self.out / CHECKPOINT_DIR}, starting from step 0")
+        if ckpt is None:
+            shutil.rmtree(self.out / CHECKPOINT_DIR, ignore_errors=True)
+            return 0
+        return int(self.checkpoints.load(ckpt)["step"])
+
+    def batch(self, step: int) -> Tensor:
+        """The images of 0-based `step` (a pure function of seed and step), flipped where the config says."""
+        t = self.cfg.train
+        x = self.dataset.batch(batch_positions(step, len(self.dataset), t.batch_size, t.seed))["image"]
+        if t.hflip:
+            flip = torch.rand(len(x), generator=torch.Generator().manual_seed(t.seed * 7919 + step)) < 0.5
+            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        return x.to(self.device)
+
+    def train_step(self, x: Tensor, lr: float) -> dict[str, Tensor]:
+        """One optimizer step on images `x` at learning rate `lr`: reconstruction + KL (+ perceptual)."""
+        t = self.cfg.train
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        posterior = self.vae.encode(x).latent_dist
+        z = posterior.sample(generator=self.noise)
+        recon = self.vae.decode(z).sample
+        losses = {"recon": reconstruction_loss(recon, x, t.recon_loss),
+                  "kl": posterior.kl().mean() / z[0].numel()}  # per latent element
+        losses["loss"] = losses["recon"] + t.kl_weight * losses["kl"]
+        if self.perceptual is not None:
+            losses["perceptual"] = self.perceptual(recon, x)
+            losses["loss"] = losses["loss"] + t.perceptual_weight * losses["perceptual"]
+        self.opt.zero_grad(set_to_none=True)
+        losses["loss"].backward()
+        if t.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.vae.parameters(), t.grad_clip)
+        self.opt.step()
+        return {**losses, "reconstruction": recon.detach()}
+
+    def save(self, step: int) -> None:
+        self.state.step = step
+        self.checkpoints.save(step)
+
+    def fit(self, time_budget_s: float | None = None, schedule_by_time: bool = False) -> dict[str, Any]:
+        """Train to train.max_steps (or the time budget), then the latent statistics and the save_pretrained
+        directory; returns the summary (see `train_vae`)."""
+        t = self.cfg.train
+        step, started, last, stopped_early = self.start, time.perf_counter(), {}, False
+        with self.log, self.bar:
+            while step < t.max_steps:
+                if time_budget_s is not None and time.perf_counter() - started >= time_budget_s:
+                    stopped_early = True
+                    break
+                x = self.batch(step)
+                step += 1
+                frac = (time.perf_counter() - started) / time_budget_s if schedule_by_time and time_budget_s else None
+                lr = lr_at(step, self.cfg, t.max_steps, frac)
+                out = self.train_step(x, lr)
+                if not torch.isfinite(out["loss"]):
+                    raise TrainingError(f"vae training diverged at step {step} (loss {out['loss'].item()}); lower "
+                                        "train.lr or raise train.warmup_steps")
+                if step % t.log_every == 0 or step == t.max_steps or step == self.start + 1:
+                    with torch.no_grad():
+                        psnr = float(psnr_per_image(x, out["reconstruction"]).mean())
+                    last = {"step": step, **{k: out[k].item() for k in ("loss", "recon", "kl", "perceptual") if k in out},
+                            "psnr": psnr, "lr": lr, "time_s": round(time.perf_counter() - started, 3)}
+                    self.log.log(last)
+                    self.bar.update(loss=f"{last['loss']:.4f}", psnr=f"{psnr:.2f}")
+                else:
+                    self.bar.update()
+                if step % t.save_every == 0 or step == t.max_steps:
+                    self.save(step)
+        if stopped_early and step > self.start and step % t.save_every:
+            self.save(step)
+        return self.finish(step, last, stopped_early, time.perf_counter() - started)
+
+    def finish(self, step: int, last: dict[str, Any], stopped_early: bool, train_time: float) -> dict[str, Any]:
+        """Latent scale/shift from the training data into the VAE's config, then save_pretrained (safetensors)."""
+        self.vae.eval()
+        stats = compute_latent_stats(self.vae, self.dataset, n=self.cfg.train.stats_samples)
+        set_latent_stats(self.vae, stats.shift_factor, stats.scaling_factor)
+        self.vae.save_pretrained(self.out, safe_serialization=True)
+        m = self.cfg.model
+        return {"out_dir": str(self.out), "steps": step, "resumed_from": self.start, "stopped_early": stopped_early,
+                "train_time_s": round(train_time, 2), "train_images": len(self.dataset),
+                "params": sum(p.numel() for p in self.vae.parameters()), "final": last,
+                "scaling_factor": stats.scaling_factor, "shift_factor": stats.shift_factor,
+                "latent_shape": [m.latent_channels, m.latent_size, m.latent_size]}
+
+
 def train_vae(config_path_or_obj: str | Path | VAERunConfig | dict[str, Any], data_dir: str | Path,
               out_dir: str | Path, max_steps: int | None = None, overrides: list[str] | None = None,
               resume: bool = False, time_budget_s: float | None = None, schedule_by_time: bool = False,
               progress: bool = True, device: str | torch.device = "cpu") -> dict[str, Any]:
-    """Train an AutoencoderKL; write `out_dir` as a `save_pretrained` directory (safetensors) with the latent
-    scale/shift computed from the training data, plus `train_log.jsonl`, `vae_config.yaml` and resumable
-    `checkpoints/step_N/`.
+    """Train an AutoencoderKL (`VAETrainer`); write `out_dir` as a `save_pretrained` directory (safetensors) with
+    the latent scale/shift computed from the training data, plus `train_log.jsonl`, `vae_config.yaml` and
+    resumable `checkpoints/step_N/`.
 
     `max_steps` overrides the config's; `resume=True` continues from the newest checkpoint (model,
     optimizer, step, RNG); with lr_schedule "cosine" the decay follows the max_steps in force, so resume
     with the same max_steps for bit-identical results. `time_budget_s` stops early (the benchmark's
     wall-clock budget); the LR schedule follows max_steps unless `schedule_by_time`, which decays it over
     the budget instead (the benchmark's mode; not bit-reproducible, it depends on the machine's speed).
-    A fresh (non-resume) run in an existing `out_dir` deletes its old checkpoints and log, so a later
-    resume can never mix two runs. Returns a summary dict.
+    Returns a summary dict.
     """
-    from tqdm.auto import tqdm
-
     cfg = resolve_config(config_path_or_obj, overrides)
     if max_steps is not None:
         cfg.train.max_steps = int(max_steps)
         cfg.train.validate()
-    t = cfg.train
-    out = Path(out_dir)
-    perceptual = build_perceptual(cfg)  # fails before any work if its weights are missing
-    dataset = _training_dataset(data_dir, cfg)
-    out.mkdir(parents=True, exist_ok=True)
-    save_yaml_config(cfg, out / "vae_config.yaml")
-
-    torch.manual_seed(t.seed)
-    vae = build_vae(cfg.model).to(device).train()
-    if perceptual is not None:
-        perceptual.to(device)
-    opt = torch.optim.AdamW(vae.parameters(), lr=t.lr, betas=(0.9, 0.99), weight_decay=t.weight_decay)
-    noise_gen = torch.Generator(device=device).manual_seed(t.seed + 1)
-    state = TrainerState(opt, noise_gen)
-    checkpoints = checkpointer(out, vae, state, t.keep_checkpoints)
-
-    start = 0
-    log_path = out / "train_log.jsonl"
-    ckpt = checkpoints.latest() if resume else None
-    if resume and ckpt is None:
-        print(f"resume: no checkpoint in {out / CHECKPOINT_DIR}, starting from step 0")
-    if ckpt is not None:
-        start = int(checkpoints.load(ckpt)["step"])
-        if log_path.exists():  # drop log lines a killed run wrote after its last checkpoint
-            kept = [ln for ln in log_path.read_text().splitlines() if ln and json.loads(ln)["step"] <= start]
-            log_path.write_text("".join(ln + "\n" for ln in kept))
-    else:
-        log_path.unlink(missing_ok=True)
-        shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)
-
-    n = len(dataset)
-    started = time.perf_counter()
-    last: dict[str, float] = {}
-    step = start
-    stopped_early = False
-    bar = tqdm(total=t.max_steps, initial=start, disable=not progress, desc="vae", dynamic_ncols=True)
-    with log_path.open("a") as log:
-        while step < t.max_steps:
-            if time_budget_s is not None and time.perf_counter() - started >= time_budget_s:
-                stopped_early = True
-                break
-            x = dataset.batch(batch_positions(step, n, t.batch_size, t.seed))["image"]
-            if t.hflip:
-                flip = torch.rand(len(x), generator=torch.Generator().manual_seed(t.seed * 7919 + step)) < 0.5
-                x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-            x = x.to(device)
-            step += 1
-            frac = (time.perf_counter() - started) / time_budget_s if schedule_by_time and time_budget_s else None
-            lr = lr_at(step, cfg, t.max_steps, frac)
-            for group in opt.param_groups:
-                group["lr"] = lr
-            posterior = vae.encode(x).latent_dist
-            z = posterior.sample(generator=noise_gen)
-            recon = vae.decode(z).sample
-            rec = reconstruction_loss(recon, x, t.recon_loss)
-            kl = posterior.kl().mean() / z[0].numel()  # per latent element
-            loss = rec + t.kl_weight * kl
-            perc = None
-            if perceptual is not None:
-                perc = perceptual(recon, x)
-                loss = loss + t.perceptual_weight * perc
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if t.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(vae.parameters(), t.grad_clip)
-            opt.step()
-            if not torch.isfinite(loss):
-                raise TrainingError(f"vae training diverged at step {step} (loss {loss.item()}); "
-                                         "lower train.lr or raise train.warmup_steps")
-            if step % t.log_every == 0 or step == t.max_steps or step == start + 1:
-                with torch.no_grad():
-                    psnr = float(psnr_per_image(x, recon.detach()).mean())
-                last = {"step": step, "loss": loss.item(), "recon": rec.item(), "kl": kl.item(), "psnr": psnr,
-                        "lr": lr, "time_s": round(time.perf_counter() - started, 3)}
-                if perc is not None:
-                    last["perceptual"] = perc.item()
-                log.write(json.dumps(last) + "\n")
-                log.flush()
-                bar.set_postfix(loss=f"{last['loss']:.4f}", psnr=f"{psnr:.2f}")
-            bar.update(1)
-            if step % t.save_every == 0 or step == t.max_steps:
-                state.step = step
-                checkpoints.save(step)
-    bar.close()
-    if stopped_early and step > start and step % t.save_every:
-        state.step = step
-        checkpoints.save(step)
-    train_time = time.perf_counter() - started
-
-    vae.eval()
-    stats = compute_latent_stats(vae, dataset, n=t.stats_samples)
-    set_latent_stats(vae, stats.shift_factor, stats.scaling_factor)
-    vae.save_pretrained(out, safe_serialization=True)
-    summary = {"out_dir": str(out), "steps": step, "resumed_from": start, "stopped_early": stopped_early,
-               "train_time_s": round(train_time, 2), "train_images": n,
-               "params": sum(p.numel() for p in vae.parameters()),
-               "final": last, "scaling_factor": stats.scaling_factor, "shift_factor": stats.shift_factor,
-               "latent_shape": [cfg.model.latent_channels, cfg.model.latent_size, cfg.model.latent_size]}
-    return summary
+    trainer = VAETrainer(cfg, data_dir, out_dir, resume=resume, progress=progress, device=device)
+    return trainer.fit(time_budget_s, schedule_by_time)

@@ -38,8 +38,8 @@ def setting(tmp_path_factory):
 
 
 def train_variant(name: str, root: Path, data: dict, a: argparse.Namespace) -> list[dict]:
-    from transfusion_mot.recipes.train import train
     from transfusion_mot.config import run_config_from_dict
+    from transfusion_mot.recipes.train import train
 
     config = bench.variant_config(name, root / "lm", data, a)
     config["train"].update(batch_size=4, device="cpu", eval_batch_size=8)

@@ -9,7 +9,8 @@ import torch
 from PIL import Image
 
 from transfusion_mot.common.errors import InvalidInput
-from transfusion_mot.common.images import image_grid, images_from_tensor, save_images, to_pil, to_uint8_array
+from transfusion_mot.common.images import image_grid, images_from_tensor, to_pil, to_uint8_array
+from transfusion_mot.data.imageio import save_images
 
 
 def test_to_uint8_array_layouts_and_refusals():

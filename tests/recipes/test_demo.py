@@ -53,7 +53,7 @@ def test_demo_pipeline_end_to_end_and_reuse(tmp_path):
     assert "![samples](samples.png)" in text and "![curves](curves.png)" in text and "## Alignment" in text
     assert report["stages"]["train"]["reused"] is False
     again = run_demo(out, **kwargs)
-    assert again["stages"]["data_vae_latents"]["reused"] == ["data", "vae", "latents", "latents-val", "tokenizer"]
+    assert again["stages"]["data_vae_latents"]["reused"] == ["data", "vae", "latents", "latents-val"]
     assert again["stages"]["train"]["reused"] is True and again["stages"]["align"]["classifier_reused"] is True
     assert again["alignment"] == report["alignment"]  # same seeds, same images
     assert len(RELATION_PROMPTS) == 4

@@ -7,8 +7,8 @@ from helpers import make_config
 
 from transfusion_mot.common import checkpoint as ckpt
 from transfusion_mot.common.errors import ConfigError
-from transfusion_mot.recipes.train import train
 from transfusion_mot.config import load_run_config
+from transfusion_mot.recipes.train import train
 
 
 def test_run_directory_contents(tmp_path, data):

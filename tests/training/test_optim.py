@@ -64,8 +64,7 @@ def test_ema_under_fsdp2_runs_one_foreach_over_local_shards(tmp_path, monkeypatc
 def test_freezing_an_owner_leaves_it_out_of_the_optimizer_and_the_ema():
     from helpers import tiny_config
 
-    from transfusion_mot.model import TransfusionMoT
-    from transfusion_mot.training.optim import freeze_parameters
+    from transfusion_mot.model import TransfusionMoT, freeze_parameters
 
     model = TransfusionMoT(tiny_config(untie=["attn", "ffn"]))
     owners = parameter_owners(model)

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from transfusion_mot.common.errors import InvalidInput
-from transfusion_mot.tokenizer import ByteTokenizer
 from transfusion_mot.data.streams import ShuffledStream
+from transfusion_mot.tokenizer import ByteTokenizer
 from transfusion_mot.training.stream import ImagePairSource, TrainingStream
 
 N = 40

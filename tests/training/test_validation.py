@@ -11,13 +11,13 @@ from helpers import make_config, make_training_data, tiny_config
 
 from transfusion_mot.batch import IGNORE_INDEX, Collator, Sample, patchify
 from transfusion_mot.common.errors import ConfigError
+from transfusion_mot.data.sources import open_source
 from transfusion_mot.diffusion import make_objective
 from transfusion_mot.losses import transfusion_loss
 from transfusion_mot.model import TransfusionMoT
 from transfusion_mot.recipes.train import build_trainer, train
 from transfusion_mot.tokenizer import ByteTokenizer
-from transfusion_mot.training.validation import (NUM_BUCKETS, ValidationSet, bucket_names, load_validation_pairs,
-                                               stratified_timesteps)
+from transfusion_mot.training.validation import NUM_BUCKETS, ValidationSet, bucket_names, stratified_timesteps
 
 CAPTIONS = ["a red circle", "a blue square", "a small green cross", "two yellow triangles", "white", ""]
 
@@ -204,9 +204,9 @@ def test_missing_validation_data_is_said_once_and_training_goes_on(data, tmp_pat
     assert build_trainer(no_val, tmp_path / "b").validation is None
     err = capsys.readouterr().err
     assert err.count("training without held-out losses") == 1 and "no rows of split 'val'" in err
-    # the library call itself still refuses, for code that asks for held-out pairs directly
+    # the data source itself still refuses, for code that asks for held-out items directly
     with pytest.raises(ConfigError, match="data.val_path"):
-        load_validation_pairs(make_config(data).data, 4)
+        open_source(make_config(data).data).held_out(4, None)
 
 
 
@@ -219,7 +219,8 @@ def test_corpus_loss_is_the_mean_next_token_loss_of_the_held_out_documents():
     torch.manual_seed(0)
     model = TransfusionMoT(cfg).eval()
     tok = ByteTokenizer()
-    docs = [tok.encode(t) for t in ("a round object", "the colour of blood", "x", "")]
+    texts = ("a round object", "the colour of blood", "x", "")
+    docs = [tok.encode(t) for t in texts]
     reference = []
     with torch.no_grad():
         for ids in docs:
@@ -230,7 +231,7 @@ def test_corpus_loss_is_the_mean_next_token_loss_of_the_held_out_documents():
     expected = torch.cat(reference).mean().item()
     for batch_size in (1, 3):
         valset = ValidationSet(pairs(2), tok, Collator(cfg), make_objective(cfg), seed=0, batch_size=batch_size,
-                               documents=docs)
+                               documents=texts)
         result = valset.evaluate(loss_fn(model), 5.0)
         assert result["val_corpus_loss"] == pytest.approx(expected, rel=1e-5)
     assert "val_corpus_loss" not in ValidationSet(pairs(2), tok, Collator(cfg), make_objective(cfg),

@@ -9,8 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from transfusion_mot.data.streams import ShuffledStream
-from vae import LatentDataset, VAEConfig, build_vae, encode, encode_folder, load_vae, set_latent_stats
+from transfusion_mot.data.latents import LatentDataset
+from vae import VAEConfig, build_vae, encode, encode_folder, load_vae, set_latent_stats
 
 
 def make_folder(root: Path, n: int, size: int = 16) -> Path:
@@ -91,19 +91,3 @@ def test_reencoding_smaller_removes_stale_shards(tmp_path, vae_dir):
     encode_folder(vae_dir, data, tmp_path / "c", shard_size=5, progress=False)
     assert len(list((tmp_path / "c").glob("latents-*.safetensors"))) == 2
     assert len(LatentDataset(tmp_path / "c")) == 9
-
-
-def test_missing_cache_is_clear(tmp_path):
-    with pytest.raises(FileNotFoundError, match="index.json: not found"):
-        LatentDataset(tmp_path)
-
-
-def test_stream_over_latent_dataset(tmp_path, vae_dir):
-    data = make_folder(tmp_path / "data", 6)
-    encode_folder(vae_dir, data, tmp_path / "c", shard_size=4, progress=False)
-    ds = LatentDataset(tmp_path / "c")
-    s = ShuffledStream(ds, seed=0)
-    batch = s.take(6)
-    assert sorted(b["index"] for b in batch) == list(range(6))
-    for b in batch:
-        assert b["text"] == f"caption {b['index']}"

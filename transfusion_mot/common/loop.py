@@ -12,7 +12,20 @@ from typing import Any
 from .files import read_jsonl, write_jsonl
 
 
-class MetricsLogger:
+class Closing:
+    """A resource used as a context manager: leaving the `with` block closes it."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+class MetricsLogger(Closing):
     """One JSON object per logged step in a JSONL file and, with `tensorboard_dir`, TensorBoard scalars
     (`train/KEY`, and `val/KEY` for keys that start with val_); `enabled=False` (processes other than the
     main one) writes nothing.
@@ -52,39 +65,30 @@ class MetricsLogger:
         if self.writer is not None:
             self.writer.close()
 
-    def __enter__(self) -> MetricsLogger:
-        return self
 
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
-
-
-class ProgressBar:
-    """A tqdm bar over steps (nothing at all when disabled: other processes, --no-progress)."""
+class ProgressBar(Closing):
+    """A tqdm bar over steps, started at the first `update` (nothing at all when disabled: other processes,
+    --no-progress)."""
 
     def __init__(self, total: int, initial: int = 0, desc: str = "train", enabled: bool = True) -> None:
+        self.total, self.initial, self.desc, self.enabled = total, initial, desc, enabled
         self.bar = None
-        if enabled:
-            from tqdm.auto import tqdm
-
-            self.bar = tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True)
 
     def update(self, **postfix: str) -> None:
         """One step done; `postfix` (name -> formatted value) is shown beside the bar."""
-        if self.bar is not None:
-            if postfix:
-                self.bar.set_postfix(postfix, refresh=False)
-            self.bar.update(1)
+        if not self.enabled:
+            return
+        if self.bar is None:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=self.total, initial=self.initial, desc=self.desc, unit="step", dynamic_ncols=True)
+        if postfix:
+            self.bar.set_postfix(postfix, refresh=False)
+        self.bar.update(1)
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
-
-    def __enter__(self) -> ProgressBar:
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
 
 
 class StopRequest:

@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from ..common.errors import InputNotFound, InvalidInput
-from ..common.images import save_png
+from ..data.imageio import save_png
 from .imageio import IMAGE_DIR, WHITE, assign_split, center_crop_resize, image_path, write_metadata
 
 DEFAULT_FONT = "/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf"

@@ -32,7 +32,7 @@ from typing import Any, Iterable
 
 from ..common.errors import InputNotFound, InvalidInput
 from ..common.files import iter_jsonl
-from ..common.images import save_png
+from ..data.imageio import save_png
 from .imageio import (
     DEFAULT_MAX_PIXELS,
     IMAGE_DIR,

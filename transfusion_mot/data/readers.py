@@ -327,6 +327,50 @@ def _shuffle_buffer(items: Iterable[Any], size: int, rng: random.Random) -> Iter
     yield from buf
 
 
+class ShardPlan:
+    """Which shards, and which of their samples, each consumer (process x DataLoader worker) reads in an epoch,
+    and in which order: the shard list permuted with (seed, epoch), split whole between consumers where there
+    are enough shards (else every consumer strides samples), then a shuffle buffer of raw samples seeded per
+    consumer. Same arguments -> same streams."""
+
+    def __init__(self, urls: list[str], shuffle_buffer: int, seed: int, rank: int, world_size: int) -> None:
+        self.urls, self.shuffle_buffer, self.seed, self.rank, self.world_size = urls, shuffle_buffer, seed, rank, world_size
+
+    def shard_order(self, epoch: int) -> list[str]:
+        order = list(self.urls)
+        _seeded_rng("shards", self.seed, epoch).shuffle(order)
+        return order
+
+    def consumer_plan(self, epoch: int, worker: int, num_workers: int) -> tuple[list[str], int, int]:
+        """(shards, stride, offset) of one consumer: read `shards`, keep raw samples i with i % stride ==
+        offset."""
+        shards = self.shard_order(epoch)
+        ws, r = self.world_size, self.rank
+        if len(shards) >= ws:
+            shards = shards[r::ws]
+            if len(shards) >= num_workers:
+                return shards[worker::num_workers], 1, 0
+            return shards, num_workers, worker
+        # fewer shards than ranks: stride samples over all consumers
+        return shards, ws * num_workers, r * num_workers + worker
+
+    def raw_stream(self, epoch: int, worker: int, num_workers: int,
+                   on_error: Callable[[str], None]) -> Iterator[dict[str, Any]]:
+        """One consumer's raw (undecoded) samples of `epoch`, through its shuffle buffer."""
+        shards, stride, offset = self.consumer_plan(epoch, worker, num_workers)
+
+        def raw() -> Iterator[dict[str, Any]]:
+            i = 0
+            for url in shards:
+                for sample in _tar_samples(url, on_error):
+                    if i % stride == offset:
+                        yield sample
+                    i += 1
+
+        rng = _seeded_rng("buffer", self.seed, epoch, self.rank, self.world_size, worker, num_workers)
+        return _shuffle_buffer(raw(), self.shuffle_buffer, rng)
+
+
 class WebDatasetReader(IterableDataset):
     """Streams img2dataset-style shards: `KEY.jpg|png|webp` + `KEY.txt` and/or `KEY.json` per sample.
 
@@ -371,6 +415,7 @@ class WebDatasetReader(IterableDataset):
         self.shuffle_buffer = int(shuffle_buffer)
         self.seed = int(seed)
         self.rank, self.world_size = int(rank), int(world_size)
+        self.plan = ShardPlan(self.urls, self.shuffle_buffer, self.seed, self.rank, self.world_size)
         self.transform = _pick_transform(size, transform)
         self.skipped = 0  # undecodable / incomplete samples delivered-side (see class docstring)
         self.errors: list[str] = []  # damaged or unreadable shards
@@ -382,37 +427,11 @@ class WebDatasetReader(IterableDataset):
 
     # -- the deterministic per-consumer stream ------------------------------------------------------
 
-    def shard_order(self, epoch: int) -> list[str]:
-        order = list(self.urls)
-        _seeded_rng("shards", self.seed, epoch).shuffle(order)
-        return order
-
     def consumer_plan(self, epoch: int, worker: int, num_workers: int) -> tuple[list[str], int, int]:
-        """(shards, stride, offset) of one consumer: read `shards`, keep raw samples i with i % stride ==
-        offset."""
-        shards = self.shard_order(epoch)
-        ws, r = self.world_size, self.rank
-        if len(shards) >= ws:
-            shards = shards[r::ws]
-            if len(shards) >= num_workers:
-                return shards[worker::num_workers], 1, 0
-            return shards, num_workers, worker
-        # fewer shards than ranks: stride samples over all consumers
-        return shards, ws * num_workers, r * num_workers + worker
+        return self.plan.consumer_plan(epoch, worker, num_workers)
 
     def _raw_stream(self, epoch: int, worker: int, num_workers: int) -> Iterator[dict[str, Any]]:
-        shards, stride, offset = self.consumer_plan(epoch, worker, num_workers)
-
-        def raw() -> Iterator[dict[str, Any]]:
-            i = 0
-            for url in shards:
-                for sample in _tar_samples(url, self._shard_error):
-                    if i % stride == offset:
-                        yield sample
-                    i += 1
-
-        rng = _seeded_rng("buffer", self.seed, epoch, self.rank, self.world_size, worker, num_workers)
-        return _shuffle_buffer(raw(), self.shuffle_buffer, rng)
+        return self.plan.raw_stream(epoch, worker, num_workers, self._shard_error)
 
     def _shard_error(self, message: str) -> None:
         self.errors.append(message)

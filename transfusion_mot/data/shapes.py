@@ -24,7 +24,7 @@ from typing import Any, Sequence
 from PIL import Image, ImageDraw
 
 from ..common.errors import InvalidInput
-from ..common.images import save_png
+from ..data.imageio import save_png
 from .imageio import IMAGE_DIR, image_path, write_metadata
 
 # Saturated colours with distinct hues (and white), all far from the dark background, so they

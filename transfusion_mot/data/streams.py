@@ -14,15 +14,16 @@ A stream built on another one derives from `StreamWrapper`, which hands the stat
 from (`source`), after `reset` drops whatever it holds ahead (prefetching workers, an open epoch).
 
 Sources here: `ShuffledStream` (any map-style data set: a latent cache, an image folder, text documents),
-`PrefetchedStream` (the same, decoded ahead by DataLoader worker processes) and `ShardStream` (WebDataset
-shards, epoch after epoch). `read_text_documents` reads a text corpus (one document per line, or JSONL).
+`PrefetchedStream` (the same, decoded ahead by DataLoader worker processes), `ShardStream` (WebDataset
+shards, epoch after epoch) and `ImagePairSource` (any of them as (latent, caption) pairs, images encoded on
+the way). `read_text_documents` reads a text corpus (one document per line, or JSONL).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Protocol, TypeVar, runtime_checkable
+from typing import Any, Callable, Iterator, Protocol, TypeVar, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -84,6 +85,39 @@ def read_text_documents(path: str | Path) -> list[str]:
     if not docs:
         raise InvalidInput(f"{path}: no documents (empty file)")
     return docs
+
+
+def evenly_spaced(total: int, n: int) -> list[int]:
+    """n indices spread over range(total) (all of them when n >= total): a held-out subset that does not
+    depend on how the source happens to be ordered at its start."""
+    if n >= total:
+        return list(range(total))
+    return [int(i * total / n) for i in range(n)]
+
+
+class TextDocuments:
+    """A text corpus as a map-style data set of its documents (`read_text_documents`), read on first use."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._docs: list[str] | None = None
+
+    def _read(self) -> list[str]:
+        if self._docs is None:
+            self._docs = read_text_documents(self.path)
+        return self._docs
+
+    def __len__(self) -> int:
+        return len(self._read())
+
+    def __getitem__(self, i: int) -> str:
+        return self._read()[i]
+
+
+def held_out_documents(path: str | Path, n: int) -> list[str]:
+    """Up to n held-out text documents, evenly spaced over the file: the same ones every time."""
+    docs = TextDocuments(path)
+    return [docs[i] for i in evenly_spaced(len(docs), n)]
 
 
 class ShuffledStream:
@@ -236,5 +270,29 @@ class ShardStream(StreamWrapper):
         self._iter = None
 
 
-__all__ = ["PrefetchedStream", "Resplit", "ResumableStream", "ShardStream", "ShuffledStream", "State",
-           "StreamWrapper", "read_text_documents"]
+class ImagePairSource(StreamWrapper):
+    """Image-caption pairs as (latent (C, H, W), caption) from an item stream: a `ShuffledStream` over a
+    map-style data set, a `PrefetchedStream` (the same, decoded by worker processes) or a `ShardStream`.
+
+    Items carry cached latents, or (with `encode`, images (N, 3, H, W) in [-1, 1] -> latents: a VAE's
+    posterior mean, so the stream stays deterministic) images that are encoded here, `take` at a time."""
+
+    def __init__(self, source: Any, encode: Callable[[Tensor], Tensor] | None = None) -> None:
+        self.source = source
+        self.encode = encode
+
+    def __next__(self) -> tuple[Tensor, str]:
+        return self.take(1)[0]
+
+    def take(self, n: int) -> list[tuple[Tensor, str]]:
+        items = [next(self.source) for _ in range(n)]
+        texts = [item["text"] or "" for item in items]
+        if self.encode is None:
+            return [(item["latent"], t) for item, t in zip(items, texts)]
+        with torch.no_grad():
+            latents = self.encode(torch.stack([item["image"] for item in items])).float().cpu()
+        return list(zip(latents, texts))
+
+
+__all__ = ["ImagePairSource", "PrefetchedStream", "Resplit", "ResumableStream", "ShardStream", "ShuffledStream",
+           "State", "StreamWrapper", "TextDocuments", "evenly_spaced", "held_out_documents", "read_text_documents"]

@@ -28,8 +28,8 @@ from ..common.device import resolve_device
 from ..common.errors import InputNotFound, InvalidInput
 from ..common.files import file_manifest, manifest_problem, write_json
 from ..common.images import images_from_tensor
-from ..model import TransfusionMoT
 from ..config import TokenizerConfig
+from ..model import TransfusionMoT
 from ..run_dir import RunDir
 from ..tokenizer import load_tokenizer
 from .card import card_body, model_card, run_facts
@@ -180,7 +180,8 @@ class Pipeline:
         """`n` images per prompt into `out` (00000.png..., grid.png with one row per prompt when n > 1, and
         manifest.json: prompt and seed of every image, and how they were sampled); image k uses seed + k.
         Returns the manifest's rows."""
-        from ..common.images import image_grid, save_images
+        from ..common.images import image_grid
+        from ..data.imageio import save_images
         from .sampling import scheduler_name
 
         if not prompts:

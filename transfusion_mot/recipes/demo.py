@@ -25,7 +25,8 @@ from typing import Any
 import torch
 from PIL import Image
 
-from ..common.images import image_grid, save_images
+from ..common.images import image_grid
+from ..data.imageio import save_images
 from ..data.shapes import COLOURS, POSITIONS, SHAPES, SIZES, make_caption
 
 # the prompts the demo shows (and the recipe was chosen on): every colour x shape, large, no position

@@ -1,7 +1,6 @@
 """Optimiser pieces of the paper's recipe, each built from the run config's optim section: AdamW with decay
 only on matrices, the warm-up + cosine learning rate (the schedule every training loop shares:
-`transfusion_mot.common.schedule`), and an EMA of the weights. And which parameters train at all
-(`train.freeze`)."""
+`transfusion_mot.common.schedule`), and an EMA of the weights."""
 
 from __future__ import annotations
 
@@ -14,18 +13,7 @@ from torch import nn
 from ..common.schedule import warmup_cosine
 from ..common.tensors import full_state_dict, load_full_into, local_tensor
 from ..config import OptimConfig
-from ..model import parameter_owners, parameters_of
-
-
-def freeze_parameters(model: nn.Module, owners: list[str]) -> list[str]:
-    """requires_grad False on every parameter whose owner (`parameter_owners`) is in `owners`, but
-    the rows appended to a pretrained vocabulary (BOI, EOI: new to the LM, they always train). Called on the
-    plain model before FSDP2 wraps it (the sharded parameters inherit the flag). Returns the frozen names."""
-    params = dict(model.named_parameters())
-    frozen = parameters_of(model, owners)
-    for name in frozen:
-        params[name].requires_grad_(False)
-    return frozen
+from ..model import parameter_owners
 
 
 def param_groups(model: nn.Module, weight_decay: float, lr_mult: dict[str, float] | None = None) -> list[dict]:

@@ -18,8 +18,7 @@ from ..common.distributed import DistInfo
 from ..config import RunConfig
 from ..diffusion import make_objective
 from ..losses import TransfusionStep
-from ..model import TransfusionMoT
-from .optim import freeze_parameters
+from ..model import TransfusionMoT, freeze_parameters
 
 
 def apply_activation_checkpointing(model: nn.Module) -> None:

@@ -14,48 +14,30 @@ All randomness comes from one generator seeded by (seed, rank), and every source
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+from functools import partial
+from typing import Any, Callable
 
 import torch
 
 from ..batch import Batch, Collator, Sample
 from ..common.distributed import DistInfo
-from ..common.errors import ConfigError, InputNotFound, InvalidInput, UserError
-from ..config import DataConfig, ModelConfig, RunConfig
-from ..data.readers import ImageFolderReader, WebDatasetReader
-from ..data.streams import (PrefetchedStream, Resplit, ShardStream, ShuffledStream, State, StreamWrapper,
-                            read_text_documents)
+from ..common.errors import ConfigError, InvalidInput
+from ..config import ModelConfig, RunConfig
+from ..data.sources import DataSource, open_source
+from ..data.streams import (
+    ImagePairSource,
+    Resplit,
+    ShuffledStream,
+    State,
+    StreamWrapper,
+    TextDocuments,
+    held_out_documents,
+)
+from ..diffusion import make_objective
 from ..tokenizer import Tokenizer, encode_caption
-
-
-class ImagePairSource(StreamWrapper):
-    """Image-caption pairs as (latent (C, H, W), caption) from an item stream: a `ShuffledStream` over a
-    map-style data set, a `PrefetchedStream` (the same, decoded by worker processes) or a `ShardStream`.
-
-    With a VAE, items carry images in [-1, 1] and are encoded here in one batch (posterior mean, so the
-    stream stays deterministic); without one, items carry cached latents."""
-
-    def __init__(self, source: Any, vae: Any = None, device: torch.device | str = "cpu") -> None:
-        self.source = source
-        self.vae = vae
-        self.device = torch.device(device)
-
-    def __next__(self) -> tuple[torch.Tensor, str]:
-        return self.take(1)[0]
-
-    def take(self, n: int) -> list[tuple[torch.Tensor, str]]:
-        items = [next(self.source) for _ in range(n)]
-        texts = [item["text"] or "" for item in items]
-        if self.vae is None:
-            return [(item["latent"], t) for item, t in zip(items, texts)]
-        from vae import encode
-
-        images = torch.stack([item["image"] for item in items]).to(self.device, non_blocking=True)
-        with torch.no_grad():
-            latents = encode(self.vae, images).float().cpu()
-        return list(zip(latents, texts))
+from .validation import ValidationSet
 
 
 class TrainingStream:
@@ -204,96 +186,72 @@ class PackedBatches:
 @dataclass
 class TrainingData:
     """What a run trains on, for this process: its micro-batches (the `ResumableStream` its checkpoint keeps),
-    the mix they are drawn from, the latents' shape, the VAE they belong to (its path; the model itself when
-    images are encoded on the fly) and the collator that lays them out."""
+    the mix they are drawn from, the source of its data, the latents' shape, the VAE they belong to, how images become latents on the
+    fly (None: the data are latents already) and at what size, the collator that lays them out, and the
+    held-out set (None without one)."""
 
     batches: PaddedBatches | PackedBatches
     mix: TrainingStream
+    source: DataSource
     latent_shape: tuple[int, int, int]
     vae_path: str | None
-    vae: Any
+    encode: Callable[[torch.Tensor], torch.Tensor] | None
+    image_size: int | None
     collator: Collator
-
-
-def resolve_data_kind(data: DataConfig) -> None:
-    """data.kind "auto" becomes what data.path holds: a latent cache (index.json), an image folder
-    (metadata.jsonl) or WebDataset shards (.tar, braces allowed)."""
-    if data.kind != "auto" or not data.path:
-        return
-    from vae.latents import INDEX_FILE
-
-    path = Path(data.path)
-    if (path / INDEX_FILE).is_file():
-        data.kind = "latents"
-    elif (path / "metadata.jsonl").is_file():
-        data.kind = "folder"
-    elif ".tar" in data.path:
-        data.kind = "webdataset"
-    elif not path.exists():
-        raise InputNotFound(f"data.path {data.path}: not found (expected a latent cache, an image folder or .tar "
-                            "shards)")
-    else:
-        raise UserError(f"data.path {data.path}: neither a latent cache ({INDEX_FILE}), an image folder "
-                        "(metadata.jsonl) nor .tar shards")
+    validation: ValidationSet | None = None
 
 
 def build_training_data(config: RunConfig, tokenizer: Tokenizer, dist: DistInfo, device: torch.device) -> TrainingData:
-    """This process's share of the data config's samples, mixed and collated as the config says."""
-    data, seed = config.data, config.train.seed
-    if not data.path:
-        raise ConfigError("data.path is not set: pass --data (a latent cache, image folder or shard pattern) "
-                          "or set data.builtin: shapes")
-    resolve_data_kind(data)
-    pairs, latent_shape, vae_path = _image_pairs(config, dist, device)
+    """This process's share of the data config's samples, mixed and collated as the config says, and with
+    train.eval_every the held-out set (every process scores all of it: identical forwards, as FSDP needs; None,
+    said once, when the data has none). Built from the bottom up: the VAE that encodes images on the fly
+    (unless they come as latents), the data source, the items, then the mix, the rows and the held-out set."""
+    from vae import load_vae
+
+    data, tc = config.data, config.train
+    objective = make_objective(config.model)
+    collator = Collator(config.model, tokenizer.specials, max_len=config.model.max_seq_len)
+    source = open_source(data)
+    vae, size, latent_shape = None, None, getattr(source, "latent_shape", None)
+    if source.encodes_images:
+        if not config.vae.path:
+            raise ConfigError(f"data.kind {source.kind!r} encodes images on the fly: set vae.path (or --vae)")
+        vae = load_vae(config.vae.path, device=device).requires_grad_(False).eval()
+        size = data.image_size or int(vae.config.sample_size)
+        factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        latent_shape = (int(vae.config.latent_channels), size // factor, size // factor)
+    encode = None if vae is None else partial(_encode_on, vae, device)
+    pairs = ImagePairSource(source.items(tc.seed, dist.rank, dist.world_size, size), encode=encode)
+    missing = source.missing_held_out() if tc.eval_every else "train.eval_every is 0"
+    if tc.eval_every and missing is not None and dist.is_main:
+        print(f"note: train.eval_every is {tc.eval_every} but {missing}: training without held-out losses (a val "
+              "cache: `tmot vae encode --split val`)", file=sys.stderr)
+    held_out = source.held_out(tc.eval_samples, size) if missing is None else None
+    documents = held_out_documents(data.text_val_path, tc.eval_samples) if held_out and data.text_val_path else []
     text_stream = None
     if data.text_only_path and data.text_only_ratio > 0:
-        docs = read_text_documents(data.text_only_path)
-        if len(docs) < dist.world_size:
-            raise InvalidInput(f"{data.text_only_path}: {len(docs)} documents cannot be shared by {dist.world_size} "
-                               "processes")
         # each process reads its own share of the documents (an epoch covers the corpus once over all ranks)
-        text_stream = ShuffledStream(docs, seed=seed + 7919, rank=dist.rank, world_size=dist.world_size)
+        text_stream = ShuffledStream(TextDocuments(data.text_only_path), seed=tc.seed + 7919, rank=dist.rank,
+                                     world_size=dist.world_size)
     budget = data.token_budget or config.model.max_seq_len
-    mix = TrainingStream(pairs, tokenizer, seed=seed, rank=dist.rank, image_first_ratio=data.image_first_ratio,
+    mix = TrainingStream(pairs, tokenizer, seed=tc.seed, rank=dist.rank, image_first_ratio=data.image_first_ratio,
                          caption_dropout=data.caption_dropout, text_stream=text_stream,
                          text_only_ratio=data.text_only_ratio, max_text_tokens=config.tokenizer.max_text_tokens,
                          overflow=config.tokenizer.overflow, max_doc_tokens=budget - 2)  # BOS and EOS
+    rows = tc.batch_size
+    batches = PackedBatches(mix, collator, rows, budget) if data.packing else PaddedBatches(mix, collator, rows)
     check_latent_shape(config.model, latent_shape)
-    collator = Collator(config.model, tokenizer.specials, max_len=config.model.max_seq_len)
-    rows = config.train.batch_size
-    batches = (PackedBatches(mix, collator, rows, budget) if data.packing else PaddedBatches(mix, collator, rows))
-    return TrainingData(batches, mix, latent_shape, vae_path, pairs.vae, collator)
+    validation = None if held_out is None else ValidationSet.from_held_out(
+        *held_out, documents, config, tokenizer, collator, objective, encode, latent_shape, device)
+    return TrainingData(batches, mix, source, latent_shape, config.vae.path or getattr(source, "vae", None), encode,
+                        size, collator, validation)
 
 
-def _image_pairs(config: RunConfig, dist: DistInfo, device: torch.device
-                 ) -> tuple[ImagePairSource, tuple[int, int, int], str | None]:
-    """(this process's pairs, the latent shape, the VAE path the latents belong to)."""
-    from vae import load_vae
-    from vae.latents import LatentDataset
+def _encode_on(vae: Any, device: torch.device, images: torch.Tensor) -> torch.Tensor:
+    """Images in [-1, 1] -> the VAE's latents (posterior mean), on the VAE's device."""
+    from vae.autoencoder import encode
 
-    data, seed, rank, world = config.data, config.train.seed, dist.rank, dist.world_size
-    if data.kind == "latents":
-        dataset = LatentDataset(data.path)
-        stream = ShuffledStream(dataset, seed=seed, rank=rank, world_size=world, drop_last=True)
-        return ImagePairSource(stream), tuple(dataset.latent_shape), config.vae.path or dataset.info.get("vae")
-    vae_path = config.vae.path
-    if not vae_path:
-        raise ConfigError(f"data.kind {data.kind!r} encodes images on the fly: set vae.path (or --vae)")
-    vae_model = load_vae(vae_path, device=device)
-    vae_model.requires_grad_(False).eval()
-    size = data.image_size or int(vae_model.config.sample_size)
-    if data.kind == "folder":
-        items = ShuffledStream(ImageFolderReader(data.path, split=data.split, size=size), seed=seed, rank=rank,
-                               world_size=world, drop_last=True)
-        if data.num_workers:
-            items = PrefetchedStream(items, data.num_workers, data.prefetch_factor)
-    else:
-        reader = WebDatasetReader(data.path, shuffle_buffer=data.shuffle_buffer, seed=seed, rank=rank,
-                                  world_size=world, size=size)
-        items = ShardStream(reader, data.num_workers, data.prefetch_factor)
-    factor = 2 ** (len(vae_model.config.block_out_channels) - 1)
-    latent_shape = (int(vae_model.config.latent_channels), size // factor, size // factor)
-    return ImagePairSource(items, vae=vae_model, device=device), latent_shape, vae_path
+    return encode(vae, images.to(device, non_blocking=True))
 
 
 def check_latent_shape(model_config: ModelConfig, latent_shape: tuple[int, ...]) -> None:

@@ -28,20 +28,18 @@ import torch
 
 from ..accounting import batch_train_flops
 from ..batch import Batch
-from ..common.device import resolve_device, resolve_precision
-from ..common.distributed import DistInfo, all_reduce_sum
+from ..common.distributed import all_reduce_sum
 from ..common.errors import TrainingError
 from ..common.loop import MetricsLogger, ProgressBar, StopRequest
 from ..common.tensors import full_tensor
+from ..common.throughput import ThroughputWindow
 from ..config import RunConfig
 from ..pretrained import load_lm_weights
-from ..run_dir import CheckpointSaveError, RunDir, RunProgress, TrainingCheckpointer, TrainingState
-from ..tokenizer import Tokenizer
+from ..run_dir import CheckpointSaveError, RunProgress, TrainingCheckpointer, TrainingState
 from .optim import build_ema, build_optimizer, learning_rate
 from .parallel import build_model
 from .stream import build_training_data
-from .throughput import ThroughputWindow
-from .validation import build_validation, validation_summary
+from .validation import validation_summary
 
 
 @dataclass
@@ -58,6 +56,7 @@ class StepStats:
     flops: float
     padding: float
     positions: float
+    seconds: float  # this process's time in the step
     skipped: bool
     stop: bool
 
@@ -74,15 +73,16 @@ class TrainResult:
 
 
 class Trainer:
-    """A training run on its built parts; `resume_from` continues from that checkpoint (written by any number
-    of processes), else the model starts from its initialisation (or model.init_from's weights)."""
+    """A training run of `config`, its parts built from the config's sections, on a prepared run (its
+    directory, process group, device, precision and tokenizer: `recipes.prepare.prepare_run`). With
+    `prepared.resume_from` it continues from that checkpoint (written by any number of processes), else the
+    model starts from its initialisation (or model.init_from's weights)."""
 
-    def __init__(self, config: RunConfig, run: RunDir, dist: DistInfo, tokenizer: Tokenizer,
-                 resume_from: Path | None = None) -> None:
+    def __init__(self, config: RunConfig, prepared: Any) -> None:
         tc = config.train
-        self.config, self.run, self.dist, self.resumed_from = config, run, dist, resume_from
-        self.device = resolve_device(tc.device, dist.local_rank)
-        self.precision = resolve_precision(tc.precision, self.device)
+        self.config, self.run, self.dist = config, prepared.run, prepared.dist
+        self.device, self.precision, self.resumed_from = prepared.device, prepared.precision, prepared.resume_from
+        run, dist, tokenizer, resume_from = self.run, self.dist, prepared.tokenizer, self.resumed_from
         torch.manual_seed(tc.seed)  # identical initial weights on every process
         self.model, self.step_module, self.accounting = build_model(config, dist, self.device, self.precision)
         if config.model.init_from and resume_from is None:  # a resumed run's weights come from its checkpoint
@@ -90,7 +90,7 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, config.optim, sharded=dist.distributed)
         self.ema = build_ema(self.model, config.optim)
         self.data = build_training_data(config, tokenizer, dist, self.device)
-        self.validation = build_validation(config, tokenizer, self.data, self.step_module.objective, dist, self.device)
+        self.validation = self.data.validation
         torch.manual_seed(tc.seed * 1_000_003 + dist.rank)
         self.noise = torch.Generator().manual_seed(tc.seed * 7_919 + dist.rank)
         self.progress = RunProgress(dist.world_size, self.data.vae_path)
@@ -100,6 +100,12 @@ class Trainer:
         self.failed_saves = 0
         if resume_from is not None:
             self.checkpointer.load(resume_from, verify=False)  # RunDir.begin chose it by its content check
+        # what the loop reports: tokens/s and MFU over each logged window, the metrics log from this step on, and
+        # the progress bar (shown from the first step)
+        self.window = ThroughputWindow(self.device, tc.peak_tflops, dist.world_size)
+        self.logger = MetricsLogger(run.metrics_file, self.progress.step, enabled=dist.is_main,
+                                    tensorboard_dir=run.tensorboard_dir if tc.tensorboard else None)
+        self.bar = ProgressBar(tc.max_steps, self.progress.step, enabled=dist.is_main and tc.progress)
 
     def autocast(self):
         if self.precision != "bf16":
@@ -112,31 +118,31 @@ class Trainer:
     # -- the loop ----------------------------------------------------------------------------------
 
     def fit(self) -> TrainResult:
-        """Train to train.max_steps (or a stop request, or divergence), checkpointing on the way."""
+        """Train to train.max_steps (or a stop request, or divergence), checkpointing on the way; the main
+        process then writes the run's summary."""
         tc, p, main = self.config.train, self.progress, self.dist.is_main
         step, status, saved, t0 = p.step, "completed", self.checkpointer.latest(), time.perf_counter()
-        logger = MetricsLogger(self.run.metrics_file, step, enabled=main,
-                               tensorboard_dir=self.run.tensorboard_dir if tc.tensorboard else None)
-        window = ThroughputWindow(self.device, tc.peak_tflops, self.dist.world_size)
-        with logger, ProgressBar(tc.max_steps, step, enabled=main and tc.progress) as bar, StopRequest() as stop:
+        with self.logger, self.bar, StopRequest() as stop:
             if self.validation is not None and step == 0:  # the starting point (a language model's own text loss)
-                logger.log({"step": 0, **self.evaluate(), "eval_s": time.perf_counter() - t0})
-            window.restart()
+                self.logger.log({"step": 0, **self.evaluate(), "eval_s": time.perf_counter() - t0})
             self.model.train()
             while step < tc.max_steps:
                 stats = self.train_step(step, stop.requested)
                 step += 1
-                window.add(stats)
                 if p.bad_in_a_row >= tc.max_bad_steps:
                     status = "diverged"
                     break
-                self.log(step, stats, window, logger, bar, elapsed=time.perf_counter() - t0)
+                self.log(step, stats, elapsed=time.perf_counter() - t0)
                 if step % tc.save_every == 0 or step == tc.max_steps or stats.stop:
                     saved = self.save(step, final=step == tc.max_steps or stats.stop) or saved
                 if stats.stop:
                     status = "stopped"
                     break
-        return TrainResult(status, step, self.run.path, saved, time.perf_counter() - t0, main)
+        result = TrainResult(status, step, self.run.path, saved, time.perf_counter() - t0, main)
+        if main:
+            result.summary = self.summary(result)
+            self.run.write_summary(result.summary)
+        return result
 
     def train_step(self, step: int, stop_requested: bool = False) -> StepStats:
         """One optimizer step. `stop_requested` (this process got SIGTERM/Ctrl-C) is shared with every process in
@@ -170,10 +176,13 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         p, world = self.progress, self.dist.world_size
         p.skipped_steps, p.bad_in_a_row = p.skipped_steps + bad, (p.bad_in_a_row + 1) if bad else 0
+        seconds = time.perf_counter() - t_step
         p.tokens_seen += int(r[3])
-        p.train_time += time.perf_counter() - t_step
-        return StepStats(r[0] / world, r[1] / world, r[2] / world, lr, grad_norm, int(r[3]), r[4], r[5], r[6], bad,
-                         r[8] > 0)
+        p.train_time += seconds
+        stats = StepStats(r[0] / world, r[1] / world, r[2] / world, lr, grad_norm, int(r[3]), r[4], r[5], r[6],
+                          seconds, bad, r[8] > 0)
+        self.window.add(stats)
+        return stats
 
     def _batch_counts(self, batch: Batch) -> torch.Tensor:
         """(tokens, training FLOPs, padding positions, positions) of one micro-batch."""
@@ -182,25 +191,23 @@ class Trainer:
                                   self.config.model.modalities)
         return torch.tensor([float(real.sum()), flops, float((~real).sum()), float(real.numel())], dtype=torch.float64)
 
-    def log(self, step: int, stats: StepStats, window: ThroughputWindow, logger: MetricsLogger, bar: ProgressBar,
-            elapsed: float) -> None:
+    def log(self, step: int, stats: StepStats, elapsed: float) -> None:
         """A metrics line every train.log_every steps and at the end, with held-out losses every
         train.eval_every steps (not counted as training time); the progress bar every step."""
         tc, p = self.config.train, self.progress
         evaluate = self.validation is not None and (step % tc.eval_every == 0 or step == tc.max_steps)
         if step % tc.log_every == 0 or step == tc.max_steps or evaluate:
             record = {"step": step, "loss": stats.loss, "text_loss": stats.text_loss, "image_loss": stats.image_loss,
-                      "lr": stats.lr, **window.take(), "grad_norm": stats.grad_norm, "skipped_steps": p.skipped_steps,
+                      "lr": stats.lr, **self.window.take(), "grad_norm": stats.grad_norm, "skipped_steps": p.skipped_steps,
                       "tokens_seen": p.tokens_seen, "elapsed_s": elapsed, "train_time_s": p.train_time}
             if evaluate:
                 start = time.perf_counter()
                 record.update(self.evaluate(), eval_s=time.perf_counter() - start)
-                window.restart()
-            logger.log(record)
-            bar.update(loss=f"{stats.loss:.3f}", text=f"{stats.text_loss:.3f}", image=f"{stats.image_loss:.3f}",
+            self.logger.log(record)
+            self.bar.update(loss=f"{stats.loss:.3f}", text=f"{stats.text_loss:.3f}", image=f"{stats.image_loss:.3f}",
                        tok_s=f"{record['tokens_per_s']:,.0f}")
         else:
-            bar.update()
+            self.bar.update()
 
     def evaluate(self) -> dict[str, float]:
         """Held-out losses of the current weights (and of the EMA weights with train.eval_ema)."""

@@ -20,21 +20,15 @@ token (documents laid out as in training: BOS text EOS, cut to the context), on 
 from __future__ import annotations
 
 import math
-import sys
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
 from ..batch import Batch, Collator, Sample, patchify
-from ..common.distributed import DistInfo
 from ..common.errors import ConfigError
-from ..config import DataConfig, RunConfig
-from ..data.imageio import read_metadata
-from ..data.readers import ImageFolderReader, WebDatasetReader
-from ..data.streams import read_text_documents
+from ..config import RunConfig
 from ..diffusion import DiffusionObjective
 from ..tokenizer import encode_caption
 
@@ -68,7 +62,8 @@ class ValidationSet:
     def __init__(self, pairs: Sequence[tuple[Tensor, str]], tokenizer: Any, collator: Collator,
                  objective: DiffusionObjective, *, seed: int, batch_size: int = 64,
                  max_text_tokens: int | None = None, overflow: str = "error",
-                 device: torch.device | str = "cpu", documents: Sequence[Sequence[int]] = (), source: str = "") -> None:
+                 device: torch.device | str = "cpu", documents: Sequence[str] = (), max_document_tokens: int | None = None,
+                 source: str = "") -> None:
         if not pairs:
             raise ConfigError("validation: no held-out samples")
         if batch_size < 1:
@@ -80,9 +75,10 @@ class ValidationSet:
         generator = torch.Generator().manual_seed(int(seed))
         discrete = objective.name == "ddpm"
         timesteps = stratified_timesteps(len(pairs), self.num_train_timesteps, generator, discrete)
+        captions = [encode_caption(tokenizer, text, max_text_tokens, overflow) for _, text in pairs]
+        docs = [tokenizer.encode(text)[:max_document_tokens] for text in documents]
         patch = collator.config.patch_size
         noises = [patchify(torch.randn(latent.shape, generator=generator), patch) for latent, _ in pairs]
-        captions = [encode_caption(tokenizer, text, max_text_tokens, overflow) for _, text in pairs]
         self.timesteps = timesteps  # (N,) in sample order, on the CPU
         self.batches: list[ValidationBatch] = []
         for start in range(0, len(pairs), batch_size):
@@ -91,9 +87,34 @@ class ValidationSet:
             captioning = collator.collate_padded([Sample([pairs[i][0], captions[i]], image_first=True) for i in rows])
             self.batches.append(ValidationBatch(generation.to(device), timesteps[start:rows.stop].to(device),
                                                 torch.cat([noises[i] for i in rows]).to(device), captioning.to(device)))
-        self.num_documents = len(documents)
-        self.corpus_batches = [collator.collate_padded([Sample([list(doc)]) for doc in documents[i:i + batch_size]])
-                               .to(device) for i in range(0, len(documents), batch_size)]
+        self.num_documents = len(docs)
+        self.corpus_batches = [collator.collate_padded([Sample([doc]) for doc in docs[i:i + batch_size]]).to(device)
+                               for i in range(0, len(docs), batch_size)]
+
+    @classmethod
+    def from_held_out(cls, items: Sequence[dict[str, Any]], where: str, documents: Sequence[str], config: RunConfig,
+                      tokenizer: Any, collator: Collator, objective: DiffusionObjective,
+                      encode: Callable[[Tensor], Tensor] | None, latent_shape: tuple[int, ...],
+                      device: torch.device) -> ValidationSet:
+        """The held-out set of a run: `items` (cached latents, or images that `encode` turns into latents as
+        it does the training images) and text `documents`, drawn with train.eval_seed, laid out by the run's
+        collator; held-out latents of another shape than the training data's are a ConfigError."""
+        if encode is None:
+            latents = [item["latent"].float() for item in items]
+        else:
+            latents = [z for start in range(0, len(items), 64)
+                       for z in encode(torch.stack([it["image"] for it in items[start:start + 64]])).float().cpu()]
+        shapes = {tuple(z.shape) for z in latents}
+        if shapes != {tuple(latent_shape)}:
+            raise ConfigError(f"validation data {where}: latents of shape {sorted(shapes)}, but the training data's "
+                              f"are {tuple(latent_shape)}; use held-out data encoded by the same VAE")
+        if documents:
+            where += f"; text documents {config.data.text_val_path} ({len(documents)})"
+        tc = config.train
+        return cls([(z, item["text"] or "") for z, item in zip(latents, items)], tokenizer, collator, objective,
+                   seed=tc.eval_seed, batch_size=tc.eval_batch_size, max_text_tokens=config.tokenizer.max_text_tokens,
+                   overflow=config.tokenizer.overflow, device=device, documents=documents,
+                   max_document_tokens=config.model.max_seq_len - 2, source=where)
 
     @torch.no_grad()
     def evaluate(self, loss_fn: LossFn, image_loss_weight: float) -> dict[str, float]:
@@ -128,113 +149,6 @@ class ValidationSet:
         return result
 
 
-def evenly_spaced(total: int, n: int) -> list[int]:
-    """n indices spread over range(total) (all of them when n >= total): a held-out subset that does not
-    depend on how the source happens to be ordered at its start."""
-    if n >= total:
-        return list(range(total))
-    return [int(i * total / n) for i in range(n)]
-
-
-def load_validation_documents(path: str | Path, n: int, tokenizer: Any, max_tokens: int) -> list[list[int]]:
-    """Up to n held-out text documents (evenly spaced over the file), tokenized and cut to `max_tokens`."""
-    docs = read_text_documents(path)
-    return [tokenizer.encode(docs[i])[:max_tokens] for i in evenly_spaced(len(docs), n)]
-
-
-def missing_held_out(data: DataConfig) -> str | None:
-    """Why a data config has no held-out image-caption pairs (None when it has them): a latent cache or
-    shards with no data.val_path, an image folder with no rows of data.val_split."""
-    if data.kind in ("latents", "webdataset"):
-        held_out = "latents" if data.kind == "latents" else "shards"
-        return None if data.val_path else f"data.val_path (held-out {held_out}, --val-data) is not set"
-    path = data.val_path or data.path
-    if read_metadata(path, split=data.val_split):
-        return None
-    return f"{Path(path) / 'metadata.jsonl'} has no rows of split {data.val_split!r} (data.val_split, data.val_path)"
-
-
-def load_validation_pairs(data: DataConfig, n: int, vae: Any = None, device: torch.device | str = "cpu",
-                          image_size: int | None = None) -> tuple[list[tuple[Tensor, str]], str]:
-    """Up to n held-out (latent (C, H, W), caption) pairs and a description of where they came from.
-
-    data.kind "latents": the cache at data.val_path (`tmot vae encode --split val`); "folder": the rows of
-    split data.val_split in data.val_path (default: data.path); "webdataset": the first n samples of the
-    shards at data.val_path. Images are encoded by `vae` (posterior mean)."""
-    kind = data.kind
-    if kind == "latents":
-        if not data.val_path:
-            raise ConfigError("validation (train.eval_every > 0) needs held-out latents: set data.val_path (or "
-                              "--val-data) to a cache of the val split, e.g. `tmot vae encode --split val`")
-        from vae.latents import LatentDataset
-
-        dataset = LatentDataset(data.val_path)
-        items = [dataset[i] for i in evenly_spaced(len(dataset), n)]
-        return [(item["latent"].float(), item["text"] or "") for item in items], str(data.val_path)
-    if vae is None:
-        raise ConfigError(f"validation on data.kind {kind!r} encodes images: it needs a VAE (vae.path)")
-    if kind == "folder":
-        path = data.val_path or data.path
-        reader = ImageFolderReader(path, split=data.val_split, size=image_size)
-        if len(reader) == 0:
-            raise ConfigError(f"validation: {path}/metadata.jsonl has no rows with split {data.val_split!r}; "
-                              "set data.val_split or data.val_path, or train.eval_every=0")
-        items = [reader[i] for i in evenly_spaced(len(reader), n)]
-        source = f"{path} (split {data.val_split})"
-    elif kind == "webdataset":
-        if not data.val_path:
-            raise ConfigError("validation on WebDataset shards needs data.val_path: held-out shards (braces ok)")
-        reader = WebDatasetReader(data.val_path, shuffle_buffer=0, seed=0, size=image_size)
-        items = []
-        for item in reader:
-            items.append(item)
-            if len(items) == n:
-                break
-        if not items:
-            raise ConfigError(f"validation: no readable samples in {data.val_path}")
-        source = str(data.val_path)
-    else:  # pragma: no cover - DataConfig.validate rejects other kinds
-        raise ConfigError(f"unknown data.kind {kind!r}")
-    from vae import encode
-
-    latents = []
-    for start in range(0, len(items), 64):
-        images = torch.stack([item["image"] for item in items[start:start + 64]]).to(device)
-        latents.append(encode(vae, images).float().cpu())
-    return [(z, item["text"] or "") for z, item in zip(torch.cat(latents), items)], source
-
-
-def build_validation(config: RunConfig, tokenizer: Any, data: Any, objective: DiffusionObjective, dist: DistInfo,
-                     device: torch.device) -> ValidationSet | None:
-    """The held-out set of a run with train.eval_every, its draws fixed by train.eval_seed; None (said once)
-    when the data has no held-out part. Every process scores all of it (identical forwards, as FSDP needs),
-    so no reduction is needed. `data`: the run's `TrainingData` (latent shape, VAE, collator)."""
-    tc = config.train
-    if not tc.eval_every:
-        return None
-    missing = missing_held_out(config.data)
-    if missing is not None:
-        if dist.is_main:
-            print(f"note: train.eval_every is {tc.eval_every} but {missing}: training without held-out losses (a "
-                  "val cache: `tmot vae encode --split val`)", file=sys.stderr)
-        return None
-    vae = data.vae
-    size = config.data.image_size or (int(vae.config.sample_size) if vae is not None else None)
-    pairs, source = load_validation_pairs(config.data, tc.eval_samples, vae=vae, device=device, image_size=size)
-    shapes = {tuple(latent.shape) for latent, _ in pairs}
-    if shapes != {tuple(data.latent_shape)}:
-        raise ConfigError(f"validation data {source}: latents of shape {sorted(shapes)}, but the training data's are "
-                          f"{tuple(data.latent_shape)}; use held-out data encoded by the same VAE")
-    documents = []
-    if config.data.text_val_path:
-        documents = load_validation_documents(config.data.text_val_path, tc.eval_samples, tokenizer,
-                                              config.model.max_seq_len - 2)
-        source += f"; text documents {config.data.text_val_path} ({len(documents)})"
-    return ValidationSet(pairs, tokenizer, data.collator, objective, seed=tc.eval_seed, batch_size=tc.eval_batch_size,
-                         max_text_tokens=config.tokenizer.max_text_tokens, overflow=config.tokenizer.overflow,
-                         device=device, documents=documents, source=source)
-
-
 def validation_summary(valset: ValidationSet, every: int, records: list[dict[str, Any]]) -> dict[str, Any]:
     """summary.json's held-out part: where the set came from, the last evaluation and the best image loss of
     the whole run (`records`: metrics.jsonl, so a resumed run includes evaluations from before the resume)."""
@@ -254,5 +168,5 @@ def validation_summary(valset: ValidationSet, every: int, records: list[dict[str
     return summary
 
 
-__all__ = ["NUM_BUCKETS", "ValidationBatch", "ValidationSet", "bucket_names", "build_validation", "evenly_spaced",
-           "load_validation_documents", "load_validation_pairs", "stratified_timesteps", "validation_summary"]
+__all__ = ["NUM_BUCKETS", "ValidationBatch", "ValidationSet", "bucket_names", "stratified_timesteps",
+           "validation_summary"]

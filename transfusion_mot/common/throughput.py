@@ -8,7 +8,6 @@ in TFLOP/s), and is the only way to get an MFU on a CPU.
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import torch
@@ -61,33 +60,28 @@ def mfu(flops: float, seconds: float, peak: float | None, world_size: int) -> fl
 
 
 class ThroughputWindow:
-    """tokens/s, MFU and the padding fraction over the steps since the last metrics line (`take`); `restart`
-    after work that is not training (an evaluation), so it is not counted."""
+    """tokens/s, MFU and the padding fraction of the training steps since the last metrics line (`take`): the
+    time counted is the steps' own (`seconds` of each step's statistics), so evaluations, checkpoints and
+    logging between them do not lower the throughput."""
 
-    KEYS = ("tokens", "flops", "padding", "positions")
+    KEYS = ("tokens", "flops", "padding", "positions", "seconds")
 
     def __init__(self, device: torch.device, peak_override: float | None, world_size: int) -> None:
         self.peak = peak_tflops(device, peak_override)
         self.world_size = world_size
-        self.restart()
-
-    def restart(self) -> None:
-        self.start = time.perf_counter()
         self.sums = dict.fromkeys(self.KEYS, 0.0)
 
     def add(self, stats: Any) -> None:
-        """One step's `StepStats` (tokens, flops, padding, positions)."""
+        """One step's statistics (tokens, flops, padding, positions, seconds)."""
         for key in self.KEYS:
             self.sums[key] += getattr(stats, key)
 
     def take(self) -> dict[str, float | None]:
         """{tokens_per_s, mfu, padding_fraction} of the window, which then starts again."""
-        seconds = max(time.perf_counter() - self.start, 1e-9)
-        s = self.sums
-        record = {"tokens_per_s": s["tokens"] / seconds, "mfu": mfu(s["flops"], seconds, self.peak, self.world_size),
-                  "padding_fraction": s["padding"] / max(s["positions"], 1.0)}
-        self.restart()
-        return record
+        s, self.sums = self.sums, dict.fromkeys(self.KEYS, 0.0)
+        seconds = max(s["seconds"], 1e-9)
+        return {"tokens_per_s": s["tokens"] / seconds, "mfu": mfu(s["flops"], seconds, self.peak, self.world_size),
+                "padding_fraction": s["padding"] / max(s["positions"], 1.0)}
 
 
 __all__ = ["PEAK_BF16_TFLOPS", "ThroughputWindow", "mfu", "peak_tflops"]

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from transfusion_mot.training import throughput
-from transfusion_mot.training.throughput import mfu, peak_tflops
+from transfusion_mot.common import throughput
+from transfusion_mot.common.throughput import mfu, peak_tflops
 
 
 def test_cpu_has_no_peak_unless_one_is_set():
