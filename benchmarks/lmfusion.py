@@ -32,6 +32,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -119,8 +120,12 @@ def pretrain_lm(corpus: Path, out: Path, args: argparse.Namespace) -> dict[str, 
     from transformers import LlamaConfig, LlamaForCausalLM
 
     info_path = out / "pretraining.json"
-    if info_path.is_file():
-        return json.loads(info_path.read_text())
+    settings = {k: getattr(args, k) for k in ("lm_steps", "lm_dim", "lm_layers", "lm_vocab", "lm_block", "lm_batch",
+                                              "lm_lr")}
+    if info_path.is_file() and json.loads(info_path.read_text()).get("settings") == settings:
+        return json.loads(info_path.read_text())  # pretrained earlier with the same settings: reuse
+    if info_path.is_file():  # pretrained with other settings: the runs that started from that LM are stale too
+        shutil.rmtree(out.parent / "runs", ignore_errors=True)
     train_docs = (corpus / "train.txt").read_text().splitlines()
     t0 = time.perf_counter()
     tokenizer = train_lm_tokenizer(train_docs, args.lm_vocab, out)
@@ -152,7 +157,7 @@ def pretrain_lm(corpus: Path, out: Path, args: argparse.Namespace) -> dict[str, 
     lm.eval().save_pretrained(str(out))
     info = {"steps": args.lm_steps, "tokens_seen": args.lm_steps * batch * block, "corpus_tokens": len(stream),
             "params": sum(p.numel() for p in lm.parameters()), "seconds": round(time.perf_counter() - t0, 1),
-            "vocab": len(tokenizer)}
+            "vocab": len(tokenizer), "settings": settings}
     info_path.write_text(json.dumps(info, indent=2))
     return info
 
@@ -194,14 +199,13 @@ def variant_config(name: str, lm: Path, data: dict[str, Any], args: argparse.Nam
 
 def train_variant(name: str, seed: int, lm: Path, data: dict[str, Any], args: argparse.Namespace, out: Path) -> Path:
     run = out / "runs" / f"{name}-s{seed}"
-    if RunDir(run).read_summary().get("step") == args.steps:
-        return run  # finished earlier: reuse
     config = out / "configs" / f"{name}.yaml"
+    text = yaml.safe_dump(variant_config(name, lm, data, args), sort_keys=False)
+    if RunDir(run).read_summary().get("step") == args.steps and config.is_file() and config.read_text() == text:
+        return run  # trained earlier from the same config: reuse
     config.parent.mkdir(parents=True, exist_ok=True)
-    config.write_text(yaml.safe_dump(variant_config(name, lm, data, args), sort_keys=False))
+    config.write_text(text)
     if run.exists():
-        import shutil
-
         shutil.rmtree(run)
     cmd = [sys.executable, "-m", "transfusion_mot", "train", "--config", str(config), "--out", str(run),
            "--set", f"train.seed={seed}"]

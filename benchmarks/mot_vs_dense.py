@@ -13,7 +13,8 @@ differs only by the untying. `--seeds 0,1,2` repeats everything per seed and rep
     mot           model.untie=[attn,ffn,norm]     the full Mixture-of-Transformers
     *_causal      + model.image_attention=causal  Transfusion's mask ablation (e.g. dense_causal, mot_causal)
 
-Outputs in OUT: runs/VARIANT (ordinary run directories), curves.png (held-out text and image loss against
+Outputs in OUT: runs/VARIANT (ordinary run directories; a later benchmark into the same OUT reuses a run
+trained by the same command, recorded in commands.json), curves.png (held-out text and image loss against
 steps and against training time), results.md (the table), results.json; on shapes data also each variant's
 alignment (the shapes classifier) and FID at equal n (`tmot eval bench` on validation captions). The last
 stdout line is one JSON object with mot_/dense_val_image_loss, mot_/dense_val_text_loss, steps_ratio and
@@ -41,6 +42,7 @@ import os
 import platform
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -74,8 +76,7 @@ def prepare_data(args: argparse.Namespace) -> dict[str, Any]:
         config = load_run_config(config_path, [*args.set, f"train.seed={args.seeds[0]}", f"data.builtin={args.data}"])
         prepared = prepare_for_run(config, progress=False)
         return {"config": config_path, "data": config.data.path, "val": config.data.val_path, "vae": config.vae.path,
-                "images": str(prepared.data_dir), "shapes": args.data == "shapes",
-                "tokenizer": config.tokenizer.path if prepared.tokenizer else None}
+                "images": str(prepared.data_dir), "shapes": args.data == "shapes"}
     path = Path(args.data)
     if not args.config:
         raise SystemExit("--config is required with your own data (e.g. configs/train/shapes-tiny.yaml)")
@@ -108,10 +109,26 @@ def run_name(name: str, seed: int, args: argparse.Namespace) -> str:
     return name if len(args.seeds) == 1 else f"{name}-s{seed}"
 
 
+_RECORD_LOCK = threading.Lock()
+
+
+def _record(out: Path, run: str, command: list[str] | None = None) -> list[str] | None:
+    """OUT/commands.json: the `tmot train` command behind each finished run (with `command`: record it), so a
+    later benchmark reuses a run only when it would train the same thing (same steps, flags and overrides)."""
+    path = out / "commands.json"
+    with _RECORD_LOCK:
+        done = json.loads(path.read_text()) if path.is_file() else {}
+        if command is None:
+            return done.get(run)
+        done[run] = command
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(done, indent=1) + "\n")
+        tmp.replace(path)
+        return command
+
+
 def train_variant(name: str, seed: int, data: dict[str, Any], args: argparse.Namespace, out: Path) -> Path:
     run = out / "runs" / run_name(name, seed, args)
-    if RunDir(run).read_summary().get("step") == args.steps:
-        return run  # finished earlier: reuse
     cmd = [sys.executable, "-m", "transfusion_mot", "train", "--config", str(data["config"]), "--out", str(run),
            "--data", data["data"], "--max-steps", str(args.steps), "--eval-every", str(args.eval_every),
            "--no-progress", "--save-every", str(args.steps),
@@ -122,10 +139,10 @@ def train_variant(name: str, seed: int, data: dict[str, Any], args: argparse.Nam
         cmd += ["--val-data", data["val"]]
     if data["vae"]:
         cmd += ["--vae", data["vae"]]
-    if data.get("tokenizer"):
-        cmd += ["--set", f"tokenizer.path={data['tokenizer']}"]
     for override in [*args.set, *variant_overrides(name)]:
         cmd += ["--set", override]
+    if RunDir(run).read_summary().get("step") == args.steps and _record(out, run.name) == cmd[1:]:
+        return run  # trained earlier with the same command: reuse
     if run.exists():
         import shutil
 
@@ -135,6 +152,7 @@ def train_variant(name: str, seed: int, data: dict[str, Any], args: argparse.Nam
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode:
         raise SystemExit(f"training {name} failed:\n{proc.stderr[-3000:]}")
+    _record(out, run.name, cmd[1:])
     print(f"[mot_vs_dense] {run.name}: {args.steps} steps in {time.perf_counter() - t0:.0f} s", file=sys.stderr,
           flush=True)
     return run

@@ -327,16 +327,17 @@ LM_TEXT = ["a small red circle above a large blue square", "the quick brown fox 
 
 
 def make_lm_tokenizer(directory: Path, bos: bool = True, vocab_size: int = 300,
-                      specials: tuple[str, ...] = ("<s>", "</s>", "<pad>")):
-    """A byte-level BPE as a transformers PreTrainedTokenizerFast with BOS/EOS (bos=False: none added, as
-    Qwen's tokenizers do; `specials` in the order of their ids), saved with save_pretrained."""
+                      specials: tuple[str, ...] = ("<s>", "</s>", "<pad>"), texts: tuple[str, ...] = ()):
+    """A byte-level BPE (of LM_TEXT and `texts`) as a transformers PreTrainedTokenizerFast with BOS/EOS
+    (bos=False: none added, as Qwen's tokenizers do; `specials` in the order of their ids), saved with
+    save_pretrained."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(LM_TEXT * 20, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(specials),
+    tok.train_from_iterator((LM_TEXT + list(texts)) * 20, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(specials),
                                                               initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                                               show_progress=False))
     if bos:
@@ -349,7 +350,7 @@ def make_lm_tokenizer(directory: Path, bos: bool = True, vocab_size: int = 300,
 
 
 def make_tiny_lm(directory: Path, arch: str = "llama", tie: bool = False, seed: int = 0, extra_rows: int = 7,
-                 **config):
+                 vocab_size: int = 300, texts: tuple[str, ...] = (), **config):
     """A random `arch` (llama: GQA and Llama-3 RoPE scaling; qwen2: Q/K/V biases, no BOS; qwen3: QK-norm,
     head_dim != dim / heads; mistral) causal LM with its tokenizer, saved in `directory`. Its embedding has
     `extra_rows` more rows than the tokenizer has tokens (as Qwen's do); norms and biases are perturbed so
@@ -365,7 +366,7 @@ def make_tiny_lm(directory: Path, arch: str = "llama", tie: bool = False, seed: 
         Qwen3ForCausalLM,
     )
 
-    tokenizer = make_lm_tokenizer(directory, bos=arch != "qwen2")
+    tokenizer = make_lm_tokenizer(directory, bos=arch != "qwen2", vocab_size=vocab_size, texts=texts)
     base = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                 intermediate_size=48, vocab_size=len(tokenizer) + extra_rows, max_position_embeddings=1024,
                 tie_word_embeddings=tie, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,

@@ -93,6 +93,17 @@ def test_image_first_timesteps_are_capped(objective):
     assert t[~flags].max() < 1000
 
 
+def test_flow_timesteps_are_diffusers_logit_normal_draws():
+    from diffusers.training_utils import compute_density_for_timestep_sampling
+
+    cfg = tiny_config(objective="flow", flow_logit_mean=0.3, flow_logit_std=1.2, image_first_max_t=500)
+    flags = torch.tensor([False, True, False, False, True, False])
+    ours = make_objective(cfg).sample_timesteps(flags, torch.Generator().manual_seed(7))
+    u = compute_density_for_timestep_sampling("logit_normal", 6, logit_mean=0.3, logit_std=1.2,
+                                              generator=torch.Generator().manual_seed(7))
+    assert torch.equal(ours, torch.where(flags, u * 0.5, u) * 1000)
+
+
 def test_flow_add_noise_and_target():
     cfg = tiny_config(objective="flow")
     obj = make_objective(cfg)

@@ -1,118 +1,480 @@
-"""The README's examples run as written, at toy sizes: its placeholders (`data/mine`, `vae32`) are made here
-as tiny fixtures and the step counts are cut by a flag appended at the end (argparse keeps the last one)."""
+"""Every command of the README runs, as written, at toy size.
+
+The README's bash blocks are read command by command (continuation lines joined, `&&` chains split, comments
+and `[optional words]` dropped, split as the shell splits them, so a quoting mistake fails) and its Python
+blocks whole. Every one of them needs exactly one entry in STEPS, and every entry must still be a README
+command, so an example added, changed or removed in the README fails here until its entry says how it runs.
+They run in README order in one workspace, where the README's placeholders are tiny fixtures: `photos/`,
+`data/mine`, `my.yaml`, `prompts.txt`, COCO's captions and images, GenEval's metadata, WebDataset shards for
+`/data/coco/...`, and an offline Hugging Face cache holding tiny stand-ins under the real hub ids
+(Qwen/Qwen2.5-0.5B, meta-llama/Llama-3.2-1B, openai/clip-vit-large-patch14, stabilityai/sd-vae-ft-ema), so
+those commands run unchanged; FID's Inception is a TorchScript stand-in with its layout
+($TMOT_INCEPTION_WEIGHTS; NVIDIA's weights are tested in tests/eval). The built-in data sets are built at toy size (60 shapes, 2 VAE steps) before
+the first command. Toy size otherwise: flags appended (argparse keeps the last) or placeholder words
+swapped, listed with each command. A command the README gives twice runs once.
+"""
+
+from __future__ import annotations
 
 import json
+import re
 import shlex
+import shutil
 import subprocess
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import pytest
 import yaml
-from helpers import make_training_data
+from helpers import cli_env, make_square_folder, make_tiny_clip, make_tiny_lm, write_fake_inception
 from PIL import Image
+
+from eval.inception import ENV_WEIGHTS
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
+PROCESS = {"tmot": [sys.executable, "-m", "transfusion_mot"], "python": [sys.executable],
+           "torchrun": [sys.executable, "-m", "torch.distributed.run"]}
 
 
-def readme_command(start: str, whole_line: bool = False) -> list[str]:
-    """The first README command that starts with `start` (or, with whole_line, is exactly it): continuation
-    lines joined, the comment cut, split as the shell splits it (so a quoting mistake in the README fails)."""
-    lines = README.read_text().splitlines()
-    for i, line in enumerate(lines):
-        if line.rstrip() == start if whole_line else line.startswith(start):
-            command = line
-            while command.rstrip().endswith("\\"):
-                i += 1
-                command = command.rstrip()[:-1] + " " + lines[i].strip()
-            words, optional = [], False  # `[--flag value]` marks optional words: left out
-            for word in shlex.split(command, comments=True):
-                optional = optional or word.startswith("[")
-                if not optional:
-                    words.append(word)
-                optional = optional and not word.endswith("]")
-            return words
-    raise AssertionError(f"no README command starts with {start!r}")
+# -- the README, read
 
 
-def run(argv: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    assert argv[0] == "tmot"
-    return subprocess.run([sys.executable, "-m", "transfusion_mot", *argv[1:]], cwd=cwd, capture_output=True,
-                          text=True, timeout=600)
+@dataclass(frozen=True)
+class Example:
+    """One README command (its words, as the shell splits them) or one Python block (its text)."""
+
+    line: int
+    words: tuple[str, ...] = ()
+    code: str = ""
+
+    @property
+    def key(self) -> str:
+        return shlex.join(self.words) if self.words else self.code.splitlines()[0]
 
 
-def test_training_on_your_data_runs_as_written(tmp_path):
-    d = make_training_data(tmp_path / "fixtures")
-    (tmp_path / "data").mkdir()
-    d["folder"].rename(tmp_path / "data" / "mine")
-    d["vae"].rename(tmp_path / "vae32")
+def _commands(text: str, first_line: int) -> list[Example]:
+    lines, out, i = text.splitlines(), [], 0
+    while i < len(lines):
+        start, command = i, lines[i]
+        while command.rstrip().endswith("\\"):
+            i += 1
+            command = command.rstrip()[:-1] + " " + lines[i].strip()
+        i += 1
+        words, optional = [], False  # `[--flag value]` marks optional words: left out
+        for word in shlex.split(command, comments=True):
+            optional = optional or word.startswith("[")
+            if not optional:
+                words.append(word)
+            optional = optional and not word.endswith("]")
+        while words:
+            cut = words.index("&&") if "&&" in words else len(words)
+            out.append(Example(first_line + start, tuple(words[:cut])))
+            words = words[cut + 1:]
+    return out
 
-    encode = run(readme_command("tmot vae encode --vae vae32 --data data/mine --split train"), tmp_path)
-    assert encode.returncode == 0, encode.stderr
-    train = readme_command("tmot train --config shapes-tiny --out runs/mine --data latents/mine")
-    assert "--max-steps" in train and "model.untie=[]" in train
-    result = run([*train, "--max-steps", "3", "--no-progress"], tmp_path)
-    assert result.returncode == 0, result.stderr
-    run_dir = tmp_path / "runs" / "mine"
-    assert json.loads((run_dir / "summary.json").read_text())["step"] == 3
-    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
-    assert saved["tokenizer"]["path"] == str((run_dir / "tokenizer.json").resolve())
+
+def readme_examples() -> list[Example]:
+    """The README's commands and Python blocks in order, each once (its first place)."""
+    examples, seen = [], set()
+    for match in re.finditer(r"^```(bash|python)\n(.*?)^```", README.read_text(), re.DOTALL | re.MULTILINE):
+        line = README.read_text()[: match.start(2)].count("\n") + 1
+        found = (_commands(match.group(2), line) if match.group(1) == "bash"
+                 else [Example(line, code=match.group(2))])
+        for example in found:
+            if example.key not in seen:
+                seen.add(example.key)
+                examples.append(example)
+    return examples
+
+
+# -- how each one runs here
+
+
+@dataclass(frozen=True)
+class Step:
+    toy: tuple[str, ...] = ()  # appended to the command
+    swap: dict[str, str] = field(default_factory=dict)  # README word (or, in Python, text) -> what stands in for it
+    process: bool = False  # its own process: reads hub ids through the workspace's Hugging Face cache
+    skip: str = ""  # why it does not run here
+    check: Callable[[Path, str], None] | None = None  # (workspace, its output): what it must have made
+
+
+TRAIN_TOY = ("--max-steps", "2", "--no-progress")
+DEMO_TOY = ("--steps", "2", "--num-images", "200", "--vae-steps", "2", "--classifier-steps", "2", "--fid-images", "0",
+            "--no-progress")
+MVD_TOY = ("--steps", "2", "--eval-samples", "4", "--bench-n", "0")
+LMF_TOY = ("--steps", "2", "--lm-steps", "2", "--lm-dim", "32", "--lm-layers", "1",
+           "--eval-samples", "4", "--bench-n", "0")
+# the paper's 760M recipe for 8 GPUs, cut to two CPU processes and a toy model
+COCO_TOY = ("--max-steps", "2", "--no-progress", "--set", "model.dim=32", "--set", "model.n_layers=2",
+            "--set", "model.n_heads=2", "--set", "model.ffn_dim=64", "--set", "model.max_seq_len=256",
+            "--set", "data.image_size=16", "--set", "data.token_budget=256", "--set", "data.num_workers=0",
+            "--set", "data.shuffle_buffer=4", "--set", "train.batch_size=2", "--set", "train.device=cpu",
+            "--set", "train.precision=fp32", "--set", "train.compile=false", "--set", "model.vocab_size=300")
+SETUP = ".ci/run makes this virtual environment and installs the package with its dev extra on every CI run"
+
+
+def _summary(run: str, step: int) -> Callable[[Path, str], None]:
+    def check(ws: Path, output: str) -> None:
+        assert json.loads((ws / run / "summary.json").read_text())["step"] == step
+
+    return check
+
+
+def _trained_its_own_bpe(ws: Path, output: str) -> None:
+    """`your data`: the run trained a BPE of the cache's captions, sized the model to it, said once that
+    there is no held-out set, and trained on."""
     from transfusion_mot.tokenizer import HFTokenizer
 
-    assert saved["model"]["vocab_size"] == HFTokenizer(run_dir / "tokenizer.json").vocab_size
+    run = ws / "runs" / "mine"
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["tokenizer"]["path"] == str((run / "tokenizer.json").resolve())
+    assert saved["model"]["vocab_size"] == HFTokenizer(run / "tokenizer.json").vocab_size
     assert saved["model"]["untie"] == [] and saved["optim"]["lr"] == 3e-4
-    # no held-out set: said once, and the run trained on without held-out losses
-    assert result.stderr.count("training without held-out losses") == 1
-    assert "validation" not in json.loads((run_dir / "summary.json").read_text())
-
-    # a resume keeps the run's own tokenizer (trained once) and its model size
-    before = (run_dir / "tokenizer.json").read_bytes()
-    resumed = run(["tmot", "train", "--out", "runs/mine", "--resume", "--max-steps", "5", "--no-progress"], tmp_path)
-    assert resumed.returncode == 0, resumed.stderr
-    assert "[tokenizer]" not in resumed.stderr and (run_dir / "tokenizer.json").read_bytes() == before
-    assert json.loads((run_dir / "summary.json").read_text())["step"] == 5
+    assert output.count("training without held-out losses") == 1
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["step"] == 2 and "validation" not in summary
 
 
-def test_the_first_hour_runs_as_written(tmp_path):
-    """Data -> VAE -> latents -> training -> sampling, captioning, export: the README's commands in the order
-    a new user runs them, each cut to toy size by the flags appended here."""
-    toy = {
-        "tmot data shapes --out data/shapes": ["--num", "40"],
-        "tmot data tokenizer --data data/shapes": [],
-        "tmot vae train --config tiny-32 --data data/shapes": ["--max-steps", "2"],
-        "tmot vae encode --vae vae32 --data data/shapes": [],
-        "tmot vae reconstruct --vae vae32": [],
-        "tmot train --config shapes-tiny --out runs/shapes-tiny": [
-            "--max-steps", "2", "--no-progress", "--set", "data.builtin_num_images=60",
-            "--set", "data.builtin_vae_steps=2"],
-        "tmot sample --run runs/shapes-tiny --prompt": ["--steps", "2"],
-        "tmot caption --run runs/shapes-tiny": [],
-        "tmot export --run runs/shapes-tiny --out shapes-tiny-model": [],
-        "tmot sample --run shapes-tiny-model": ["--steps", "2", "--out", "samples-export/"],
-        "tmot info --config 760m": [],
-        "tmot eval fid --real data/shapes/images --fake samples/ --json": [],
-        "tmot eval fid --real data/shapes/images --save-stats shapes_ref.npz": [],
-        "tmot data folder --src photos/ --out data/photos --size 64\n": [],
-        "tmot data folder --src photos/ --out data/photos --size 64 --max-pixels": ["--out", "data/photos-2"],
-    }
-    photos = tmp_path / "photos"  # your own images: three photos with sidecar captions, one of them too small
+def _held_out(ws: Path, output: str) -> None:
+    summary = json.loads((ws / "runs" / "mine-heldout" / "summary.json").read_text())
+    assert summary["step"] == 2 and summary["validation"]
+
+
+def _resumed(ws: Path, output: str) -> None:
+    """The resume continued runs/shapes-tiny to step 4 with its own tokenizer (not trained again)."""
+    assert "[tokenizer]" not in output
+    assert json.loads((ws / "runs" / "shapes-tiny" / "summary.json").read_text())["step"] == 4
+
+
+def _photos(ws: Path, output: str) -> None:
+    from transfusion_mot.data.imageio import read_metadata
+
+    assert len(read_metadata(ws / "data" / "photos")) == 3  # every photo, resized to 64 px
+
+
+def _photos_min_side(ws: Path, output: str) -> None:
+    """The same folder again with --min-side 64: the 40 px photo is skipped and counted."""
+    from transfusion_mot.data.imageio import read_metadata
+
+    assert sorted(r["text"] for r in read_metadata(ws / "data" / "photos")) == ["a green field", "a red kite"]
+
+
+def _fid(ws: Path, output: str) -> None:
+    """FID of the first `tmot sample`'s 8 images (2 prompts, 4 each), exactly those its manifest lists."""
+    report = json.loads(output)
+    assert report["n_fake"] == 8 and report["fid"] > 0
+
+
+def _files(*paths: str) -> Callable[[Path, str], None]:
+    def check(ws: Path, output: str) -> None:
+        missing = [p for p in paths if not (ws / p).exists()]
+        assert not missing, f"not made: {missing}"
+
+    return check
+
+
+def _served(ws: Path, output: str) -> None:
+    assert LAUNCHES and LAUNCHES[-1]["server_port"] == 7860 and LAUNCHES[-1]["server_name"] == "127.0.0.1"
+
+
+def _pushed(ws: Path, output: str) -> None:
+    assert "pushed to https://huggingface.co/ORG/shapes-tiny-mot" in output
+    assert (_hub_snapshot(ws / "hf-hub", "ORG/shapes-tiny-mot") / "pipeline.json").is_file()
+
+
+STEPS: dict[str, Step] = {
+    # set up and run the demo / the tests
+    "python3 -m venv .venv": Step(skip=SETUP),
+    ". .venv/bin/activate": Step(skip=SETUP),
+    "pip install -e '.[dev]'": Step(skip=SETUP),
+    "tmot demo --out tmot_demo": Step(DEMO_TOY, check=_files("tmot_demo/report.md", "tmot_demo/run/summary.json")),
+    "python -m pytest -q": Step(skip="this suite: .ci/run runs exactly this command"),
+    # MoT versus dense
+    "python benchmarks/mot_vs_dense.py --data shapes --steps 3000": Step(
+        MVD_TOY, check=_files("mot_vs_dense/results.md", "mot_vs_dense/runs/mot", "mot_vs_dense/runs/dense")),
+    "python benchmarks/mot_vs_dense.py --data shapes --steps 2000 --seeds 0,1,2 --jobs 2 --threads 1": Step(
+        MVD_TOY, check=_files("mot_vs_dense/runs/mot-s2/summary.json")),
+    "python benchmarks/mot_vs_dense.py --data shapes --steps 3000 --jobs 2 --threads 1 "
+    "--variants mot,dense,ffn,ffn_attn,dense_causal,mot_causal --out mvd-shapes": Step(
+        MVD_TOY, check=_files("mvd-shapes/runs/mot_causal/summary.json", "mvd-shapes/curves.png")),
+    "python benchmarks/mot_vs_dense.py --data emoji --steps 2000 --jobs 2 --threads 1 "
+    "--variants mot,dense,ffn,ffn_attn,dense_causal,mot_causal --out mvd-emoji": Step(
+        MVD_TOY, check=_files("mvd-emoji/runs/ffn_attn/summary.json")),
+    "python benchmarks/mot_vs_dense.py --data shapes --steps 2000 --set model.dim=256 --set model.ffn_dim=688": Step(
+        MVD_TOY),
+    "python benchmarks/mot_vs_dense.py --data LATENTS --val-data VAL_LATENTS --config my.yaml --steps 5000": Step(
+        MVD_TOY, swap={"LATENTS": "tmot_data/shapes-32/latents", "VAL_LATENTS": "tmot_data/shapes-32/latents-val"}),
+    # LMFusion
+    "tmot train --config lmfusion-shapes --out runs/lmfusion-shapes": Step(
+        TRAIN_TOY, process=True, check=_summary("runs/lmfusion-shapes", 2)),
+    "tmot train --config lmfusion-shapes --set model.init_from=meta-llama/Llama-3.2-1B --out runs/llama-shapes": Step(
+        TRAIN_TOY, process=True, check=_summary("runs/llama-shapes", 2)),
+    "tmot info --config lmfusion-shapes": Step(process=True),
+    "tmot info --config lmfusion-shapes --world-size 8": Step(process=True),
+    "tmot data corpus --out data/corpus": Step(check=_files("data/corpus/val.txt")),
+    "tmot train --config lmfusion-shapes --out runs/lmfusion-corpus --set data.text_val_path=data/corpus/val.txt": Step(
+        TRAIN_TOY, process=True, check=_summary("runs/lmfusion-corpus", 2)),
+    "tmot export --run runs/lmfusion-shapes --out lmfusion-model --text-lm lmfusion-text-lm": Step(
+        check=_files("lmfusion-model/pipeline.json", "lmfusion-text-lm/config.json")),
+    "python benchmarks/lmfusion.py --steps 40 --out lmfusion": Step(LMF_TOY, check=_files("lmfusion/lm/config.json")),
+    "tmot train --config lmfusion-shapes --set model.init_from=lmfusion/lm --max-steps 50 --out runs/lmf-cpu": Step(
+        TRAIN_TOY, check=_summary("runs/lmf-cpu", 2)),
+    "python benchmarks/lmfusion.py --steps 40": Step(LMF_TOY, check=_files("lmfusion/results.md")),
+    "python benchmarks/lmfusion.py --steps 1000": Step(LMF_TOY),
+    # the demo and the accounting
+    "tmot demo --out quick --steps 50 --num-images 500 --vae-steps 20 --fid-images 0": Step(
+        DEMO_TOY, check=_files("quick/report.md")),
+    "tmot info --config 760m": Step(),
+    "tmot info --config configs/model/760m.yaml --set 'untie=[]' --json": Step(),
+    # data
+    "tmot data shapes --out data/shapes --num 20000 --size 32 --seed 0": Step(("--num", "40")),
+    "tmot data emoji --out data/emoji --size 32": Step(check=_files("data/emoji/metadata.jsonl")),
+    "tmot data folder --src photos/ --out data/photos --size 64": Step(check=_photos),
+    "tmot data folder --src photos/ --out data/photos --size 64 --max-pixels 40000000 --min-side 64 --workers 2": Step(
+        check=_photos_min_side),
+    "tmot data tokenizer --data data/shapes --vocab-size 512 --out data/shapes/tokenizer.json": Step(
+        check=_files("data/shapes/tokenizer.json")),
+    # the VAE
+    "tmot vae train --config tiny-32 --data data/shapes --out vae32 --max-steps 2000": Step(("--max-steps", "2")),
+    "tmot vae encode --vae vae32 --data data/shapes --out latents/shapes": Step(check=_files("latents/shapes/index.json")),
+    "tmot vae reconstruct --vae vae32 --data data/shapes --out recon.png --n 16": Step(check=_files("recon.png")),
+    # training
+    "tmot train --config shapes-tiny --out runs/shapes-tiny": Step(TRAIN_TOY, check=_summary("runs/shapes-tiny", 2)),
+    "tmot vae encode --vae vae32 --data data/mine --split train --out latents/mine": Step(),
+    "tmot train --config shapes-tiny --out runs/mine --data latents/mine --max-steps 5000 --set optim.lr=3e-4 "
+    "--set 'model.untie=[]'": Step(TRAIN_TOY, check=_trained_its_own_bpe),
+    "tmot vae encode --vae vae32 --data data/mine --split val --out latents/mine-val": Step(),
+    "tmot train --config my.yaml --out runs/mine-heldout --data latents/mine --val-data latents/mine-val "
+    "--eval-every 500": Step(TRAIN_TOY + ("--eval-every", "1"), check=_held_out),
+    "tmot train --out runs/shapes-tiny --resume": Step(("--max-steps", "4", "--no-progress"), check=_resumed),
+    "torchrun --standalone --nproc_per_node 8 -m transfusion_mot train --config coco-760m --out runs/coco-760m "
+    "--data '/data/coco/{00000..00059}.tar' --vae stabilityai/sd-vae-ft-ema": Step(
+        COCO_TOY, process=True, swap={"8": "2", "/data/coco/{00000..00059}.tar": "coco/{00000..00001}.tar"},
+        check=_summary("runs/coco-760m", 2)),
+    # sampling, captioning, sharing
+    "tmot sample --run runs/shapes-tiny --prompt 'a large red circle' --prompt 'a small blue cross' --n 4 --seed 0 "
+    "--cfg 3 --steps 50 --scheduler flow --out samples/": Step(("--steps", "2"), check=_files("samples/grid.png")),
+    "tmot sample --run runs/shapes-tiny --prompts prompts.txt --n 1 --out samples-file/": Step(
+        ("--steps", "2"), check=_files("samples-file/00001.png")),
+    "tmot sample ... --no-kv-cache": Step(
+        ("--steps", "2"), swap={"...": "--run runs/shapes-tiny --prompt 'a red circle' --out samples-exact/"},
+        check=_files("samples-exact/manifest.json")),
+    "tmot caption --run runs/shapes-tiny samples/00000.png samples/00001.png": Step(),
+    "tmot export --run runs/shapes-tiny --out shapes-tiny-model": Step(check=_files("shapes-tiny-model/pipeline.json")),
+    "tmot sample --run shapes-tiny-model --prompt 'a large green square' --out samples-export/": Step(
+        ("--steps", "2")),
+    "tmot export --run runs/shapes-tiny --out shapes-tiny-model --push-to-hub ORG/shapes-tiny-mot": Step(check=_pushed),
+    "tmot sample --run ORG/shapes-tiny-mot --prompt 'a large green square' --out samples-hub/": Step(
+        ("--steps", "2"), process=True, check=_files("samples-hub/manifest.json")),
+    "tmot serve --run tmot_demo/run": Step(check=_served),
+    "tmot plot runs/mot runs/dense --out curves.png": Step(
+        swap={"runs/mot": "mot_vs_dense/runs/mot", "runs/dense": "mot_vs_dense/runs/dense"}, check=_files("curves.png")),
+    # evaluation
+    "tmot eval fid --real data/shapes/images --fake samples/ --json": Step(check=_fid),
+    "tmot eval fid --real data/shapes/images --save-stats shapes_ref.npz": Step(check=_files("shapes_ref.npz")),
+    "tmot eval fid --real shapes_ref.npz --fake samples/ --inception /path/inception-2015-12-05.pt": Step(
+        swap={"/path/inception-2015-12-05.pt": "stand-ins/inception.pt"}),
+    "tmot eval align-train --out shapes_clf": Step(("--steps", "2", "--eval-images", "8")),
+    "tmot eval bench --run runs/shapes-tiny --data tmot_data/shapes-32/data --n 1000 --classifier shapes_clf "
+    "--out bench": Step(("--n", "4"), check=_files("bench/report.json", "bench/metadata.jsonl")),
+    "tmot eval clip --images bench/ --model openai/clip-vit-large-patch14": Step(process=True),
+    "tmot eval align --images bench/ --classifier shapes_clf": Step(),
+    "tmot eval coco reference --captions captions_val2014.json --images val2014 --out coco256 --stats coco256.npz": Step(
+        ("--n", "4", "--size", "32"), check=_files("coco256.npz")),
+    "tmot eval cmmd --real coco256 --fake bench/images --clip-model DIR_OR_ID": Step(swap={"DIR_OR_ID": "clip"}),
+    "tmot eval bench --run runs/coco-760m --coco-captions captions_val2014.json --n 30000 --ref-stats coco256.npz": Step(
+        ("--n", "2"), process=True, check=_files("runs/coco-760m/bench/report.json")),
+    "tmot eval geneval-export --run RUN --metadata geneval/prompts/evaluation_metadata.jsonl --out geneval_out": Step(
+        ("--n-samples", "1"), swap={"RUN": "runs/shapes-tiny"}, check=_files("geneval_out/00001/samples/0000.png")),
+    # Python
+    "import torch": Step(check=_files("tiny-model/model.safetensors")),
+    "from transfusion_mot.config import load_run_config": Step(
+        swap={'["train.max_steps=200"]': '["train.max_steps=2", "train.progress=false"]'},
+        check=_summary("runs/from-python", 2)),
+    "from transfusion_mot.inference.pipeline import Pipeline": Step(swap={"num_steps=50": "num_steps=2"}),
+}
+LAUNCHES: list[dict] = []
+
+
+# -- the workspace: the README's placeholders as tiny fixtures
+
+
+def _hub_snapshot(cache: Path, repo_id: str) -> Path:
+    return cache / f"models--{repo_id.replace('/', '--')}" / "snapshots" / ("0" * 40)
+
+
+def _put_on_hub(cache: Path, repo_id: str, folder: Path) -> None:
+    """`folder` as the cached snapshot of `repo_id` (huggingface_hub's cache layout), what an offline
+    `snapshot_download` or `from_pretrained(repo_id)` finds."""
+    snapshot = _hub_snapshot(cache, repo_id)
+    shutil.rmtree(snapshot, ignore_errors=True)
+    shutil.copytree(folder, snapshot)
+    (snapshot.parents[1] / "refs").mkdir(exist_ok=True)
+    (snapshot.parents[1] / "refs" / "main").write_text(snapshot.name)
+
+
+def _make_stand_ins(ws: Path) -> None:
+    from transfusion_mot.data.shapes import render_shapes, sample_scene
+    from transfusion_mot.recipes.prepare import prepare_builtin
+    from vae import VAEConfig, build_vae, set_latent_stats
+
+    for name in ("configs", "benchmarks"):  # the README's commands run in the checkout
+        (ws / name).symlink_to(ROOT / name)
+    for name in ("shapes", "emoji"):  # the built-in data sets, at toy size, where the runs look for them
+        prepare_builtin(name, ws / "tmot_data" / f"{name}-32", num_images=60, vae_steps=2, progress=False,
+                        log=lambda *a: None)
+    photos = ws / "photos"  # your own images: three photos with sidecar captions, one of them too small
     photos.mkdir()
     for i, (size, text) in enumerate([(96, "a red kite"), (80, "a green field"), (40, "a tiny stamp")]):
         Image.new("RGB", (size + 10, size), (40 * i, 200 - 50 * i, 90)).save(photos / f"p{i}.jpg")
         (photos / f"p{i}.txt").write_text(text)
-    outputs = {}
-    for start, flags in toy.items():
-        result = run([*readme_command(start.rstrip("\n"), whole_line=start.endswith("\n")), *flags], tmp_path)
-        assert result.returncode == 0, f"{start}: {result.stderr[-2000:]}"
-        outputs[start] = result.stdout
-    fid = json.loads(outputs["tmot eval fid --real data/shapes/images --fake samples/ --json"])
-    assert fid["n_fake"] == 8 and fid["fid"] > 0 and (tmp_path / "shapes_ref.npz").is_file()
-    from transfusion_mot.data.imageio import read_metadata
+    make_square_folder(ws / "data" / "mine", n=32, size=32, val_every=4)  # your image folder: train and val rows
+    shutil.copy(ROOT / "configs" / "train" / "shapes-tiny.yaml", ws / "my.yaml")  # your config, from a shipped one
+    (ws / "prompts.txt").write_text("a large red circle\na small green square above a large blue circle\n")
 
-    assert len(read_metadata(tmp_path / "data" / "photos")) == 3  # every photo, resized to 64 px
-    assert sorted(r["text"] for r in read_metadata(tmp_path / "data" / "photos-2")) == ["a green field", "a red kite"]
-    assert len(list((tmp_path / "samples").glob("*.png"))) >= 8 and (tmp_path / "recon.png").is_file()
-    assert (tmp_path / "shapes-tiny-model" / "pipeline.json").is_file()
-    # the model config given by path is the repository's own file: run where the README runs it
-    info = run(readme_command("tmot info --config configs/model/760m.yaml"), ROOT)
-    assert info.returncode == 0 and '"total_params"' in info.stdout, info.stderr
+    import random
+
+    import webdataset as wds
+
+    rng = random.Random(0)
+    scenes = [sample_scene(rng, 32) for _ in range(16)]
+    (ws / "val2014").mkdir()  # COCO: val2014 images and captions_val2014.json
+    coco = {"images": [], "annotations": []}
+    for i, scene in enumerate(scenes[:6]):
+        name = f"COCO_val2014_{i + 1:012d}.jpg"
+        render_shapes(scene["objects"], 64).save(ws / "val2014" / name)
+        coco["images"].append({"id": i + 1, "file_name": name})
+        coco["annotations"] += [{"id": 10 * i + k, "image_id": i + 1, "caption": scene["text"]} for k in (1, 2)]
+    (ws / "captions_val2014.json").write_text(json.dumps(coco))
+    (ws / "coco").mkdir()  # and as WebDataset shards, for the torchrun line
+    for shard in range(2):
+        with wds.TarWriter(str(ws / "coco" / f"{shard:05d}.tar")) as sink:
+            for k, scene in enumerate(scenes[8 * shard: 8 * shard + 8]):
+                sink.write({"__key__": f"{shard:05d}{k:04d}", "jpg": render_shapes(scene["objects"], 32),
+                            "txt": scene["text"]})
+    metadata = ws / "geneval" / "prompts" / "evaluation_metadata.jsonl"  # GenEval's prompt file
+    metadata.parent.mkdir(parents=True)
+    metadata.write_text("".join(json.dumps({"tag": "single_object", "include": [{"class": c, "count": 1}],
+                                            "prompt": f"a photo of a {c}"}) + "\n" for c in ("circle", "square")))
+
+    # tiny models under the hub ids the README names; the language models' tokenizers know English words, as
+    # real ones do (a shapes caption is a dozen of their tokens, within lmfusion-shapes' max_text_tokens)
+    cache, stand_ins = ws / "hf-hub", ws / "stand-ins"
+    english = tuple(sample_scene(rng, 32)["text"] for _ in range(400))
+    make_tiny_lm(stand_ins / "qwen", arch="qwen2", vocab_size=600, texts=english)
+    make_tiny_lm(stand_ins / "llama", arch="llama", vocab_size=600, texts=english)
+    make_tiny_clip(ws / "clip")
+    vae = build_vae(VAEConfig(block_out_channels=[8, 16], norm_num_groups=8, sample_size=16))
+    set_latent_stats(vae, shift_factor=0.0, scaling_factor=1.0)
+    vae.save_pretrained(stand_ins / "sd-vae")
+    write_fake_inception(stand_ins / "inception.pt")  # Inception's layout (the real one is tested in tests/eval)
+    for repo_id, folder in (("Qwen/Qwen2.5-0.5B", stand_ins / "qwen"), ("meta-llama/Llama-3.2-1B", stand_ins / "llama"),
+                            ("openai/clip-vit-large-patch14", ws / "clip"), ("stabilityai/sd-vae-ft-ema",
+                                                                               stand_ins / "sd-vae")):
+        _put_on_hub(cache, repo_id, folder)
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> Path:
+    ws = tmp_path_factory.mktemp("readme")
+    _make_stand_ins(ws)
+    return ws
+
+
+# -- running one
+
+
+def _argv(example: Example, step: Step) -> list[str]:
+    words = []
+    for word in example.words:
+        words += shlex.split(step.swap[word]) if word in step.swap else [word]
+    return [*words, *step.toy]
+
+
+def _fake_hub(ws: Path, monkeypatch) -> None:
+    """`--push-to-hub` lands in the workspace's Hugging Face cache (no network, no login)."""
+
+    class Api:
+        def __init__(self, token=None):
+            pass
+
+        def create_repo(self, repo_id, repo_type, private, exist_ok):
+            return f"https://huggingface.co/{repo_id}"
+
+        def upload_folder(self, folder_path, repo_id, repo_type, commit_message):
+            _put_on_hub(ws / "hf-hub", repo_id, Path(folder_path))
+
+    monkeypatch.setattr("huggingface_hub.HfApi", Api)
+
+
+def _run_in_process(argv: list[str], ws: Path, monkeypatch, capsys) -> str:
+    from transfusion_mot.cli import main
+
+    monkeypatch.chdir(ws)
+    monkeypatch.setenv(ENV_WEIGHTS, str(ws / "stand-ins" / "inception.pt"))
+    monkeypatch.setattr("gradio.Blocks.launch", lambda self, **kw: LAUNCHES.append(kw))
+    _fake_hub(ws, monkeypatch)
+    try:
+        code = main(argv[1:])
+    except SystemExit as exit_:
+        code = exit_.code
+    out = capsys.readouterr()
+    assert code in (0, None), f"{shlex.join(argv)} exited {code}:\n{out.err[-3000:]}"
+    return out.out + out.err
+
+
+def _run_as_process(argv: list[str], ws: Path) -> str:
+    env = {**cli_env(), "HF_HUB_CACHE": str(ws / "hf-hub"), "HF_HOME": str(ws / "hf-home"), "HF_HUB_OFFLINE": "1",
+           "TRANSFORMERS_OFFLINE": "1", "MPLBACKEND": "Agg", ENV_WEIGHTS: str(ws / "stand-ins" / "inception.pt")}
+    result = subprocess.run([*PROCESS[argv[0]], *argv[1:]], cwd=ws, env=env, capture_output=True, text=True,
+                            timeout=900, check=False)
+    assert result.returncode == 0, f"{shlex.join(argv)} exited {result.returncode}:\n{result.stderr[-3000:]}"
+    return result.stdout + result.stderr
+
+
+def _run_python(example: Example, step: Step, ws: Path, monkeypatch, capsys) -> str:
+    code = example.code
+    for old, new in step.swap.items():
+        assert old in code, f"the README's Python block no longer has {old!r}"
+        code = code.replace(old, new)
+    monkeypatch.chdir(ws)
+    exec(compile(code, f"README.md:{example.line}", "exec"), {"__name__": "readme"})  # noqa: S102  (the README's own code)
+    out = capsys.readouterr()
+    return out.out + out.err
+
+
+EXAMPLES = readme_examples()
+
+
+def test_every_readme_example_has_exactly_one_way_to_run():
+    keys = [e.key for e in EXAMPLES]
+    assert [k for k in keys if k not in STEPS] == [], "README examples with no entry in STEPS"
+    assert [k for k in STEPS if k not in keys] == [], "entries in STEPS that are no longer README examples"
+    for example in EXAMPLES:
+        step = STEPS[example.key]
+        assert example.words or not step.toy, f"{example.key}: a Python block takes swaps, not flags"
+        if example.words:
+            unused = [w for w in step.swap if w not in example.words]
+            assert not unused, f"{example.key}: swaps for words it does not have: {unused}"
+            assert example.words[0] in PROCESS or step.skip, f"{example.key}: what runs it?"
+
+
+@pytest.mark.parametrize("example", EXAMPLES, ids=[f"L{e.line}:{e.key[:60]}" for e in EXAMPLES])
+def test_readme_example_runs(example, workspace, monkeypatch, capsys):
+    step = STEPS.get(example.key)
+    if step is None:
+        pytest.fail(f"no entry in STEPS for README line {example.line}: {example.key}")
+    if step.skip:
+        pytest.skip(step.skip)
+    if not example.words:
+        output = _run_python(example, step, workspace, monkeypatch, capsys)
+    elif step.process or example.words[0] != "tmot":
+        output = _run_as_process(_argv(example, step), workspace)
+    else:
+        output = _run_in_process(_argv(example, step), workspace, monkeypatch, capsys)
+    if step.check:
+        step.check(workspace, output)

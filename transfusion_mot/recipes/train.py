@@ -7,6 +7,7 @@ sections (`training.trainer.Trainer`), trains, and records the run's summary.
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 from ..common.distributed import shutdown_distributed
@@ -19,7 +20,9 @@ from .prepare import prepare_run
 
 def build_trainer(config: RunConfig, run_dir: str | Path, resume: bool = False) -> Trainer:
     """The trainer of `config` in `run_dir`, prepared (and, `resume`, at its last intact checkpoint), ready to
-    `fit`. Joins the process group torchrun describes, if any."""
+    `fit`. Joins the process group torchrun describes, if any. `config` is left as it is: the run's own copy,
+    with its data, tokenizer and model size filled in, is `trainer.config` (and RUN/config.yaml)."""
+    config = copy.deepcopy(config)
     prepared = prepare_run(config, RunDir(run_dir), resume)
     return Trainer(config, prepared)
 

@@ -1,4 +1,5 @@
-"""Training a MoT: the loop (`trainer`), its sample stream (`stream`), held-out losses (`validation`), the
-optimiser pieces (`optim`), checkpoint parts (`state`), parallelism applied from outside the model
-(`parallel`), and metrics and their curves (`metrics`, `curves`). A run is composed from these parts by
+"""Training a MoT: the trainer built from a run config's sections and its short loop (`trainer`), the sample
+stream and batches (`stream`), held-out losses (`validation`), the optimizer, schedule and EMA (`optim`),
+parallelism applied from outside the model (`parallel`) and loss curves (`curves`). The run directory and
+its checkpoints belong to `transfusion_mot.run_dir`; a run is prepared and started by
 `transfusion_mot.recipes.train`."""
