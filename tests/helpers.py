@@ -229,6 +229,27 @@ def make_tiny_clip(directory: Path, image_size: int = 32) -> Path:
     return directory
 
 
+def kill_all(pid: int) -> None:
+    """SIGKILL a process and every process it started, at once, as a power cut would: torchrun starts its
+    workers in sessions of their own, so killing its process group alone leaves them running (Linux /proc)."""
+    import signal
+
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # exited meanwhile
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    tree, todo = [], [pid]
+    while todo:
+        tree.append(todo.pop())
+        todo += children.get(tree[-1], [])
+    for p in tree:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(p, signal.SIGKILL)
+
+
 def cli_env() -> dict[str, str]:
     """The environment for a `python -m transfusion_mot` subprocess: this checkout first on the path."""
     env = dict(os.environ)

@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 import yaml
-from helpers import cli_env, config_dict, losses, make_config
+from helpers import cli_env, config_dict, kill_all, losses, make_config
 
 from transfusion_mot.common import checkpoint as ckpt
 from transfusion_mot.common.errors import TrainingError
@@ -249,7 +249,7 @@ def test_sigkill_at_random_moments_resumes_bit_exactly(tmp_path, data, nproc):
             try:
                 child.wait(timeout=rng.uniform(3.0, 7.0) * nproc)
             except subprocess.TimeoutExpired:
-                os.killpg(child.pid, signal.SIGKILL)  # the whole group: torchrun and its workers
+                kill_all(child.pid)  # torchrun and its workers, at once
                 child.wait()
                 kills += 1
                 continue
