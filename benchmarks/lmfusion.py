@@ -122,10 +122,13 @@ def pretrain_lm(corpus: Path, out: Path, args: argparse.Namespace) -> dict[str, 
     info_path = out / "pretraining.json"
     settings = {k: getattr(args, k) for k in ("lm_steps", "lm_dim", "lm_layers", "lm_vocab", "lm_block", "lm_batch",
                                               "lm_lr")}
-    if info_path.is_file() and json.loads(info_path.read_text()).get("settings") == settings:
-        return json.loads(info_path.read_text())  # pretrained earlier with the same settings: reuse
-    if info_path.is_file():  # pretrained with other settings: the runs that started from that LM are stale too
-        shutil.rmtree(out.parent / "runs", ignore_errors=True)
+    info = json.loads(info_path.read_text()) if info_path.is_file() else {}
+    if info.get("settings") == settings:
+        return info  # pretrained earlier with the same settings: reuse
+    # a new LM: first forget the old one and every run that started from it (an interrupted pretraining then
+    # leaves no pretraining.json, so the next benchmark pretrains again)
+    info_path.unlink(missing_ok=True)
+    shutil.rmtree(out.parent / "runs", ignore_errors=True)
     train_docs = (corpus / "train.txt").read_text().splitlines()
     t0 = time.perf_counter()
     tokenizer = train_lm_tokenizer(train_docs, args.lm_vocab, out)
@@ -199,16 +202,15 @@ def variant_config(name: str, lm: Path, data: dict[str, Any], args: argparse.Nam
 
 def train_variant(name: str, seed: int, lm: Path, data: dict[str, Any], args: argparse.Namespace, out: Path) -> Path:
     run = out / "runs" / f"{name}-s{seed}"
-    config = out / "configs" / f"{name}.yaml"
-    text = yaml.safe_dump(variant_config(name, lm, data, args), sort_keys=False)
+    config = out / "configs" / f"{run.name}.yaml"  # one per run: the config it was trained from
+    variant = variant_config(name, lm, data, args)
+    text = yaml.safe_dump({**variant, "train": {**variant["train"], "seed": seed}}, sort_keys=False)
     if RunDir(run).read_summary().get("step") == args.steps and config.is_file() and config.read_text() == text:
         return run  # trained earlier from the same config: reuse
+    shutil.rmtree(run, ignore_errors=True)  # before the config is written: a run never outlives its config
     config.parent.mkdir(parents=True, exist_ok=True)
     config.write_text(text)
-    if run.exists():
-        shutil.rmtree(run)
-    cmd = [sys.executable, "-m", "transfusion_mot", "train", "--config", str(config), "--out", str(run),
-           "--set", f"train.seed={seed}"]
+    cmd = [sys.executable, "-m", "transfusion_mot", "train", "--config", str(config), "--out", str(run)]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": str(args.threads)}, capture_output=True, text=True)
     if proc.returncode:

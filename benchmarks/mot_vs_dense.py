@@ -14,9 +14,9 @@ differs only by the untying. `--seeds 0,1,2` repeats everything per seed and rep
     *_causal      + model.image_attention=causal  Transfusion's mask ablation (e.g. dense_causal, mot_causal)
 
 Outputs in OUT: runs/VARIANT (ordinary run directories; a later benchmark into the same OUT reuses a run
-trained by the same command, recorded in commands.json), curves.png (held-out text and image loss against
-steps and against training time), results.md (the table), results.json; on shapes data also each variant's
-alignment (the shapes classifier) and FID at equal n (`tmot eval bench` on validation captions). The last
+trained by the same command from the same config, recorded in commands.json), curves.png (held-out text and
+image loss against steps and against training time), results.md (the table), results.json; on shapes data
+also each variant's alignment (the shapes classifier) and FID at equal n (`tmot eval bench` on validation captions). The last
 stdout line is one JSON object with mot_/dense_val_image_loss, mot_/dense_val_text_loss, steps_ratio and
 time_ratio: the first evaluated step (training time) at which MoT's held-out image loss is at or below
 dense's final one, over dense's steps (time); null if never; and mot_/dense_best_val_image_loss (the lowest
@@ -40,6 +40,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import threading
@@ -109,22 +110,27 @@ def run_name(name: str, seed: int, args: argparse.Namespace) -> str:
     return name if len(args.seeds) == 1 else f"{name}-s{seed}"
 
 
-_RECORD_LOCK = threading.Lock()
+_RECORDS_LOCK = threading.Lock()
 
 
-def _record(out: Path, run: str, command: list[str] | None = None) -> list[str] | None:
-    """OUT/commands.json: the `tmot train` command behind each finished run (with `command`: record it), so a
-    later benchmark reuses a run only when it would train the same thing (same steps, flags and overrides)."""
+def trained_from(out: Path) -> dict[str, Any]:
+    """OUT/commands.json: for each finished run, the `tmot train` command and the config text it was trained
+    from, so a later benchmark reuses a run only when it would train the same thing."""
     path = out / "commands.json"
-    with _RECORD_LOCK:
-        done = json.loads(path.read_text()) if path.is_file() else {}
-        if command is None:
-            return done.get(run)
-        done[run] = command
-        tmp = path.with_suffix(".tmp")
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def record_training(out: Path, run: str, recipe: dict[str, Any] | None) -> None:
+    """Record what `run` was trained from (None: forget it, before it is trained again)."""
+    with _RECORDS_LOCK:
+        done = trained_from(out)
+        if recipe is None:
+            done.pop(run, None)
+        else:
+            done[run] = recipe
+        tmp = out / f".commands-{os.getpid()}.tmp"
         tmp.write_text(json.dumps(done, indent=1) + "\n")
-        tmp.replace(path)
-        return command
+        tmp.replace(out / "commands.json")
 
 
 def train_variant(name: str, seed: int, data: dict[str, Any], args: argparse.Namespace, out: Path) -> Path:
@@ -141,18 +147,17 @@ def train_variant(name: str, seed: int, data: dict[str, Any], args: argparse.Nam
         cmd += ["--vae", data["vae"]]
     for override in [*args.set, *variant_overrides(name)]:
         cmd += ["--set", override]
-    if RunDir(run).read_summary().get("step") == args.steps and _record(out, run.name) == cmd[1:]:
-        return run  # trained earlier with the same command: reuse
-    if run.exists():
-        import shutil
-
-        shutil.rmtree(run)
+    recipe = {"command": cmd[1:], "config": Path(data["config"]).read_text()}
+    if RunDir(run).read_summary().get("step") == args.steps and trained_from(out).get(run.name) == recipe:
+        return run  # trained earlier by the same command from the same config: reuse
+    record_training(out, run.name, None)
+    shutil.rmtree(run, ignore_errors=True)
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode:
         raise SystemExit(f"training {name} failed:\n{proc.stderr[-3000:]}")
-    _record(out, run.name, cmd[1:])
+    record_training(out, run.name, recipe)
     print(f"[mot_vs_dense] {run.name}: {args.steps} steps in {time.perf_counter() - t0:.0f} s", file=sys.stderr,
           flush=True)
     return run

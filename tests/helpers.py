@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -231,21 +232,34 @@ def make_tiny_clip(directory: Path, image_size: int = 32) -> Path:
 
 def kill_all(pid: int) -> None:
     """SIGKILL a process and every process it started, at once, as a power cut would: torchrun starts its
-    workers in sessions of their own, so killing its process group alone leaves them running (Linux /proc)."""
-    import signal
+    workers in sessions of their own, so killing its process group alone leaves them running. The tree is
+    stopped first (SIGSTOP: a stopped process starts nothing), re-read until nothing new appears, then
+    killed (Linux /proc)."""
+    def children() -> dict[int, list[int]]:
+        found: dict[int, list[int]] = {}
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):  # exited meanwhile
+                continue
+            found.setdefault(parent, []).append(int(stat.parent.name))
+        return found
 
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:  # exited meanwhile
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    tree, todo = [], [pid]
-    while todo:
-        tree.append(todo.pop())
-        todo += children.get(tree[-1], [])
-    for p in tree:
+    stopped: set[int] = set()
+    while True:
+        kids, tree, todo = children(), set(), [pid]
+        while todo:
+            p = todo.pop()
+            if p not in tree:
+                tree.add(p)
+                todo += kids.get(p, [])
+        if not tree - stopped:
+            break
+        for p in tree - stopped:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(p, signal.SIGSTOP)
+        stopped |= tree
+    for p in stopped:
         with contextlib.suppress(ProcessLookupError):
             os.kill(p, signal.SIGKILL)
 
@@ -358,9 +372,9 @@ def make_lm_tokenizer(directory: Path, bos: bool = True, vocab_size: int = 300,
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator((LM_TEXT + list(texts)) * 20, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(specials),
-                                                              initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                                              show_progress=False))
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(specials),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator((LM_TEXT + list(texts)) * 20, trainer)
     if bos:
         tok.post_processor = processors.TemplateProcessing(single="<s> $A",
                                                            special_tokens=[("<s>", specials.index("<s>"))])

@@ -2,9 +2,9 @@
 (`transfusion_mot.common.config`: unknown keys and ill-typed values are rejected by key path).
 
 A training config is one YAML file with the sections model, tokenizer, data, vae, optim and train
-(`RunConfig`); `model:` may also be the path of a model config (`model: ../model/tiny.yaml`) or `{base: PATH,
-key: value...}` to change some of its keys; paths are resolved relative to the training config's directory, then
-the working directory. `--set a.b=c` reaches any key. A model started from a pretrained language model
+(`RunConfig`); `model:` may also name a model config (`model: tiny`, a shipped one, or a path such as
+`model: ../model/tiny.yaml`) or be `{base: NAME_OR_PATH, key: value...}` to change some of its keys; paths are
+resolved relative to the training config's directory, then the working directory. `--set a.b=c` reaches any key. A model started from a pretrained language model
 (`model.init_from`) takes its shape from that model's config (`resolve_init_from`). The fully resolved config
 is what a run directory keeps, so a run directory alone says how it was made.
 """
