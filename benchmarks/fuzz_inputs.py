@@ -41,6 +41,9 @@ from typing import Any
 
 import yaml
 
+from transfusion_mot.common.checkpoint import STATE_FILE
+from transfusion_mot.run_dir import EMA_FILE, MODEL_FILE, RunDir
+
 REPO = Path(__file__).resolve().parents[1]
 PROGRESS = re.compile(r"\d+%\|")  # a tqdm bar
 VERDICTS = ("clean error", "handled and reported", "ok", "traceback", "silent success")
@@ -382,19 +385,19 @@ def _flip_tail(path: Path, n: int = 20) -> None:
 
 def checkpoint_cases(ws: dict[str, Any], rng: random.Random) -> list[Case]:
     cases = []
-    steps = sorted((ws["run"] / "checkpoints").glob("step_*"))
+    steps = [path for _, path in RunDir(ws["run"]).checkpoints()]
     latest = steps[-1].name
 
     def variant(name: str, damage, expect_resume: str) -> None:
         run = ws["root"] / f"ck{len(cases)}"
         shutil.copytree(ws["run"], run)
-        damage(run / "checkpoints")
+        damage(RunDir(run).checkpoints_dir)
         cases.append(Case("checkpoint", f"sample: {name}", ["sample", "--run", str(run), "--prompt", "a red circle",
                                                             "--steps", "1", "--out", str(run / "s")], "error"))
         cases.append(Case("checkpoint", f"resume: {name}", ["train", "--out", str(run), "--resume", "--max-steps", "3",
                                                             "--no-progress"], expect_resume))
 
-    files = sorted(p.name for p in (ws["run"] / "checkpoints" / latest).iterdir())
+    files = sorted(p.name for p in steps[-1].iterdir())
     for file in files:
         for frac in (0.0, 0.25, 0.5, 0.75, 0.99):
             variant(f"{file} cut at {frac:.0%}", lambda c, f=file, q=frac: (c / latest / f).write_bytes(
@@ -402,13 +405,13 @@ def checkpoint_cases(ws: dict[str, Any], rng: random.Random) -> list[Case]:
         variant(f"{file} missing", lambda c, f=file: (c / latest / f).unlink(), "either")
     if len(steps) > 1:
         variant("model weights of two steps swapped", lambda c: (
-            shutil.copy(c / steps[0].name / "model.safetensors", c / latest / "model.safetensors")), "either")
+            shutil.copy(c / steps[0].name / MODEL_FILE, c / latest / MODEL_FILE)), "either")
 
         def every(c: Path) -> None:
             for s in steps:
-                (c / s.name / "ema.safetensors").write_bytes(b"")
+                (c / s.name / EMA_FILE).write_bytes(b"")
         variant("every checkpoint damaged", every, "error")
-    variant("state.json not JSON", lambda c: (c / latest / "state.json").write_text("{"), "either")
+    variant(f"{STATE_FILE} not JSON", lambda c: (c / latest / STATE_FILE).write_text("{"), "either")
     variant("weights of another model", lambda c: _other_model_weights(c / latest), "either")
     return cases
 
@@ -422,12 +425,12 @@ def _other_model_weights(checkpoint: Path) -> None:
     from transfusion_mot.config import ModelConfig
     from transfusion_mot.model import TransfusionMoT
 
-    state = json.loads((checkpoint / "state.json").read_text())
+    state = json.loads((checkpoint / STATE_FILE).read_text())
     model = TransfusionMoT(ModelConfig(dim=48, n_layers=2, n_heads=2, ffn_dim=64, max_seq_len=96))
-    for name in ("model.safetensors", "ema.safetensors"):
+    for name in (MODEL_FILE, EMA_FILE):
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(checkpoint / name))
-    state["files"] = file_manifest(checkpoint, exclude=("state.json",))
-    (checkpoint / "state.json").write_text(json.dumps(state))
+    state["files"] = file_manifest(checkpoint, exclude=(STATE_FILE,))
+    (checkpoint / STATE_FILE).write_text(json.dumps(state))
 
 
 def shard_cases(ws: dict[str, Any], rng: random.Random) -> list[Case]:
