@@ -13,8 +13,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from ..common.config import shipped_config_names, shipped_configs_dir
 from ..common.device import resolve_device, resolve_precision
 from ..common.distributed import DistInfo, barrier, init_distributed
@@ -24,6 +22,7 @@ from ..data.sources import open_source
 from ..pretrained import check_matches_lm, keep_lm_files
 from ..run_dir import RunDir
 from ..tokenizer import Tokenizer, load_tokenizer, train_tokenizer
+from ..training.trainer import PreparedRun
 
 BUILTINS = ("shapes", "emoji")
 
@@ -120,19 +119,6 @@ def prepare_for_run(config: RunConfig, root: str | Path | None = None, build: bo
 
 # --------------------------------------------------------------------------------------------------
 # a run, prepared
-
-
-@dataclass
-class PreparedRun:
-    """A run ready for its trainer: where it lives, this process's place and device, the precision it computes
-    in, its tokenizer, and the checkpoint it resumes from (None for a new run)."""
-
-    run: RunDir
-    dist: DistInfo
-    device: torch.device
-    precision: str
-    tokenizer: Tokenizer
-    resume_from: Path | None
 
 
 def prepare_run(config: RunConfig, run: RunDir, resume: bool) -> PreparedRun:

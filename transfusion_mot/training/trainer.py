@@ -28,14 +28,15 @@ import torch
 
 from ..accounting import batch_train_flops
 from ..batch import Batch
-from ..common.distributed import all_reduce_sum
+from ..common.distributed import DistInfo, all_reduce_sum
 from ..common.errors import TrainingError
 from ..common.loop import MetricsLogger, ProgressBar, StopRequest
 from ..common.tensors import full_tensor
 from ..common.throughput import ThroughputWindow
 from ..config import RunConfig
 from ..pretrained import load_lm_weights
-from ..run_dir import CheckpointSaveError, RunProgress, TrainingCheckpointer, TrainingState
+from ..run_dir import CheckpointSaveError, RunDir, RunProgress, TrainingCheckpointer, TrainingState
+from ..tokenizer import Tokenizer
 from .optim import build_ema, build_optimizer, learning_rate
 from .parallel import build_model
 from .stream import build_training_data
@@ -72,13 +73,26 @@ class TrainResult:
     summary: dict[str, Any] = field(default_factory=dict)  # what summary.json says (main process)
 
 
+@dataclass
+class PreparedRun:
+    """A run ready for its trainer (`recipes.prepare.prepare_run`): where it lives, this process's place and
+    device, the precision it computes in, its tokenizer, and the checkpoint it resumes from (None: a new run)."""
+
+    run: RunDir
+    dist: DistInfo
+    device: torch.device
+    precision: str
+    tokenizer: Tokenizer
+    resume_from: Path | None
+
+
 class Trainer:
     """A training run of `config`, its parts built from the config's sections, on a prepared run (its
     directory, process group, device, precision and tokenizer: `recipes.prepare.prepare_run`). With
     `prepared.resume_from` it continues from that checkpoint (written by any number of processes), else the
     model starts from its initialisation (or model.init_from's weights)."""
 
-    def __init__(self, config: RunConfig, prepared: Any) -> None:
+    def __init__(self, config: RunConfig, prepared: PreparedRun) -> None:
         tc = config.train
         self.config, self.run, self.dist = config, prepared.run, prepared.dist
         self.device, self.precision, self.resumed_from = prepared.device, prepared.precision, prepared.resume_from
@@ -264,4 +278,4 @@ class Trainer:
         return summary
 
 
-__all__ = ["StepStats", "TrainResult", "Trainer"]
+__all__ = ["PreparedRun", "StepStats", "TrainResult", "Trainer"]
