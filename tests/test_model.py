@@ -150,7 +150,8 @@ def reference_forward(model, inputs):
     x = norm(model.final_norm, x)
     if cfg.time_conditioning == "adaln":
         x = modulate(x, model.final_modulation, 2, 0)
-    return x.reshape(B, L, D)
+    # the model never computes padding positions: its hidden states there are zeros
+    return x.reshape(B, L, D) * (inputs.doc_ids >= 0)[..., None]
 
 
 def make_inputs(config, samples, packed=False, seed=0):

@@ -12,6 +12,7 @@ them apart in attention, positions restart at 0 for each).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field, fields, replace
 from typing import Sequence, Union
 
@@ -158,8 +159,9 @@ def patchify(latent: Tensor, patch: int) -> Tensor:
     return x.permute(1, 3, 0, 2, 4).reshape((h // patch) * (w // patch), c * patch * patch)
 
 
+@functools.lru_cache(maxsize=64)
 def grid_coords(rows: int, cols: int) -> Tensor:
-    """(rows * cols, 2) (row, col) of a patch grid in row-major order."""
+    """(rows * cols, 2) (row, col) of a patch grid in row-major order (shared: never modify it)."""
     rr, cc = torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij")
     return torch.stack([rr.reshape(-1), cc.reshape(-1)], dim=1)
 
@@ -172,41 +174,40 @@ def unpatchify(patches: Tensor, channels: int, height: int, width: int, patch: i
 
 
 def assemble(rows: list[list[dict]], length: int, pad: int, text_modality: int, patch_dim: int) -> Batch:
-    """Laid-out samples, several per row where packed, as one batch of `length` positions per row."""
-    b = len(rows)
-    tokens = torch.full((b, length), pad, dtype=torch.long)
-    modality = torch.full((b, length), text_modality, dtype=torch.long)
-    positions = torch.zeros((b, length), dtype=torch.long)
-    doc_ids = torch.full((b, length), -1, dtype=torch.long)
-    image_ids = torch.full((b, length), -1, dtype=torch.long)
-    targets = torch.full((b, length), IGNORE_INDEX, dtype=torch.long)
-    patches, coords, patch_image, image_first, shapes = [], [], [], [], []
-    for r, docs in enumerate(rows):
-        start = 0
+    """Laid-out samples, several per row where packed, as one batch of `length` positions per row (the
+    per-position fields gathered in flat lists, then one tensor each)."""
+    columns: dict[str, list[int]] = {k: [] for k in ("tokens", "modality", "positions", "doc_ids", "image_ids",
+                                                     "targets")}
+    patches, coords, image_sizes, image_first, shapes = [], [], [], [], []
+    for docs in rows:
+        used = 0
         for d, lay in enumerate(docs):
-            n = len(lay["tokens"])
-            sl = slice(start, start + n)
-            tokens[r, sl] = torch.tensor(lay["tokens"])
-            modality[r, sl] = torch.tensor(lay["modality"])
-            positions[r, sl] = torch.arange(n)
-            doc_ids[r, sl] = d
-            local = torch.tensor(lay["image_local"])
-            image_ids[r, sl] = torch.where(local >= 0, local + len(shapes), local)
-            targets[r, sl] = torch.tensor(lay["targets"])
+            n, first = len(lay["tokens"]), len(shapes)
+            columns["tokens"] += lay["tokens"]
+            columns["modality"] += lay["modality"]
+            columns["targets"] += lay["targets"]
+            columns["positions"] += range(n)
+            columns["doc_ids"] += [d] * n
+            columns["image_ids"] += [k + first if k >= 0 else -1 for k in lay["image_local"]]
             for pt, co, sh in zip(lay["patches"], lay["coords"], lay["shapes"]):
                 patches.append(pt)
                 coords.append(co)
-                patch_image.append(torch.full((pt.shape[0],), len(shapes), dtype=torch.long))
+                image_sizes.append(pt.shape[0])
                 image_first.append(lay["image_first"])
                 shapes.append(sh)
-            start += n
+            used += n
+        for key, fill in (("tokens", pad), ("modality", text_modality), ("positions", 0), ("doc_ids", -1),
+                          ("image_ids", -1), ("targets", IGNORE_INDEX)):
+            columns[key] += [fill] * (length - used)
+    t = {k: torch.tensor(v, dtype=torch.long).view(len(rows), length) for k, v in columns.items()}
     inputs = ModelInputs(
-        tokens=tokens, modality=modality, positions=positions, doc_ids=doc_ids, image_ids=image_ids,
+        tokens=t["tokens"], modality=t["modality"], positions=t["positions"], doc_ids=t["doc_ids"],
+        image_ids=t["image_ids"],
         patches=torch.cat(patches) if patches else torch.zeros(0, patch_dim),
         patch_coords=torch.cat(coords) if coords else torch.zeros(0, 2, dtype=torch.long),
-        patch_image=torch.cat(patch_image) if patch_image else torch.zeros(0, dtype=torch.long),
+        patch_image=torch.repeat_interleave(torch.arange(len(shapes)), torch.tensor(image_sizes, dtype=torch.long)),
         timesteps=torch.zeros(len(shapes)))
-    return Batch(inputs, text_targets=targets, image_first=torch.tensor(image_first, dtype=torch.bool),
+    return Batch(inputs, text_targets=t["targets"], image_first=torch.tensor(image_first, dtype=torch.bool),
                  image_shapes=shapes)
 
 

@@ -23,6 +23,7 @@ against them: exact, and far cheaper when the chunk is short (sampling.py).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,27 +45,47 @@ MODEL_WEIGHTS_FILE = "model.safetensors"
 
 
 class Routing:
-    """Tokens sorted by modality once per batch: modality m is the m-th chunk of sizes `counts`."""
+    """The residual stream of one forward: the real (non-padding) tokens of a batch, sorted by modality when
+    `sort` (modality m is then the m-th chunk of sizes `counts`). Padding positions are dropped from it, so
+    no layer computes them: attention, which needs the (batch, seq) layout, gets zeros there (a padding
+    query sees only its own, zero, key: its output is finite and never used)."""
 
-    def __init__(self, modality: Tensor, num_modalities: int, sort: bool) -> None:
+    def __init__(self, modality: Tensor, num_modalities: int, sort: bool, padding: Tensor | None = None) -> None:
         flat = modality.reshape(-1)
-        self.perm: Tensor | None = None
+        self.modality = modality  # (B, L): the original layout's
+        self.total = flat.numel()
+        self.order: Tensor | None = None  # stream row i is flattened position order[i] (None: all, in order)
+        self.inverse: Tensor | None = None  # flattened position -> stream row, when nothing is dropped
         self.counts: list[int] = []
+        if not sort and padding is None:
+            return
+        # padding sorts after every modality; one host sync per batch gives every count
+        key = flat if padding is None else torch.where(padding.reshape(-1), num_modalities, flat)
+        counts = torch.bincount(key, minlength=num_modalities + 1).tolist()
+        real, pads = sum(counts[:num_modalities]), counts[num_modalities]
         if sort:
-            self.perm = torch.argsort(flat, stable=True)
-            self.inv_perm = torch.empty_like(self.perm)
-            self.inv_perm[self.perm] = torch.arange(flat.numel(), device=flat.device)
-            self.counts = torch.bincount(flat, minlength=num_modalities).tolist()  # one host sync per batch
+            self.counts = counts[:num_modalities]
+            self.order = torch.argsort(key, stable=True)[:real]
+        elif pads:
+            self.order = (key < num_modalities).nonzero().squeeze(1)
+        if self.order is not None and not pads:
+            self.inverse = torch.empty_like(self.order)
+            self.inverse[self.order] = torch.arange(self.total, device=flat.device)
 
     def sort(self, x: Tensor) -> Tensor:
-        """(T, ...) in original row-major order -> sorted by modality."""
-        return x if self.perm is None else x.index_select(0, self.perm)
+        """(B*L, ...) in original row-major order -> the stream: real tokens, sorted by modality."""
+        return x if self.order is None else x.index_select(0, self.order)
 
     def unsort(self, x: Tensor) -> Tensor:
-        return x if self.perm is None else x.index_select(0, self.inv_perm)
+        """The stream -> (B*L, ...) in original order, zeros at padding positions."""
+        if self.order is None:
+            return x
+        if self.inverse is not None:
+            return x.index_select(0, self.inverse)
+        return x.new_zeros((self.total, *x.shape[1:])).index_copy(0, self.order, x)
 
-    def apply(self, experts: nn.ModuleList, x: Tensor) -> Tensor:
-        """Run experts[m] on modality m's slice of sorted `x`; a single expert runs on everything."""
+    def apply(self, experts: Sequence[nn.Module], x: Tensor) -> Tensor:
+        """Run experts[m] on modality m's slice of the stream `x`; a single expert runs on everything."""
         if len(experts) == 1:
             return experts[0](x)
         # split (not slicing): its backward is a single cat, where each slice's backward would allocate
@@ -75,7 +96,19 @@ class Routing:
         # single present one is returned without the copy a cat would make.
         training = torch.is_grad_enabled()
         parts = [experts[m](chunk) for m, chunk in enumerate(x.split(self.counts)) if training or chunk.shape[0]]
+        if not parts:  # nothing but padding
+            return experts[0](x)
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+
+    def norm_in_place(self, norms: Sequence[nn.RMSNorm], x: Tensor) -> Tensor:
+        """norms[m] (RMSNorms over the last dim) on the tokens of modality m, for `x` in the original
+        (batch, seq, ...) layout (q and k after attention's un-sort): one weightless norm, times each token's
+        own modality's weights."""
+        if len(norms) == 1:
+            return norms[0](x)
+        weight = torch.stack([norm.weight for norm in norms])[self.modality]  # (B, L, d)
+        weight = weight.view(*self.modality.shape, *([1] * (x.dim() - self.modality.dim() - 1)), -1)
+        return F.rms_norm(x, norms[0].normalized_shape, eps=norms[0].eps) * weight
 
 
 class Experts(nn.ModuleList):
@@ -258,21 +291,20 @@ class MoTAttention(nn.Module):
     def forward(self, x: Tensor, routing: Routing, shape: tuple[int, int], rope: tuple[Tensor, Tensor],
                 mask: AttentionMask, kv: LayerKV | None = None) -> Tensor:
         batch, seq = shape
-        n, h, kvh, hd = x.shape[0], self.n_heads, self.n_kv_heads, self.head_dim
-        q, k, v = routing.apply(self.qkv, x).split([h * hd, kvh * hd, kvh * hd], dim=-1)
-        q, k, v = q.reshape(n, h, hd), k.reshape(n, kvh, hd), v.reshape(n, kvh, hd)
+        h, kvh, hd = self.n_heads, self.n_kv_heads, self.head_dim
+        # projected in the stream, then back to the (batch, seq) layout for RoPE and the global attention
+        qkv = routing.unsort(routing.apply(self.qkv, x)).view(batch, seq, -1)
+        q, k, v = qkv.split([h * hd, kvh * hd, kvh * hd], dim=-1)
+        q, k, v = q.unflatten(-1, (h, hd)), k.unflatten(-1, (kvh, hd)), v.unflatten(-1, (kvh, hd))
         if self.q_norm is not None:
-            q, k = routing.apply(self.q_norm, q), routing.apply(self.k_norm, k)
-        # back to the (batch, seq) layout for RoPE and the global attention
-        q = routing.unsort(q).view(batch, seq, h, hd)
-        k, v = (routing.unsort(t).view(batch, seq, kvh, hd) for t in (k, v))
+            q, k = routing.norm_in_place(self.q_norm, q), routing.norm_in_place(self.k_norm, k)
         cos, sin = rope
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if kv is not None:  # earlier positions' keys/values come first
             k, v = kv.extend(k, v)
-        y = mask.attend(q, k, v)
-        y = routing.sort(y.transpose(1, 2).reshape(n, h * hd))
+        y = mask.attend(q, k, v)  # (B, H, L, hd)
+        y = routing.sort(y.transpose(1, 2).reshape(batch * seq, h * hd))
         return routing.apply(self.out, y)
 
 
@@ -466,7 +498,8 @@ class TransfusionMoT(nn.Module):
             backend = "sdpa"
         # sorted by modality when anything is untied, and with adaLN (image tokens then form one slice)
         routing = Routing(inputs.modality, self.config.num_modalities,
-                          sort=bool(self.config.untie) or self.config.time_conditioning == "adaln")
+                          sort=bool(self.config.untie) or self.config.time_conditioning == "adaln",
+                          padding=inputs.doc_ids < 0)
         mask_mod = transfusion_mask_mod(doc_ids, image_ids, q_offset=past,
                                         bidirectional_images=self.config.image_attention == "bidirectional")
         mask = AttentionMask(mask_mod, batch, seq, past + seq, device, backend)

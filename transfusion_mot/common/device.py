@@ -4,6 +4,8 @@ which precision a run computes in there."""
 
 from __future__ import annotations
 
+import platform
+
 import torch
 
 from .errors import InvalidInput
@@ -37,4 +39,34 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return "fp32"
 
 
-__all__ = ["resolve_device", "resolve_precision"]
+def cpu_description() -> dict[str, object]:
+    """The CPU a timing was taken on: model name, whether it has AVX-512, native bf16 (AVX512-BF16) and AMX, the
+    instruction set torch's kernels run with (ATEN_CPU_CAPABILITY can lower it), and torch's thread count.
+    Timings differ about 2x between the machine kinds, so every reported time carries this."""
+    caps = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
+    model = _cpuinfo_model() or str(caps.get("cpu_name") or platform.processor() or platform.machine())
+    return {"model": model, "avx512": bool(caps.get("avx512_f")), "avx512_bf16": bool(caps.get("avx512_bf16")),
+            "amx": bool(caps.get("amx_bf16") or caps.get("amx_tile")),
+            "kernels": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads()}
+
+
+def cpu_summary(cpu: dict[str, object] | None = None) -> str:
+    """One line for reports: "AMD EPYC (AVX2 only; torch kernels AVX2, 2 threads)"."""
+    cpu = cpu or cpu_description()
+    isa = "AMX" if cpu["amx"] else "AVX-512 with bf16" if cpu["avx512_bf16"] else "AVX-512" if cpu["avx512"] \
+        else "AVX2 only"
+    return f"{cpu['model']} ({isa}; torch kernels {cpu['kernels']}, {cpu['threads']} threads)"
+
+
+def _cpuinfo_model() -> str | None:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        return None
+    return None
+
+
+__all__ = ["cpu_description", "cpu_summary", "resolve_device", "resolve_precision"]

@@ -56,7 +56,9 @@ class LatentDataset(torch.utils.data.Dataset):
             problem = manifest_problem(self.root, shard["files"]) if isinstance(shard.get("files"), dict) else None
             if problem:
                 raise InvalidInput(f"damaged latent cache {self.root}: {problem}; encode it again (tmot vae encode)")
-        self._handles: dict[int, Any] = {}
+        self._handles: dict[int, Any] = {}  # per shard, opened once per process: safetensors handle,
+        self._slices: dict[int, dict[str, Any]] = {}  # its tensors' slices,
+        self._caption_files: dict[int, Any] = {}  # and its caption file
         for k, shard in enumerate(self.shards):  # the index agrees with the shards (headers only)
             try:
                 rows = self._handle(k).get_slice("latents").get_shape()[0]
@@ -74,7 +76,7 @@ class LatentDataset(torch.utils.data.Dataset):
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state["_handles"] = {}
+        state["_handles"], state["_slices"], state["_caption_files"] = {}, {}, {}
         return state
 
     @property
@@ -113,9 +115,11 @@ class LatentDataset(torch.utils.data.Dataset):
                     offsets.append(offsets[-1] + len(line))
             self._offsets[shard] = np.asarray(offsets, dtype=np.int64)
         offsets = self._offsets[shard]
-        with path.open("rb") as f:
-            f.seek(int(offsets[row]))
-            return json.loads(f.read(int(offsets[row + 1] - offsets[row])))
+        if shard not in self._caption_files:
+            self._caption_files[shard] = path.open("rb")
+        f = self._caption_files[shard]
+        f.seek(int(offsets[row]))
+        return json.loads(f.read(int(offsets[row + 1] - offsets[row])))
 
     def captions(self) -> Iterator[str]:
         """Every caption of the cache in order, read from the jsonl sidecars alone (no latent is touched):
@@ -130,13 +134,16 @@ class LatentDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict[str, Any]:
         shard, row = self._locate(int(i))
         try:
-            f = self._handle(shard)
-            item: dict[str, Any] = {"latent": f.get_slice("latents")[row].float()}
-            if "logvar" in f.keys():
-                item["logvar"] = f.get_slice("logvar")[row].float()
+            if shard not in self._slices:
+                f = self._handle(shard)
+                self._slices[shard] = {name: f.get_slice(name) for name in f.keys()}
+            slices = self._slices[shard]
+            item: dict[str, Any] = {"latent": slices["latents"][row].float()}
+            if "logvar" in slices:
+                item["logvar"] = slices["logvar"][row].float()
             line = self._line(shard, row)
             item["text"] = line["text"]
-            item["index"] = int(f.get_slice("index")[row : row + 1][0])
+            item["index"] = int(slices["index"][row : row + 1][0])
             item["meta"] = line["meta"]
         except Exception as err:  # a shard or caption file cut short or overwritten (older caches: no manifest)
             raise InvalidInput(f"damaged latent cache {self.root}: cannot read row {row} of "
