@@ -27,7 +27,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from scipy import linalg
 
 from transfusion_mot.common.errors import InputNotFound, InvalidInput
 from transfusion_mot.common.images import to_uint8_array
@@ -239,24 +238,34 @@ class FeatureStats:
                                 f"mode {MODE!r} at {RESOLUTION} px")
 
 
-def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray, eps: float = 1e-6) -> float:
-    """Frechet distance between two Gaussians, computed as clean-fid does (sqrtm of the product,
-    eps on the diagonal if it is singular, tiny imaginary parts dropped). Reimplemented only because
-    clean-fid passes ``disp=`` to sqrtm, which SciPy 1.18 removes."""
+def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
+    """Frechet distance between two Gaussians: |mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr((S1 S2)^(1/2)).
+
+    clean-fid takes the trace term from ``scipy.linalg.sqrtm(S1 @ S2)`` (a Schur decomposition of a
+    non-symmetric product, with eps on the diagonal when it is singular). The same trace is the sum of
+    the square roots of the eigenvalues of the symmetric R S2 R, R = S1^(1/2) (S1 S2 and R S2 R are
+    similar): two symmetric eigendecompositions, ~9x faster at 2048 features (2 s instead of 16 s on a
+    2-core CPU), no eps needed for rank-deficient covariances (fewer images than features), and equal
+    to clean-fid's value to 1e-13 relative with full-rank covariances, ~1e-7 with 100 images (where
+    sqrtm of the singular product is the less accurate of the two)."""
     mu1, mu2 = np.atleast_1d(mu1), np.atleast_1d(mu2)
     sigma1, sigma2 = np.atleast_2d(sigma1), np.atleast_2d(sigma2)
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
         raise InvalidInput(f"feature dimensions differ: {mu1.shape[0]} vs {mu2.shape[0]}")
+    if not (np.isfinite(sigma1).all() and np.isfinite(sigma2).all()):
+        raise InvalidInput("FID: the feature covariance holds non-finite values")
     diff = mu1 - mu2
-    covmean = linalg.sqrtm(sigma1.dot(sigma2))
-    if not np.isfinite(covmean).all():
-        offset = np.eye(sigma1.shape[0]) * eps
-        covmean = linalg.sqrtm((sigma1 + offset).dot(sigma2 + offset))
-    if np.iscomplexobj(covmean):
-        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
-            raise InvalidInput(f"FID: imaginary component {np.max(np.abs(covmean.imag)):.3g} in sqrtm (too few images?)")
-        covmean = covmean.real
-    return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+    w, v = np.linalg.eigh(sigma1)
+    root = (v * np.sqrt(_noise_to_zero(w))) @ v.T  # S1^(1/2)
+    trace_covmean = np.sqrt(_noise_to_zero(np.linalg.eigvalsh(root @ sigma2 @ root))).sum()
+    return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_covmean)
+
+
+def _noise_to_zero(eigenvalues: np.ndarray) -> np.ndarray:
+    """Eigenvalues of a PSD matrix with those below its round-off level (and the negative ones it makes)
+    set to zero: their square roots would otherwise add up to ~1e-6 of noise for a rank-deficient covariance."""
+    cutoff = np.finfo(eigenvalues.dtype).eps * len(eigenvalues) * max(float(np.abs(eigenvalues).max(initial=0)), 0.0)
+    return np.where(eigenvalues > cutoff, eigenvalues, 0.0)
 
 
 def kernel_distance(feats1: np.ndarray, feats2: np.ndarray, num_subsets: int = 100, max_subset_size: int = 1000,

@@ -144,7 +144,10 @@ class InceptionFeatures(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim != 4 or x.shape[1:] != (3, RESOLUTION, RESOLUTION):
             raise ValueError(f"expected (N, 3, {RESOLUTION}, {RESOLUTION}) images, got {tuple(x.shape)}")
-        return self.layers((x - 128) / 128).reshape(x.shape[0], FEATURE_DIM)
+        x = (x - 128) / 128
+        if x.device.type == "cpu":  # oneDNN's convolutions run ~1.3x faster in this layout (same features to 1e-5)
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self.layers(x).reshape(x.shape[0], FEATURE_DIM)
 
     def describe(self) -> dict[str, str]:
         return {"extractor": "inception-v3-torchscript", "extractor_sha256": self.sha256,

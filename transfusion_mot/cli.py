@@ -21,6 +21,7 @@ def print_json(obj: dict) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    from .common.device import cpu_summary
     from .recipes.demo import run_demo
 
     given = {"train_steps": args.steps, "fid_images": args.fid_images, "num_images": args.num_images,
@@ -29,7 +30,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
                       **{k: v for k, v in given.items() if v is not None})
     out = Path(args.out)
     print((out / "report.md").read_text())
-    print(f"tmot demo: done in {report['total_seconds'] / 60:.1f} min. Report: {out / 'report.md'} (and report.json); "
+    print(f"tmot demo: done in {report['total_seconds'] / 60:.1f} min on {cpu_summary(report['machine'])}. Report: {out / 'report.md'} (and report.json); "
           f"samples: {out / 'samples.png'}; run: {out / 'run'}. Re-running reuses what is built.")
     print(f"Prompt the model in a browser: tmot serve --run {out / 'run'}   (then open http://127.0.0.1:7860)")
     return 0

@@ -16,7 +16,6 @@ OUT/curves.png.
 from __future__ import annotations
 
 import json
-import platform
 import random
 import time
 from pathlib import Path
@@ -25,6 +24,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from ..common.device import cpu_description, cpu_summary
 from ..common.images import image_grid
 from ..data.imageio import save_images
 from ..data.shapes import COLOURS, POSITIONS, SHAPES, SIZES, make_caption
@@ -105,8 +105,7 @@ def run_demo(out: str | Path = "tmot_demo", *, num_images: int = 20000, vae_step
     out.mkdir(parents=True, exist_ok=True)
     t_all = time.perf_counter()
     eval_every = eval_every or max(1, train_steps // 10)
-    report: dict[str, Any] = {"machine": {"cpu": platform.processor() or platform.machine(),
-                                          "threads": torch.get_num_threads()},
+    report: dict[str, Any] = {"machine": cpu_description(),  # the time depends on it: ~2x between machine kinds
                               "settings": {"num_images": num_images, "vae_steps": vae_steps, "train_steps": train_steps,
                                            "classifier_steps": classifier_steps, "sample_steps": sample_steps,
                                            "scheduler": scheduler, "cfg_scale": cfg_scale,
@@ -280,7 +279,7 @@ def render_report(report: dict[str, Any]) -> str:
         f"image {p['active_per_token']['image']:,}) trained {tr['steps']} steps on the built-in shapes data "
         f"({report['stages']['data_vae_latents']['latents']:,} training images, 32 px, tiny VAE -> 8x8x4 latents). "
         f"Sampling: {s['sample_steps']} steps ({scheduler} scheduler), CFG {s['cfg_scale']}, EMA weights. "
-        f"Total {report['total_seconds'] / 60:.1f} min on {report['machine']['threads']} CPU threads.", "",
+        f"Total {report['total_seconds'] / 60:.1f} min on {cpu_summary(report['machine'])}.", "",
         "![samples](samples.png)", "",
         f"Rows: colours; columns: shapes x {s['images_per_prompt']} seeds (\"a large red circle\", ...); "
         "last row: two objects with a relation.", "",
