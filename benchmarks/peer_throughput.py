@@ -3,13 +3,14 @@
 The same shape for all (width 128, depth 4, 4 heads of 32; a batch of 32 samples, each 40 random text tokens
 then one image of 16 tokens: for us an 8x8x4 latent in 2x2 patches, for the peer a 4x4 grid of 16-d latents),
 a full training step each (forward, loss, backward, fused AdamW), timed interleaved (ours, dense, peer, ours, ...)
-after warm-up, so that machine noise hits all alike. Ours runs as the trainer runs it (`train.compile` as
-`--compile` says: auto is the trainer's default). Tokens are the 56 text and image tokens of each sample.
+after warm-up, so that machine noise hits all alike. Ours runs as the trainer runs it (the loss module,
+eager; `--compile` compiles each block as train.compile does). Tokens are the 56 text and image tokens of
+each sample.
 The last line is one JSON object with the ratios.
 
 Needs the peer: pip install transfusion-pytorch==0.20.0
 
-    python benchmarks/peer_throughput.py [--batch 32 --steps 30 --compile auto]
+    python benchmarks/peer_throughput.py [--batch 32 --steps 30 --compile]
 """
 
 from __future__ import annotations
@@ -26,20 +27,21 @@ from transfusion_mot.common.device import cpu_description
 from transfusion_mot.config import ModelConfig
 from transfusion_mot.diffusion import make_objective
 from transfusion_mot.losses import TransfusionStep
-from transfusion_mot.training.parallel import compile_step_module
+from transfusion_mot.model import TransfusionMoT
+from transfusion_mot.training.parallel import apply_compile
 
 TEXT_TOKENS, LATENT = 40, (4, 8, 8)  # 8x8x4 latent, 2x2 patches: 16 image tokens of 16 values
 
 
-def ours(untie: list[str], batch_size: int, compile_mode: str, seed: int):
+def ours(untie: list[str], batch_size: int, compile_blocks: bool, seed: int):
     """A step function of our model (MoT or dense) on one fixed collated batch."""
     torch.manual_seed(seed)
     config = ModelConfig(dim=128, n_layers=4, n_heads=4, ffn_dim=344, vocab_size=261, latent_channels=4, patch_size=2,
                          max_seq_len=128, untie=untie, qk_norm=True, objective="flow")
-    from transfusion_mot.model import TransfusionMoT
-
     model = TransfusionMoT(config)
-    module = compile_step_module(TransfusionStep(model, make_objective(config)), compile_mode, torch.device("cpu"))
+    if compile_blocks:
+        apply_compile(model)
+    module = TransfusionStep(model, make_objective(config))
     gen = torch.Generator().manual_seed(seed)
     samples = [Sample([torch.randint(0, 256, (TEXT_TOKENS,), generator=gen), torch.randn(*LATENT, generator=gen)])
                for _ in range(batch_size)]
@@ -80,8 +82,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--steps", type=int, default=30, help="timed steps per variant")
     ap.add_argument("--warmup", type=int, default=5)
-    ap.add_argument("--compile", default="auto", choices=["auto", "true", "false"],
-                    help="train.compile for our models (auto: the trainer's default on this machine)")
+    ap.add_argument("--compile", action="store_true", help="compile our models' blocks (train.compile)")
     ap.add_argument("--no-peer", action="store_true", help="ours only (MoT and dense)")
     args = ap.parse_args()
     variants = {"mot": ours(["attn", "ffn", "norm"], args.batch, args.compile, 0),

@@ -37,23 +37,25 @@ def transfusion_loss(model: TransfusionMoT, batch: Batch, objective: DiffusionOb
         noise = torch.randn(inputs.patches.shape, generator=generator)
     noise = noise.to(device=device, dtype=inputs.patches.dtype)
     noisy = objective.add_noise(inputs.patches, noise, timesteps[inputs.patch_image])
-    hidden = model(batch.noised(noisy, timesteps), check=check)
+    hidden, routing = model.forward_stream(batch.noised(noisy, timesteps), check=check)  # (N, D), real tokens
+    modalities = model.config.num_modalities
+    # each modality's rows, in row-major order: image rows in the order of the patches
+    rows = routing.by_modality(hidden, modalities)
+    text_hidden, image_hidden = rows[model.text_modality], rows[model.image_modality]
+    targets = routing.by_modality(routing.sort(batch.text_targets.reshape(-1)), modalities)[model.text_modality]
 
     out: dict[str, Tensor] = {}
     # both heads run even on an empty selection, so their gradients are zero rather than missing (FSDP2
-    # needs every process to reduce the same gradients); an empty loss term is 0 with that graph
-    text_positions = batch.text_targets != IGNORE_INDEX
-    logits = model.text_logits(hidden[text_positions]).float()
-    targets = batch.text_targets[text_positions]
-    if targets.numel():
-        text_loss = F.cross_entropy(logits, targets)
-    else:
-        text_loss = logits.sum() * 0.0
+    # needs every process to reduce the same gradients); an empty loss term is 0 with that graph. Text rows
+    # without a next-token target (before an image, at the end) are ignored by the cross-entropy.
+    logits = model.text_logits(text_hidden).float()
+    text_tokens = (targets != IGNORE_INDEX).sum()
+    text_nll_sum = F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
+    text_loss = text_nll_sum / text_tokens.clamp(min=1)  # the mean over targets, with no host sync
     if details:
-        out["text_nll_sum"] = F.cross_entropy(logits, targets, reduction="sum") if targets.numel() else text_loss.detach()
-        out["text_tokens"] = targets.new_tensor(targets.numel())
-    image_positions = inputs.modality == model.image_modality
-    prediction = model.image_head(hidden[image_positions])
+        out["text_nll_sum"] = text_nll_sum
+        out["text_tokens"] = text_tokens
+    prediction = model.image_head(image_hidden)
     if inputs.patches.shape[0]:
         image_loss = objective.loss(prediction, inputs.patches, noise)
         if details:

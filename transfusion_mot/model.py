@@ -53,6 +53,7 @@ class Routing:
     def __init__(self, modality: Tensor, num_modalities: int, sort: bool, padding: Tensor | None = None) -> None:
         flat = modality.reshape(-1)
         self.modality = modality  # (B, L): the original layout's
+        self._one_hot: Tensor | None = None
         self.total = flat.numel()
         self.order: Tensor | None = None  # stream row i is flattened position order[i] (None: all, in order)
         self.inverse: Tensor | None = None  # flattened position -> stream row, when nothing is dropped
@@ -84,6 +85,14 @@ class Routing:
             return x.index_select(0, self.inverse)
         return x.new_zeros((self.total, *x.shape[1:])).index_copy(0, self.order, x)
 
+    def by_modality(self, x: Tensor, modalities: int) -> list[Tensor]:
+        """The rows of each modality of a stream-ordered `x` (N, ...), each in original row-major order: the
+        sorted stream's slices (a split: its backward is one cat), else boolean selections."""
+        if self.counts:
+            return list(x.split(self.counts))
+        stream_modality = self.sort(self.modality.reshape(-1))
+        return [x[stream_modality == m] for m in range(modalities)]
+
     def apply(self, experts: Sequence[nn.Module], x: Tensor) -> Tensor:
         """Run experts[m] on modality m's slice of the stream `x`; a single expert runs on everything."""
         if len(experts) == 1:
@@ -106,7 +115,10 @@ class Routing:
         own modality's weights."""
         if len(norms) == 1:
             return norms[0](x)
-        weight = torch.stack([norm.weight for norm in norms])[self.modality]  # (B, L, d)
+        if self._one_hot is None:  # (B*L, M): gathering weight rows as a matmul, whose backward is one too
+            self._one_hot = F.one_hot(self.modality.reshape(-1), len(norms)).float()
+        with torch.autocast(x.device.type, enabled=False):
+            weight = self._one_hot @ torch.stack([norm.weight.float() for norm in norms])  # (B*L, d)
         weight = weight.view(*self.modality.shape, *([1] * (x.dim() - self.modality.dim() - 1)), -1)
         return F.rms_norm(x, norms[0].normalized_shape, eps=norms[0].eps) * weight
 
@@ -470,8 +482,16 @@ class TransfusionMoT(nn.Module):
 
     def forward(self, inputs: ModelInputs, check: bool = True, cache: KVCache | None = None,
                 extend_cache: bool = True) -> Tensor:
-        """Hidden states after the final norm, (B, L, D). Feed text positions to `text_logits` and image
-        positions (in row-major order, the order of `inputs.patches`) to `image_head`.
+        """Hidden states after the final norm, (B, L, D), zeros at padding positions. Feed text positions to
+        `text_logits` and image positions (in row-major order, the order of `inputs.patches`) to
+        `image_head`. `cache` and `extend_cache`: see `forward_stream`."""
+        x, routing = self.forward_stream(inputs, check, cache, extend_cache)
+        return routing.unsort(x).view(*inputs.tokens.shape, -1)
+
+    def forward_stream(self, inputs: ModelInputs, check: bool = True, cache: KVCache | None = None,
+                       extend_cache: bool = True) -> tuple[Tensor, Routing]:
+        """Hidden states after the final norm in the residual stream's order, (N, D) for the N real tokens,
+        and the stream's `Routing` (`by_modality` splits it): what the loss needs, without the un-sort.
 
         With `cache`, `inputs` are a chunk of positions that come after the cached ones (their
         `positions` continue each document's) and attend to them too; `extend_cache` appends the chunk's
@@ -513,7 +533,7 @@ class TransfusionMoT(nn.Module):
             x = mod.modulate(x, *mod.params(self.final_modulation, 2))
         if cache is not None and extend_cache:
             cache.doc_ids, cache.image_ids = doc_ids, image_ids
-        return routing.unsort(x).view(batch, seq, -1)
+        return x, routing
 
     # -- one save format (diffusers style): model_config.yaml + model.safetensors ------------------
 
