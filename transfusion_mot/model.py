@@ -66,6 +66,7 @@ class Routing:
         real, pads = sum(counts[:num_modalities]), counts[num_modalities]
         if sort:
             self.counts = counts[:num_modalities]
+            self._one_hot = F.one_hot(flat, num_modalities).float()  # (B*L, M), for `norm_in_place`
             self.order = torch.argsort(key, stable=True)[:real]
         elif pads:
             self.order = (key < num_modalities).nonzero().squeeze(1)
@@ -116,7 +117,7 @@ class Routing:
         if len(norms) == 1:
             return norms[0](x)
         if self._one_hot is None:  # (B*L, M): gathering weight rows as a matmul, whose backward is one too
-            self._one_hot = F.one_hot(self.modality.reshape(-1), len(norms)).float()
+            raise ValueError("per-modality norms need a modality-sorted stream (Routing with sort=True)")
         with torch.autocast(x.device.type, enabled=False):
             weight = self._one_hot @ torch.stack([norm.weight.float() for norm in norms])  # (B*L, d)
         weight = weight.view(*self.modality.shape, *([1] * (x.dim() - self.modality.dim() - 1)), -1)
