@@ -8,7 +8,7 @@ eager; `--compile` compiles each block as train.compile does). Tokens are the 56
 each sample.
 The last line is one JSON object with the ratios.
 
-Needs the peer: pip install transfusion-pytorch==0.20.0
+Needs the peer: pip install -e ".[peer]" (transfusion-pytorch==0.20.0)
 
     python benchmarks/peer_throughput.py [--batch 32 --steps 30 --compile]
 """
@@ -91,7 +91,7 @@ def main() -> None:
         try:
             variants["transfusion-pytorch"] = peer(args.batch, 0)
         except ImportError:
-            raise SystemExit("error: the peer is not installed: pip install transfusion-pytorch==0.20.0") from None
+            raise SystemExit('error: the peer is not installed: pip install -e ".[peer]" (transfusion-pytorch==0.20.0)') from None
     times: dict[str, list[float]] = {name: [] for name in variants}
     for i in range(args.warmup + args.steps):
         for name, (_, step) in variants.items():

@@ -262,7 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def add_demo_and_info(sub: Any) -> None:
     """`tmot demo` and `tmot info`."""
-    p = command(sub, "demo", "the whole system on the embedded shapes data (about 9 minutes on 2 CPU cores)",
+    p = command(sub, "demo", "the whole system on the embedded shapes data (9-14 minutes on 2 CPU cores, by CPU kind)",
                 "tmot demo --out tmot_demo", cmd_demo,
                 "Generate the shapes data, train a tiny VAE, encode latents, train a tiny MoT, sample a grid for "
                 "fixed prompts, score alignment with the shapes classifier and FID against the validation split "

@@ -1,0 +1,35 @@
+"""The CPU-path benchmarks run at toy size and report what BENCHMARKS.md quotes from them: the profile's parts
+of a step and kinds of op (each a share of the step), and MoT / dense step time side by side."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from helpers import cli_env
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def run(script: str, *args: str) -> dict:
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), *args], env=cli_env(),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_profile_of_a_training_step_accounts_for_the_whole_step():
+    report = run("profile_train_step.py", "--steps", "2", "--warmup", "1", "--images", "64", "--top", "3")
+    assert report["batch"] == 64 and report["tokens_per_step"] > 0 and report["ops_per_step"] > 100
+    # the rest of each table is the step less its other rows: non-negative only if no time is counted twice
+    assert report["parts"]["rest of train_step"] >= 0 and report["kinds"]["dispatch and Python (no op)"] >= 0
+    assert all(share >= 0 for table in ("parts", "kinds") for share in report[table].values())
+    assert report["kinds"]["matmul"] > 0.05 and report["parts"]["backward"] > 0.1
+    assert report["cpu"]["threads"] >= 1 and report["cpu"]["kernels"]
+
+
+def test_mot_and_dense_step_side_by_side():
+    report = run("peer_throughput.py", "--no-peer", "--steps", "2", "--warmup", "1", "--batch", "4")
+    assert set(report["variants"]) == {"mot", "dense"}
+    assert report["variants"]["mot"]["params"] > report["variants"]["dense"]["params"]
+    assert 0.5 < report["mot_over_dense_step"] < 3.0
