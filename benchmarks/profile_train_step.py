@@ -25,12 +25,11 @@ from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
+from train_throughput import make_cache  # benchmarks/train_throughput.py, beside this script
 
 from transfusion_mot.common.device import cpu_description
 from transfusion_mot.config import load_run_config
 from transfusion_mot.recipes.train import build_trainer
-
-REPO = Path(__file__).resolve().parents[1]
 
 # self-time kinds, first match wins (aten op names)
 KINDS = [
@@ -47,18 +46,6 @@ KINDS = [
                     r"silu_backward|mean|sum|abs|eq|ne|ge|lt|gt|logical_not|bitwise|arange|randn|normal_|rand)"),
 ]
 PARTS = ["data", "forward", "backward", "clip", "optimizer", "ema"]
-
-
-def make_cache(root: Path, num: int) -> Path:
-    """`num` shapes images (32 px) encoded by a freshly initialised tiny VAE: the demo's latent shape."""
-    from transfusion_mot.data.shapes import generate_shapes
-    from vae import build_vae, encode_folder, load_vae_config
-
-    generate_shapes(root / "data", num=num, size=32, seed=0, val_fraction=0.0)
-    torch.manual_seed(0)
-    build_vae(load_vae_config(REPO / "configs/vae/tiny-32.yaml")).save_pretrained(root / "vae")
-    encode_folder(root / "vae", root / "data", root / "latents", progress=False)
-    return root / "latents"
 
 
 def instrument(trainer) -> None:

@@ -268,6 +268,17 @@ class KVCache:
     def __len__(self) -> int:
         return self.doc_ids.shape[1]
 
+    def ids_with(self, doc_ids: Tensor, image_ids: Tensor, n_layers: int, max_seq_len: int) -> tuple[Tensor, Tensor]:
+        """The cached positions' doc_ids and image_ids followed by a chunk's (B, L), once the chunk is checked
+        to fit: same rows, a model of as many layers, within max_seq_len."""
+        batch, seq = doc_ids.shape
+        if self.doc_ids.shape[0] != batch or len(self.layers) != n_layers:
+            raise ValueError(f"KV cache holds {self.doc_ids.shape[0]} rows and {len(self.layers)} layers, "
+                             f"the chunk has {batch} rows and the model {n_layers} layers")
+        if len(self) + seq > max_seq_len:
+            raise ValueError(f"{len(self)} cached + {seq} new positions exceed max_seq_len {max_seq_len}")
+        return torch.cat([self.doc_ids, doc_ids], dim=1), torch.cat([self.image_ids, image_ids], dim=1)
+
 
 # --------------------------------------------------------------------------------------------------
 # the MoT block
@@ -542,13 +553,7 @@ class TransfusionMoT(nn.Module):
         doc_ids, image_ids, kvs = inputs.doc_ids, inputs.image_ids, [None] * len(self.blocks)
         backend = self.attention_backend(device)
         if cache is not None:
-            if cache.doc_ids.shape[0] != batch or len(cache.layers) != len(self.blocks):
-                raise ValueError(f"KV cache holds {cache.doc_ids.shape[0]} rows and {len(cache.layers)} layers, "
-                                 f"the chunk has {batch} rows and the model {len(self.blocks)} layers")
-            if past + seq > self.config.max_seq_len:
-                raise ValueError(f"{past} cached + {seq} new positions exceed max_seq_len {self.config.max_seq_len}")
-            doc_ids = torch.cat([cache.doc_ids, doc_ids], dim=1)
-            image_ids = torch.cat([cache.image_ids, image_ids], dim=1)
+            doc_ids, image_ids = cache.ids_with(doc_ids, image_ids, len(self.blocks), self.config.max_seq_len)
             # without extending, layers work on copies of the per-layer entries (the tensors are shared)
             kvs = cache.layers if extend_cache else [LayerKV(kv.k, kv.v) for kv in cache.layers]
             backend = "sdpa"

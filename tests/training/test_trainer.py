@@ -225,7 +225,6 @@ def test_sigkill_at_random_moments_resumes_bit_exactly(tmp_path, data, nproc):
     """SIGKILL (no chance to save) at five or more random moments, many inside a checkpoint save
     (save_every 1), each followed by --resume: the losses at every step and the final weights equal an
     uninterrupted run's (one process, and two with FSDP2 and sharded checkpoints)."""
-    import os
     import random
 
     from transfusion_mot.run_dir import RunDir
