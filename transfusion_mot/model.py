@@ -9,10 +9,11 @@ Routing scheme. Tokens of a batch are sorted by modality once per forward (a sta
 flattened modality ids), so each modality is one contiguous slice of the (tokens, dim) residual stream and
 every per-modality op is a plain dense op on a slice. The residual stream stays in sorted order through all
 layers; only attention needs the original layout (for the mask, RoPE and the (batch, seq) shape), which
-costs two index_selects per layer (un-sort q/k/v, re-sort the attention output). Gathering per projection
-(~7 per layer) or computing every expert on every token and selecting are both slower.
-With nothing untied the permutation is skipped altogether, so the dense baseline runs the same modules
-with no routing overhead.
+costs two index ops per layer (un-sort the fused QKV, re-sort the attention output). Padding never enters
+the stream, so no layer computes it. Gathering per projection (~7 per layer), computing every expert on
+every token and selecting, and (on CPU) grouped GEMMs instead of split and cat were all slower.
+With nothing untied and no padding the permutation is skipped altogether, so the dense baseline runs the
+same modules with no routing overhead.
 
 KV cache. A position's keys and values depend only on positions it can see, and under the causal mask
 those are never later positions. So keys/values of a prefix (a caption before its image, an image before
@@ -116,9 +117,9 @@ class Routing:
         own modality's weights."""
         if len(norms) == 1:
             return norms[0](x)
-        if self._one_hot is None:  # (B*L, M): gathering weight rows as a matmul, whose backward is one too
+        if self._one_hot is None:
             raise ValueError("per-modality norms need a modality-sorted stream (Routing with sort=True)")
-        with torch.autocast(x.device.type, enabled=False):
+        with torch.autocast(x.device.type, enabled=False):  # each position's weight row: a matmul, and so its backward
             weight = self._one_hot @ torch.stack([norm.weight.float() for norm in norms])  # (B*L, d)
         weight = weight.view(*self.modality.shape, *([1] * (x.dim() - self.modality.dim() - 1)), -1)
         eps = torch.finfo(x.dtype).eps if norms[0].eps is None else norms[0].eps
