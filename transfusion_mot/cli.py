@@ -452,23 +452,28 @@ def add_data(sub: Any) -> None:
 
 def add_vae(sub: Any) -> None:
     """`tmot vae train|encode|reconstruct`."""
-    vae = sub.add_parser("vae", help="train, apply and check the image autoencoder (diffusers AutoencoderKL)",
-                         description="The image autoencoder: train a small AutoencoderKL, encode a data set to "
-                                     "cached latents, and check reconstructions.",
+    vae = sub.add_parser("vae", help="train, apply and check the image autoencoder (diffusers AutoencoderKL or VQModel)",
+                         description="The image autoencoder: train a small AutoencoderKL (continuous latents) or, with "
+                                     "a config of model.kind vq, a VQModel (discrete codes: images as tokens), encode "
+                                     "a data set to cached latents or codes, and check reconstructions.",
                          formatter_class=FORMAT,
-                         epilog="example:\n  tmot vae train --config configs/vae/tiny-32.yaml --data data/shapes --out vae32")
+                         epilog="examples:\n  tmot vae train --config configs/vae/tiny-32.yaml --data data/shapes --out vae32"
+                                "\n  tmot vae train --config vq-tiny-32 --data data/shapes --out vq32")
     vsub = vae.add_subparsers(dest="vae_command", required=True, metavar="ACTION", parser_class=Parser)
-    p = command(vsub, "train", "train an AutoencoderKL (reconstruction + KL) and save_pretrained it",
+    p = command(vsub, "train", "train an AutoencoderKL (reconstruction + KL) or a VQModel (reconstruction + codebook + "
+                "commitment, dead codes restarted) and save_pretrained it",
                 "tmot vae train --config configs/vae/tiny-32.yaml --data data/shapes --out vae32 --max-steps 3000",
                 cmd_vae_train)
-    p.add_argument("--config", required=True, help="VAE config: a YAML file or a shipped name (tiny-32, tiny-64)")
+    p.add_argument("--config", required=True,
+                   help="VAE config: a YAML file or a shipped name (tiny-32, tiny-64; vq-tiny-32 for a VQModel)")
     p.add_argument("--data", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--max-steps", type=positive_int, default=None)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
 
-    p = command(vsub, "encode", "encode an image folder to cached latents (safetensors shards)",
+    p = command(vsub, "encode", "encode an image folder to cached latents, or int64 codes for a VQModel "
+                "(safetensors shards)",
                 "tmot vae encode --vae vae32 --data data/shapes --out latents/shapes", cmd_vae_encode)
     p.add_argument("--vae", required=True, help="directory written by tmot vae train, or a hub id")
     p.add_argument("--data", required=True)
@@ -476,7 +481,8 @@ def add_vae(sub: Any) -> None:
     p.add_argument("--batch-size", type=positive_int, default=64)
     p.add_argument("--split", default=None, help="only this split (train/val); default: all")
 
-    p = command(vsub, "reconstruct", "side-by-side originals and reconstructions, with PSNR",
+    p = command(vsub, "reconstruct", "side-by-side originals and reconstructions, with PSNR (and codebook usage "
+                "for a VQModel)",
                 "tmot vae reconstruct --vae vae32 --data data/shapes --out recon.png", cmd_vae_reconstruct)
     p.add_argument("--vae", required=True)
     p.add_argument("--data", required=True)

@@ -1,7 +1,7 @@
 """Latent caches: encode an image folder once (`encode_folder`, `tmot vae encode`), then train the diffusion model
-on the cached latents, read by `transfusion_mot.data.latents.LatentDataset` (whose docstring gives the layout:
-safetensors shards of latents, JSONL sidecars of captions, and index.json, written last, so a cache with an
-index is complete)."""
+on the cached latents (an AutoencoderKL's) or the token model on the cached codes (a VQModel's), read by
+`transfusion_mot.data.latents.LatentDataset` (whose docstring gives the layout: safetensors shards of latents
+or codes, JSONL sidecars of captions, and index.json, written last, so a cache with an index is complete)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from transfusion_mot.common.files import atomic_write_bytes, file_sha256
 from transfusion_mot.data.latents import INDEX_FILE
 from transfusion_mot.data.readers import ImageFolderReader
 
-from .autoencoder import encode, latent_scale_shift, load_vae
+from .autoencoder import codebook_size, encode, is_vq, latent_scale_shift, load_vae
 
 MODES = ("mean", "mean_logvar", "sample")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -91,8 +91,9 @@ def encode_folder(vae_dir_or_model: str | Path | Any, data_dir: str | Path, out_
     """Encode every image of an image folder (optionally one split) into a sharded latent cache.
 
     `mode`: "mean" (posterior mean, deterministic: the default), "mean_logvar" (mean plus log-variance,
-    so training can re-sample), or "sample" (one draw with a generator seeded by `seed`). Returns the
-    index.json contents."""
+    so training can re-sample), or "sample" (one draw with a generator seeded by `seed`). A VQModel writes
+    its codes instead (int64 (N, h, w), index "kind": "codes"; `dtype` does not apply), and only with "mean":
+    nearest-code lookup has no posterior to sample. Returns the index.json contents."""
     from tqdm.auto import tqdm
 
     if mode not in MODES:
@@ -102,6 +103,10 @@ def encode_folder(vae_dir_or_model: str | Path | Any, data_dir: str | Path, out_
     if batch_size <= 0 or shard_size <= 0:
         raise InvalidInput("batch_size and shard_size must be positive")
     vae, vae_path = _vae_and_path(vae_dir_or_model, device)
+    codes = is_vq(vae)
+    if codes and mode != "mean":
+        raise InvalidInput(f"mode {mode!r} needs an AutoencoderKL's posterior; a VQModel's codes are its nearest "
+                           "codebook entries, one deterministic answer: use mode 'mean'")
     was_training = vae.training
     vae.eval()
     scale, shift = latent_scale_shift(vae)
@@ -114,7 +119,7 @@ def encode_folder(vae_dir_or_model: str | Path | Any, data_dir: str | Path, out_
     out.mkdir(parents=True, exist_ok=True)
     (out / INDEX_FILE).unlink(missing_ok=True)  # the cache is incomplete until the new index lands
     gen = torch.Generator(device=vae.device).manual_seed(seed)
-    writer = ShardWriter(out, shard_size, DTYPES[dtype], mode)
+    writer = ShardWriter(out, shard_size, torch.int64 if codes else DTYPES[dtype], mode)
     latent_shape: list[int] | None = None
     bar = tqdm(total=len(dataset), disable=not progress, desc="encode", unit="img", dynamic_ncols=True)
     for batch in dataset.batches(batch_size):  # unreadable images are skipped and counted
@@ -129,7 +134,7 @@ def encode_folder(vae_dir_or_model: str | Path | Any, data_dir: str | Path, out_
         latent_shape = list(z.shape[1:])
         rows = [{"index": i, "text": t, "meta": m} for i, t, m in zip(batch["index"].tolist(), batch["text"],
                                                                       batch["meta"])]
-        writer.add(z.float().cpu(), batch["index"], rows, logvar)
+        writer.add(z.cpu() if codes else z.float().cpu(), batch["index"], rows, logvar)
         bar.update(len(batch["index"]))
     shards = writer.close()
     bar.close()
@@ -142,8 +147,10 @@ def encode_folder(vae_dir_or_model: str | Path | Any, data_dir: str | Path, out_
     for p in out.glob("latents-*"):
         if p.name not in keep:
             p.unlink()
-    index = {"format": "tmot-latents/1", "shards": shards, "count": sum(s["count"] for s in shards),
-             "latent_shape": latent_shape, "dtype": dtype, "mode": mode, "normalized": True,
+    index = {"format": "tmot-latents/1", "kind": "codes" if codes else "latents", "shards": shards,
+             "count": sum(s["count"] for s in shards), "latent_shape": latent_shape,
+             "dtype": "int64" if codes else dtype, "mode": mode, "normalized": not codes,
+             **({"codebook_size": codebook_size(vae)} if codes else {}),
              "vae": str(Path(vae_path).resolve()) if vae_path and Path(vae_path).exists() else vae_path,
              "scaling_factor": scale, "shift_factor": shift, "image_size": size,
              "data_dir": str(Path(data_dir).resolve()), "split": split, "skipped_images": dataset.skipped}

@@ -1,4 +1,4 @@
-"""Latent caches (encode_folder -> LatentDataset), also read through a shuffled stream."""
+"""Latent caches (encode_folder -> LatentDataset), also read through a shuffled stream; code caches of a VQModel."""
 
 import json
 import pickle
@@ -9,8 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
+from transfusion_mot.common.errors import InvalidInput
 from transfusion_mot.data.latents import LatentDataset
-from vae import VAEConfig, build_vae, encode, encode_folder, load_vae, set_latent_stats
+from vae import VAEConfig, build_vae, encode, encode_codes, encode_folder, load_vae, set_latent_stats
 
 
 def make_folder(root: Path, n: int, size: int = 16) -> Path:
@@ -35,26 +36,41 @@ def vae_dir(tmp_path):
     return tmp_path / "vae"
 
 
-def direct_latents(vae_dir, data, indices):
-    vae = load_vae(vae_dir)
-    x = torch.stack([
+@pytest.fixture
+def vq_dir(tmp_path):
+    torch.manual_seed(0)
+    vq = build_vae(VAEConfig(kind="vq", block_out_channels=[8, 16], norm_num_groups=8, sample_size=16,
+                             num_vq_embeddings=32))
+    with torch.no_grad():  # spread the codebook (diffusers starts it within +-1/K) so several codes are used
+        vq.quantize.embedding.weight.normal_(0, 0.5, generator=torch.Generator().manual_seed(1))
+    vq.save_pretrained(tmp_path / "vq")
+    return tmp_path / "vq"
+
+
+def read_images(data, indices):
+    return torch.stack([
         torch.from_numpy(np.array(Image.open(data / f"{i}.png").convert("RGB"))).permute(2, 0, 1)
         .float() / 127.5 - 1 for i in indices])
+
+
+def direct_latents(vae_dir, data, indices):
+    vae = load_vae(vae_dir)
     with torch.no_grad():
-        return encode(vae, x)
+        return encode(vae, read_images(data, indices))
 
 
 def test_cache_round_trip(tmp_path, vae_dir):
     data = make_folder(tmp_path / "data", 11)
     index = encode_folder(vae_dir, data, tmp_path / "cache", batch_size=4, shard_size=5, progress=False)
     assert index["count"] == 11 and [s["count"] for s in index["shards"]] == [5, 5, 1]
-    assert index["latent_shape"] == [4, 8, 8]
+    assert index["latent_shape"] == [4, 8, 8] and index["kind"] == "latents" and "codebook_size" not in index
     assert index["scaling_factor"] == 2.0 and index["shift_factor"] == pytest.approx(0.1)
     assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [
         "index.json", "latents-00000.jsonl", "latents-00000.safetensors", "latents-00001.jsonl",
         "latents-00001.safetensors", "latents-00002.jsonl", "latents-00002.safetensors"]
     ds = LatentDataset(tmp_path / "cache")
     assert len(ds) == 11 and ds.latent_shape == (4, 8, 8) and ds.scaling_factor == 2.0
+    assert ds.kind == "latents" and ds.codebook_size is None
     expected = direct_latents(vae_dir, data, range(11))
     for i in range(11):
         item = ds[i]
@@ -91,3 +107,42 @@ def test_reencoding_smaller_removes_stale_shards(tmp_path, vae_dir):
     encode_folder(vae_dir, data, tmp_path / "c", shard_size=5, progress=False)
     assert len(list((tmp_path / "c").glob("latents-*.safetensors"))) == 2
     assert len(LatentDataset(tmp_path / "c")) == 9
+
+
+def test_codes_cache_round_trip(tmp_path, vq_dir):
+    data = make_folder(tmp_path / "data", 11)
+    index = encode_folder(vq_dir, data, tmp_path / "codes", batch_size=4, shard_size=5, progress=False)
+    assert index["kind"] == "codes" and index["codebook_size"] == 32 and index["latent_shape"] == [8, 8]
+    assert index["dtype"] == "int64" and index["mode"] == "mean" and index["normalized"] is False
+    assert (index["scaling_factor"], index["shift_factor"]) == (1.0, 0.0) and index["count"] == 11
+    assert json.loads((tmp_path / "codes" / "index.json").read_text()) == index
+    ds = LatentDataset(tmp_path / "codes")
+    assert ds.kind == "codes" and ds.codebook_size == 32 and ds.latent_shape == (8, 8) and len(ds) == 11
+    with torch.no_grad():
+        expected = encode_codes(load_vae(vq_dir), read_images(data, range(11)))
+    assert len(expected.unique()) > 2
+    for i in range(11):
+        item = ds[i]
+        assert item["latent"].dtype == torch.int64 and item["latent"].shape == (8, 8)
+        assert torch.equal(item["latent"], expected[i]) and item["text"] == f"caption {i}"
+    assert torch.equal(pickle.loads(pickle.dumps(ds))[7]["latent"], expected[7])
+
+
+def test_codes_cache_refuses_other_modes(tmp_path, vq_dir):
+    data = make_folder(tmp_path / "data", 3)
+    for mode in ("sample", "mean_logvar"):
+        with pytest.raises(InvalidInput, match=f"mode '{mode}' needs an AutoencoderKL's posterior.*use mode 'mean'") \
+                as err:
+            encode_folder(vq_dir, data, tmp_path / "codes", mode=mode, progress=False)
+        assert "\n" not in str(err.value)
+    assert not (tmp_path / "codes").exists()  # refused before any work
+
+
+def test_old_cache_without_kind_is_latents(tmp_path, vae_dir):
+    data = make_folder(tmp_path / "data", 3)
+    encode_folder(vae_dir, data, tmp_path / "cache", progress=False)
+    index = json.loads((tmp_path / "cache" / "index.json").read_text())
+    del index["kind"]
+    (tmp_path / "cache" / "index.json").write_text(json.dumps(index))
+    ds = LatentDataset(tmp_path / "cache")
+    assert ds.kind == "latents" and ds.codebook_size is None and ds[0]["latent"].dtype == torch.float32

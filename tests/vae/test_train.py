@@ -1,5 +1,6 @@
 """Training the VAE: the loss falls and the directory is complete, a killed run resumes bit for bit, half-written
-checkpoints are ignored, the perceptual loss only from weights on disk."""
+checkpoints are ignored, the perceptual loss only from weights on disk. The same for a VQModel, whose code usage
+is logged and whose dead codes restart where the data is."""
 
 import json
 from pathlib import Path
@@ -11,11 +12,21 @@ from helpers import make_square_folder, tiny_vae_run_config
 from transfusion_mot.common.checkpoint import latest_checkpoint as latest_in
 from transfusion_mot.common.errors import ConfigError
 from transfusion_mot.data.readers import ImageFolderReader
-from vae import build_vae, evaluate_psnr, load_vae, load_vae_config, train_vae
+from vae import build_vae, encode_codes, evaluate_psnr, load_vae, load_vae_config, train_vae
+from vae.autoencoder import pre_quant
+from vae.train import VAETrainer
 
 
 def latest_checkpoint(out: Path):
     return latest_in(out / "checkpoints", legacy_marker="trainer.pt")
+
+
+def tiny_vq_run_config(k: int = 16, **train):
+    """tiny_vae_run_config's model as a VQModel with a codebook of `k` (8x8 codes of 16 px images)."""
+    cfg = tiny_vae_run_config(**train)
+    cfg.model.kind, cfg.model.num_vq_embeddings = "vq", k
+    cfg.model.validate()
+    return cfg
 
 
 def _weights(out: Path) -> dict:
@@ -95,3 +106,83 @@ def test_perceptual_loss_from_local_state_dict(tmp_path):
     train_vae(cfg, data, tmp_path / "out", progress=False)
     log = [json.loads(ln) for ln in (tmp_path / "out" / "train_log.jsonl").read_text().splitlines()]
     assert all("perceptual" in r for r in log)
+
+
+def test_vq_train_reduces_loss_and_logs_code_usage(tmp_path):
+    data = make_square_folder(tmp_path / "data")
+    cfg = tiny_vq_run_config(max_steps=60, save_every=30, dead_code_after=10, usage_window=10, lr=1e-3)
+    torch.manual_seed(cfg.train.seed)
+    untrained = build_vae(cfg.model).eval()
+    summary = train_vae(cfg, data, tmp_path / "out", progress=False)
+    out = tmp_path / "out"
+    log = [json.loads(ln) for ln in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == list(range(1, 61))
+    assert set(log[0]) >= {"loss", "recon", "codebook", "commitment", "psnr", "codebook_usage", "perplexity",
+                           "codes_restarted"} and "kl" not in log[0]
+    assert sum(r["loss"] for r in log[-5:]) < 0.6 * sum(r["loss"] for r in log[:5])
+    for r in log:
+        assert 0 < r["codebook_usage"] <= 1 and 1 <= r["perplexity"] <= 16 + 1e-9
+        assert r["loss"] == pytest.approx(r["recon"] + r["codebook"] + 0.25 * r["commitment"], rel=1e-5)
+    assert log[0]["codebook_usage"] < 0.5  # diffusers' init: every code near 0, a few take all
+    assert log[-1]["codebook_usage"] >= 0.75 and log[-1]["codes_restarted"] > 0  # restarts put them back to use
+    assert summary["final"] == log[-1] and summary["latent_shape"] == [8, 8] and summary["codebook_size"] == 16
+    assert "scaling_factor" not in summary
+    vq = load_vae(out)
+    assert type(vq).__name__ == "VQModel" and vq.config.scaling_factor == 1.0
+    train_split = ImageFolderReader(data, split="train", size=16)
+    assert evaluate_psnr(vq, train_split) > evaluate_psnr(untrained, train_split) + 3.0
+
+
+def _far_code_trainer(tmp_path, data, dead_code_after: int) -> VAETrainer:
+    """A VQ trainer whose code 5 sits far from every encoder output, so it is never the nearest."""
+    cfg = tiny_vq_run_config(k=8, dead_code_after=dead_code_after, usage_window=4, lr=1e-3)
+    trainer = VAETrainer(cfg, data, tmp_path / f"out{dead_code_after}", progress=False)
+    with torch.no_grad():
+        trainer.vae.quantize.embedding.weight[5] = 100.0
+    return trainer
+
+
+def test_dead_code_restarts_at_an_encoder_output(tmp_path):
+    data = make_square_folder(tmp_path / "data", n=16)
+    trainer = _far_code_trainer(tmp_path, data, dead_code_after=3)
+    book = trainer.vae.quantize.embedding.weight
+    for step in (1, 2):
+        trainer.train_step(trainer.batch(step - 1), 1e-3, step)
+        assert torch.all(book[5] == 100.0) and trainer.usage.restarted == 0 and trainer.usage.last_used[5] == 0
+    x = trainer.batch(2)
+    with torch.no_grad():
+        h = pre_quant(trainer.vae, x)  # the encoder outputs step 3 sees (before its update)
+    vectors = h.permute(0, 2, 3, 1).reshape(-1, h.shape[1])
+    trainer.train_step(x, 1e-3, 3)  # code 5 unused for 3 steps: restarted
+    assert trainer.usage.restarted >= 1 and trainer.usage.last_used[5] == 3
+    assert bool((vectors == book[5]).all(1).any())  # moved onto one of this batch's encoder outputs, exactly
+    moments = trainer.opt.state[book]
+    assert not moments["exp_avg"][5].any() and not moments["exp_avg_sq"][5].any()  # a fresh start
+    with torch.no_grad():
+        assert 5 in encode_codes(trainer.vae, x).unique().tolist()  # and now in use
+    # deterministic: the same run picks the same outputs; with restarts off the code stays where it was
+    again = _far_code_trainer(tmp_path / "again", data, dead_code_after=3)
+    off = _far_code_trainer(tmp_path, data, dead_code_after=0)
+    for step in (1, 2, 3):
+        again.train_step(again.batch(step - 1), 1e-3, step)
+        off.train_step(off.batch(step - 1), 1e-3, step)
+    assert torch.equal(again.vae.quantize.embedding.weight, book)
+    assert torch.all(off.vae.quantize.embedding.weight[5] == 100.0) and off.usage.restarted == 0
+
+
+def test_vq_killed_and_resumed_run_matches_uninterrupted(tmp_path):
+    data = make_square_folder(tmp_path / "data")
+    # restarts every few steps and a usage window across the checkpoint: both must come back exactly
+    cfg = tiny_vq_run_config(max_steps=8, save_every=2, batch_size=8, hflip=True, dead_code_after=2, usage_window=3)
+    full_summary = train_vae(cfg, data, tmp_path / "full", progress=False)
+    train_vae(cfg, data, tmp_path / "part", max_steps=4, progress=False)
+    assert latest_checkpoint(tmp_path / "part").name == "step_4"
+    summary = train_vae(cfg, data, tmp_path / "part", max_steps=8, resume=True, progress=False)
+    assert summary["resumed_from"] == 4 and summary["steps"] == 8 and full_summary["final"]["codes_restarted"] > 0
+    full, part = _weights(tmp_path / "full"), _weights(tmp_path / "part")
+    assert full.keys() == part.keys()
+    for k in full:
+        assert torch.equal(full[k], part[k]), k
+    drop = ("time_s",)
+    assert {k: v for k, v in summary["final"].items() if k not in drop} == {
+        k: v for k, v in full_summary["final"].items() if k not in drop}

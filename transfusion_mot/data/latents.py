@@ -2,14 +2,18 @@
 latents and captions without loading it, for training, held-out sets and tokenizers.
 
 Layout of a cache directory:
-  latents-00000.safetensors  tensors `latents` (N, C, h, w) float32 or bfloat16, normalised as the
-                             diffusion model sees them ((z - shift) * scale); `index` (N,) int64, the source
-                             row in metadata.jsonl; with mode "mean_logvar" also `logvar` (N, C, h, w), the
-                             posterior log-variance in the same normalised space (so z = latents +
+  latents-00000.safetensors  tensors `latents`: for kind "latents" (an AutoencoderKL's) (N, C, h, w) float32 or
+                             bfloat16, normalised as the diffusion model sees them ((z - shift) * scale); for
+                             kind "codes" (a VQModel's: images as discrete tokens) (N, h, w) int64 codebook
+                             indices in [0, codebook_size). `index` (N,) int64, the source row in
+                             metadata.jsonl; with mode "mean_logvar" (latents only) also `logvar` (N, C, h, w),
+                             the posterior log-variance in the same normalised space (so z = latents +
                              exp(logvar / 2) * eps samples the posterior).
   latents-00000.jsonl        one line per latent, same order: {"index", "text", "meta": the metadata row}
-  index.json                 shard list and counts, latent shape, dtype, mode, the VAE path and its
-                             scaling/shift factors, the source data directory; every shard's size and sha256.
+  index.json                 kind ("latents" or "codes"; caches from before the key are latents), shard list
+                             and counts, latent shape ((C, h, w) or (h, w)), dtype, mode, the VAE path and its
+                             scaling/shift factors (1 and 0 for codes), codebook_size (codes only), the source
+                             data directory; every shard's size and sha256.
 Every file is written to a temporary name and renamed, and index.json last: a cache with index.json is
 complete.
 """
@@ -38,7 +42,8 @@ class LatentDataset(torch.utils.data.Dataset):
     (`safe_open`, one row sliced per item), captions from byte offsets into the jsonl sidecars.
 
     Items: {"latent": (C, h, w) float32, "text", "index" (source row), "meta"}, plus "logvar" for
-    mean_logvar caches. Picklable (file handles reopen lazily), so DataLoader workers work."""
+    mean_logvar caches; for a codes cache "latent" is (h, w) int64 codes, left integer. Picklable (file
+    handles reopen lazily), so DataLoader workers work."""
 
     def __init__(self, cache_dir: str | Path) -> None:
         self.root = Path(cache_dir)
@@ -82,6 +87,17 @@ class LatentDataset(torch.utils.data.Dataset):
     @property
     def latent_shape(self) -> tuple[int, ...]:
         return tuple(self.info["latent_shape"])
+
+    @property
+    def kind(self) -> str:
+        """"latents" (continuous, an AutoencoderKL's) or "codes" (discrete tokens, a VQModel's)."""
+        return str(self.info.get("kind", "latents"))
+
+    @property
+    def codebook_size(self) -> int | None:
+        """The number of codes K of a codes cache (its tokens are 0..K-1); None for latents."""
+        size = self.info.get("codebook_size")
+        return None if size is None else int(size)
 
     @property
     def scaling_factor(self) -> float:
@@ -138,7 +154,8 @@ class LatentDataset(torch.utils.data.Dataset):
                 f = self._handle(shard)
                 self._slices[shard] = {name: f.get_slice(name) for name in f.keys()}
             slices = self._slices[shard]
-            item: dict[str, Any] = {"latent": slices["latents"][row].float()}
+            latent = slices["latents"][row]
+            item: dict[str, Any] = {"latent": latent if self.kind == "codes" else latent.float()}
             if "logvar" in slices:
                 item["logvar"] = slices["logvar"][row].float()
             line = self._line(shard, row)
