@@ -54,13 +54,17 @@ def test_shipped_train_configs_load():
     assert coco.data.kind == "webdataset" and coco.data.packing
     tiny = load_run_config(REPO / "configs/train/shapes-tiny.yaml", ["model.untie=[]", "optim.lr=0.01"])
     assert tiny.model.untie == [] and tiny.optim.lr == 0.01 and tiny.model.dim == 128
+    chameleon = load_run_config("shapes-chameleon-tiny")  # the same tiny model, images as 256 VQ codes
+    assert (chameleon.model.image_objective, chameleon.model.image_attention, chameleon.model.codebook_size,
+            chameleon.model.image_loss_weight, chameleon.model.dim) == ("tokens", "causal", 256, 1.0, 128)
 
 
 def test_the_shipped_lmfusion_config_takes_its_shape_from_the_language_model(tmp_path):
     from helpers import make_tiny_lm
 
     names = {p.stem for p in (REPO / "configs" / "train").glob("*.yaml")}
-    assert names == {"shapes-tiny", "emoji-tiny", "coco-760m", "lmfusion-shapes"}  # every one loaded in a test
+    assert names == {"shapes-tiny", "emoji-tiny", "coco-760m", "lmfusion-shapes",
+                     "shapes-chameleon-tiny"}  # every one loaded in a test
     make_tiny_lm(tmp_path, "qwen2", tie=True)  # stands in for its Qwen/Qwen2.5-0.5B (no download in tests)
     cfg = load_run_config("lmfusion-shapes", [f"model.init_from={tmp_path}"])
     assert (cfg.model.dim, cfg.model.qkv_bias, cfg.model.tie_embeddings, cfg.tokenizer.kind) == (32, True, True,

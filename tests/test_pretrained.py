@@ -13,7 +13,7 @@ from helpers import config_dict, make_tiny_lm, text_only_inputs
 from transfusion_mot.batch import Collator, Sample
 from transfusion_mot.common.errors import ConfigError, InvalidInput
 from transfusion_mot.config import SUPPORTED, resolve_init_from, run_config_from_dict
-from transfusion_mot.model import TransfusionMoT, parameter_owners
+from transfusion_mot.model import TransfusionMoT, expert_twins, parameter_owners
 from transfusion_mot.pretrained import load_lm_weights, text_lm_state_dict, weight_map
 from transfusion_mot.run_dir import RunDir
 from transfusion_mot.tokenizer import load_tokenizer
@@ -66,7 +66,7 @@ def test_image_experts_start_as_copies_of_the_text_experts_or_fresh(tmp_path):
     copied = lm_model(tmp_path)
     fresh = lm_model(tmp_path, expert_init="random")
     for model, same in ((copied, True), (fresh, False)):
-        pairs = model.expert_twins()
+        pairs = expert_twins(model)
         assert len(pairs) == 2 * (1 + 1 + 2 + 2 + 2) + 1  # per block: qkv, out, q/k norms, 2 norms, ffn (2); final
         assert [torch.equal(a, b) for a, b in pairs] == [same] * len(pairs)
     # the appended rows (BOI, EOI) start at the mean of the LM's rows

@@ -1,7 +1,7 @@
 """Parameter and FLOP accounting for summary.json and for comparing MoT with its dense baseline.
 
 Conventions. Parameters of a per-modality expert copy belong to that modality; one shared copy is shared.
-The token embedding and the LM head serve the discrete (non-image) modalities; the patch embedding, the
+The token embedding and the LM head serve the discrete (non-image) modalities; the patch (or code) embedding, the
 timestep embedder and the image head serve the image modality. Active parameters per token count what
 one token of a modality multiplies by, excluding the token-embedding lookup, the timestep embedder and
 the adaLN modulation (run once per image, not per token). Training FLOPs per token follow PaLM (arXiv 2204.02311, App. B):
@@ -35,13 +35,15 @@ def parameter_accounting(model: TransfusionMoT, seq_len: int | None = None) -> d
                     expert_param_ids[id(p)] = m if len(module) > 1 else None
 
     # adaLN modulation (time_conditioning: adaln) runs once per image, like the timestep embedder
-    per_image = [model.time_embed] + [m for m in [b.modulation for b in model.blocks] + [model.final_modulation]
-                                      if m is not None]
-    image_end = {id(p) for mod in (model.patch_embed, model.image_head, *per_image) for p in mod.parameters()}
+    per_image = [m for m in [model.time_embed, *(b.modulation for b in model.blocks), model.final_modulation]
+                 if m is not None]
+    image_tables = [m for m in (model.patch_embed, model.image_head, model.code_embed, model.code_head) if m is not None]
+    image_end = {id(p) for mod in (*image_tables, *per_image) for p in mod.parameters()}
     embeddings = [m for m in (model.tok_embed, model.new_tok_embed) if m is not None]
     text_end = {id(p) for mod in (*embeddings, model.lm_head, model.new_lm_head) if mod is not None
                 for p in mod.parameters()}
-    per_token_excluded = {id(p) for mod in (*embeddings, *per_image) for p in mod.parameters()}
+    lookups = [*embeddings, *([model.code_embed] if model.code_embed is not None else [])]
+    per_token_excluded = {id(p) for mod in (*lookups, *per_image) for p in mod.parameters()}
     active = [0] * k
     if cfg.tie_embeddings:  # the LM head is the embedding table: a lookup, then a matmul by the same weights
         head = sum(m.weight.numel() for m in embeddings)

@@ -1,11 +1,14 @@
 """The batch format: samples (ordered text segments and image latents) -> padded or packed tensors.
 
 A sample is a list of segments in reading order; a segment is either text (a 1-D sequence of token ids,
-without special tokens) or an image latent (a float tensor (C, H, W)). The collator lays a sample out as
+without special tokens) or an image: a latent (a float tensor (C, H, W)) for the diffusion objective, or
+the code grid of a VQ tokenizer (an integer tensor (h, w)) for the tokens objective. The collator lays a
+sample out as
 
     BOS  text...  BOI  p_1 ... p_N  EOI  text...  EOS
 
-with the latent cut into patch_size x patch_size patches in row-major order. `collate_padded` gives one
+with the latent cut into patch_size x patch_size patches in row-major order, or the codes in row-major
+order (each code one position, its id in `tokens`, next-code targets in `Batch.image_targets`). `collate_padded` gives one
 sample per row; `collate_packed` fills rows up to a token budget with several samples (document ids keep
 them apart in attention, positions restart at 0 for each).
 """
@@ -61,7 +64,8 @@ class Sample:
 
 
 def is_image(segment: Segment) -> bool:
-    return isinstance(segment, Tensor) and segment.is_floating_point()
+    """A float latent (C, H, W) or an integer code grid (h, w); text is 1-D."""
+    return isinstance(segment, Tensor) and (segment.is_floating_point() or segment.dim() == 2)
 
 
 @dataclass
@@ -70,7 +74,9 @@ class ModelInputs:
 
     tokens, modality, positions, doc_ids, image_ids: (B, L) long. patches: (P, patch_dim) latent patches of the
     image positions, in row-major sequence order; patch_coords: (P, 2) (row, col) in the image's patch grid;
-    patch_image: (P,) image index; timesteps: (I,) diffusion timestep of each image, in [0, T].
+    patch_image: (P,) image index; timesteps: (I,) diffusion timestep of each image, in [0, T]. With the
+    tokens objective the image positions' `tokens` are codebook ids, `patches` is empty (0, patch_dim) and
+    timesteps are unused.
     """
 
     tokens: Tensor
@@ -95,7 +101,8 @@ class ModelInputs:
         chosen = inside.reshape(-1)[is_image]  # (P,): does patch k lie in the window
         cut = {name: getattr(self, name)[:, start:stop] for name in ("tokens", "modality", "positions", "doc_ids",
                                                                      "image_ids")}
-        return ModelInputs(**cut, patches=self.patches[chosen], patch_coords=self.patch_coords[chosen],
+        patches = self.patches[chosen] if self.patches.shape[0] else self.patches  # tokens: none
+        return ModelInputs(**cut, patches=patches, patch_coords=self.patch_coords[chosen],
                            patch_image=self.patch_image[chosen], timesteps=self.timesteps)
 
     def check(self, config: ModelConfig) -> None:
@@ -112,15 +119,25 @@ class ModelInputs:
             raise ValueError(f"patches must be (P, {config.patch_dim}) = (P, latent_channels*patch_size^2), "
                              f"got {tuple(self.patches.shape)}")
         # one host sync for all value checks (this runs every step)
-        lo, hi, m_lo, m_hi, n_image = torch.stack([
-            self.tokens.min(), self.tokens.max(), self.modality.min(), self.modality.max(),
-            (self.modality == config.modalities.index("image")).sum()]).tolist()
+        is_image = self.modality == config.modalities.index("image")
+        text = self.tokens.masked_fill(is_image, 0) if config.image_tokens else self.tokens
+        codes = self.tokens.masked_fill(~is_image, 0)
+        lo, hi, c_lo, c_hi, m_lo, m_hi, n_image = torch.stack([
+            text.min(), text.max(), codes.min(), codes.max(), self.modality.min(), self.modality.max(),
+            is_image.sum()]).tolist()
         if lo < 0 or hi >= config.vocab_size:
             raise ValueError(f"token ids must be in [0, {config.vocab_size}), got range [{lo}, {hi}]")
         if m_lo < 0 or m_hi >= config.num_modalities:
             raise ValueError(f"modality ids must be in [0, {config.num_modalities}), got [{m_lo}, {m_hi}]")
-        if n_image != self.patches.shape[0]:
+        if config.image_tokens:
+            if c_lo < 0 or c_hi >= config.codebook_size:
+                raise ValueError(f"image codes must be in [0, {config.codebook_size}), got range [{c_lo}, {c_hi}]")
+            if self.patches.shape[0]:
+                raise ValueError("image_objective tokens reads image codes from `tokens`, but patches were given")
+        elif n_image != self.patches.shape[0]:
             raise ValueError(f"{n_image} image positions in the sequence but {self.patches.shape[0]} patches")
+        if self.patch_coords.shape[0] != n_image:
+            raise ValueError(f"{n_image} image positions in the sequence but {self.patch_coords.shape[0]} patch_coords")
 
 
 @dataclass
@@ -131,21 +148,25 @@ class Batch:
     text_targets: (B, L) next-token target at each position, IGNORE_INDEX where no LM loss applies (image
     patches, the last token of a document, padding, and positions whose next token is an image patch).
     image_first: (I,) bool, the image precedes its caption (captioning direction); image_shapes: latent
-    (C, H, W) per image.
+    (C, H, W) or code grid (h, w) per image. image_targets (tokens objective): (B, L) the next image code at
+    each position whose next position is an image code (the BOI and every code but the last), IGNORE_INDEX
+    elsewhere; None for the diffusion objective.
     """
 
     inputs: ModelInputs
     text_targets: Tensor
     image_first: Tensor
-    image_shapes: list[tuple[int, int, int]] = field(default_factory=list)
+    image_shapes: list[tuple[int, ...]] = field(default_factory=list)
+    image_targets: Tensor | None = None
 
     @property
     def num_images(self) -> int:
         return len(self.image_shapes)
 
     def to(self, device: torch.device | str) -> Batch:
+        image_targets = None if self.image_targets is None else self.image_targets.to(device, non_blocking=True)
         return Batch(self.inputs.to(device), self.text_targets.to(device, non_blocking=True),
-                     self.image_first.to(device, non_blocking=True), self.image_shapes)
+                     self.image_first.to(device, non_blocking=True), self.image_shapes, image_targets)
 
     def noised(self, patches: Tensor, timesteps: Tensor) -> ModelInputs:
         """The inputs with the given (noisy) patches and per-image timesteps."""
@@ -173,11 +194,38 @@ def unpatchify(patches: Tensor, channels: int, height: int, width: int, patch: i
     return x.permute(2, 0, 3, 1, 4).reshape(channels, height, width)
 
 
-def assemble(rows: list[list[dict]], length: int, pad: int, text_modality: int, patch_dim: int) -> Batch:
+def image_positions(config: ModelConfig, seg: Tensor, pad: int) -> tuple[list[int], Tensor | None]:
+    """What an image segment puts in `tokens` (`pad` for patches, the codes for a code grid) and its patches
+    (None for codes), once checked against the model's image objective."""
+    cfg, p = config, config.patch_size
+    if cfg.image_tokens:
+        if seg.is_floating_point():
+            raise InvalidInput(f"image_objective tokens takes the code grids (h, w) of a VQ tokenizer, got a "
+                               f"continuous latent {tuple(seg.shape)}: encode the images with a VQ model "
+                               "(configs/vae/vq-tiny-32.yaml), or train with image_objective diffusion")
+        codes = seg.reshape(-1)
+        if codes.numel() and not 0 <= int(codes.min()) <= int(codes.max()) < cfg.codebook_size:
+            raise InvalidInput(f"image codes in [{int(codes.min())}, {int(codes.max())}] outside the codebook "
+                               f"[0, {cfg.codebook_size})")
+        return codes.tolist(), None
+    if not seg.is_floating_point():
+        raise InvalidInput(f"image_objective diffusion takes continuous latents (C, H, W), got a code grid "
+                           f"{tuple(seg.shape)} of a VQ tokenizer: train with image_objective tokens, or encode "
+                           "the images with an AutoencoderKL")
+    if seg.dim() != 3 or seg.shape[0] != cfg.latent_channels:
+        raise InvalidInput(f"image latent must be ({cfg.latent_channels}, H, W), got {tuple(seg.shape)}")
+    _, h, w = seg.shape
+    if h % p or w % p:
+        raise InvalidInput(f"image latent {h}x{w} is not divisible by patch_size {p}")
+    return [pad] * ((h // p) * (w // p)), patchify(seg.detach().float(), p)
+
+
+def assemble(rows: list[list[dict]], length: int, pad: int, text_modality: int, patch_dim: int,
+             image_tokens: bool = False) -> Batch:
     """Laid-out samples, several per row where packed, as one batch of `length` positions per row (the
     per-position fields gathered in flat lists, then one tensor each)."""
     columns: dict[str, list[int]] = {k: [] for k in ("tokens", "modality", "positions", "doc_ids", "image_ids",
-                                                     "targets")}
+                                                     "targets", "image_targets")}
     patches, coords, image_sizes, image_first, shapes = [], [], [], [], []
     for docs in rows:
         used = 0
@@ -186,18 +234,19 @@ def assemble(rows: list[list[dict]], length: int, pad: int, text_modality: int, 
             columns["tokens"] += lay["tokens"]
             columns["modality"] += lay["modality"]
             columns["targets"] += lay["targets"]
+            columns["image_targets"] += lay["image_targets"]
             columns["positions"] += range(n)
             columns["doc_ids"] += [d] * n
             columns["image_ids"] += [k + first if k >= 0 else -1 for k in lay["image_local"]]
-            for pt, co, sh in zip(lay["patches"], lay["coords"], lay["shapes"]):
-                patches.append(pt)
+            patches += lay["patches"]  # tokens objective: none, the codes are in `tokens`
+            for co, sh in zip(lay["coords"], lay["shapes"]):
                 coords.append(co)
-                image_sizes.append(pt.shape[0])
+                image_sizes.append(co.shape[0])
                 image_first.append(lay["image_first"])
                 shapes.append(sh)
             used += n
         for key, fill in (("tokens", pad), ("modality", text_modality), ("positions", 0), ("doc_ids", -1),
-                          ("image_ids", -1), ("targets", IGNORE_INDEX)):
+                          ("image_ids", -1), ("targets", IGNORE_INDEX), ("image_targets", IGNORE_INDEX)):
             columns[key] += [fill] * (length - used)
     t = {k: torch.tensor(v, dtype=torch.long).view(len(rows), length) for k, v in columns.items()}
     inputs = ModelInputs(
@@ -208,7 +257,7 @@ def assemble(rows: list[list[dict]], length: int, pad: int, text_modality: int, 
         patch_image=torch.repeat_interleave(torch.arange(len(shapes)), torch.tensor(image_sizes, dtype=torch.long)),
         timesteps=torch.zeros(len(shapes)))
     return Batch(inputs, text_targets=t["targets"], image_first=torch.tensor(image_first, dtype=torch.bool),
-                 image_shapes=shapes)
+                 image_shapes=shapes, image_targets=t["image_targets"] if image_tokens else None)
 
 
 class Collator:
@@ -225,48 +274,51 @@ class Collator:
             raise ValueError(f"collator max_len {self.max_len} exceeds the model's max_seq_len {config.max_seq_len}")
         self.text_modality = config.modalities.index("text")
         self.image_modality = config.modalities.index("image")
+        self.patch = 1 if config.image_tokens else config.patch_size  # grid cells per image position (side)
 
     # -- one sample -> flat lists ------------------------------------------------------------------
 
     def _layout(self, sample: Sample) -> dict:
-        cfg, sp, p = self.config, self.specials, self.config.patch_size
+        sp, p = self.specials, self.patch
         tokens: list[int] = [] if sp.bos is None else [sp.bos]
         modality: list[int] = [self.text_modality] * len(tokens)
         image_local: list[int] = [-1] * len(tokens)
         patches, coords, shapes = [], [], []
         for seg in sample.segments:
             if is_image(seg):
-                if seg.dim() != 3 or seg.shape[0] != cfg.latent_channels:
-                    raise InvalidInput(f"image latent must be ({cfg.latent_channels}, H, W), got {tuple(seg.shape)}")
-                _, h, w = seg.shape
-                if h % p or w % p:
-                    raise InvalidInput(f"image latent {h}x{w} is not divisible by patch_size {p}")
-                k = len(shapes)
-                n = (h // p) * (w // p)
-                tokens += [sp.boi] + [sp.pad] * n + [sp.eoi]
+                ids, patch_rows = image_positions(self.config, seg, sp.pad)
+                h, w = seg.shape[-2:]
+                k, n = len(shapes), len(ids)
+                tokens += [sp.boi] + ids + [sp.eoi]
                 modality += [self.text_modality] + [self.image_modality] * n + [self.text_modality]
                 image_local += [-1] + [k] * n + [-1]
-                patches.append(patchify(seg.detach().float(), p))
+                if patch_rows is not None:
+                    patches.append(patch_rows)
                 coords.append(grid_coords(h // p, w // p))
                 shapes.append(tuple(seg.shape))
             else:
                 ids = seg.tolist() if isinstance(seg, Tensor) else list(seg)
-                bad = [t for t in ids if not 0 <= int(t) < cfg.vocab_size]
+                bad = [t for t in ids if not 0 <= int(t) < self.config.vocab_size]
                 if bad:
-                    raise InvalidInput(f"token id {bad[0]} outside the vocabulary [0, {cfg.vocab_size})")
+                    raise InvalidInput(f"token id {bad[0]} outside the vocabulary [0, {self.config.vocab_size})")
                 tokens += [int(t) for t in ids]
                 modality += [self.text_modality] * len(ids)
                 image_local += [-1] * len(ids)
         tokens.append(sp.eos)
         modality.append(self.text_modality)
         image_local.append(-1)
-        # next-token targets: only where the current and the next position are text
+        # next-token targets: text only where the current and the next position are text; image codes where the
+        # next position is a code (the last code predicts no EOI: an image always has its grid's length)
         targets = [IGNORE_INDEX] * len(tokens)
+        image_targets = [IGNORE_INDEX] * len(tokens)
         for i in range(len(tokens) - 1):
-            if modality[i] != self.image_modality and modality[i + 1] != self.image_modality:
+            if modality[i + 1] == self.image_modality:
+                image_targets[i] = tokens[i + 1] if self.config.image_tokens else IGNORE_INDEX
+            elif modality[i] != self.image_modality:
                 targets[i] = tokens[i + 1]
         return dict(tokens=tokens, modality=modality, image_local=image_local, targets=targets,
-                    patches=patches, coords=coords, shapes=shapes, image_first=sample.is_image_first())
+                    image_targets=image_targets, patches=patches, coords=coords, shapes=shapes,
+                    image_first=sample.is_image_first())
 
     def _checked(self, lay: dict, limit: int | None = None, what: str = "the context") -> dict:
         limit = limit or self.max_len
@@ -278,7 +330,7 @@ class Collator:
     def layout_length(self, sample: Sample) -> int:
         """Positions the sample takes in a row: its text, image patches and special tokens (`_layout`'s
         length, counted without building it)."""
-        p = self.config.patch_size
+        p = self.patch
         n = 1 if self.specials.bos is None else 2  # EOS, and BOS where the tokenizer has one
         for seg in sample.segments:
             n += (seg.shape[-2] // p) * (seg.shape[-1] // p) + 2 if is_image(seg) else len(seg)
@@ -291,14 +343,17 @@ class Collator:
             raise ValueError("a prefix ends at an image: the sample has none")
         boi = lay["tokens"].index(self.specials.boi)
         end = lay["tokens"].index(self.specials.eoi, boi) + 1 if with_image else boi + 1
-        cut = {k: lay[k][:end] for k in ("tokens", "modality", "image_local", "targets")}
+        cut = {k: lay[k][:end] for k in ("tokens", "modality", "image_local", "targets", "image_targets")}
         images = {k: lay[k][:1] if with_image else [] for k in ("patches", "coords", "shapes")}
+        if not with_image:  # the BOI predicts the first code of an image the prefix does not hold
+            cut["image_targets"] = cut["image_targets"][:-1] + [IGNORE_INDEX]
         return self._checked({**lay, **cut, **images})
 
     # -- rows -> batch -----------------------------------------------------------------------------
 
     def _assemble(self, rows: list[list[dict]], length: int) -> Batch:
-        return assemble(rows, length, self.specials.pad, self.text_modality, self.config.patch_dim)
+        return assemble(rows, length, self.specials.pad, self.text_modality, self.config.patch_dim,
+                        self.config.image_tokens)
 
     def collate_padded(self, samples: Sequence[Sample], pad_to: int | None = None) -> Batch:
         """One sample per row, right-padded to the longest (or `pad_to`)."""
@@ -320,23 +375,29 @@ class Collator:
         layouts = [self._prefix_layout(s, with_image) for s in samples]
         return self._assemble([[lay] for lay in layouts], max(len(lay["tokens"]) for lay in layouts))
 
-    def collate_generation(self, captions: Sequence[Sequence[int]], latent_shape: tuple[int, int, int]
+    def placeholder(self, image_shape: tuple[int, ...]) -> Tensor:
+        """An image segment of this shape whose content a sampler fills: a zero latent (C, H, W) or a zero
+        code grid (h, w)."""
+        return torch.zeros(image_shape, dtype=torch.long if self.config.image_tokens else torch.float32)
+
+    def collate_generation(self, captions: Sequence[Sequence[int]], image_shape: tuple[int, ...]
                            ) -> tuple[Batch, ModelInputs]:
         """What text -> image runs with a KV cache: the prefix `BOS caption BOI` of each row (right-padded), and
         the N image positions that follow each row's own prefix, with zero patches and timesteps (a sampler
-        sets them at every step). Together they are `collate_padded`'s layout of (caption, image)."""
-        placeholder = torch.zeros(latent_shape)
-        prefix = self.collate_prefix([Sample([list(c), placeholder]) for c in captions])
-        rows, p = len(captions), self.config.patch_size
-        grid = (latent_shape[1] // p, latent_shape[2] // p)
+        sets them at every step) or zero codes (a sampler writes them one by one). Together they are
+        `collate_padded`'s layout of (caption, image). `image_shape`: a latent's (C, H, W) or a code grid's (h, w)."""
+        prefix = self.collate_prefix([Sample([list(c), self.placeholder(image_shape)]) for c in captions])
+        rows, p = len(captions), self.patch
+        grid = (image_shape[-2] // p, image_shape[-1] // p)
         n = grid[0] * grid[1]
         lengths = (prefix.inputs.doc_ids >= 0).sum(dim=1)
+        patches = torch.zeros(0 if self.config.image_tokens else rows * n, self.config.patch_dim)
         image = ModelInputs(
-            tokens=torch.full((rows, n), self.specials.pad, dtype=torch.long),
+            tokens=torch.full((rows, n), 0 if self.config.image_tokens else self.specials.pad, dtype=torch.long),
             modality=torch.full((rows, n), self.image_modality, dtype=torch.long),
             positions=lengths[:, None] + torch.arange(n),  # the patches follow the BOI
             doc_ids=torch.zeros((rows, n), dtype=torch.long), image_ids=torch.zeros((rows, n), dtype=torch.long),
-            patches=torch.zeros(rows * n, self.config.patch_dim), patch_coords=grid_coords(*grid).repeat(rows, 1),
+            patches=patches, patch_coords=grid_coords(*grid).repeat(rows, 1),
             patch_image=torch.arange(rows).repeat_interleave(n), timesteps=torch.zeros(rows))
         return prefix, image
 

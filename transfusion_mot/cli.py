@@ -155,7 +155,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     pipe = load_pipeline(args.run, step=args.step, ema=not args.no_ema, device=args.device)
     rows = pipe.sample_to_folder(prompts, args.out, n=args.n, seed=args.seed, cfg_scale=args.cfg, num_steps=args.steps,
                                  scheduler=args.scheduler, use_kv_cache=not args.no_kv_cache,
-                                 batch_size=args.batch_size)
+                                 batch_size=args.batch_size, temperature=args.temperature, top_k=args.top_k,
+                                 top_p=args.top_p)
     print(f"tmot sample: {len(rows)} images in {args.out} (grid.png, manifest.json)")
     return 0
 
@@ -333,7 +334,8 @@ def add_model_commands(sub: Any) -> None:
                 'tmot sample --run runs/shapes-tiny --prompt "a large red circle" --n 4 --cfg 3 --steps 50 --out samples',
                 cmd_sample,
                 "Text -> image with a trained run: the caption's keys/values are computed once (KV cache) and each "
-                "denoising step runs only the image tokens; conditional and unconditional rows are batched "
+                "denoising step runs only the image tokens (a model of image tokens draws its codes one at a time "
+                "instead, with --temperature/--top-k/--top-p); conditional and unconditional rows are batched "
                 "together. Writes PATH/00000.png..., PATH/grid.png and PATH/manifest.json.")
     source_flags(p)
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
@@ -341,9 +343,12 @@ def add_model_commands(sub: Any) -> None:
     p.add_argument("--n", type=positive_int, default=1, help="images per prompt")
     p.add_argument("--seed", type=int, default=0, help="image k uses seed + k")
     p.add_argument("--cfg", type=float, default=3.0, help="guidance scale in [0, 100] (1: no guidance)")
-    p.add_argument("--steps", type=positive_int, default=50, help="denoising steps")
+    p.add_argument("--steps", type=positive_int, default=50, help="denoising steps (diffusion models)")
     p.add_argument("--scheduler", choices=["ddpm", "ddim", "flow"], default=None,
                    help="default: ddpm for DDPM models, flow for flow models")
+    p.add_argument("--temperature", type=float, default=1.0, help="image tokens models: in [0, 10]; 0: greedy")
+    p.add_argument("--top-k", type=positive_int, default=None, help="image tokens models: sample of the k likeliest codes")
+    p.add_argument("--top-p", type=float, default=None, help="image tokens models: nucleus sampling, in (0, 1]")
     p.add_argument("--batch-size", type=positive_int, default=16, help="prompts per forward")
     p.add_argument("--no-kv-cache", action="store_true", help="re-run the caption every step (slow, exact; for checks)")
     p.add_argument("--out", required=True, help="output directory")

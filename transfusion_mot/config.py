@@ -28,6 +28,7 @@ OBJECTIVES = ("ddpm", "flow")
 ATTN_BACKENDS = ("auto", "sdpa", "flex")
 TIME_CONDITIONINGS = ("add", "adaln")
 IMAGE_ATTENTIONS = ("bidirectional", "causal")
+IMAGE_OBJECTIVES = ("diffusion", "tokens")
 EXPERT_INITS = ("auto", "copy", "random")
 ROPE_TYPES = ("default", "llama3")
 LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
@@ -54,6 +55,12 @@ class ModelConfig:
     `expert_init` says how the other modalities' experts start: "copy" (copies of the text experts, as
     LMFusion and BAGEL do; also for from-scratch models, so MoT starts as exactly the dense model's
     function), "random" (their own draw) or "auto" (copy with `init_from`, random without).
+
+    `image_objective` says what an image is: "diffusion" (Transfusion: continuous VAE latents, patchified,
+    a diffusion loss, bidirectional attention inside each image) or "tokens" (Chameleon: the code grid of a
+    VQ tokenizer, `codebook_size` ids read in raster order with their own embedding and output head, a
+    next-token loss and causal attention everywhere). `image_attention` and `image_loss_weight` default to
+    each objective's recipe.
     """
 
     dim: int = 256
@@ -69,8 +76,10 @@ class ModelConfig:
     tie_embeddings: bool = False  # the LM head is the token embedding (Qwen2.5-0.5B, Llama-3.2-1B)
     qkv_bias: bool = False  # biases on the Q/K/V projections (Qwen2)
     out_bias: bool = False  # bias on the attention output projection (Llama with attention_bias)
-    latent_channels: int = 4
-    patch_size: int = 2
+    latent_channels: int = 4  # diffusion: channels of the VAE latents
+    patch_size: int = 2  # diffusion: latent patch side (tokens: every code is one position)
+    image_objective: str = "diffusion"
+    codebook_size: int | None = None  # tokens: the VQ tokenizer's codebook size (image ids 0..codebook_size-1)
     max_seq_len: int = 512
     modalities: list[str] = field(default_factory=lambda: ["text", "image"])
     untie: list[str] = field(default_factory=lambda: ["attn", "ffn", "norm"])
@@ -85,8 +94,9 @@ class ModelConfig:
     init_from: str | None = None  # a transformers causal LM: a local directory or a Hub id
     expert_init: str = "auto"
     attn_backend: str = "auto"
-    # "bidirectional": a patch sees every patch of its image (Transfusion); "causal": the paper's ablation
-    image_attention: str = "bidirectional"
+    # "bidirectional": a patch sees every patch of its image (Transfusion); "causal": the paper's ablation,
+    # and the only choice for tokens (a code must not see the codes it predicts). null: the objective's own
+    image_attention: str | None = None
     # how image tokens learn their diffusion timestep: "add" (Transfusion: an embedding added to every
     # patch at the input) or "adaln" (also DiT's adaLN-Zero: the image experts' norms are scaled and shifted
     # and their residual branches gated by the timestep, in every block)
@@ -95,12 +105,18 @@ class ModelConfig:
     # objective: "ddpm" (epsilon prediction, cosine schedule) or "flow" (rectified flow, velocity)
     objective: str = "ddpm"
     num_train_timesteps: int = 1000
-    image_loss_weight: float = 5.0  # lambda in L = L_LM + lambda * L_diff
+    # lambda in L = L_LM + lambda * L_image; null: 5 for diffusion (Transfusion), 1 for tokens (Chameleon's one
+    # next-token loss)
+    image_loss_weight: float | None = None
     image_first_max_t: int = 500  # image-first (captioning) samples draw t <= this (of num_train_timesteps)
     flow_logit_mean: float = 0.0
     flow_logit_std: float = 1.0
 
     def __post_init__(self) -> None:
+        if self.image_attention is None:
+            self.image_attention = "causal" if self.image_objective == "tokens" else "bidirectional"
+        if self.image_loss_weight is None:
+            self.image_loss_weight = 1.0 if self.image_objective == "tokens" else 5.0
         self.validate()
 
     def validate(self) -> None:
@@ -154,6 +170,18 @@ class ModelConfig:
             bad("time_conditioning adaln modulates the pre-norms: it needs norm_placement pre")
         if not (self.pos_embed_scale >= 0 and self.pos_embed_scale < float("inf")):
             bad(f"pos_embed_scale must be a finite number >= 0, got {self.pos_embed_scale}")
+        if self.image_objective not in IMAGE_OBJECTIVES:
+            bad(f"image_objective must be one of {list(IMAGE_OBJECTIVES)}, got {self.image_objective!r}")
+        if self.image_objective == "tokens":
+            if self.codebook_size is None or self.codebook_size < 1:
+                bad("image_objective tokens needs codebook_size (the VQ tokenizer's number of codes)")
+            if self.image_attention != "causal":
+                bad("image_objective tokens needs image_attention: causal (a code must not see the codes it "
+                    "predicts)")
+            if self.time_conditioning != "add":
+                bad("time_conditioning adaln conditions on a diffusion timestep: image_objective tokens has none")
+        if not (self.image_loss_weight >= 0 and self.image_loss_weight < float("inf")):
+            bad(f"image_loss_weight must be a finite number >= 0, got {self.image_loss_weight}")
         if not 0 <= self.image_first_max_t < self.num_train_timesteps:
             bad(f"image_first_max_t must be in [0, {self.num_train_timesteps}), got {self.image_first_max_t}")
 
@@ -173,6 +201,11 @@ class ModelConfig:
         return self.expert_init == "copy" or (self.expert_init == "auto" and self.init_from is not None)
 
     @property
+    def image_tokens(self) -> bool:
+        """Images are discrete codes (Chameleon), not diffusion latents (Transfusion)."""
+        return self.image_objective == "tokens"
+
+    @property
     def patch_dim(self) -> int:
         return self.latent_channels * self.patch_size**2
 
@@ -186,6 +219,37 @@ class ModelConfig:
     @classmethod
     def from_yaml(cls, path: str | Path) -> "ModelConfig":
         return from_dict(cls, read_yaml_mapping(path))
+
+
+def check_image_data(model: ModelConfig, latent_shape: tuple[int, ...], codebook_size: int | None, where: str) -> None:
+    """ConfigError when the data's images do not fit the model: continuous latents for a tokens model or codes
+    for a diffusion model (one line naming both), another codebook, channels, patch size, context."""
+    m = model
+    shape = tuple(latent_shape)
+    if m.image_tokens and codebook_size is None:
+        raise ConfigError(f"model.image_objective is tokens (discrete image codes) but {where} holds continuous "
+                          f"latents {shape}: encode the images with a VQ tokenizer (`tmot vae encode --vae VQ_DIR`) "
+                          "or train with model.image_objective: diffusion")
+    if not m.image_tokens and codebook_size is not None:
+        raise ConfigError(f"model.image_objective is diffusion (continuous latents) but {where} holds VQ code grids "
+                          f"{shape} of a {codebook_size}-code tokenizer: train with model.image_objective: tokens "
+                          f"(model.codebook_size: {codebook_size}) or encode the images with an AutoencoderKL")
+    if m.image_tokens:
+        if codebook_size != m.codebook_size:
+            raise ConfigError(f"{where} holds codes of a {codebook_size}-code tokenizer but model.codebook_size is "
+                              f"{m.codebook_size}")
+        h, w = shape
+        tokens, what = h * w, f"code grids {h}x{w}"
+    else:
+        c, h, w = shape
+        if c != m.latent_channels:
+            raise ConfigError(f"the data's latents have {c} channels but model.latent_channels is {m.latent_channels}")
+        if h % m.patch_size or w % m.patch_size:
+            raise ConfigError(f"latents {h}x{w} are not divisible by model.patch_size {m.patch_size}")
+        tokens, what = (h // m.patch_size) * (w // m.patch_size), f"latents {h}x{w}"
+    if tokens + 4 > m.max_seq_len:  # BOS, BOI, EOI, EOS
+        raise ConfigError(f"{what} make {tokens} image tokens{'' if m.image_tokens else f' (patch_size {m.patch_size})'}; with the special tokens "
+                          f"that leaves no room for a caption in model.max_seq_len {m.max_seq_len}")
 
 
 @dataclass

@@ -420,8 +420,11 @@ class TransfusionMoT(nn.Module):
         # parameters, so that freezing the LM's vocabulary leaves BOI/EOI trainable
         self.tok_embed = nn.Embedding(base, d)
         self.new_tok_embed = nn.Embedding(config.vocab_size - base, d) if base < config.vocab_size else None
-        self.patch_embed = nn.Linear(config.patch_dim, d)  # linear patchify: latent patch -> width
-        self.time_embed = TimestepEmbedder(d)
+        # the image end: diffusion reads latent patches at a timestep, tokens read VQ codes (Chameleon)
+        tokens = config.image_tokens
+        self.patch_embed = None if tokens else nn.Linear(config.patch_dim, d)  # linear patchify: patch -> width
+        self.time_embed = None if tokens else TimestepEmbedder(d)
+        self.code_embed = nn.Embedding(config.codebook_size, d) if tokens else None
         self.blocks = nn.ModuleList([MoTBlock(config) for _ in range(config.n_layers)])
         self.final_norm = experts(config, "norm", lambda: RMSNorm(d, eps=config.norm_eps))
         # adaLN: shift and scale of the image tokens after the final norm (DiT's final layer)
@@ -429,22 +432,12 @@ class TransfusionMoT(nn.Module):
         untied_head = not config.tie_embeddings
         self.lm_head = nn.Linear(d, base, bias=False) if untied_head else None  # tied: the token embedding
         self.new_lm_head = nn.Linear(d, config.vocab_size - base, bias=False) if untied_head and base < config.vocab_size else None
-        self.image_head = nn.Linear(d, config.patch_dim)  # width -> latent patch (epsilon or velocity)
+        self.image_head = None if tokens else nn.Linear(d, config.patch_dim)  # width -> patch (epsilon or velocity)
+        self.code_head = nn.Linear(d, config.codebook_size, bias=False) if tokens else None  # width -> next code
         torch.set_rng_state(rng)
         self.reset_parameters()
 
     # -- initialisation ----------------------------------------------------------------------------
-
-    def expert_twins(self) -> list[tuple[nn.Parameter, nn.Parameter]]:
-        """(parameter of another modality's expert, the text expert's same parameter) for every untied group."""
-        pairs = []
-        for module in self.modules():
-            if isinstance(module, Experts) and len(module) > 1:
-                text = dict(module[self.text_modality].named_parameters())
-                for m, copy in enumerate(module):
-                    if m != self.text_modality:
-                        pairs += [(p, text[name]) for name, p in copy.named_parameters()]
-        return pairs
 
     def reset_parameters(self) -> None:
         """Normal(0, init_std) for linear and embedding weights, zero biases, unit norms; the image head and
@@ -456,10 +449,10 @@ class TransfusionMoT(nn.Module):
         the same values: the draws are then exactly the dense model's (same seed, nothing untied), so such a
         MoT computes the dense model's function at step 0."""
         std = self.config.init_std
-        zero = [self.image_head] + [m for m in [blk.modulation for blk in self.blocks] + [self.final_modulation]
-                                    if m is not None]
+        zero = [m for m in [self.image_head, *(blk.modulation for blk in self.blocks), self.final_modulation]
+                if m is not None]
         zero_ids = {id(p) for m in zero for p in m.parameters()}
-        twins = {id(p): text for p, text in self.expert_twins()} if self.config.copy_experts else {}
+        twins = {id(p): text for p, text in expert_twins(self)} if self.config.copy_experts else {}
         drawn: dict[int, Tensor] = {}
         for module in self.modules():
             for name, param in module.named_parameters(recurse=False):
@@ -479,13 +472,6 @@ class TransfusionMoT(nn.Module):
             for param in module.parameters(recurse=False):
                 if id(param) in twins:
                     copy_full_into(param, drawn[id(twins[id(param)])])
-
-    @torch.no_grad()
-    def copy_text_experts(self) -> None:
-        """Every other modality's experts <- the text experts (after loading a pretrained LM). Works on sharded
-        parameters too: twins are sharded alike, so each process copies its own shard."""
-        for param, text in self.expert_twins():
-            local_tensor(param).copy_(local_tensor(text))
 
     def attention_backend(self, device: torch.device) -> str:
         return resolve_backend(self.config.attn_backend, device)
@@ -508,15 +494,24 @@ class TransfusionMoT(nn.Module):
             logits = torch.cat([logits, new], dim=-1)
         return logits
 
+    def image_logits(self, hidden: Tensor) -> Tensor:
+        """(..., D) hidden states -> (..., codebook_size) logits of the next image code (tokens objective)."""
+        return self.code_head(hidden)
+
     def embed(self, inputs: ModelInputs) -> Tensor:
-        """(B*L, D) in original order: token embeddings, image positions replaced by embedded patches."""
-        x = self.embed_tokens(inputs.tokens.reshape(-1))
-        # runs with zero patches too (text-only batches): the image end then gets a zero gradient (Routing.apply)
-        patch_x = (self.patch_embed(inputs.patches)
-                   + self.time_embed(inputs.timesteps)[inputs.patch_image]
-                   + self.config.pos_embed_scale * sincos_2d(inputs.patch_coords, self.config.dim).to(x.dtype))
-        is_image = (inputs.modality.reshape(-1) == self.image_modality).nonzero().squeeze(1)
-        return x.index_copy(0, is_image, patch_x.to(x.dtype))
+        """(B*L, D) in original order: token embeddings, image positions replaced by embedded patches (diffusion)
+        or embedded codes (tokens), plus their 2D grid position."""
+        tokens, is_image = inputs.tokens.reshape(-1), inputs.modality.reshape(-1) == self.image_modality
+        rows = is_image.nonzero().squeeze(1)
+        if self.code_embed is not None:  # image positions hold codebook ids, not text ids
+            x = self.embed_tokens(tokens.masked_fill(is_image, 0))
+            image_x = self.code_embed(tokens.index_select(0, rows))
+        else:
+            x = self.embed_tokens(tokens)
+            # runs with zero patches too (text-only batches): the image end gets a zero gradient (Routing.apply)
+            image_x = self.patch_embed(inputs.patches) + self.time_embed(inputs.timesteps)[inputs.patch_image]
+        image_x = image_x + self.config.pos_embed_scale * sincos_2d(inputs.patch_coords, self.config.dim).to(x.dtype)
+        return x.index_copy(0, rows, image_x.to(x.dtype))
 
     def image_modulation(self, inputs: ModelInputs, routing: Routing) -> ImageModulation | None:
         """The adaLN conditioning of this forward's image tokens (None without adaLN; with zero image tokens
@@ -603,18 +598,38 @@ class TransfusionMoT(nn.Module):
 # which tokens use each parameter, and freezing them (train.freeze, optim.lr_mult)
 
 
+def expert_twins(model: TransfusionMoT) -> list[tuple[nn.Parameter, nn.Parameter]]:
+    """(parameter of another modality's expert, the text expert's same parameter) for every untied group."""
+    pairs = []
+    for module in model.modules():
+        if isinstance(module, Experts) and len(module) > 1:
+            text = dict(module[model.text_modality].named_parameters())
+            for m, copy in enumerate(module):
+                if m != model.text_modality:
+                    pairs += [(p, text[name]) for name, p in copy.named_parameters()]
+    return pairs
+
+
+@torch.no_grad()
+def copy_text_experts(model: TransfusionMoT) -> None:
+    """Every other modality's experts <- the text experts (after loading a pretrained LM). Works on sharded
+    parameters too: twins are sharded alike, so each process copies its own shard."""
+    for param, text in expert_twins(model):
+        local_tensor(param).copy_(local_tensor(text))
+
+
 def parameter_owners(model: TransfusionMoT) -> dict[str, str]:
     """Which tokens use each parameter (by name): a modality's name, or "shared" (one copy of an expert group
     that is not untied serves every modality). The token embedding and LM head belong to text, the patch and
-    timestep embeddings, the image head and the adaLN modulations to image."""
+    timestep embeddings (or the code embedding), the image (or code) head and the adaLN modulations to image."""
     owner_of: dict[int, str] = {}
     for module in model.modules():
         if isinstance(module, Experts):
             for m, copy in enumerate(module):
                 for p in copy.parameters():
                     owner_of[id(p)] = model.config.modalities[m] if len(module) > 1 else "shared"
-    image_end = [model.patch_embed, model.time_embed, model.image_head, model.final_modulation,
-                 *(blk.modulation for blk in model.blocks)]
+    image_end = [model.patch_embed, model.time_embed, model.image_head, model.code_embed, model.code_head,
+                 model.final_modulation, *(blk.modulation for blk in model.blocks)]
     for module in image_end:
         for p in (module.parameters() if module is not None else ()):
             owner_of[id(p)] = "image"

@@ -28,6 +28,7 @@ from .common.errors import ConfigError, InputNotFound, InvalidInput
 from .common.hub import local_snapshot
 from .common.tensors import copy_full_into
 from .config import ModelConfig, lm_model_keys, read_lm_config
+from .model import copy_text_experts
 
 WEIGHT_FILES = ["*.safetensors", "*.safetensors.index.json", "config.json"]
 
@@ -160,7 +161,7 @@ def load_lm_weights(model: torch.nn.Module, source: str | Path) -> dict[str, Any
             head = weights.get("lm_head.weight")
             copy_full_into(model.new_lm_head.weight, head.mean(0, keepdim=True).expand_as(model.new_lm_head.weight))
     if config.copy_experts:
-        model.copy_text_experts()
+        copy_text_experts(model)
     return {"init_from": str(source), "tensors": sum(len(t) for t in weight_map(config).values()),
             "experts": "copies of the text experts" if config.copy_experts else "random"}
 

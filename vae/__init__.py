@@ -17,6 +17,7 @@ from .autoencoder import (
                           decode_codes,
                           encode,
                           encode_codes,
+                          image_shape,
                           is_vq,
                           latent_scale_shift,
                           load_vae,
@@ -31,6 +32,6 @@ from .train import train_vae
 __all__ = [
     "HUB_EXAMPLE", "LatentStats", "VAEConfig", "VAENotFoundError", "VAERunConfig",
     "VAETrainConfig", "build_vae", "codebook_size", "compute_latent_stats", "decode", "decode_codes", "encode",
-    "encode_codes", "encode_folder", "evaluate_psnr", "is_vq", "latent_scale_shift", "load_vae", "load_vae_config",
+    "encode_codes", "encode_folder", "evaluate_psnr", "image_shape", "is_vq", "latent_scale_shift", "load_vae", "load_vae_config",
     "psnr_per_image", "reconstruct", "set_latent_stats", "train_vae",
 ]

@@ -322,6 +322,12 @@ def codebook_size(vae: Any) -> int | None:
     return int(vae.config.num_vq_embeddings) if is_vq(vae) else None
 
 
+def image_shape(vae: Any, size: int) -> tuple[int, ...]:
+    """What the autoencoder makes of a `size` px image: latents (C, h, w), or a VQModel's code grid (h, w)."""
+    h = size // 2 ** (len(vae.config.block_out_channels) - 1)
+    return (h, h) if is_vq(vae) else (int(vae.config.latent_channels), h, h)
+
+
 def codebook(vq: Any) -> Tensor:
     """The (K, D) codebook of a VQModel (its parameter: gradients and in-place edits reach the model)."""
     return vq.quantize.embedding.weight

@@ -30,6 +30,31 @@ def test_builtin_data_brings_val_split_and_bpe_tokenizer(tmp_path):
     assert len(load_tokenizer(saved.tokenizer).encode("a large red circle")) == 4 < len(words)  # a word, a token
 
 
+def test_builtin_data_for_a_model_of_image_tokens_brings_a_vq_tokenizer_and_code_caches(tmp_path):
+    """With image_objective tokens the same images get a VQ tokenizer and train/val caches of code grids beside
+    the VAE's (vq/, codes/, codes-val/); held-out losses are next-code NLLs, with no timestep quarters."""
+    from transfusion_mot.data.latents import LatentDataset
+
+    config = run_config_from_dict({
+        "model": {"dim": 32, "n_layers": 1, "n_heads": 2, "ffn_dim": 64, "vocab_size": 356, "max_seq_len": 96,
+                  "image_objective": "tokens", "codebook_size": 256},
+        "tokenizer": {"kind": "hf", "max_text_tokens": 32},
+        "data": {"builtin": "shapes", "builtin_dir": str(tmp_path / "data"), "builtin_num_images": 200,
+                 "builtin_vae_steps": 2},
+        "optim": {"warmup_steps": 1, "ema_decay": 0.0},
+        "train": {"max_steps": 2, "batch_size": 4, "progress": False, "tensorboard": False, "device": "cpu",
+                  "eval_every": 2, "eval_samples": 8}})
+    train(config, tmp_path / "run")
+    root = tmp_path / "data" / "shapes-32"
+    saved = load_run_config(tmp_path / "run" / "config.yaml")
+    assert (saved.data.path, saved.data.val_path, saved.vae.path) == (
+        str(root / "codes"), str(root / "codes-val"), str(root / "vq"))
+    cache = LatentDataset(root / "codes")
+    assert cache.kind == "codes" and cache.codebook_size == 256 and cache[0]["latent"].shape == (8, 8)
+    evaluation = json.loads((tmp_path / "run" / "summary.json").read_text())["validation"]["final"]
+    assert 0 < evaluation["val_image_loss"] and not any(k.startswith("val_image_loss_t") for k in evaluation)
+
+
 def test_a_run_on_any_data_trains_its_bpe_on_that_data_s_training_captions(tmp_path, data):
     """RUN/tokenizer.json is the BPE trained on the data's training captions (each kind's captions are tested in
     tests/data/test_sources.py), trained once: a resumed run keeps it."""

@@ -77,6 +77,7 @@ class LatentCacheSource(DataSource):
         super().__init__(spec)
         self.dataset = LatentDataset(spec.path)
         self.latent_shape = tuple(self.dataset.latent_shape)
+        self.codebook_size = self.dataset.codebook_size  # a cache of VQ codes; None for latents
         self.vae = self.dataset.info.get("vae")
 
     def captions(self) -> Iterator[str]:

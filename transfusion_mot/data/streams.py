@@ -271,7 +271,7 @@ class ShardStream(StreamWrapper):
 
 
 class ImagePairSource(StreamWrapper):
-    """Image-caption pairs as (latent (C, H, W), caption) from an item stream: a `ShuffledStream` over a
+    """Image-caption pairs as (latent (C, H, W) or code grid (h, w), caption) from an item stream: a `ShuffledStream` over a
     map-style data set, a `PrefetchedStream` (the same, decoded by worker processes) or a `ShardStream`.
 
     Items carry cached latents, or (with `encode`, images (N, 3, H, W) in [-1, 1] -> latents: a VAE's
@@ -290,8 +290,9 @@ class ImagePairSource(StreamWrapper):
         if self.encode is None:
             return [(item["latent"], t) for item, t in zip(items, texts)]
         with torch.no_grad():
-            latents = self.encode(torch.stack([item["image"] for item in items])).float().cpu()
-        return list(zip(latents, texts))
+            latents = self.encode(torch.stack([item["image"] for item in items])).cpu()
+        # a VQ tokenizer's code grids stay integers; latents are float32 whatever the VAE computed in
+        return list(zip(latents if not latents.is_floating_point() else latents.float(), texts))
 
 
 __all__ = ["ImagePairSource", "PrefetchedStream", "Resplit", "ResumableStream", "ShardStream", "ShuffledStream",

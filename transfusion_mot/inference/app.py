@@ -18,6 +18,7 @@ from ..common.errors import InvalidInput, UserError
 from .pipeline import Pipeline
 
 SCHEDULERS = {"ddpm": ("ddpm", "ddim"), "flow": ("flow",)}
+AUTOREGRESSIVE = "autoregressive"  # a model of image tokens: codes drawn one at a time
 
 
 @dataclass
@@ -38,7 +39,8 @@ class ServeApp:
 
     def __init__(self, pipe: Pipeline, limits: Limits | None = None, source: str = "") -> None:
         self.pipe, self.limits, self.source = pipe, limits or Limits(), source
-        self.schedulers = SCHEDULERS[pipe.model.config.objective]
+        tokens = pipe.model.config.image_tokens  # image codes are drawn one by one: no scheduler, no steps
+        self.schedulers = (AUTOREGRESSIVE,) if tokens else SCHEDULERS[pipe.model.config.objective]
 
     def parse_prompts(self, text: str) -> list[str]:
         prompts = [line.strip() for line in (text or "").splitlines() if line.strip()]
@@ -69,7 +71,8 @@ class ServeApp:
             raise InvalidInput(f"scheduler {scheduler!r}: this model samples with {', '.join(self.schedulers)}")
         expanded = [p for p in prompts for _ in range(n)]
         seeds = [seed + k for k in range(len(expanded))]
-        images = self.pipe.generate(expanded, seed=seeds, cfg_scale=float(cfg), num_steps=steps, scheduler=scheduler)
+        images = self.pipe.generate(expanded, seed=seeds, cfg_scale=float(cfg), num_steps=steps,
+                                    scheduler=None if scheduler == AUTOREGRESSIVE else scheduler)
         return [(im, f"{p} · seed {s}") for im, p, s in zip(images, expanded, seeds)]
 
     def caption(self, image: Image.Image | None, max_new_tokens: int = 32) -> str:
@@ -112,7 +115,8 @@ class ServeApp:
                         seed = gr.Number(value=0, precision=0, label="Seed (image k: seed + k)")
                 with gr.Row():
                     cfg = gr.Slider(0.0, lim.max_cfg, value=3.0, step=0.5, label="Guidance (CFG)")
-                    steps = gr.Slider(1, lim.max_steps, value=50, step=1, label="Steps")
+                    steps = gr.Slider(1, lim.max_steps, value=50, step=1, label="Steps",
+                                      visible=self.schedulers != (AUTOREGRESSIVE,))
                     scheduler = gr.Dropdown(list(self.schedulers), value=self.schedulers[0], label="Scheduler")
                 go = gr.Button("Generate", variant="primary", elem_id="generate")
                 gallery = gr.Gallery(label="Images", columns=8, height="auto", object_fit="contain", elem_id="gallery")

@@ -44,20 +44,30 @@ def card_body(model_config: Any, facts: dict[str, Any], info: dict[str, Any], la
     params = s.get("parameters", {})
     untie = list(m.untie)
     kind = ("Mixture-of-Transformers (untied " + ", ".join(untie) + ")") if untie else "dense Transfusion"
-    lines = [f"# {repo_id.split('/')[-1] if repo_id else 'Transfusion MoT model'}", "",
-             (f"A Transfusion text-to-image (and image-to-text) model on a {kind} backbone, trained with "
-              f"[{LIBRARY}](https://pypi.org/project/{LIBRARY}/): next-token loss on text and a {m.objective} "
-              f"diffusion loss on {tuple(latent_shape)} VAE latents of {image_size} px images, one sequence."), "",
-             "## Model", ""]
+    if m.image_tokens:
+        kind = kind.replace("dense Transfusion", "dense")
+        what = (f"A Chameleon-style text-to-image (and image-to-text) model on a {kind} backbone, trained with "
+                f"[{LIBRARY}](https://pypi.org/project/{LIBRARY}/): one next-token loss on text and on the "
+                f"{latent_shape[0]}x{latent_shape[1]} code grids of a {m.codebook_size}-code VQ tokenizer of "
+                f"{image_size} px images, causal attention everywhere, one sequence.")
+    else:
+        what = (f"A Transfusion text-to-image (and image-to-text) model on a {kind} backbone, trained with "
+                f"[{LIBRARY}](https://pypi.org/project/{LIBRARY}/): next-token loss on text and a {m.objective} "
+                f"diffusion loss on {tuple(latent_shape)} VAE latents of {image_size} px images, one sequence.")
+    lines = [f"# {repo_id.split('/')[-1] if repo_id else 'Transfusion MoT model'}", "", what, "", "## Model", ""]
+    image_rows = ([("image objective", f"tokens (codebook {m.codebook_size})"),
+                   ("image tokens", latent_shape[0] * latent_shape[1])] if m.image_tokens else
+                  [("patch size", m.patch_size),
+                   ("image tokens", (latent_shape[1] // m.patch_size) * (latent_shape[2] // m.patch_size)),
+                   ("objective", m.objective)])
     started = ([("started from", f"{m.init_from} (its tokenizer; text experts, embeddings and LM head loaded, "
                  f"other experts {'copied from the text experts' if m.copy_experts else 'fresh'})"),
                 ("frozen during training", ", ".join((facts.get("training") or {}).get("train", {}).get("freeze", []))
                  or "nothing")] if m.init_from else [])
     lines += _table([*started, ("width / layers / heads", f"{m.dim} / {m.n_layers} / {m.n_heads}"),
                      ("FFN width", m.ffn_dim), ("untied per modality", ", ".join(untie) or "nothing (dense)"),
-                     ("vocabulary", m.vocab_size), ("context", m.max_seq_len), ("patch size", m.patch_size),
-                     ("image tokens", (latent_shape[1] // m.patch_size) * (latent_shape[2] // m.patch_size)),
-                     ("objective", m.objective), ("parameters", params.get("total")),
+                     ("vocabulary", m.vocab_size), ("context", m.max_seq_len), *image_rows,
+                     ("parameters", params.get("total")),
                      ("shared parameters", params.get("shared")),
                      *((f"parameters: {k}", v) for k, v in params.get("per_modality", {}).items()),
                      *((f"active parameters per {k} token", v) for k, v in params.get("active_per_token", {}).items())])
@@ -86,13 +96,15 @@ def card_body(model_config: Any, facts: dict[str, Any], info: dict[str, Any], la
             if isinstance(value, (int, float)):
                 rows.append((key.replace("_", " "), value))
         lines += _table(rows)
+    sampler = ("codes drawn one at a time in raster order (KV cache), temperature 1" if m.image_tokens else
+               f"{'flow (FlowMatchEuler)' if m.objective == 'flow' else 'ddpm'} scheduler, 50 steps")
     lines += ["", "## Sampling", "",
-              (f"Defaults: {'flow (FlowMatchEuler)' if m.objective == 'flow' else 'ddpm'} scheduler, 50 steps, "
-               "classifier-free guidance 3.0 (the empty caption is the unconditional model); one generator per "
-               "image, so a seed gives the same image whatever it is batched with."), "",
+              (f"Defaults: {sampler}, classifier-free guidance 3.0 (the empty caption is the unconditional model); "
+               "one generator per image, so a seed gives the same image whatever it is batched with."), "",
               "## How to load it", "", "```python", "from transfusion_mot.inference.pipeline import Pipeline", "",
               f"pipe = Pipeline.from_pretrained(\"{repo_id or 'THIS_DIRECTORY'}\")",
-              "images = pipe.generate([\"a large red circle\"], seed=0, cfg_scale=3.0, num_steps=50)",
+              "images = pipe.generate([\"a large red circle\"], seed=0, cfg_scale=3.0"
+              + (", temperature=1.0)" if m.image_tokens else ", num_steps=50)"),
               "captions = pipe.caption(images)", "```", "", "```bash",
               f"pip install {LIBRARY}",
               f"tmot sample --run {repo_id or 'THIS_DIRECTORY'} --prompt \"a large red circle\" --out samples/",

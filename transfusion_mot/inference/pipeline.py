@@ -8,7 +8,8 @@
 
 A saved pipeline directory holds `pipeline.json` (format, provenance, what the model card states),
 `README.md` (the model card), `model_config.yaml`, `model.safetensors`, `tokenizer/` (tokenizer.yaml and,
-for BPE, tokenizer.json) and `vae/` (a diffusers `save_pretrained` AutoencoderKL).
+for BPE, tokenizer.json) and `vae/` (a diffusers `save_pretrained` AutoencoderKL, or for a model of image
+tokens its VQModel).
 """
 
 from __future__ import annotations
@@ -28,13 +29,13 @@ from ..common.device import resolve_device
 from ..common.errors import InputNotFound, InvalidInput
 from ..common.files import file_manifest, manifest_problem, write_json
 from ..common.images import images_from_tensor
-from ..config import TokenizerConfig
+from ..config import TokenizerConfig, check_image_data
 from ..model import TransfusionMoT
 from ..run_dir import RunDir
 from ..tokenizer import load_tokenizer
 from .card import card_body, model_card, run_facts
 from .hub import is_repo_id, resolve_pretrained
-from .sampling import caption_images, generate_latents
+from .sampling import caption_images, generate_codes, generate_latents
 
 PIPELINE_FORMAT = "tmot-pipeline/1"
 
@@ -50,13 +51,11 @@ class Pipeline:
         self.tokenizer_config = tokenizer_config
         self.vae = vae.eval()
         self.info = dict(info or {})
-        vcfg = vae.config
-        factor = 2 ** (len(vcfg.block_out_channels) - 1)
-        self.image_size = int(vcfg.sample_size)
-        self.latent_shape = (int(vcfg.latent_channels), self.image_size // factor, self.image_size // factor)
-        if self.latent_shape[0] != model.config.latent_channels:
-            raise InvalidInput(f"the VAE has {self.latent_shape[0]} latent channels but the model expects "
-                             f"{model.config.latent_channels}")
+        from vae import codebook_size, image_shape
+
+        self.image_size = int(vae.config.sample_size)
+        self.latent_shape = image_shape(vae, self.image_size)  # latents (C, h, w) or a VQ code grid (h, w)
+        check_image_data(model.config, self.latent_shape, codebook_size(vae), "the pipeline's autoencoder")
 
     @property
     def device(self) -> torch.device:
@@ -153,6 +152,11 @@ class Pipeline:
 
     @torch.no_grad()
     def generate_latents(self, prompts: Sequence[str], **kwargs: Any) -> Tensor:
+        """Latents (N, C, h, w) by diffusion, or (image tokens) code grids (N, h, w) drawn one code at a time;
+        `kwargs` go to `sampling.generate_latents` or `sampling.generate_codes`."""
+        if self.model.config.image_tokens:
+            return generate_codes(self.model, self.tokenizer, list(prompts), grid=self.latent_shape,
+                                  device=self.device, **kwargs)
         return generate_latents(self.model, self.tokenizer, list(prompts), latent_shape=self.latent_shape,
                                 device=self.device, **kwargs)
 
@@ -167,16 +171,23 @@ class Pipeline:
 
     def generate(self, prompts: Sequence[str], *, seed: int | Sequence[int] = 0, cfg_scale: float = 3.0,
                  num_steps: int = 50, scheduler: str | None = None, use_kv_cache: bool = True,
-                 batch_size: int = 16, dtype: torch.dtype | None = None) -> list[Image.Image]:
-        """One image per prompt. seed: an int (prompt i uses seed + i) or one seed per prompt."""
-        latents = self.generate_latents(prompts, seed=seed, cfg_scale=cfg_scale, num_steps=num_steps,
-                                        scheduler=scheduler, use_kv_cache=use_kv_cache, batch_size=batch_size,
-                                        dtype=dtype)
-        return self.decode(latents)
+                 batch_size: int = 16, dtype: torch.dtype | None = None, temperature: float = 1.0,
+                 top_k: int | None = None, top_p: float | None = None) -> list[Image.Image]:
+        """One image per prompt. seed: an int (prompt i uses seed + i) or one seed per prompt. num_steps and
+        scheduler are the diffusion sampler's; temperature, top_k and top_p pick the codes of a model of image
+        tokens."""
+        kwargs: dict[str, Any] = dict(seed=seed, cfg_scale=cfg_scale, use_kv_cache=use_kv_cache, batch_size=batch_size,
+                                      dtype=dtype)
+        if self.model.config.image_tokens:
+            kwargs.update(temperature=temperature, top_k=top_k, top_p=top_p)
+        else:
+            kwargs.update(num_steps=num_steps, scheduler=scheduler)
+        return self.decode(self.generate_latents(prompts, **kwargs))
 
     def sample_to_folder(self, prompts: Sequence[str], out: str | Path, *, n: int = 1, seed: int = 0,
                          cfg_scale: float = 3.0, num_steps: int = 50, scheduler: str | None = None,
-                         use_kv_cache: bool = True, batch_size: int = 16) -> list[dict[str, Any]]:
+                         use_kv_cache: bool = True, batch_size: int = 16, temperature: float = 1.0,
+                         top_k: int | None = None, top_p: float | None = None) -> list[dict[str, Any]]:
         """`n` images per prompt into `out` (00000.png..., grid.png with one row per prompt when n > 1, and
         manifest.json: prompt and seed of every image, and how they were sampled); image k uses seed + k.
         Returns the manifest's rows."""
@@ -189,13 +200,16 @@ class Pipeline:
         expanded = [p for p in prompts for _ in range(n)]
         seeds = [seed + k for k in range(len(expanded))]
         images = self.generate(expanded, seed=seeds, cfg_scale=cfg_scale, num_steps=num_steps, scheduler=scheduler,
-                               use_kv_cache=use_kv_cache, batch_size=batch_size)
+                               use_kv_cache=use_kv_cache, batch_size=batch_size, temperature=temperature, top_k=top_k,
+                               top_p=top_p)
         out = Path(out)
+        how = ({"sampler": "autoregressive codes", "temperature": temperature, "top_k": top_k, "top_p": top_p}
+               if self.model.config.image_tokens else
+               {"steps": num_steps, "scheduler": scheduler_name(self.model.config, scheduler)})
         rows = save_images(images, out, [{"prompt": p, "seed": s} for p, s in zip(expanded, seeds)], manifest={
             "source": self.info.get("run") or self.info.get("source_dir"), "checkpoint": self.info.get("checkpoint"),
-            "step": self.info.get("step"), "weights": self.info.get("weights"), "cfg": cfg_scale, "steps": num_steps,
-            "scheduler": scheduler_name(self.model.config, scheduler), "kv_cache": use_kv_cache,
-            "image_size": self.image_size})
+            "step": self.info.get("step"), "weights": self.info.get("weights"), "cfg": cfg_scale, **how,
+            "kv_cache": use_kv_cache, "image_size": self.image_size})
         image_grid(images, cols=n if n > 1 else None).save(out / "grid.png")
         return rows
 
@@ -203,25 +217,11 @@ class Pipeline:
 
     @torch.no_grad()
     def encode_images(self, images: Sequence[Image.Image | str | Path]) -> Tensor:
-        """Images (PIL or paths; any size, centre-cropped and resized to the VAE's) -> latents."""
+        """Images (PIL or paths; any size, centre-cropped and resized to the VAE's) -> latents (or VQ codes)."""
         from vae import encode
 
-        from ..data.imageio import BadImage, center_crop_resize, load_rgb
-        from ..data.readers import to_tensor
-
-        tensors = []
-        for im in images:
-            if not isinstance(im, Image.Image):
-                if not Path(im).is_file():
-                    raise InputNotFound(f"image not found: {im}")
-                try:
-                    im = load_rgb(im)
-                except BadImage as err:
-                    raise InvalidInput(f"{im}: cannot read image ({err})") from None
-            tensors.append(to_tensor(center_crop_resize(im.convert("RGB"), self.image_size)))
-        if not tensors:
-            raise InvalidInput("no images to caption")
-        return encode(self.vae, torch.stack(tensors).to(self.device)).float()
+        z = encode(self.vae, image_batch(images, self.image_size).to(self.device))
+        return z.float() if z.is_floating_point() else z
 
     def caption(self, images: Sequence[Image.Image | str | Path], *, max_new_tokens: int = 64,
                 temperature: float = 0.0, top_k: int | None = None, seed: int | Sequence[int] = 0,
@@ -230,6 +230,27 @@ class Pipeline:
         return caption_images(self.model, self.tokenizer, latents, max_new_tokens=max_new_tokens,
                               temperature=temperature, top_k=top_k, seed=seed, use_kv_cache=use_kv_cache,
                               device=self.device)
+
+
+def image_batch(images: Sequence[Image.Image | str | Path], size: int) -> Tensor:
+    """Images (PIL or paths) centre-cropped and resized to `size` px, as one (N, 3, size, size) batch in [-1, 1];
+    a missing or unreadable file is a one-line error."""
+    from ..data.imageio import BadImage, center_crop_resize, load_rgb
+    from ..data.readers import to_tensor
+
+    tensors = []
+    for im in images:
+        if not isinstance(im, Image.Image):
+            if not Path(im).is_file():
+                raise InputNotFound(f"image not found: {im}")
+            try:
+                im = load_rgb(im)
+            except BadImage as err:
+                raise InvalidInput(f"{im}: cannot read image ({err})") from None
+        tensors.append(to_tensor(center_crop_resize(im.convert("RGB"), size)))
+    if not tensors:
+        raise InvalidInput("no images to caption")
+    return torch.stack(tensors)
 
 
 def load_pipeline(source: str | Path, *, step: int | None = None, ema: bool = True,

@@ -1,9 +1,13 @@
-"""Text -> image (diffusion over the image patches) and image -> text (captioning), with a KV cache.
+"""Text -> image (diffusion over the image patches, or image codes one by one) and image -> text
+(captioning), with a KV cache.
 
 Both directions use the training layout, built by `batch.Collator`:
 
     generation:  BOS caption BOI p_1 .. p_N EOI ...      (the caption is a causal prefix)
     captioning:  BOS BOI p_1 .. p_N EOI caption EOS      (the clean image, timestep 0, is the prefix)
+
+With image tokens (Chameleon, `generate_codes`) the N codes are decoded autoregressively after the prefix,
+each one run alone against the cache, with guidance on the logits, temperature and top-k/top-p.
 
 Neither prefix can see what follows it, so its keys/values are computed once (`model.KVCache`): each
 denoising step then runs only the N image tokens against the cached prefix, and each decoded token runs
@@ -25,6 +29,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import replace
+from functools import partial
 
 import torch
 from torch import Tensor
@@ -138,6 +143,21 @@ def _denoise(predict: Predictor, scheduler, noise: Tensor, generators: list[torc
     return x
 
 
+def _encode_prompts(model: TransfusionMoT, tokenizer: AnyTokenizer, prompts: Sequence[str],
+                    image_shape: tuple[int, ...], specials: SpecialTokens) -> list[list[int]]:
+    """Each prompt's token ids, once checked to fit the model's context with the image and special tokens."""
+    collator = Collator(model.config, specials)
+    captions = [tokenizer.encode(text) for text in prompts]
+    # positions of the training layout for an empty caption (BOS BOI image EOI EOS); each token adds one
+    image_and_specials = collator.layout_length(Sample([[], collator.placeholder(image_shape)]))
+    for i, ids in enumerate(captions):
+        total = len(ids) + image_and_specials
+        if total > model.config.max_seq_len:
+            raise InvalidInput(f"prompt {i} has {len(ids)} tokens; with the image and the special tokens that is "
+                               f"{total} positions, more than the model's max_seq_len {model.config.max_seq_len}")
+    return captions
+
+
 def generate_latents(model: TransfusionMoT, tokenizer: AnyTokenizer, prompts: Sequence[str], *,
                      latent_shape: tuple[int, int, int], scheduler: str | None = None, num_steps: int = 50,
                      cfg_scale: float = 3.0, seed: int | Sequence[int] = 0, use_kv_cache: bool = True,
@@ -152,6 +172,8 @@ def generate_latents(model: TransfusionMoT, tokenizer: AnyTokenizer, prompts: Se
     arithmetic stays in float32. ValueError for no prompts, or a prompt too long for the model's context.
     """
     cfg = model.config
+    if cfg.image_tokens:
+        raise InvalidInput("this model draws image codes (image_objective tokens): use generate_codes")
     if not prompts:
         raise InvalidInput("no prompts to generate from")
     if batch_size < 1 or num_steps < 1:
@@ -164,14 +186,7 @@ def generate_latents(model: TransfusionMoT, tokenizer: AnyTokenizer, prompts: Se
         raise ValueError(f"latent_shape {tuple(latent_shape)} must be ({cfg.latent_channels}, H, W) with H and W "
                          f"divisible by patch_size {p}")
     specials = _specials(tokenizer, model)
-    captions = [tokenizer.encode(text) for text in prompts]
-    # positions of the training layout for an empty caption (BOS BOI patches EOI EOS); each token adds one
-    image_and_specials = Collator(cfg, specials).layout_length(Sample([[], torch.zeros(latent_shape)]))
-    for i, ids in enumerate(captions):
-        total = len(ids) + image_and_specials
-        if total > cfg.max_seq_len:
-            raise InvalidInput(f"prompt {i} has {len(ids)} tokens; with the image and the special tokens that is "
-                               f"{total} positions, more than the model's max_seq_len {cfg.max_seq_len}")
+    captions = _encode_prompts(model, tokenizer, prompts, latent_shape, specials)
     seeds = _seeds(seed, len(prompts))
     device = torch.device(device) if device is not None else next(model.parameters()).device
     objective = make_objective(cfg)
@@ -196,19 +211,109 @@ def generate_latents(model: TransfusionMoT, tokenizer: AnyTokenizer, prompts: Se
     return torch.cat(out)
 
 
+def _check_picking(temperature: float, top_k: int | None, top_p: float | None = None) -> None:
+    if top_k is not None and top_k < 1:
+        raise InvalidInput(f"top_k must be positive, got {top_k}")
+    if top_p is not None and not 0.0 < float(top_p) <= 1.0:
+        raise InvalidInput(f"top_p must be in (0, 1], got {top_p}")
+    if not 0.0 <= float(temperature) <= 10.0:
+        raise InvalidInput(f"temperature must be a number in [0, 10], got {temperature}")
+
+
+def _decode_codes(model: TransfusionMoT, captions: list[list[int]], grid: tuple[int, int], specials: SpecialTokens,
+                  device: torch.device, cfg_scale: float, pick: Callable[[Tensor], Tensor], use_kv_cache: bool) -> Tensor:
+    """The N = h*w codes after each caption's `BOS caption BOI`, one at a time: with guidance the second half
+    of `captions` are the unconditional rows and logits mix as l_u + s (l_c - l_u) before `pick` (logits ->
+    codes). With the cache each code runs alone against the keys/values before it; without it the whole
+    sequence (codes so far, zeros after: the causal mask hides them) runs at every step."""
+    collator = Collator(model.config, specials)
+    prefix, image = collator.collate_generation(captions, grid)
+    prefix, image = prefix.to(device), image.to(device)
+    rows, n = image.tokens.shape
+    last = (prefix.inputs.doc_ids >= 0).sum(dim=1) - 1  # each row's BOI: it predicts the first code
+    guided = cfg_scale != 1.0
+    codes = torch.zeros(rows, n, dtype=torch.long, device=device)
+    cache = KVCache.empty(model.config.n_layers, rows, device) if use_kv_cache else None
+    if cache is not None:
+        hidden = model(prefix.inputs, check=False, cache=cache)[torch.arange(rows, device=device), last]
+    for i in range(n):
+        if cache is None:  # the slow exact path: the training layout of (caption, codes so far)
+            grids = [c.reshape(grid).cpu() for c in codes]
+            full = collator.collate_padded([Sample([cap, g]) for cap, g in zip(captions, grids)]).to(device)
+            hidden = model(full.inputs, check=False)[torch.arange(rows, device=device), last + i]
+        logits = model.image_logits(hidden).float()  # (rows, K)
+        if guided:
+            cond, uncond = logits.chunk(2)
+            logits = uncond + cfg_scale * (cond - uncond)
+        picked = pick(logits)
+        codes[:, i] = torch.cat([picked, picked]) if guided else picked  # both rows of an image read its code
+        if cache is not None and i + 1 < n:
+            step = replace(image.window(i, i + 1, model.image_modality), tokens=codes[:, i:i + 1])
+            hidden = model(step, check=False, cache=cache)[:, 0]
+    return codes[:rows // 2 if guided else rows].reshape(-1, *grid)
+
+
+def generate_codes(model: TransfusionMoT, tokenizer: AnyTokenizer, prompts: Sequence[str], *,
+                   grid: tuple[int, int], cfg_scale: float = 3.0, temperature: float = 1.0, top_k: int | None = None,
+                   top_p: float | None = None, seed: int | Sequence[int] = 0, use_kv_cache: bool = True,
+                   batch_size: int = 8, device: torch.device | str | None = None,
+                   dtype: torch.dtype | None = None) -> Tensor:
+    """Image codes (N, h, w) for N prompts, drawn autoregressively in raster order by a tokens-objective model
+    (decode them with its VQ tokenizer).
+
+    Classifier-free guidance mixes conditional and unconditional (empty caption) logits, computed in one
+    forward per code, before temperature, top_k and top_p (nucleus) pick the code; temperature 0 is greedy.
+    seed: an int (prompt i uses seed + i) or one seed per prompt: each image draws from its own generator, so
+    its codes do not depend on the batch it lands in. `use_kv_cache=False` re-runs the whole sequence per
+    code (slow, exact: the tests check both agree).
+    """
+    cfg = model.config
+    if not cfg.image_tokens:
+        raise InvalidInput("this model denoises latents (image_objective diffusion): use generate_latents")
+    if not prompts:
+        raise InvalidInput("no prompts to generate from")
+    if batch_size < 1:
+        raise InvalidInput(f"batch_size must be positive, got {batch_size}")
+    if not 0.0 <= float(cfg_scale) <= 100.0:
+        raise InvalidInput(f"cfg_scale must be a number in [0, 100], got {cfg_scale}")
+    _check_picking(temperature, top_k, top_p)
+    if len(grid) != 2 or min(grid) < 1:
+        raise InvalidInput(f"grid must be the code grid's (h, w), got {tuple(grid)}")
+    specials = _specials(tokenizer, model)
+    captions = _encode_prompts(model, tokenizer, prompts, tuple(grid), specials)
+    seeds = _seeds(seed, len(prompts))
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    guided = cfg_scale != 1.0
+    out = []
+    with torch.no_grad(), _autocast(device, dtype):
+        for start in range(0, len(prompts), batch_size):
+            caps = captions[start:start + batch_size]
+            generators = [torch.Generator().manual_seed(s) for s in seeds[start:start + batch_size]]
+            pick = partial(_pick_tokens, temperature=temperature, top_k=top_k, generators=generators, top_p=top_p)
+            rows = caps + [[] for _ in caps] if guided else caps  # unconditional rows: the empty caption
+            out.append(_decode_codes(model, rows, tuple(grid), specials, device, cfg_scale, pick, use_kv_cache))
+    return torch.cat(out).cpu()
+
+
 # --------------------------------------------------------------------------------------------------
 # image -> text
 
 
 def _pick_tokens(logits: Tensor, temperature: float, top_k: int | None,
-                 generators: list[torch.Generator]) -> Tensor:
-    """Greedy when temperature is 0, else sampling from the (top-k) softmax, row r with generators[r]."""
+                 generators: list[torch.Generator], top_p: float | None = None) -> Tensor:
+    """Greedy when temperature is 0, else sampling from the softmax, row r with generators[r]: of the top_k
+    most likely tokens (when given), then of the smallest set whose probability reaches top_p (nucleus)."""
     if temperature <= 0:
         return logits.argmax(dim=-1)
     logits = logits.float() / temperature
     if top_k is not None and top_k < logits.shape[-1]:
         kth = logits.topk(top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        outside = probs.cumsum(dim=-1) - probs >= top_p  # the mass before it already reaches top_p (never the first)
+        logits = logits.masked_fill(torch.zeros_like(outside).scatter(-1, order, outside), float("-inf"))
     probs = logits.softmax(dim=-1).cpu()
     picks = [torch.multinomial(probs[r], 1, generator=g) for r, g in enumerate(generators)]
     return torch.cat(picks).to(logits.device)
@@ -217,29 +322,30 @@ def _pick_tokens(logits: Tensor, temperature: float, top_k: int | None,
 def caption_images(model: TransfusionMoT, tokenizer: AnyTokenizer, latents: Tensor, *, max_new_tokens: int = 64,
                    temperature: float = 0.0, top_k: int | None = None, seed: int | Sequence[int] = 0,
                    use_kv_cache: bool = True, device: torch.device | str | None = None) -> list[str]:
-    """One caption per latent (N, C, H, W): `BOS BOI patches EOI` with the clean image (timestep 0), then
-    text decoded until EOS, `max_new_tokens`, or the model's context, whichever comes first.
+    """One caption per latent (N, C, H, W), or per code grid (N, h, w) for a tokens-objective model:
+    `BOS BOI image EOI` with the clean image (timestep 0), then text decoded until EOS, `max_new_tokens`, or
+    the model's context, whichever comes first.
 
     temperature 0 is greedy; otherwise sample (from the top_k most likely tokens when given), image i
     with its own generator seeded by `seed + i` (or seed[i]).
     """
     cfg = model.config
-    if latents.dim() != 4 or latents.shape[0] == 0:
-        raise ValueError(f"latents must be a non-empty (N, C, H, W) tensor, got shape {tuple(latents.shape)}")
-    if top_k is not None and top_k < 1:
-        raise InvalidInput(f"top_k must be positive, got {top_k}")
-    if not 0.0 <= float(temperature) <= 10.0:
-        raise InvalidInput(f"temperature must be a number in [0, 10], got {temperature}")
+    want = "(N, h, w) code grids" if cfg.image_tokens else "(N, C, H, W) latents"
+    if latents.dim() != (3 if cfg.image_tokens else 4) or latents.shape[0] == 0:
+        raise ValueError(f"images must be non-empty {want}, got shape {tuple(latents.shape)}")
+    _check_picking(temperature, top_k)
     specials = _specials(tokenizer, model)
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    n, c, h, w = latents.shape
-    p = cfg.patch_size
-    if c != cfg.latent_channels or h % p or w % p:
-        raise ValueError(f"latents {tuple(latents.shape)} must be (N, {cfg.latent_channels}, H, W) with H and W "
-                         f"divisible by patch_size {p}")
-    # the prompt (BOS BOI patches EOI) and room for the caption, laid out by the Collator
+    n = latents.shape[0]
+    if not cfg.image_tokens:
+        _, c, h, w = latents.shape
+        p = cfg.patch_size
+        if c != cfg.latent_channels or h % p or w % p:
+            raise ValueError(f"latents {tuple(latents.shape)} must be (N, {cfg.latent_channels}, H, W) with H and W "
+                             f"divisible by patch_size {p}")
+    # the prompt (BOS BOI image EOI) and room for the caption, laid out by the Collator
     collator = Collator(cfg, specials)
-    images = [img.float().cpu() for img in latents]
+    images = [img.cpu() if cfg.image_tokens else img.float().cpu() for img in latents]
     prompt_len = collator.layout_length(Sample(images[:1], image_first=True)) - 1  # all but the trailing EOS
     if prompt_len >= cfg.max_seq_len:
         raise InvalidInput(f"the image takes {prompt_len} of the model's {cfg.max_seq_len} positions: no room for text")

@@ -1,5 +1,6 @@
 """What a run needs before its trainer is built (`prepare_run`), made from its data: the embedded default
-data end to end (images -> tiny VAE -> latent caches of the train and val splits), reusing whatever a
+data end to end (images -> tiny VAE -> latent caches of the train and val splits; for a model of image
+tokens, images -> tiny VQ tokenizer -> caches of code grids, beside them), reusing whatever a
 previous call already finished (`tmot train` builds it when a config names `data.builtin`, and `tmot demo`
 builds the same artifacts, so the first command a user runs can train without any download); for a config
 whose tokenizer is `hf` with no file, a BPE trained on the training captions of whatever data it trains on;
@@ -32,44 +33,53 @@ class PreparedData:
     """Where a built-in data set lives under its root, and (once built) what was built or reused."""
 
     data_dir: Path  # image folder (train and val splits in metadata.jsonl)
-    vae_dir: Path  # trained tiny AutoencoderKL (save_pretrained layout)
-    latents_dir: Path  # latent cache of the train split
-    val_latents_dir: Path  # latent cache of the val split (held-out losses)
+    vae_dir: Path  # trained tiny AutoencoderKL, or VQModel (save_pretrained layout)
+    latents_dir: Path  # latent (or code) cache of the train split
+    val_latents_dir: Path  # latent (or code) cache of the val split (held-out losses)
     info: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def under(cls, root: str | Path) -> PreparedData:
+    def under(cls, root: str | Path, codes: bool = False) -> PreparedData:
+        """The layout under `root`; `codes`: the VQ tokenizer and its code caches (one image folder for both)."""
         root = Path(root)
+        if codes:
+            return cls(root / "data", root / "vq", root / "codes", root / "codes-val")
         return cls(root / "data", root / "vae", root / "latents", root / "latents-val")
 
 
-def vae_config_for(image_size: int) -> Path:
-    """The shipped tiny VAE config for built-in data of `image_size` px (configs/vae/tiny-SIZE.yaml)."""
-    path = shipped_configs_dir() / "vae" / f"tiny-{image_size}.yaml"
+def vae_config_for(image_size: int, codes: bool = False) -> Path:
+    """The shipped tiny autoencoder config for built-in data of `image_size` px: configs/vae/tiny-SIZE.yaml, or
+    with `codes` the VQ tokenizer's configs/vae/vq-tiny-SIZE.yaml."""
+    prefix = "vq-tiny-" if codes else "tiny-"
+    path = shipped_configs_dir() / "vae" / f"{prefix}{image_size}.yaml"
     if not path.is_file():
-        sizes = [n.removeprefix("tiny-") for n in shipped_config_names("vae") if n.startswith("tiny-")]
-        raise ConfigError(f"no built-in VAE for {image_size} px images (data.builtin_image_size); shipped sizes: "
-                          f"{', '.join(sizes)}; or train a VAE with `tmot vae train` and pass --data/--vae")
+        sizes = [n.removeprefix(prefix) for n in shipped_config_names("vae") if n.startswith(prefix)]
+        what = "VQ tokenizer" if codes else "VAE"
+        raise ConfigError(f"no built-in {what} for {image_size} px images (data.builtin_image_size); shipped sizes: "
+                          f"{', '.join(sizes)}; or train one with `tmot vae train` and pass --data/--vae")
     return path
 
 
 def prepare_builtin(name: str, root: str | Path, image_size: int = 32, num_images: int = 20000,
                     vae_steps: int = 1500, seed: int = 0, workers: int = 2, progress: bool = True,
-                    log=print) -> PreparedData:
-    """Images, VAE and train/val latents of a built-in data set under `root`; each stage is skipped when its
-    output is already complete (stages write their completion marker last). A run's BPE of the captions is
-    trained from the latent cache like any other data's (`prepare_run`)."""
+                    log=print, codes: bool = False) -> PreparedData:
+    """Images, VAE and train/val latents of a built-in data set under `root` (with `codes`: a VQ tokenizer and
+    train/val code caches); each stage is skipped when its output is already complete (stages write their
+    completion marker last). A run's BPE of the captions is trained from the cache like any other data's
+    (`prepare_run`)."""
     from vae import encode_folder, train_vae
 
     from ..data.latents import LatentDataset, is_latent_cache
 
     if name not in BUILTINS:
         raise ConfigError(f"unknown built-in data set {name!r}; choose one of {list(BUILTINS)}")
-    vae_config = vae_config_for(image_size)
-    prepared = PreparedData.under(root)
+    vae_config = vae_config_for(image_size, codes)
+    prepared = PreparedData.under(root, codes)
+    what = "VQ tokenizer" if codes else "VAE"
     info = prepared.info = {"name": name, "image_size": image_size, "reused": []}
     data_dir, vae_dir = prepared.data_dir, prepared.vae_dir
-    caches = {"latents": (prepared.latents_dir, "train"), "latents-val": (prepared.val_latents_dir, "val")}
+    caches = {prepared.latents_dir.name: (prepared.latents_dir, "train"),
+              prepared.val_latents_dir.name: (prepared.val_latents_dir, "val")}
     missing = {key: not is_latent_cache(cache) for key, (cache, _) in caches.items()}
     info["reused"] = [key for key, done in (("data", (data_dir / "metadata.jsonl").is_file()),
                                             ("vae", (vae_dir / "config.json").is_file()
@@ -87,7 +97,7 @@ def prepare_builtin(name: str, root: str | Path, image_size: int = 32, num_image
 
             generate_emoji(data_dir, size=image_size, seed=seed)
     if "vae" not in info["reused"]:
-        log(f"[prepare] training the tiny VAE for {vae_steps} steps in {vae_dir}")
+        log(f"[prepare] training the tiny {what} for {vae_steps} steps in {vae_dir}")
         summary = train_vae(vae_config, data_dir, vae_dir, max_steps=vae_steps, progress=progress)
         info["vae_train"] = {k: summary[k] for k in ("steps", "train_time_s", "final") if k in summary}
     for key, (cache, split) in caches.items():
@@ -103,17 +113,18 @@ def prepare_for_run(config: RunConfig, root: str | Path | None = None, build: bo
     """Point a run config at the built-in data set it names (`data.builtin`: data.path = the train latents,
     data.val_path, vae.path) and, with `build`, build it (with its size, VAE steps and seed; reused when
     complete). `root` defaults to data.builtin_dir/NAME-SIZE."""
-    d = config.data
+    d, codes = config.data, config.model.image_tokens
     if not d.builtin:
         raise ConfigError("data.builtin is not set: there is no built-in data set to prepare")
     root = Path(root) if root is not None else Path(d.builtin_dir) / f"{d.builtin}-{d.builtin_image_size}"
-    prepared = PreparedData.under(Path(root).resolve())  # absolute: the run's config works from anywhere
+    prepared = PreparedData.under(Path(root).resolve(), codes)  # absolute: the run's config works from anywhere
     d.kind, d.path = "latents", str(prepared.latents_dir)
     d.val_path = d.val_path or str(prepared.val_latents_dir)
     config.vae.path = config.vae.path or str(prepared.vae_dir)
     if build:
         prepared = prepare_builtin(d.builtin, root, image_size=d.builtin_image_size, num_images=d.builtin_num_images,
-                                   vae_steps=d.builtin_vae_steps, seed=config.train.seed, progress=progress, log=log)
+                                   vae_steps=d.builtin_vae_steps, seed=config.train.seed, progress=progress, log=log,
+                                   codes=codes)
     return prepared
 
 

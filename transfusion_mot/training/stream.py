@@ -24,7 +24,7 @@ import torch
 from ..batch import Batch, Collator, Sample
 from ..common.distributed import DistInfo
 from ..common.errors import ConfigError, InvalidInput
-from ..config import ModelConfig, RunConfig
+from ..config import RunConfig, check_image_data
 from ..data.sources import DataSource, open_source
 from ..data.streams import (
     ImagePairSource,
@@ -193,7 +193,7 @@ class TrainingData:
     batches: PaddedBatches | PackedBatches
     mix: TrainingStream
     source: DataSource
-    latent_shape: tuple[int, int, int]
+    latent_shape: tuple[int, ...]  # latents (C, h, w) or a code grid (h, w)
     vae_path: str | None
     encode: Callable[[torch.Tensor], torch.Tensor] | None
     image_size: int | None
@@ -206,20 +206,20 @@ def build_training_data(config: RunConfig, tokenizer: Tokenizer, dist: DistInfo,
     train.eval_every the held-out set (every process scores all of it: identical forwards, as FSDP needs; None,
     said once, when the data has none). Built from the bottom up: the VAE that encodes images on the fly
     (unless they come as latents), the data source, the items, then the mix, the rows and the held-out set."""
-    from vae import load_vae
+    from vae import codebook_size, image_shape, load_vae
 
     data, tc = config.data, config.train
     objective = make_objective(config.model)
     collator = Collator(config.model, tokenizer.specials, max_len=config.model.max_seq_len)
     source = open_source(data)
     vae, size, latent_shape = None, None, getattr(source, "latent_shape", None)
+    codebook = getattr(source, "codebook_size", None)
     if source.encodes_images:
         if not config.vae.path:
             raise ConfigError(f"data.kind {source.kind!r} encodes images on the fly: set vae.path (or --vae)")
         vae = load_vae(config.vae.path, device=device).requires_grad_(False).eval()
         size = data.image_size or int(vae.config.sample_size)
-        factor = 2 ** (len(vae.config.block_out_channels) - 1)
-        latent_shape = (int(vae.config.latent_channels), size // factor, size // factor)
+        latent_shape, codebook = image_shape(vae, size), codebook_size(vae)
     encode = None if vae is None else partial(_encode_on, vae, device)
     pairs = ImagePairSource(source.items(tc.seed, dist.rank, dist.world_size, size), encode=encode)
     missing = source.missing_held_out() if tc.eval_every else "train.eval_every is 0"
@@ -240,7 +240,8 @@ def build_training_data(config: RunConfig, tokenizer: Tokenizer, dist: DistInfo,
                          overflow=config.tokenizer.overflow, max_doc_tokens=budget - 2)  # BOS and EOS
     rows = tc.batch_size
     batches = PackedBatches(mix, collator, rows, budget) if data.packing else PaddedBatches(mix, collator, rows)
-    check_latent_shape(config.model, latent_shape)
+    check_image_data(config.model, latent_shape, codebook, f"data.path {data.path}" + (
+        f" (encoded by vae.path {config.vae.path})" if source.encodes_images else ""))
     validation = None if held_out is None else ValidationSet.from_held_out(
         *held_out, documents, config, tokenizer, collator, objective, encode, latent_shape, device)
     return TrainingData(batches, mix, source, latent_shape, config.vae.path or getattr(source, "vae", None), encode,
@@ -252,17 +253,3 @@ def _encode_on(vae: Any, device: torch.device, images: torch.Tensor) -> torch.Te
     from vae.autoencoder import encode
 
     return encode(vae, images.to(device, non_blocking=True))
-
-
-def check_latent_shape(model_config: ModelConfig, latent_shape: tuple[int, ...]) -> None:
-    """ConfigError when the data's latents do not fit the model (channels, patch size, context)."""
-    c, h, w = latent_shape
-    m = model_config
-    if c != m.latent_channels:
-        raise ConfigError(f"the data's latents have {c} channels but model.latent_channels is {m.latent_channels}")
-    if h % m.patch_size or w % m.patch_size:
-        raise ConfigError(f"latents {h}x{w} are not divisible by model.patch_size {m.patch_size}")
-    tokens = (h // m.patch_size) * (w // m.patch_size)
-    if tokens + 4 > m.max_seq_len:  # BOS, BOI, EOI, EOS
-        raise ConfigError(f"latents {h}x{w} make {tokens} image tokens (patch_size {m.patch_size}); with the special "
-                          f"tokens that leaves no room for a caption in model.max_seq_len {m.max_seq_len}")

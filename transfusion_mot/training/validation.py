@@ -13,6 +13,8 @@ Each sample is scored in both of Transfusion's layouts:
                                                         val_text_loss (the caption as language modelling)
   captioning   BOS BOI clean image EOI caption EOS  ->  val_caption_loss (text given the image, t = 0)
 val_loss = val_text_loss + lambda * val_image_loss, the training loss's formula on the generation layout.
+With image tokens (Chameleon) there are no draws: val_image_loss is the mean next-code NLL per image (nats
+per code), and no timestep quarters are reported.
 With held-out text documents (`data.text_val_path`), val_corpus_loss is their mean next-token loss per
 token (documents laid out as in training: BOS text EOS, cut to the context), on the same documents each time.
 """
@@ -71,14 +73,17 @@ class ValidationSet:
         self.num_samples = len(pairs)
         self.source, self.seed = source, int(seed)  # where the pairs came from, and the draws' seed (summary.json)
         self.num_train_timesteps = objective.num_train_timesteps
-        self.bucket_names = bucket_names(self.num_train_timesteps)
+        self.bucket_names = [] if collator.config.image_tokens else bucket_names(self.num_train_timesteps)
         generator = torch.Generator().manual_seed(int(seed))
         discrete = objective.name == "ddpm"
         timesteps = stratified_timesteps(len(pairs), self.num_train_timesteps, generator, discrete)
         captions = [encode_caption(tokenizer, text, max_text_tokens, overflow) for _, text in pairs]
         docs = [tokenizer.encode(text)[:max_document_tokens] for text in documents]
-        patch = collator.config.patch_size
-        noises = [patchify(torch.randn(latent.shape, generator=generator), patch) for latent, _ in pairs]
+        patch, tokens = collator.config.patch_size, collator.config.image_tokens
+        self.image_tokens = tokens
+        empty = torch.zeros(0, collator.config.patch_dim)
+        noises = [empty if tokens else patchify(torch.randn(latent.shape, generator=generator), patch)
+                  for latent, _ in pairs]
         self.timesteps = timesteps  # (N,) in sample order, on the CPU
         self.batches: list[ValidationBatch] = []
         for start in range(0, len(pairs), batch_size):
@@ -100,10 +105,11 @@ class ValidationSet:
         it does the training images) and text `documents`, drawn with train.eval_seed, laid out by the run's
         collator; held-out latents of another shape than the training data's are a ConfigError."""
         if encode is None:
-            latents = [item["latent"].float() for item in items]
+            latents = [item["latent"] for item in items]
         else:
             latents = [z for start in range(0, len(items), 64)
-                       for z in encode(torch.stack([it["image"] for it in items[start:start + 64]])).float().cpu()]
+                       for z in encode(torch.stack([it["image"] for it in items[start:start + 64]])).cpu()]
+        latents = [z if config.model.image_tokens else z.float() for z in latents]
         shapes = {tuple(z.shape) for z in latents}
         if shapes != {tuple(latent_shape)}:
             raise ConfigError(f"validation data {where}: latents of shape {sorted(shapes)}, but the training data's "
@@ -125,7 +131,7 @@ class ValidationSet:
             out = loss_fn(generation, timesteps=t, noise=noise, details=True)
             text_nll += out["text_nll_sum"].item()
             text_tokens += out["text_tokens"].item()
-            mse.append(out["image_mse_per_image"].float().cpu())
+            mse.append(out["image_nll_per_image" if self.image_tokens else "image_mse_per_image"].float().cpu())
             clean = torch.zeros(captioning.num_images, device=t.device)
             out = loss_fn(captioning, timesteps=clean, noise=torch.zeros_like(captioning.inputs.patches), details=True)
             caption_nll += out["text_nll_sum"].item()
@@ -142,6 +148,8 @@ class ValidationSet:
                 nll += out["text_nll_sum"].item()
                 tokens += out["text_tokens"].item()
             result["val_corpus_loss"] = nll / max(tokens, 1)
+        if self.image_tokens:  # no timesteps
+            return result
         bucket = (t_all / self.num_train_timesteps * NUM_BUCKETS).long().clamp(max=NUM_BUCKETS - 1)
         for k, name in enumerate(self.bucket_names):
             chosen = mse_all[bucket == k]
