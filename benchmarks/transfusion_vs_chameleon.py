@@ -16,7 +16,7 @@ statistics, and sampling seconds per image (50 flow steps; 64 codes with a KV ca
 MoT's steps_ratio in each setting: the first evaluation at which MoT's held-out image loss is at or below
 dense's final one, over dense's steps (null: never).
 
-    python benchmarks/transfusion_vs_chameleon.py --steps 1500
+    python benchmarks/transfusion_vs_chameleon.py --steps 1500 --jobs 2 --threads 1
     python benchmarks/transfusion_vs_chameleon.py --steps 30 --bench-n 32     # a quick check
 
 Writes OUT/results.md (the table), OUT/results.json, OUT/curves.png and, last on stdout, one JSON line with
@@ -33,6 +33,7 @@ import os
 import platform
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -86,20 +87,24 @@ def run_setting(setting: str, steps: int, tag: str, data: dict[str, Any], args: 
     run_args.expert_init = "copy"
     where = out / f"{setting}-{tag}"
     where.mkdir(parents=True, exist_ok=True)
-    return {name: train_variant(name, args.seed, data, run_args, where) for name in ("mot", "dense")}
+    names = ("mot", "dense")
+    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:  # --jobs 2 --threads 1: both at once
+        return dict(zip(names, pool.map(lambda name: train_variant(name, args.seed, data, run_args, where), names)))
 
 
-def score(runs: dict[str, Path], data: dict[str, Any], args: argparse.Namespace, classifier: Path,
+def score(runs: dict[str, Path], data: dict[str, Any], args: argparse.Namespace, classifier: Path | None,
           stats: Path | None) -> dict[str, Any]:
-    """Held-out losses and steps_ratio (mot_vs_dense's), then per run: alignment and FID at equal n on the
-    validation captions (`tmot eval bench`), alignment on the demo prompts, sampling seconds per image."""
+    """Held-out losses and steps_ratio (mot_vs_dense's), then per run (unless --bench-n 0): alignment and FID
+    at equal n on the validation captions (`tmot eval bench`), alignment on the demo's prompt sets, sampling
+    seconds per image."""
     records = {name: RunDir(run).read_metrics() for name, run in runs.items()}
     result = summarise(records, {name: RunDir(run).read_summary() for name, run in runs.items()})
-    bench_args = copy.copy(args)
-    bench_args.bench_n, bench_args.threads = args.bench_n, args.threads
     for name, run in runs.items():
         v = result["variants"][name]
-        v.update(bench_variant(run, args.seed, data, bench_args, classifier, stats))
+        v["sample_s_per_image"] = None
+        if classifier is None:
+            continue
+        v.update(bench_variant(run, args.seed, data, args, classifier, stats))
         report = json.loads((run / "bench" / "report.json").read_text())
         v["sample_s_per_image"] = round(report["generation"]["seconds"] / max(1, report["n"]), 4)
         v.update(demo_alignment(run, classifier, args))
@@ -147,12 +152,13 @@ def render(results: dict[str, dict[str, Any]], meta: dict[str, Any]) -> str:
         for name, v in result["variants"].items():
             ratio = result["steps_ratio"] if name == "mot" else None
             fid = "–" if v.get("fid") is None else f"{v['fid']:.1f}"
+            sample_s = "–" if v["sample_s_per_image"] is None else f"{v['sample_s_per_image']:.3f}"
             lines.append(
                 f"| {setting} ({tag.replace('_', ' ')}) | {name} | {v['steps']} | {v['train_flops']:.3g} | "
                 f"{v['val_image_loss']:.4f} | {v['val_text_loss']:.4f} | {v['val_caption_loss']:.4f} | "
                 f"{'–' if name != 'mot' else ratio if ratio is not None else 'never'} | {pct(v.get('align_colour'))} | "
                 f"{pct(v.get('align_shape'))} | {pct(v.get('align_all_correct'))} | {pct(v.get('demo_all_correct'))} | "
-                f"{fid} | {v['sample_s_per_image']:.3f} | "
+                f"{fid} | {sample_s} | "
                 f"{v['train_time_s']:.0f} |")
     held = [k for k in next(iter(next(iter(results.values()))["variants"].values())) if k.endswith(" all correct")]
     if held:
@@ -173,7 +179,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=1500, help="Chameleon's training steps")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--eval-samples", type=int, default=512)
-    ap.add_argument("--bench-n", type=int, default=256, help="images per run for FID and alignment")
+    ap.add_argument("--bench-n", type=int, default=256,
+                    help="images per run for FID and alignment (0: held-out losses only, no sampling)")
     ap.add_argument("--images-per-prompt", type=int, default=1, help="images per prompt of the demo's prompt sets")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="applies to every run")
     ap.add_argument("--threads", type=int, default=max(1, torch.get_num_threads()))
@@ -188,12 +195,14 @@ def main() -> None:
     equal_flops = max(1, round(args.steps * flops["chameleon"] / flops["transfusion"]))
     plan = {"chameleon-equal_steps": ("chameleon", args.steps), "transfusion-equal_flops": ("transfusion", equal_flops),
             "transfusion-equal_steps": ("transfusion", args.steps)}
-    classifier = out / "shapes-classifier"
-    if not (classifier / "config.json").is_file():
-        from eval.align import train_shapes_classifier
+    classifier, stats = None, None
+    if args.bench_n > 0:
+        classifier = out / "shapes-classifier"
+        if not (classifier / "config.json").is_file():
+            from eval.align import train_shapes_classifier
 
-        train_shapes_classifier(classifier, image_size=32, steps=1000, seed=args.seed)
-    stats = reference_stats(data["chameleon"]["images"], out)
+            train_shapes_classifier(classifier, image_size=32, steps=1000, seed=args.seed)
+        stats = reference_stats(data["chameleon"]["images"], out)
     results, curves = {}, {}
     for key, (setting, steps) in plan.items():
         batch = data[setting]["run_config"].train.batch_size

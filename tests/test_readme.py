@@ -11,7 +11,7 @@ captions and images, GenEval's metadata, WebDataset shards for `/data/coco/...`)
 Face cache holds tiny stand-ins under the real hub ids (Qwen/Qwen2.5-0.5B, meta-llama/Llama-3.2-1B,
 openai/clip-vit-large-patch14, stabilityai/sd-vae-ft-ema), so those commands run unchanged; FID's
 Inception is a TorchScript stand-in with its layout (NVIDIA's weights are tested in tests/eval). The
-built-in data sets are built at toy size (60 shapes, 2 VAE steps) first. Toy size otherwise: flags
+built-in data sets are built at toy size (60 shapes, 2 VAE and 2 VQ steps) first. Toy size otherwise: flags
 appended (argparse keeps the last) or placeholder words swapped, listed with each command. A command the
 README gives twice runs once.
 """
@@ -150,6 +150,23 @@ def _benchmark(out: str, seeds: list[int], bench: bool = False) -> Callable[[Pat
     return check
 
 
+def _codes(cache: str) -> Callable[[Path, Output], None]:
+    def check(ws: Path, printed: Output) -> None:
+        index = json.loads((ws / cache / "index.json").read_text())
+        assert index["kind"] == "codes" and index["latent_shape"] == [8, 8] and index["codebook_size"] == 256
+
+    return check
+
+
+def _chameleon_benchmark(ws: Path, printed: Output) -> None:
+    """The last line names the keys the README reports; Transfusion ran the steps of Chameleon's FLOPs."""
+    result = json.loads(printed.out.strip().splitlines()[-1])
+    assert {"transfusion_mot_all_correct", "chameleon_mot_all_correct", "chameleon_mot_steps_ratio",
+            "transfusion_mot_steps_ratio", "chameleon_sample_s_per_image", "transfusion_sample_s_per_image"} <= set(result)
+    assert result["steps"] == 2 and result["transfusion_equal_flops_steps"] > 2
+    assert (ws / result["out"] / "results.md").is_file()
+
+
 def _trained_its_own_bpe(ws: Path, printed: Output) -> None:
     """`your data`: the run trained a BPE of the cache's captions, sized the model to it, said once that
     there is no held-out set, and trained on."""
@@ -274,6 +291,17 @@ STEPS: dict[str, Step] = {
     "tmot vae encode --vae vae32 --data data/shapes --out latents/shapes": Step(
         check=_files("latents/shapes/index.json")),
     "tmot vae reconstruct --vae vae32 --data data/shapes --out recon.png --n 16": Step(check=_files("recon.png")),
+    "tmot vae train --config vq-tiny-32 --data data/shapes --out vq32": Step(("--max-steps", "2")),
+    "tmot vae encode --vae vq32 --data data/shapes --out codes/shapes": Step(check=_codes("codes/shapes")),
+    "tmot vae reconstruct --vae vq32 --data data/shapes --out recon-vq.png --n 16": Step(
+        check=_files("recon-vq.png")),
+    # Transfusion versus Chameleon
+    "tmot train --config shapes-chameleon-tiny --out runs/shapes-chameleon": Step(
+        TRAIN_TOY, check=_summary("runs/shapes-chameleon", 2)),
+    "tmot sample --run runs/shapes-chameleon --prompt 'a large red circle' --n 4 --cfg 3 --temperature 1.0 "
+    "--out samples-chameleon/": Step(check=_files("samples-chameleon/grid.png")),
+    "python benchmarks/transfusion_vs_chameleon.py --steps 1500 --jobs 2 --threads 1": Step(
+        ("--steps", "2", "--eval-samples", "4", "--bench-n", "0"), check=_chameleon_benchmark),
     # training
     "tmot train --config shapes-tiny --out runs/shapes-tiny": Step(TRAIN_TOY, check=_summary("runs/shapes-tiny", 2)),
     "tmot vae encode --vae vae32 --data data/mine --split train --out latents/mine": Step(),
@@ -427,6 +455,8 @@ def _make_stand_ins(ws: Path) -> None:
     for name in ("shapes", "emoji"):  # the built-in data sets, at toy size, where the runs look for them
         prepare_builtin(name, ws / "tmot_data" / f"{name}-32", num_images=60, vae_steps=2, progress=False,
                         log=lambda *a: None)
+    prepare_builtin("shapes", ws / "tmot_data" / "shapes-32", num_images=60, vae_steps=2, progress=False,
+                    log=lambda *a: None, codes=True)  # the Chameleon recipe's VQ tokenizer and code caches
     _your_data(ws)
     rng = random.Random(0)
     _coco_and_geneval(ws, [sample_scene(rng, 32) for _ in range(16)])
