@@ -3,7 +3,10 @@
 One sequence interleaves text tokens and VAE-latent image patches. Every layer runs ONE global
 self-attention over the whole sequence, but each token is processed by the weights of its own modality:
 Q/K/V/O projections, SwiGLU FFN and RMSNorms are copied per modality as `ModelConfig.untie` says
-(arXiv 2411.04996, Eq. 2). Routing is deterministic by modality: no router, no load balancing.
+(arXiv 2411.04996, Eq. 2). Routing is deterministic by modality: no router, no load balancing. With
+`image_objective: tokens` (the Chameleon setting) an image is instead the code grid of a VQ tokenizer: each
+code one position, read through its own embedding and predicted by its own head; the backbone and its
+per-modality untying are unchanged.
 
 Routing scheme. Tokens of a batch are sorted by modality once per forward (a stable argsort of the
 flattened modality ids), so each modality is one contiguous slice of the (tokens, dim) residual stream and

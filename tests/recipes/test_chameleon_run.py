@@ -75,6 +75,13 @@ def test_sample_command_takes_temperature_top_k_and_top_p(run, tmp_path):
         assert np.array_equal(np.asarray(Image.open(out / f"{k:05d}.png").convert("RGB")), np.asarray(image))
 
 
+def test_a_diffusion_scheduler_for_a_model_of_codes_is_one_line(run, tmp_path, capsys):
+    assert main(["sample", "--run", str(run), "--prompt", "a red square", "--scheduler", "flow",
+                 "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "draws image codes one at a time" in err
+
+
 @pytest.mark.parametrize("case", ["tokens_model_on_latents", "diffusion_model_on_codes"])
 def test_data_of_the_other_objective_is_one_line_naming_both(case, codes, data, tmp_path, capsys):
     config = tmp_path / "config.yaml"

@@ -179,6 +179,9 @@ class Pipeline:
         kwargs: dict[str, Any] = dict(seed=seed, cfg_scale=cfg_scale, use_kv_cache=use_kv_cache, batch_size=batch_size,
                                       dtype=dtype)
         if self.model.config.image_tokens:
+            if scheduler is not None:
+                raise InvalidInput(f"scheduler {scheduler!r}: this model draws image codes one at a time (image_objective "
+                                   "tokens); it has no diffusion scheduler or steps")
             kwargs.update(temperature=temperature, top_k=top_k, top_p=top_p)
         else:
             kwargs.update(num_steps=num_steps, scheduler=scheduler)
