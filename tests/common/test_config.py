@@ -59,15 +59,16 @@ def test_shipped_configs_by_name_or_path(tmp_path):
     from transfusion_mot.common.config import resolve_config_path, shipped_config_names, shipped_configs_dir
 
     root = shipped_configs_dir()
-    assert shipped_config_names("train") == ["coco-760m", "emoji-tiny", "lmfusion-shapes", "shapes-tiny"]
-    assert "760m" in shipped_config_names("model") and "tiny-32" in shipped_config_names("vae")
+    assert shipped_config_names("train") == ["coco-760m", "emoji-tiny", "lmfusion-shapes", "shapes-chameleon-tiny",
+                                             "shapes-tiny"]
+    assert "760m" in shipped_config_names("model") and {"tiny-32", "vq-tiny-32"} <= set(shipped_config_names("vae"))
     assert resolve_config_path("shapes-tiny", "train") == root / "train" / "shapes-tiny.yaml"
     assert resolve_config_path("shapes-tiny.yaml", "train") == root / "train" / "shapes-tiny.yaml"
     mine = tmp_path / "shapes-tiny.yaml"  # a file that exists wins over a shipped name
     mine.write_text("x: 1\n")
     assert resolve_config_path(mine, "train") == mine
     with pytest.raises(ConfigError, match=r"config not found: nope .*shipped train config: coco-760m, emoji-tiny, lmfusion-shapes, "
-                                          r"shapes-tiny"):
+                                          r"shapes-chameleon-tiny, shapes-tiny"):
         resolve_config_path("nope", "train")
     with pytest.raises(ConfigError, match="config not found"):
         resolve_config_path("sub/shapes-tiny", "train")  # a path is never a name
