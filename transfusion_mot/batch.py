@@ -121,7 +121,8 @@ class ModelInputs:
         # one host sync for all value checks (this runs every step)
         is_image = self.modality == config.modalities.index("image")
         text = self.tokens.masked_fill(is_image, 0) if config.image_tokens else self.tokens
-        codes = self.tokens.masked_fill(~is_image, 0)
+        # image codes are checked only where they exist (diffusion: nothing to check, no extra op per step)
+        codes = self.tokens.masked_fill(~is_image, 0) if config.image_tokens else torch.zeros((), dtype=torch.long)
         lo, hi, c_lo, c_hi, m_lo, m_hi, n_image = torch.stack([
             text.min(), text.max(), codes.min(), codes.max(), self.modality.min(), self.modality.max(),
             is_image.sum()]).tolist()

@@ -8,17 +8,23 @@ from transfusion_mot.recipes.train import train
 from transfusion_mot.tokenizer import ByteTokenizer, load_tokenizer
 
 
-def test_builtin_data_brings_val_split_and_bpe_tokenizer(tmp_path):
-    """`data.builtin` with `tokenizer.kind: hf` and no path: images, VAE, train/val caches and a BPE of the
-    captions are built, the resolved config records them, and held-out losses run on the val cache."""
-    config = run_config_from_dict({
-        "model": {"dim": 32, "n_layers": 1, "n_heads": 2, "ffn_dim": 64, "vocab_size": 356, "max_seq_len": 64},
+def builtin_shapes_config(tmp_path, **model):
+    """A toy run on the built-in shapes (200 images, 2 autoencoder steps) with a BPE of the captions and
+    held-out losses at step 2; `model` changes model keys."""
+    return run_config_from_dict({
+        "model": {"dim": 32, "n_layers": 1, "n_heads": 2, "ffn_dim": 64, "vocab_size": 356, "max_seq_len": 64, **model},
         "tokenizer": {"kind": "hf", "max_text_tokens": 32},
         "data": {"builtin": "shapes", "builtin_dir": str(tmp_path / "data"), "builtin_num_images": 200,
                  "builtin_vae_steps": 2},
         "optim": {"warmup_steps": 1, "ema_decay": 0.0},
         "train": {"max_steps": 2, "batch_size": 4, "progress": False, "tensorboard": False, "device": "cpu",
                   "eval_every": 2, "eval_samples": 8}})
+
+
+def test_builtin_data_brings_val_split_and_bpe_tokenizer(tmp_path):
+    """`data.builtin` with `tokenizer.kind: hf` and no path: images, VAE, train/val caches and a BPE of the
+    captions are built, the resolved config records them, and held-out losses run on the val cache."""
+    config = builtin_shapes_config(tmp_path)
     train(config, tmp_path / "run")
     saved = load_run_config(tmp_path / "run" / "config.yaml")
     root = tmp_path / "data" / "shapes-32"
@@ -35,15 +41,7 @@ def test_builtin_data_for_a_model_of_image_tokens_brings_a_vq_tokenizer_and_code
     the VAE's (vq/, codes/, codes-val/); held-out losses are next-code NLLs, with no timestep quarters."""
     from transfusion_mot.data.latents import LatentDataset
 
-    config = run_config_from_dict({
-        "model": {"dim": 32, "n_layers": 1, "n_heads": 2, "ffn_dim": 64, "vocab_size": 356, "max_seq_len": 96,
-                  "image_objective": "tokens", "codebook_size": 256},
-        "tokenizer": {"kind": "hf", "max_text_tokens": 32},
-        "data": {"builtin": "shapes", "builtin_dir": str(tmp_path / "data"), "builtin_num_images": 200,
-                 "builtin_vae_steps": 2},
-        "optim": {"warmup_steps": 1, "ema_decay": 0.0},
-        "train": {"max_steps": 2, "batch_size": 4, "progress": False, "tensorboard": False, "device": "cpu",
-                  "eval_every": 2, "eval_samples": 8}})
+    config = builtin_shapes_config(tmp_path, max_seq_len=96, image_objective="tokens", codebook_size=256)
     train(config, tmp_path / "run")
     root = tmp_path / "data" / "shapes-32"
     saved = load_run_config(tmp_path / "run" / "config.yaml")
