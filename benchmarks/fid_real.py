@@ -27,14 +27,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from eval.fid import (
-    FeatureSet,
-    FeatureStats,
-    extractor_identity,
-    features_of,
-    frechet_distance,
-    kernel_distance,
-)
+from eval.features import FeatureSet, features_of, inception_space
+from eval.fid import FeatureStats, frechet_distance, kernel_distance
 from eval.images import captioned_images
 from eval.inception import load_inception
 
@@ -62,14 +56,14 @@ def main(argv: list[str] | None = None) -> int:
     ensure_data("shapes", work / "shapes", ["--num", "1000"])
 
     model = load_inception(args.inception)
-    identity = extractor_identity(model)
+    space = inception_space(model)
     print(f"Inception: {model.path} ({model.source}) sha256 {model.sha256}", flush=True)
     sets = {}
     for name, folder, split in [("emoji_train", "emoji", "train"), ("emoji_val", "emoji", "val"),
                                 ("shapes_train", "shapes", "train"), ("shapes_val", "shapes", "val")]:
         paths, _ = captioned_images(work / folder, split=split)
-        fs = features_of(paths[: args.max_images], model, batch_size=args.batch_size)
-        stats = FeatureStats.from_features(fs, identity)
+        fs = features_of(paths[: args.max_images], space, batch_size=args.batch_size)
+        stats = FeatureStats.from_features(fs, space)
         stats.save(work / f"{name}.npz")
         sets[name] = {"stats": stats, "n": fs.n, "seconds": round(fs.seconds, 1),
                       "images_per_s": round(fs.n / fs.seconds, 2)}
@@ -78,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def merged(a: str, b: str) -> FeatureStats:
         feats = np.concatenate([sets[a]["stats"].features, sets[b]["stats"].features])
-        return FeatureStats.from_features(FeatureSet(feats, f"{a}+{b}"), identity)
+        return FeatureStats.from_features(FeatureSet(feats, f"{a}+{b}"), space)
 
     shapes_all = merged("shapes_train", "shapes_val")
     emoji_train = sets["emoji_train"]["stats"]

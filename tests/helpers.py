@@ -230,6 +230,37 @@ def make_tiny_clip(directory: Path, image_size: int = 32) -> Path:
     return directory
 
 
+def scipy_frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
+    """The closed form with scipy's sqrtm of the covariance product, as pytorch-fid and clean-fid write it."""
+    import warnings
+
+    from scipy import linalg
+
+    mu1, mu2 = a.mean(0), b.mean(0)
+    s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        covmean = linalg.sqrtm(s1 @ s2).real
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
+
+
+def make_tiny_timm_vit(directory: Path, img_size: int = 224, seed: int = 0) -> Path:
+    """A randomly initialised DINOv2-shaped timm ViT (patch 14, width 32, 2 blocks) saved with
+    timm.models.save_for_hf: what `local-dir:PATH` and the Hugging Face cache hold for a real one."""
+    import timm
+
+    torch.manual_seed(seed)
+    args = {"embed_dim": 32, "depth": 2, "num_heads": 2, "img_size": img_size}
+    model = timm.create_model("vit_small_patch14_dinov2", pretrained=False, **args)
+    with torch.no_grad():  # random but not degenerate: DINOv2's layer scales start at 1e-5, which would leave
+        for block in model.blocks:  # the class token blind to the image; position embeddings as large as trained ones
+            block.ls1.gamma.fill_(1.0)
+            block.ls2.gamma.fill_(1.0)
+        model.pos_embed.normal_(0, 0.5)
+    timm.models.save_for_hf(model, str(directory), model_args=args, safe_serialization=True)
+    return directory
+
+
 def kill_all(pid: int) -> None:
     """SIGKILL a process and every process it started, at once, as a power cut would: torchrun starts its
     workers in sessions of their own, so killing its process group alone leaves them running. The tree is

