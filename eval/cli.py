@@ -55,13 +55,14 @@ def _fmt(value: Any) -> str:
 # commands
 
 
-def cmd_fid(args: argparse.Namespace) -> int:
-    from .fid import compute_fid, save_reference_stats
+def _distance(args: argparse.Namespace, kid: bool) -> tuple[dict[str, Any], list[str] | None]:
+    """`fid` and `fd`: save --real's statistics and/or compute the distance; (result, the lines to print when
+    statistics were only saved, else None)."""
+    from .fid import compute_fd, save_reference_stats
 
     if args.fake is None and args.save_stats is None:
-        raise InvalidInput("give --fake (to compute FID) and/or --save-stats (to save --real's statistics)")
-    common = {"inception": args.inception, "batch_size": args.batch_size, "device": _device(args),
-              "allow_download": args.allow_download, "workers": args.workers}
+        raise InvalidInput("give --fake (to compute the distance) and/or --save-stats (to save --real's statistics)")
+    common = _feature_args(args)
     saved = None
     real: Any = args.real
     if args.save_stats:
@@ -70,17 +71,25 @@ def cmd_fid(args: argparse.Namespace) -> int:
         saved = save_reference_stats(args.real, args.save_stats, max_images=args.max_images, **common)
         real = args.save_stats
     if args.fake is None:
-        _emit(saved, args.json, [f"saved statistics of {saved['n']} images from {args.real} to {saved['stats']}",
-                                 f"extractor sha256 {saved['extractor_sha256']}"])
-        return 0
-    result = compute_fid(real, args.fake, kid=not args.no_kid, kid_subsets=args.kid_subsets, seed=args.seed,
-                         max_images=args.max_images, **common)
+        return saved, [(f"saved {saved['features']} statistics of {saved['n']} images from {args.real} to "
+                       f"{saved['stats']}"), _space_line(saved)]
+    result = compute_fd(real, args.fake, max_images=args.max_images, kid=kid,
+                        kid_subsets=getattr(args, "kid_subsets", 100), seed=getattr(args, "seed", 0), **common)
     if saved:
         result["saved_stats"] = saved["stats"]
-    _emit(result, args.json, [(f"FID {result['fid']:.4f}  KID {_fmt(result['kid'])}  ({result['n_fake']} fake vs "
-                              f"{result['n_real']} real, mode {result['mode']})"),
-                              f"skipped unreadable: real {result['skipped_real']}, fake {result['skipped_fake']}",
-                              f"extractor sha256 {result['extractor_sha256']}"])
+    return result, None
+
+
+def _skipped_line(result: dict[str, Any]) -> str:
+    return f"skipped unreadable: real {result['skipped_real']}, fake {result['skipped_fake']}"
+
+
+def cmd_fid(args: argparse.Namespace) -> int:
+    args.features, args.model = "inception", args.inception
+    result, saved_lines = _distance(args, kid=not args.no_kid)
+    _emit(result, args.json, saved_lines or [
+        (f"FID {result['fid']:.4f}  KID {_fmt(result['kid'])}  ({result['n_fake']} fake vs {result['n_real']} real, "
+        f"mode {result['mode']})"), _skipped_line(result), f"extractor sha256 {result['extractor_sha256']}"])
     return 0
 
 
@@ -99,29 +108,10 @@ def _space_line(result: dict[str, Any]) -> str:
 
 
 def cmd_fd(args: argparse.Namespace) -> int:
-    from .fid import compute_fd, save_reference_stats
-
-    if args.fake is None and args.save_stats is None:
-        raise InvalidInput("give --fake (to compute the distance) and/or --save-stats (to save --real's statistics)")
-    common = _feature_args(args)
-    saved = None
-    real: Any = args.real
-    if args.save_stats:
-        if str(args.real).endswith(".npz"):
-            raise InvalidInput("--save-stats needs --real to be an image folder, not a statistics file")
-        saved = save_reference_stats(args.real, args.save_stats, max_images=args.max_images, **common)
-        real = args.save_stats
-    if args.fake is None:
-        _emit(saved, args.json, [(f"saved {saved['features']} statistics of {saved['n']} images from {args.real} to "
-                                 f"{saved['stats']}"), _space_line(saved)])
-        return 0
-    result = compute_fd(real, args.fake, max_images=args.max_images, **common)
-    if saved:
-        result["saved_stats"] = saved["stats"]
-    _emit(result, args.json, [(f"FD-{result['features']} {result['fd']:.4f}  ({result['n_fake']} fake vs "
-                              f"{result['n_real']} real; {result['small_n']})"),
-                              f"skipped unreadable: real {result['skipped_real']}, fake {result['skipped_fake']}",
-                              _space_line(result)])
+    result, saved_lines = _distance(args, kid=False)
+    _emit(result, args.json, saved_lines or [
+        (f"FD-{result['features']} {result['fd']:.4f}  ({result['n_fake']} fake vs {result['n_real']} real; "
+        f"{result['small_n']})"), _skipped_line(result), _space_line(result)])
     return 0
 
 
@@ -132,7 +122,7 @@ def cmd_prdc(args: argparse.Namespace) -> int:
     _emit(result, args.json, ["  ".join(f"{key} {result[key]:.4f}" for key in ("precision", "recall", "density",
                                                                               "coverage"))
                               + f"  ({result['n_fake']} fake vs {result['n_real']} real; {result['note']})",
-                              f"skipped unreadable: real {result['skipped_real']}, fake {result['skipped_fake']}",
+                              _skipped_line(result),
                               _space_line(result)])
     return 0
 
