@@ -26,6 +26,7 @@ from transfusion_mot.common.files import write_jsonl
 from transfusion_mot.common.images import image_grid, to_pil
 from transfusion_mot.data.imageio import save_images, write_metadata
 
+from .dinov2 import DEFAULT_DINOV2_MODEL
 from .images import LazyImages, SkipCounter, list_images
 
 GenerateFn = Callable[[list[str], int], list[Any]]
@@ -58,9 +59,6 @@ def generate_images(generate: GenerateFn, prompts: Sequence[str], out_dir: str |
                                          "file_name": r["file_name"]} for r in rows])
     return {"n": len(rows), "seconds": round(seconds, 2), "images_per_s": round(len(rows) / seconds, 3) if seconds else None,
             "paths": [str(out / r["file_name"]) for r in rows]}
-
-
-DEFAULT_DINOV2_MODEL = "vit_large_patch14_dinov2.lvd142m"  # as eval.dinov2 (not imported: it imports timm)
 
 
 @dataclass
@@ -107,12 +105,13 @@ def run_bench(generate: GenerateFn, prompts: Sequence[str], out_dir: str | os.Pa
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {"n": len(prompts), "seed": spec.seed, "batch_size": spec.batch_size, **(extra or {})}
+    real = spec.real_dir
+    real_paths = (list_images(real) if isinstance(real, (str, os.PathLike)) else list(real)) if real else None
+    spaces = prepare_feature_spaces(spec, real_paths)
     gen = generate_images(generate, prompts, out, spec.batch_size, spec.seed, quiet)
     report["generation"] = {"seconds": gen["seconds"], "images_per_s": gen["images_per_s"]}
     fakes = LazyImages(gen["paths"])
-    real = spec.real_dir
-    real_paths = (list_images(real) if isinstance(real, (str, os.PathLike)) else list(real)) if real else None
-    report.update(_feature_metrics(spec, gen["paths"], real_paths, quiet))
+    report.update(_feature_metrics(spec, spaces, gen["paths"], quiet))
     report["clip"], report["cmmd"] = _clip_and_cmmd(spec, fakes, prompts, real_paths, quiet)
     report["align"], verdicts = _alignment(spec, fakes, prompts)
     report["summary"] = summarise(report)
@@ -141,37 +140,80 @@ def _space_extractor(space: str, spec: BenchSpec) -> Any:
     return clip_space(bundle)
 
 
-def _feature_metrics(spec: BenchSpec, fakes: list[str], real_paths: list[str] | None,
-                     quiet: bool) -> dict[str, Any]:
-    """FID/KID, FD-DINOv2 and precision/recall/density/coverage: one feature pass per space and side."""
+@dataclass
+class FeatureSpaces:
+    """What the benchmark measures in feature spaces, settled before any image is generated: per space, its
+    network and reference (a statistics file or the real images), or why it is skipped."""
+
+    extractors: dict[str, Any]
+    references: dict[str, Any]
+    skipped: dict[str, str]
+    prdc_space: str
+
+
+def prepare_feature_spaces(spec: BenchSpec, real_paths: list[str] | None) -> FeatureSpaces:
+    """Load the networks and check the references first, so that a mistake (two statistics files of one space,
+    statistics of a space not computed, or made with other weights) fails before the images, not after them."""
     from transfusion_mot.common.errors import UserError
 
-    from .fid import distances, reference_of, small_n_note, stats_of
-    from .prdc import prdc_note, prdc_of_stats
+    from .features import check_space
+    from .fid import FeatureStats, reference_stats_by_space
 
+    if spec.prdc_features is not None:
+        check_space(spec.prdc_features)
+    if spec.dinov2_model is None and spec.prdc_features == "dinov2":
+        raise InvalidInput("precision/recall in DINOv2 features need a DINOv2 network: drop --no-dinov2 "
+                           "(dinov2_model=None) or choose other --prdc-features")
     wanted = ["inception"] + (["dinov2"] if spec.dinov2_model is not None else [])
-    prdc_space = spec.prdc_features
-    if prdc_space is not None and prdc_space not in wanted:
-        wanted.append(prdc_space)
-    stats: dict[str, tuple[Any, Any]] = {}
-    skipped: dict[str, str] = {}
-    described: dict[str, Any] = {}
+    if spec.prdc_features is not None and spec.prdc_features not in wanted:
+        wanted.append(spec.prdc_features)
+    by_space = reference_stats_by_space(spec.ref_stats)
+    unused = sorted(set(by_space) - set(wanted))
+    if unused:
+        raise InvalidInput(f"reference statistics of {', '.join(unused)} features ({by_space[unused[0]]}), which this "
+                           "benchmark does not compute")
+    spaces = FeatureSpaces({}, {}, {}, spec.prdc_features or "")
     for space in wanted:
-        reference = reference_of(spec.ref_stats, space) or real_paths
+        reference = by_space.get(space) or real_paths
         if reference is None:
-            skipped[space] = (f"no reference: pass real images (real_dir) or {space} statistics (ref_stats)"
-                              + ("; the statistics given hold other features" if spec.ref_stats else ""))
+            spaces.skipped[space] = f"no reference: pass real images (real_dir) or {space} statistics (ref_stats)"
             continue
         try:
             extractor = _space_extractor(space, spec)
+        except UserError as err:  # no network here (not in the cache, no Inception file, no CLIP model)
+            spaces.skipped[space] = str(err)
+            continue
+        if space in by_space:
+            FeatureStats.load(by_space[space]).check_compatible(extractor, what=f"the {space} reference statistics")
+        spaces.extractors[space], spaces.references[space] = extractor, reference
+    if not spaces.prdc_space:
+        spaces.prdc_space = "dinov2" if "dinov2" in spaces.extractors else "inception"
+    return spaces
+
+
+def _feature_metrics(spec: BenchSpec, spaces: FeatureSpaces, fakes: list[str], quiet: bool) -> dict[str, Any]:
+    """FID/KID, FD-DINOv2 and precision/recall/density/coverage: one feature pass per space and side."""
+    from transfusion_mot.common.errors import UserError
+
+    from .fid import distances, small_n_note, stats_of
+    from .prdc import prdc_note, prdc_of_stats
+
+    stats: dict[str, tuple[Any, Any]] = {}
+    skipped = dict(spaces.skipped)
+    described: dict[str, Any] = {}
+    for space, extractor in spaces.extractors.items():
+        reference = spaces.references[space]
+        try:
             _log(f"bench: {space} features ...", quiet)
             real_stats, real_report = stats_of(reference, extractor, 32, spec.device, what="real")
             fake_stats, fake_report = stats_of(fakes, extractor, 32, spec.device, what="fake")
-        except UserError as err:  # no network, or too few readable images
+        except UserError as err:  # too few readable images
             skipped[space] = str(err)
             continue
         stats[space] = (real_stats, fake_stats)
         described[space] = {**extractor.describe(), "n_real": real_stats.n, "n_fake": fake_stats.n,
+                            "reference": str(reference) if isinstance(reference, (str, os.PathLike))
+                            else real_report["source"],
                             "skipped_real": real_report.get("skipped", {}).get("count", 0),
                             "skipped_fake": fake_report.get("skipped", {}).get("count", 0),
                             "real": real_report, "fake": fake_report}
@@ -188,15 +230,14 @@ def _feature_metrics(spec: BenchSpec, fakes: list[str], real_paths: list[str] | 
         result["fd_dinov2"] = distance("dinov2", False)
     else:
         result["fd_dinov2"] = {"skipped": "no DINOv2 network asked for (dinov2_model=None)"}
-    if prdc_space is None:
-        prdc_space = "dinov2" if "dinov2" in stats else "inception"
+    prdc_space = spaces.prdc_space
     if prdc_space in stats:
         real_stats, fake_stats = stats[prdc_space]
         _log(f"bench: precision/recall in {prdc_space} features ...", quiet)
         try:
             result["prdc"] = {**prdc_of_stats(real_stats, fake_stats, spec.prdc_k, spec.device),
                               **described[prdc_space], "note": prdc_note(spec.prdc_k)}
-        except UserError as err:  # fewer images than k + 1, statistics without features
+        except UserError as err:  # fewer images than k + 1
             result["prdc"] = {"skipped": str(err)}
     else:
         result["prdc"] = {"skipped": skipped.get(prdc_space, f"no {prdc_space} features")}
@@ -278,22 +319,24 @@ def metric_rows(report: dict[str, Any]) -> list[tuple[str, str, str]]:
         rows.append(("FID", "–", f"skipped: {fid['skipped']}"))
     else:
         rows.append((f"FID (clean, {fid['n_fake']} vs {fid['n_real']})", _distance(fid["fid"]),
-                     f"{_network(fid)}; {fid['small_n']}"))
+                     f"{_network(fid)}; reference {fid['reference']}; {fid['small_n']}"))
         kid = fid.get("kid_skipped") or f"clean-fid definition (unbiased in n), subsets drawn with seed {fid.get('kid_seed')}"
         rows.append(("KID", _fmt(fid.get("kid")), kid))
     fd = report.get("fd_dinov2", {})
     if "skipped" in fd:
         rows.append(("FD-DINOv2", "–", f"skipped: {fd['skipped']}"))
     elif fd:
-        rows.append((f"FD-DINOv2 ({fd['n_fake']} vs {fd['n_real']})", _distance(fd["fd"]),
-                     f"{_network(fd)}; {fd['small_n']}"))
+        label = "FD-DINOv2" if "dinov2" in str(fd["extractor"]).lower() else f"FD ({fd['extractor']})"
+        rows.append((f"{label} ({fd['n_fake']} vs {fd['n_real']})", _distance(fd["fd"]),
+                     f"{_network(fd)}; reference {fd['reference']}; {fd['small_n']}"))
     prdc = report.get("prdc", {})
     if "skipped" in prdc:
         rows.append(("precision/recall/density/coverage", "–", f"skipped: {prdc['skipped']}"))
     elif prdc:
         for key in PRDC_KEYS:
             rows.append((f"{key} ({prdc['features']}, k={prdc['k']})", _fmt(prdc[key]),
-                         f"{prdc['n_fake']} vs {prdc['n_real']}; {prdc['note']}" if key == "precision"
+                         f"{prdc['n_fake']} vs {prdc['n_real']}, reference {prdc['reference']}; {prdc['note']}"
+                         if key == "precision"
                          else "same features and manifolds"))
     clip = report.get("clip", {})
     rows.append(("CLIP score (×100)", _fmt(clip.get("clip_score")),

@@ -55,7 +55,7 @@ def _fmt(value: Any) -> str:
 # commands
 
 
-def _distance(args: argparse.Namespace, kid: bool) -> tuple[dict[str, Any], list[str] | None]:
+def _distance(args: argparse.Namespace, kid: bool, default_space: str) -> tuple[dict[str, Any], list[str] | None]:
     """`fid` and `fd`: save --real's statistics and/or compute the distance; (result, the lines to print when
     statistics were only saved, else None)."""
     from .fid import compute_fd, save_reference_stats
@@ -68,12 +68,15 @@ def _distance(args: argparse.Namespace, kid: bool) -> tuple[dict[str, Any], list
     if args.save_stats:
         if str(args.real).endswith(".npz"):
             raise InvalidInput("--save-stats needs --real to be an image folder, not a statistics file")
-        saved = save_reference_stats(args.real, args.save_stats, max_images=args.max_images, **common)
+        if not str(args.save_stats).endswith(".npz"):
+            raise InvalidInput(f"--save-stats names a .npz file, got {args.save_stats}")
+        saved = save_reference_stats(args.real, args.save_stats, max_images=args.max_images,
+                                     **{**common, "features": common["features"] or default_space})
         real = args.save_stats
     if args.fake is None:
         return saved, [(f"saved {saved['features']} statistics of {saved['n']} images from {args.real} to "
                        f"{saved['stats']}"), _space_line(saved)]
-    result = compute_fd(real, args.fake, max_images=args.max_images, kid=kid,
+    result = compute_fd(real, args.fake, max_images=args.max_images, kid=kid, default_space=default_space,
                         kid_subsets=getattr(args, "kid_subsets", 100), seed=getattr(args, "seed", 0), **common)
     if saved:
         result["saved_stats"] = saved["stats"]
@@ -85,8 +88,8 @@ def _skipped_line(result: dict[str, Any]) -> str:
 
 
 def cmd_fid(args: argparse.Namespace) -> int:
-    args.features, args.model = "inception", args.inception
-    result, saved_lines = _distance(args, kid=not args.no_kid)
+    args.features, args.model = "inception", None
+    result, saved_lines = _distance(args, kid=not args.no_kid, default_space="inception")
     _emit(result, args.json, saved_lines or [
         (f"FID {result['fid']:.4f}  KID {_fmt(result['kid'])}  ({result['n_fake']} fake vs {result['n_real']} real, "
         f"mode {result['mode']})"), _skipped_line(result), f"extractor sha256 {result['extractor_sha256']}"])
@@ -95,11 +98,8 @@ def cmd_fid(args: argparse.Namespace) -> int:
 
 def _feature_args(args: argparse.Namespace) -> dict[str, Any]:
     """The feature space, its network and how to run it, from the flags `fd`, `prdc` and `fid` share."""
-    model = getattr(args, "model", None)
-    if model is None and args.features == "inception":
-        model = args.inception
-    return {"features": args.features, "model": model, "batch_size": args.batch_size, "device": _device(args),
-            "allow_download": args.allow_download, "workers": args.workers}
+    return {"features": args.features, "model": args.model, "inception": args.inception, "batch_size": args.batch_size,
+            "device": _device(args), "allow_download": args.allow_download, "workers": args.workers}
 
 
 def _space_line(result: dict[str, Any]) -> str:
@@ -108,7 +108,7 @@ def _space_line(result: dict[str, Any]) -> str:
 
 
 def cmd_fd(args: argparse.Namespace) -> int:
-    result, saved_lines = _distance(args, kid=False)
+    result, saved_lines = _distance(args, kid=False, default_space="dinov2")
     _emit(result, args.json, saved_lines or [
         (f"FD-{result['features']} {result['fd']:.4f}  ({result['n_fake']} fake vs {result['n_real']} real; "
         f"{result['small_n']})"), _skipped_line(result), _space_line(result)])
@@ -360,7 +360,8 @@ def _inception_flags(p: argparse.ArgumentParser, download: str = "NVIDIA's incep
 
 def _feature_flags(p: argparse.ArgumentParser) -> None:
     """The flags of commands that compute features: the space, its network, the real side, how to run."""
-    p.add_argument("--features", choices=FEATURE_SPACES, default="dinov2", help="feature space (default: dinov2)")
+    p.add_argument("--features", choices=FEATURE_SPACES, default=None,
+                   help="feature space (default: that of a statistics .npz given, else dinov2)")
     p.add_argument("--model", default=None,
                    help=f"dinov2: timm name, hf-hub:ID or local-dir:PATH (default {DEFAULT_DINOV2_MODEL}); inception: "
                         f"weights file; clip: hub id or directory (default {DEFAULT_CMMD_MODEL})")

@@ -8,8 +8,9 @@ the feature dgm-eval reads from the torch.hub DINOv2.
 dgm-eval feeds 224 x 224 images to a network trained at 518 x 518, and the hub model interpolates its
 position embeddings from 37 x 37 to 16 x 16 at every forward: bicubic, a scale factor of (16 + 0.1) / 37,
 no antialiasing. timm's own resampling (antialiased, by size) gives other numbers, so the embeddings are
-resampled here the hub's way, once, after loading. What is loaded is hashed from its weights file (or, for
-a network with no single file, its state dict), and every result says which network, file and resize made it.
+resampled here the hub's way, once, after loading. What is loaded is hashed (its state dict as loaded, so the
+same weights give the same sha256 from the hub cache or a local directory, in either file format), and every
+result says which network, file and resize made it.
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ from PIL import Image
 from transfusion_mot.common.errors import InputNotFound, InvalidInput
 
 from .features import FeatureExtractor, module_sha256
-from .inception import sha256_file
 
 DEFAULT_DINOV2_MODEL = "vit_large_patch14_dinov2.lvd142m"
 DINOV2_RESOLUTION = 224
@@ -59,12 +59,17 @@ def resolve_timm_model(name: str, allow_download: bool = False) -> tuple[str, Pa
         return f"local-dir:{path}", path
     if name.startswith("hf-hub:"):
         repo_id = name[len("hf-hub:"):]
+        if not repo_id:
+            raise InvalidInput("hf-hub: needs a repository id (hf-hub:ORG/NAME)")
     else:
         import timm
 
         if name.split(".")[0] not in timm.list_models():
             raise InvalidInput(f"unknown timm model {name!r} (a timm name, hf-hub:ID or local-dir:PATH)")
-        cfg = timm.models.get_pretrained_cfg(name)
+        try:
+            cfg = timm.models.get_pretrained_cfg(name)
+        except RuntimeError as err:  # a known architecture with an unknown pretrained tag
+            raise InvalidInput(f"unknown timm model {name!r}: {str(err).splitlines()[0][:160]}") from None
         repo_id = getattr(cfg, "hf_hub_id", None) if cfg is not None else None
         if not repo_id:
             if not allow_download:
@@ -87,6 +92,8 @@ def resolve_timm_model(name: str, allow_download: bool = False) -> tuple[str, Pa
     except OSError as err:
         raise FeatureNetNotFound(f"could not fetch timm model {name!r} ({repo_id}): {str(err).splitlines()[0][:160]}; "
                                  f"{_how_to_provide(name)}") from None
+    except ValueError as err:  # huggingface_hub's HFValidationError: not a valid repository id
+        raise InvalidInput(f"{name!r} is not a valid hub id: {str(err).splitlines()[0][:160]}") from None
     return f"local-dir:{folder}", folder
 
 
@@ -111,8 +118,12 @@ def _set_resolution(model: torch.nn.Module, resolution: int) -> str:
     was done. Networks without absolute position embeddings (CNNs) take any size as they are."""
     pos_embed = getattr(model, "pos_embed", None)
     patch_embed = getattr(model, "patch_embed", None)
-    if pos_embed is None or patch_embed is None or not hasattr(model, "set_input_size"):
+    if pos_embed is None or patch_embed is None:
         return "no position embeddings to resample"
+    if not hasattr(model, "set_input_size"):
+        import timm
+
+        raise InvalidInput(f"this timm ({timm.__version__}) cannot set a ViT's input size; pip install 'timm>=1.0.20'")
     patch = patch_embed.patch_size[0]
     if resolution % patch:
         raise InvalidInput(f"resolution {resolution} is not a multiple of the patch size {patch}")
@@ -143,11 +154,10 @@ def load_timm_extractor(name: str = DEFAULT_DINOV2_MODEL, resolution: int = DINO
         model = timm.create_model(source, pretrained=True, num_classes=0)
     except (OSError, RuntimeError, ValueError, KeyError) as err:
         raise InvalidInput(f"could not load timm model {name!r}: {str(err).strip().splitlines()[0][:200]}") from None
-    model = model.eval().requires_grad_(False)
     weights = next((folder / w for w in WEIGHT_FILES if folder is not None and (folder / w).is_file()), None)
-    sha = sha256_file(weights) if weights is not None else module_sha256(model, name)
+    sha = module_sha256(model)  # the weights as loaded, whichever route (cache, local-dir, file format) they came by
     resampled = _set_resolution(model, resolution)
-    model = model.to(device)
+    model = model.eval().requires_grad_(False).to(device)
     data = timm.data.resolve_model_data_config(model)
     mean = np.asarray(data["mean"], dtype=np.float32).reshape(3, 1, 1)
     std = np.asarray(data["std"], dtype=np.float32).reshape(3, 1, 1)

@@ -135,14 +135,7 @@ def clip_space(bundle: Any) -> FeatureExtractor:
     def preprocess(image: np.ndarray) -> np.ndarray:
         return squash_pixels(bundle, [image])[0].numpy()
 
-    weights = Path(str(bundle.model_id)).expanduser() / "model.safetensors"
-    if weights.is_file():
-        from .inception import sha256_file
-
-        identity = {"extractor": f"clip:{bundle.model_id}", "extractor_sha256": sha256_file(weights),
-                    "extractor_path": str(weights)}
-    else:  # a hub id: the weights as loaded
-        identity = {"extractor": f"clip:{bundle.model_id}", "extractor_sha256": module_sha256(bundle.model)}
+    identity = {"extractor": f"clip:{bundle.model_id}", "extractor_sha256": module_sha256(bundle.model)}
     return FeatureExtractor("clip", lambda x: embed_pixels(bundle, x), preprocess, identity, "clip-squash", size,
                             f"bicubic resize of the whole image to {size}x{size} (no crop), CLIP mean/std; "
                             "L2-normalised image embedding", bundle.model)

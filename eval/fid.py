@@ -76,6 +76,7 @@ class FeatureStats:
     features: np.ndarray | None = None
     created: str = ""
     space: str = "inception"
+    preprocessing: str = ""
 
     @classmethod
     def from_features(cls, fs: FeatureSet, extractor: FeatureExtractor) -> FeatureStats:
@@ -87,12 +88,18 @@ class FeatureStats:
                    extractor=extractor.identity["extractor"], extractor_sha256=extractor.identity["extractor_sha256"],
                    source=fs.source, mode=extractor.mode, resolution=extractor.resolution, features=fs.features,
                    created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                   space=extractor.space)
+                   space=extractor.space, preprocessing=extractor.preprocessing)
 
     def meta(self) -> dict[str, Any]:
         return {"format": STATS_FORMAT, "features": self.space, "n": self.n, "extractor": self.extractor,
                 "extractor_sha256": self.extractor_sha256, "mode": self.mode, "resolution": self.resolution,
-                "source": self.source, "feature_dim": int(self.mu.shape[0]), "created": self.created}
+                "preprocessing": self.preprocessing, "source": self.source, "feature_dim": int(self.mu.shape[0]),
+                "created": self.created}
+
+    def describe(self) -> dict[str, Any]:
+        """What a result records of these features (as :meth:`FeatureExtractor.describe` for a network)."""
+        return {"features": self.space, "extractor": self.extractor, "extractor_sha256": self.extractor_sha256,
+                "mode": self.mode, "resolution": self.resolution, "preprocessing": self.preprocessing}
 
     def save(self, path: str | os.PathLike, include_features: bool = True) -> Path:
         """Write ``mu``, ``sigma`` (clean-fid's key names), ``meta`` (JSON) and optionally ``feats``."""
@@ -129,7 +136,33 @@ class FeatureStats:
                    extractor=meta.get("extractor", "unknown"), extractor_sha256=meta.get("extractor_sha256"),
                    source=meta.get("source", str(path)), mode=meta.get("mode", CLEAN_MODE),
                    resolution=int(meta.get("resolution", INCEPTION_RESOLUTION)), features=feats,
-                   created=meta.get("created", ""), space=meta.get("features", "inception"))
+                   created=meta.get("created", ""), space=meta.get("features", "inception"),
+                   preprocessing=meta.get("preprocessing", ""))
+
+    @staticmethod
+    def read_meta(path: str | os.PathLike) -> dict[str, Any]:
+        """A statistics file's metadata alone (its arrays are not read): Inception for a bare clean-fid file."""
+        path = Path(path)
+        if not path.is_file():
+            raise StatsNotFound(f"reference statistics not found: {path}")
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                if "mu" not in data.files or "sigma" not in data.files:
+                    raise InvalidInput(f"{path} lacks 'mu' and 'sigma' arrays: not feature statistics")
+                meta = json.loads(str(data["meta"])) if "meta" in data.files else {}
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+            if isinstance(err, InvalidInput):
+                raise
+            raise InvalidInput(f"{path} is not a statistics .npz file: {type(err).__name__}: {err}") from None
+        return {"features": "inception", **meta}
+
+    def check_same_features(self, other: FeatureStats) -> None:
+        """Refuse comparing statistics of two kinds of features (space, weights, resize)."""
+        mine, theirs = self.describe(), other.describe()
+        for key in ("features", "extractor_sha256", "mode", "resolution"):
+            if None not in (mine[key], theirs[key]) and mine[key] != theirs[key]:
+                raise StatsMismatch(f"{other.source} and {self.source} hold different features ({key} "
+                                    f"{str(theirs[key])[:16]} vs {str(mine[key])[:16]}): recompute one of them")
 
     def check_compatible(self, extractor: FeatureExtractor, what: str = "reference statistics") -> None:
         """Refuse statistics made in another feature space, with other weights or another preprocessing."""
@@ -223,9 +256,8 @@ def load_feature_extractor(space: str = "inception", model: str | os.PathLike | 
     ``model``: ``inception``: the TorchScript weights file (default: the lookup of
     :func:`eval.inception.resolve_inception_weights`); ``dinov2``: a timm name, ``hf-hub:ID`` or
     ``local-dir:PATH`` (default ``vit_large_patch14_dinov2.lvd142m``); ``clip``: a CLIP hub id or directory
-    (default CMMD's ``openai/clip-vit-large-patch14-336``, loaded as `tmot eval cmmd` loads it). Inception and
-    DINOv2 weights are not downloaded without ``allow_download`` (a hub model already in the Hugging Face cache
-    loads offline)."""
+    (default CMMD's ``openai/clip-vit-large-patch14-336``). Nothing is downloaded without ``allow_download``
+    (a hub model already in the Hugging Face cache loads offline)."""
     check_space(space)
     if space == "inception":
         from .inception import load_inception
@@ -238,7 +270,7 @@ def load_feature_extractor(space: str = "inception", model: str | os.PathLike | 
     from .clip import load_clip
     from .cmmd import DEFAULT_CMMD_MODEL
 
-    return clip_space(load_clip(model or DEFAULT_CMMD_MODEL, device))
+    return clip_space(load_clip(model or DEFAULT_CMMD_MODEL, device, local_files_only=None if allow_download else True))
 
 
 def resolve_extractor(extractor: AnyExtractor | None = None, inception: str | os.PathLike | None = None,
@@ -253,8 +285,8 @@ def resolve_extractor(extractor: AnyExtractor | None = None, inception: str | os
 
 def small_n_note(space: str) -> str:
     """The bias of a Frechet distance at small n, said next to each number."""
-    return ("biased upward at small n (the covariance estimate adds roughly 1/n): compare only at equal image "
-            f"counts, never with a number from another n ({space} features)")
+    return ("biased upward at small n, by about c/n_real + c/n_fake with c set by the data and the features "
+            f"({space}; several FID points at 1k images): compare only at equal image counts")
 
 
 def distances(real: FeatureStats, fake: FeatureStats, *, kid: bool = True, kid_subsets: int = 100,
@@ -276,27 +308,76 @@ def distances(real: FeatureStats, fake: FeatureStats, *, kid: bool = True, kid_s
     return result
 
 
+@dataclass
+class StatsPair:
+    """The statistics of both sides in one feature space, what made them, and how they were read."""
+
+    real: FeatureStats
+    fake: FeatureStats
+    described: dict[str, Any]
+    real_report: dict[str, Any]
+    fake_report: dict[str, Any]
+
+    def counts(self) -> dict[str, Any]:
+        return {"n_real": self.real.n, "n_fake": self.fake.n,
+                "skipped_real": self.real_report.get("skipped", {}).get("count", 0),
+                "skipped_fake": self.fake_report.get("skipped", {}).get("count", 0),
+                **self.described, "real": self.real_report, "fake": self.fake_report}
+
+
+def _stats_space(source: Any) -> str | None:
+    if isinstance(source, FeatureStats):
+        return source.space
+    return FeatureStats.read_meta(source)["features"] if _is_stats_file(source) else None
+
+
+def stats_pair(real: ImageSource | FeatureStats, fake: ImageSource | FeatureStats,
+               extractor: AnyExtractor | None = None, *, features: str | None = None, default_space: str = "inception",
+               model: str | os.PathLike | None = None, inception: str | os.PathLike | None = None,
+               batch_size: int = 32, device: str | torch.device = "cpu", max_images: int | None = None,
+               allow_download: bool = False, workers: int = 0) -> StatsPair:
+    """Statistics of two sources in one feature space: ``features``, else that of a statistics file among them,
+    else ``default_space``; its network is ``model`` (``inception``: the Inception weights, when the space is
+    Inception's and ``model`` is None). Two statistics files are compared with each other without loading any
+    network."""
+    spaces = {space for space in (_stats_space(real), _stats_space(fake)) if space is not None}
+    if len(spaces) > 1:
+        raise StatsMismatch(f"the two statistics hold different features ({' and '.join(sorted(spaces))})")
+    space = features or (spaces.pop() if spaces else default_space)
+    both_stats = all(isinstance(x, FeatureStats) or _is_stats_file(x) for x in (real, fake))
+    if extractor is None and both_stats:
+        real_stats = real if isinstance(real, FeatureStats) else FeatureStats.load(real)
+        fake_stats = fake if isinstance(fake, FeatureStats) else FeatureStats.load(fake)
+        if real_stats.space != space:
+            raise StatsMismatch(f"{real_stats.source} holds {real_stats.space} features, not {space}")
+        real_stats.check_same_features(fake_stats)
+        return StatsPair(real_stats, fake_stats, real_stats.describe(), {"n": real_stats.n, "from_stats": True},
+                         {"n": fake_stats.n, "from_stats": True})
+    fx = resolve_extractor(extractor, inception, device, allow_download, features=space, model=model)
+    real_stats, real_report = stats_of(real, fx, batch_size, device, max_images, "real", workers)
+    fake_stats, fake_report = stats_of(fake, fx, batch_size, device, max_images, "fake", workers)
+    return StatsPair(real_stats, fake_stats, fx.describe(), real_report, fake_report)
+
+
 def compute_fd(real: ImageSource | FeatureStats, fake: ImageSource | FeatureStats, extractor: AnyExtractor | None = None,
-               *, features: str = "inception", model: str | os.PathLike | None = None,
-               inception: str | os.PathLike | None = None, batch_size: int = 32, device: str | torch.device = "cpu",
-               kid: bool = False, kid_subsets: int = 100, kid_subset_size: int = 1000, seed: int = 0,
+               *, features: str | None = None, default_space: str = "inception",
+               model: str | os.PathLike | None = None, inception: str | os.PathLike | None = None,
+               batch_size: int = 32, device: str | torch.device = "cpu", kid: bool = False, kid_subsets: int = 100, kid_subset_size: int = 1000, seed: int = 0,
                max_images: int | None = None, allow_download: bool = False, workers: int = 0) -> dict[str, Any]:
     """Frechet distance (and KID on request) between two sources in one feature space.
 
     Each side may be an image folder (recursive), a list of image files, a list of in-memory images, a
-    ``.npz`` statistics file, or :class:`FeatureStats`. ``extractor`` defaults to the network of
-    ``features`` (``model``, or ``inception`` for the Inception weights)."""
-    fx = resolve_extractor(extractor, inception, device, allow_download, features=features, model=model)
+    ``.npz`` statistics file, or :class:`FeatureStats`. ``extractor`` defaults to the network of ``features``
+    (default: a statistics file's own space, else ``default_space``; ``model``, or ``inception`` for the
+    Inception weights)."""
     t0 = time.perf_counter()
-    real_stats, real_report = stats_of(real, fx, batch_size, device, max_images, "real", workers)
-    fake_stats, fake_report = stats_of(fake, fx, batch_size, device, max_images, "fake", workers)
-    result = distances(real_stats, fake_stats, kid=kid, kid_subsets=kid_subsets, kid_subset_size=kid_subset_size,
+    pair = stats_pair(real, fake, extractor, features=features, default_space=default_space, model=model, inception=inception,
+                      batch_size=batch_size, device=device, max_images=max_images, allow_download=allow_download,
+                      workers=workers)
+    result = distances(pair.real, pair.fake, kid=kid, kid_subsets=kid_subsets, kid_subset_size=kid_subset_size,
                        seed=seed)
-    result.update({"n_real": real_stats.n, "n_fake": fake_stats.n,
-                   "skipped_real": real_report.get("skipped", {}).get("count", 0),
-                   "skipped_fake": fake_report.get("skipped", {}).get("count", 0),
-                   **fx.describe(), "small_n": small_n_note(fx.space),
-                   "real": real_report, "fake": fake_report, "seconds": round(time.perf_counter() - t0, 2)})
+    result.update({**pair.counts(), "small_n": small_n_note(pair.real.space),
+                   "seconds": round(time.perf_counter() - t0, 2)})
     return result
 
 
@@ -307,7 +388,7 @@ def compute_fid(real: ImageSource | FeatureStats, fake: ImageSource | FeatureSta
     :func:`eval.inception.resolve_inception_weights` (``inception=PATH`` names a file)."""
     if kwargs.get("features", "inception") != "inception":
         raise InvalidInput("compute_fid is the Inception space's distance; use compute_fd for other features")
-    return compute_fd(real, fake, extractor, kid=kid, **kwargs)
+    return compute_fd(real, fake, extractor, kid=kid, **{**kwargs, "features": "inception"})
 
 
 def fid_sampler_vs_stats(sample: Callable[[int], Any], num_images: int,
@@ -344,11 +425,13 @@ def save_reference_stats(source: ImageSource, out_path: str | os.PathLike, extra
             "images_per_s": report.get("images_per_s")}
 
 
-def reference_of(sources: Sequence[str | os.PathLike] | str | os.PathLike | None, space: str) -> Path | None:
-    """Of statistics files given for several feature spaces, the one that holds ``space``'s features."""
-    if sources is None:
-        return None
-    for source in [sources] if isinstance(sources, (str, os.PathLike)) else sources:
-        if FeatureStats.load(source).space == space:
-            return Path(source)
-    return None
+def reference_stats_by_space(sources: Sequence[str | os.PathLike] | str | os.PathLike | None) -> dict[str, Path]:
+    """Statistics files given for several feature spaces, by space (from each file's metadata alone); two files
+    of one space are refused."""
+    by_space: dict[str, Path] = {}
+    for source in [] if sources is None else [sources] if isinstance(sources, (str, os.PathLike)) else sources:
+        space = FeatureStats.read_meta(source)["features"]
+        if space in by_space:
+            raise InvalidInput(f"two reference statistics of {space} features: {by_space[space]} and {source}")
+        by_space[space] = Path(source)
+    return by_space

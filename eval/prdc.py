@@ -8,7 +8,9 @@ dense regions), coverage the share of real balls holding at least one fake image
 
 The definitions are the ``prdc`` package's (Naeem et al.'s own code), strict ``<`` included; the reference
 test compares with it. It builds the full N x N distance matrices with scikit-learn; here they are made in
-float64 row blocks on any torch device, so 50k x 50k never sits in memory and a GPU does the work.
+float64 row blocks on any torch device, so 50k x 50k never sits in memory and a GPU does the work. The one
+place the two can differ is an exact tie, a fake image at exactly the radius of a real one's ball (duplicate
+images): the package compares scikit-learn's float32 distances, with their round-off, these float64 ones.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import torch
 from transfusion_mot.common.errors import InvalidInput
 
 from .features import FeatureExtractor, ImageSource
-from .fid import FeatureStats, resolve_extractor, stats_of
+from .fid import FeatureStats, stats_pair
 
 DEFAULT_K = 5
 BLOCK_ELEMENTS = 1 << 24  # distances per block: 128 MiB of float64
@@ -36,7 +38,8 @@ def _distances(a: torch.Tensor, b: torch.Tensor, b_sq: torch.Tensor) -> torch.Te
     return d2.clamp_min_(0.0).sqrt_()
 
 
-def _rows(n_rows: int, n_cols: int) -> int:
+def _rows(n_cols: int) -> int:
+    """Rows per block of a distance matrix with n_cols columns."""
     return max(1, BLOCK_ELEMENTS // max(n_cols, 1))
 
 
@@ -44,7 +47,7 @@ def kth_neighbour_radii(x: torch.Tensor, k: int) -> torch.Tensor:
     """Distance of each row of x to its k-th nearest other row (the row itself is the 0-th, at distance 0)."""
     x_sq = (x * x).sum(1)
     radii = torch.empty(len(x), dtype=x.dtype, device=x.device)
-    step = _rows(len(x), len(x))
+    step = _rows(len(x))
     for start in range(0, len(x), step):
         d = _distances(x[start:start + step], x, x_sq)
         rows = torch.arange(start, min(start + step, len(x)), device=x.device)
@@ -58,6 +61,8 @@ def prdc(real_features: np.ndarray, fake_features: np.ndarray, k: int = DEFAULT_
     """Precision, recall, density and coverage of fake features against real ones, with k-NN balls."""
     if k < 1:
         raise InvalidInput(f"k must be at least 1, got {k}")
+    if torch.device(device).type == "mps":  # no float64 there; the distances are cheap next to the features
+        device = "cpu"
     real = torch.as_tensor(np.asarray(real_features), dtype=torch.float64, device=device)
     fake = torch.as_tensor(np.asarray(fake_features), dtype=torch.float64, device=device)
     if real.ndim != 2 or fake.ndim != 2 or real.shape[1] != fake.shape[1]:
@@ -74,7 +79,7 @@ def prdc(real_features: np.ndarray, fake_features: np.ndarray, k: int = DEFAULT_
     balls_per_fake = torch.zeros(len(fake), dtype=torch.int64, device=real.device)
     real_recalled = torch.zeros(len(real), dtype=torch.bool, device=real.device)
     real_covered = torch.zeros(len(real), dtype=torch.bool, device=real.device)
-    step = _rows(len(real), len(fake))
+    step = _rows(len(fake))
     for start in range(0, len(real), step):
         d = _distances(real[start:start + step], fake, fake_sq)  # (rows of real, all fakes)
         radii = real_radii[start:start + step, None]
@@ -103,22 +108,19 @@ def prdc_of_stats(real: FeatureStats, fake: FeatureStats, k: int = DEFAULT_K,
 
 
 def compute_prdc(real: ImageSource | FeatureStats, fake: ImageSource | FeatureStats,
-                 extractor: FeatureExtractor | None = None, *, features: str = "dinov2",
-                 model: str | os.PathLike | None = None, k: int = DEFAULT_K, batch_size: int = 32,
+                 extractor: FeatureExtractor | None = None, *, features: str | None = None,
+                 model: str | os.PathLike | None = None, inception: str | os.PathLike | None = None,
+                 k: int = DEFAULT_K, batch_size: int = 32,
                  device: str | torch.device = "cpu", max_images: int | None = None, allow_download: bool = False,
                  workers: int = 0) -> dict[str, Any]:
     """Precision, recall, density and coverage between two sources (folders, file lists, images, or
-    statistics files with features) in one feature space."""
-    fx = resolve_extractor(extractor, device=device, allow_download=allow_download, features=features, model=model)
+    statistics files with features) in one feature space (default: a statistics file's own, else DINOv2)."""
     t0 = time.perf_counter()
-    real_stats, real_report = stats_of(real, fx, batch_size, device, max_images, "real", workers)
-    fake_stats, fake_report = stats_of(fake, fx, batch_size, device, max_images, "fake", workers)
-    result = prdc_of_stats(real_stats, fake_stats, k, device)
-    result.update({"n_real": real_stats.n, "n_fake": fake_stats.n,
-                   "skipped_real": real_report.get("skipped", {}).get("count", 0),
-                   "skipped_fake": fake_report.get("skipped", {}).get("count", 0),
-                   **fx.describe(), "note": prdc_note(k), "real": real_report, "fake": fake_report,
-                   "seconds": round(time.perf_counter() - t0, 2)})
+    pair = stats_pair(real, fake, extractor, features=features, default_space="dinov2", model=model,
+                      inception=inception, batch_size=batch_size, device=device, max_images=max_images, allow_download=allow_download,
+                      workers=workers)
+    result = prdc_of_stats(pair.real, pair.fake, k, device)
+    result.update({**pair.counts(), "note": prdc_note(k), "seconds": round(time.perf_counter() - t0, 2)})
     return result
 
 

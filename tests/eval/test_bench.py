@@ -133,6 +133,42 @@ def test_run_bench_writes_everything(tmp_path, shapes_dir, clip_dir, quick_class
     assert metric_cells and float(metric_cells[0][1]) == pytest.approx(report["fid"]["fid"], rel=2e-3, abs=5e-4)
 
 
+def test_bench_settles_references_before_generating(tmp_path, shapes_dir, vit):
+    """Statistics for several feature spaces: each metric reads its own. Mistakes in them fail before a single
+    image is generated."""
+    from transfusion_mot.common.errors import InvalidInput
+
+    calls = []
+
+    def generate(prompts, seed):
+        calls.append(len(prompts))
+        return fake_generate(prompts, seed)
+
+    extractor = TinyExtractor()
+    inception_npz, dinov2_npz = tmp_path / "inception.npz", tmp_path / "dinov2.npz"
+    eval.fid.save_reference_stats(shapes_dir / "images", inception_npz, extractor)
+    eval.fid.save_reference_stats(shapes_dir / "images", dinov2_npz, features="dinov2", model=vit, max_images=12)
+    prompts = shapes_prompts(8)
+    report = run_bench(generate, prompts, tmp_path / "out", BenchSpec(
+        ref_stats=[dinov2_npz, inception_npz], extractor=extractor, dinov2_model=vit, prdc_k=3), quiet=True)
+    assert report["fid"]["n_real"] == 24 and report["fid"]["reference"] == str(inception_npz)
+    assert report["fd_dinov2"]["n_real"] == 12 and report["fd_dinov2"]["reference"] == str(dinov2_npz)
+    assert report["prdc"]["n_real"] == 12 and report["prdc"]["features"] == "dinov2"
+    assert f"reference {dinov2_npz}" in (tmp_path / "out" / "report.md").read_text()
+    calls.clear()
+    for spec, match in [
+        (BenchSpec(ref_stats=[inception_npz, inception_npz], extractor=extractor), "two reference statistics"),
+        (BenchSpec(ref_stats=[inception_npz, dinov2_npz], extractor=extractor, dinov2_model=None), "does not compute"),
+        (BenchSpec(ref_stats=inception_npz, extractor=TinyExtractor(seed=1), dinov2_model=None), "sha256"),
+        (BenchSpec(ref_stats=tmp_path / "missing.npz", extractor=extractor), "not found"),
+        (BenchSpec(real_dir=shapes_dir / "images", extractor=extractor, dinov2_model=None, prdc_features="dinov2"),
+         "need a DINOv2 network"),
+    ]:
+        with pytest.raises((InvalidInput, FileNotFoundError), match=match):
+            run_bench(generate, prompts, tmp_path / "bad", spec, quiet=True)
+    assert calls == []
+
+
 def test_run_bench_skips_what_it_cannot_compute(tmp_path, monkeypatch):
     monkeypatch.delenv(inception.ENV_WEIGHTS, raising=False)
     monkeypatch.setenv(inception.ENV_CACHE, str(tmp_path))

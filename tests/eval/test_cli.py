@@ -92,6 +92,9 @@ def test_fid_with_inception_flag_records_the_file_hash(folders, tmp_path, capsys
     (["fd", "--real", "/no/such/dir", "--fake", "/no/such/dir", "--model", "local-dir:/no/such/vit"], "no config.json"),
     (["fd", "--real", "/no/such/dir", "--fake", "/no/such/dir", "--model", "vit_nonsense_1"], "unknown timm model"),
     (["prdc", "--real", "/no/such/dir", "--fake", "/no/such/dir", "--features", "inception"], "not found"),
+    (["fd", "--real", "/no/such/dir", "--fake", "x", "--model", "vit_large_patch14_dinov2.lvd142x"], "unknown timm"),
+    (["fd", "--real", "/no/such/dir", "--fake", "x", "--model", "hf-hub:a b"], "not a valid hub id"),
+    (["fd", "--real", "/no/such/dir", "--save-stats", "stats"], "names a .npz file"),
     (["clip", "--images", "/no/such/dir"], "not found"),
     (["align", "--images", "/no/such/dir"], "--classifier"),
     (["align", "train"], "--out"),
@@ -136,6 +139,15 @@ def test_fd_in_inception_features_is_fid(folders, tiny_inception, capsys):
     result = one_json(out)
     assert code == 0 and result["fd"] == result["fid"] == pytest.approx(
         eval.fid.compute_fid(real, fake, tiny_inception)["fid"], rel=1e-9)
+
+
+def test_the_parsers_defaults_are_the_librarys():
+    """eval/cli.py repeats two constants (so that --help imports no torch): they must stay the library's."""
+    import eval.cli
+    from eval.dinov2 import DEFAULT_DINOV2_MODEL
+    from eval.features import SPACES
+
+    assert eval.cli.DEFAULT_DINOV2_MODEL == DEFAULT_DINOV2_MODEL and sorted(eval.cli.FEATURE_SPACES) == sorted(SPACES)
 
 
 def test_bad_flag_is_one_line(capsys):

@@ -37,6 +37,10 @@ def reference_features(vit_dir, paths) -> np.ndarray:
 
 
 def test_fd_dinov2_equals_timm_forward_and_the_closed_form(folders, vit_dir, vit):
+    import timm
+
+    from eval.features import module_sha256
+
     real, fake = folders
     ours = compute_fd(real, fake, features="dinov2", model=vit, batch_size=7)
     a = reference_features(vit_dir, sorted(real.glob("*.png")))
@@ -47,10 +51,9 @@ def test_fd_dinov2_equals_timm_forward_and_the_closed_form(folders, vit_dir, vit
     assert ours["fd"] == pytest.approx(expected, rel=1e-4)
     assert ours["features"] == "dinov2" and "fid" not in ours and ours["kid"] is None
     assert ours["n_real"] == 20 and ours["n_fake"] == 16 and ours["resolution"] == 224
-    assert ours["extractor_path"].endswith("model.safetensors") and len(ours["extractor_sha256"]) == 64
-    import hashlib
-
-    assert ours["extractor_sha256"] == hashlib.sha256((vit_dir / "model.safetensors").read_bytes()).hexdigest()
+    assert ours["extractor_path"].endswith("model.safetensors")
+    assert ours["extractor_sha256"] == module_sha256(timm.create_model(f"local-dir:{vit_dir}", pretrained=True,
+                                                                       num_classes=0))
     assert "224x224" in ours["preprocessing"] and "0.485" in ours["preprocessing"] and "small n" in ours["small_n"]
 
 
@@ -102,10 +105,18 @@ def test_hub_names_read_the_cache_only(tmp_path, vit_dir, monkeypatch):
     extractor = load_feature_extractor("dinov2")
     assert extractor.identity["extractor"] == "timm:vit_large_patch14_dinov2.lvd142m"
     assert extractor.identity["extractor_path"] == str(snapshot / "model.safetensors")
+    # the same weights by another route have the same sha256, so statistics made either way stay comparable
+    local = load_feature_extractor("dinov2", f"local-dir:{vit_dir}")
+    assert local.identity["extractor_sha256"] == extractor.identity["extractor_sha256"]
+    assert not any(p.requires_grad for p in extractor.module.parameters())
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty"))
     with pytest.raises(FeatureNetNotFound, match="not in the Hugging Face cache.*local-dir"):
         load_feature_extractor("dinov2")
-    with pytest.raises(InvalidInput, match="unknown timm model"):
-        load_feature_extractor("dinov2", "not_a_model_name")
+    for typo in ("not_a_model_name", "vit_large_patch14_dinov2.lvd142x"):  # a name, a pretrained tag
+        with pytest.raises(InvalidInput, match="unknown timm model"):
+            load_feature_extractor("dinov2", typo)
+    for bad in ("hf-hub:", "hf-hub:a b"):
+        with pytest.raises(InvalidInput, match="hub id|repository id"):
+            load_feature_extractor("dinov2", bad)
     with pytest.raises(FeatureNetNotFound, match="no config.json"):
         load_feature_extractor("dinov2", f"local-dir:{tmp_path / 'missing'}")

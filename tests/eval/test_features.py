@@ -61,3 +61,26 @@ def test_clip_space(folders, clip_dir):
     assert compute_fd(real, fake, extractor)["fd"] == pytest.approx(scipy_frechet_distance(
         expected.astype(np.float64), features_of(fake, extractor).features.astype(np.float64)), rel=1e-4)
     assert abs(compute_fd(real, real, extractor)["fd"]) < 1e-6
+
+
+def test_two_statistics_files_need_no_network(folders, vit, tmp_path):
+    """Statistics against statistics: compared with each other, their space taken from the files."""
+    real, fake = folders
+    save_reference_stats(real, tmp_path / "real.npz", features="dinov2", model=vit)
+    save_reference_stats(fake, tmp_path / "fake.npz", features="dinov2", model=vit)
+    expected = compute_fd(real, fake, features="dinov2", model=vit)
+    # no network named: the default DINOv2 is not in this test's (empty) cache, so loading it would fail
+    from_files = compute_fd(tmp_path / "real.npz", tmp_path / "fake.npz")
+    assert from_files["features"] == "dinov2" and from_files["fd"] == pytest.approx(expected["fd"], rel=1e-9)
+    assert from_files["extractor_sha256"] == expected["extractor_sha256"]
+    pr = compute_prdc(tmp_path / "real.npz", tmp_path / "fake.npz", k=3)
+    assert pr["precision"] == compute_prdc(real, fake, model=vit, k=3)["precision"]
+    save_reference_stats(fake, tmp_path / "inception.npz", TinyExtractor())
+    with pytest.raises(StatsMismatch, match="different features"):
+        compute_fd(tmp_path / "real.npz", tmp_path / "inception.npz")
+    other = make_tiny_timm_vit(tmp_path / "other", seed=1)
+    save_reference_stats(fake, tmp_path / "other.npz", features="dinov2", model=f"local-dir:{other}")
+    with pytest.raises(StatsMismatch, match="different features .extractor_sha256"):
+        compute_fd(tmp_path / "real.npz", tmp_path / "other.npz")
+    with pytest.raises(StatsMismatch, match="holds dinov2 features, not inception"):
+        compute_fd(tmp_path / "real.npz", tmp_path / "fake.npz", features="inception")
