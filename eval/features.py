@@ -121,6 +121,7 @@ def as_feature_extractor(extractor: FeatureExtractor | Extractor) -> FeatureExtr
 
 
 def check_space(space: str) -> str:
+    """The name of a feature space, or a one-line error listing them."""
     if space not in SPACES:
         raise InvalidInput(f"unknown feature space {space!r}: choose one of {', '.join(SPACES)}")
     return space
