@@ -146,7 +146,8 @@ class FeatureSpaces:
     network and reference (a statistics file or the real images), or why it is skipped."""
 
     extractors: dict[str, Any]
-    references: dict[str, Any]
+    references: dict[str, Any]  # loaded statistics (FeatureStats) or the real image paths
+    reference_names: dict[str, str]  # what each row says it was compared with
     skipped: dict[str, str]
     prdc_space: str
 
@@ -172,10 +173,9 @@ def prepare_feature_spaces(spec: BenchSpec, real_paths: list[str] | None) -> Fea
     if unused:
         raise InvalidInput(f"reference statistics of {', '.join(unused)} features ({by_space[unused[0]]}), which this "
                            "benchmark does not compute")
-    spaces = FeatureSpaces({}, {}, {}, spec.prdc_features or "")
+    spaces = FeatureSpaces({}, {}, {}, {}, spec.prdc_features or "")
     for space in wanted:
-        reference = by_space.get(space) or real_paths
-        if reference is None:
+        if space not in by_space and real_paths is None:
             spaces.skipped[space] = f"no reference: pass real images (real_dir) or {space} statistics (ref_stats)"
             continue
         try:
@@ -183,8 +183,12 @@ def prepare_feature_spaces(spec: BenchSpec, real_paths: list[str] | None) -> Fea
         except UserError as err:  # no network here (not in the cache, no Inception file, no CLIP model)
             spaces.skipped[space] = str(err)
             continue
-        if space in by_space:
-            FeatureStats.load(by_space[space]).check_compatible(extractor, what=f"the {space} reference statistics")
+        if space in by_space:  # read once: checked here, compared after the images
+            reference = FeatureStats.load(by_space[space])
+            reference.check_compatible(extractor, what=f"the {space} reference statistics")
+            spaces.reference_names[space] = str(by_space[space])
+        else:
+            reference = real_paths
         spaces.extractors[space], spaces.references[space] = extractor, reference
     if not spaces.prdc_space:
         spaces.prdc_space = "dinov2" if "dinov2" in spaces.extractors else "inception"
@@ -212,8 +216,7 @@ def _feature_metrics(spec: BenchSpec, spaces: FeatureSpaces, fakes: list[str], q
             continue
         stats[space] = (real_stats, fake_stats)
         described[space] = {**extractor.describe(), "n_real": real_stats.n, "n_fake": fake_stats.n,
-                            "reference": str(reference) if isinstance(reference, (str, os.PathLike))
-                            else real_report["source"],
+                            "reference": spaces.reference_names.get(space, real_report["source"]),
                             "skipped_real": real_report.get("skipped", {}).get("count", 0),
                             "skipped_fake": fake_report.get("skipped", {}).get("count", 0),
                             "real": real_report, "fake": fake_report}

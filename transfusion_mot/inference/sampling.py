@@ -158,6 +158,16 @@ def _encode_prompts(model: TransfusionMoT, tokenizer: AnyTokenizer, prompts: Seq
     return captions
 
 
+def _check_request(prompts: Sequence[str], batch_size: int, cfg_scale: float) -> None:
+    """What every text -> image request needs, whichever sampler runs it."""
+    if not prompts:
+        raise InvalidInput("no prompts to generate from")
+    if batch_size < 1:
+        raise InvalidInput(f"batch_size must be positive, got {batch_size}")
+    if not 0.0 <= float(cfg_scale) <= 100.0:  # nan and inf too: they would only make noise
+        raise InvalidInput(f"cfg_scale must be a number in [0, 100], got {cfg_scale}")
+
+
 def generate_latents(model: TransfusionMoT, tokenizer: AnyTokenizer, prompts: Sequence[str], *,
                      latent_shape: tuple[int, int, int], scheduler: str | None = None, num_steps: int = 50,
                      cfg_scale: float = 3.0, seed: int | Sequence[int] = 0, use_kv_cache: bool = True,
@@ -174,12 +184,9 @@ def generate_latents(model: TransfusionMoT, tokenizer: AnyTokenizer, prompts: Se
     cfg = model.config
     if cfg.image_tokens:
         raise InvalidInput("this model draws image codes (image_objective tokens): use generate_codes")
-    if not prompts:
-        raise InvalidInput("no prompts to generate from")
-    if batch_size < 1 or num_steps < 1:
-        raise InvalidInput(f"batch_size and num_steps must be positive, got {batch_size} and {num_steps}")
-    if not 0.0 <= float(cfg_scale) <= 100.0:  # nan and inf too: they would only make noise
-        raise InvalidInput(f"cfg_scale must be a number in [0, 100], got {cfg_scale}")
+    _check_request(prompts, batch_size, cfg_scale)
+    if num_steps < 1:
+        raise InvalidInput(f"num_steps must be positive, got {num_steps}")
     c, h, w = latent_shape
     p = cfg.patch_size
     if c != cfg.latent_channels or h % p or w % p:
@@ -270,12 +277,7 @@ def generate_codes(model: TransfusionMoT, tokenizer: AnyTokenizer, prompts: Sequ
     cfg = model.config
     if not cfg.image_tokens:
         raise InvalidInput("this model denoises latents (image_objective diffusion): use generate_latents")
-    if not prompts:
-        raise InvalidInput("no prompts to generate from")
-    if batch_size < 1:
-        raise InvalidInput(f"batch_size must be positive, got {batch_size}")
-    if not 0.0 <= float(cfg_scale) <= 100.0:
-        raise InvalidInput(f"cfg_scale must be a number in [0, 100], got {cfg_scale}")
+    _check_request(prompts, batch_size, cfg_scale)
     _check_picking(temperature, top_k, top_p)
     if len(grid) != 2 or min(grid) < 1:
         raise InvalidInput(f"grid must be the code grid's (h, w), got {tuple(grid)}")
