@@ -12,6 +12,10 @@ size, and the centre's offset inside the cell. The shapes generator keeps two ob
 least ~9 px apart, so two objects never share a cell. It trains on scenes rendered on the fly
 (rendering is ~20k images/s), degraded with blur, noise and colour jitter so that it also reads
 VAE-decoded samples, and is saved like a model (config.json + model.safetensors).
+
+One trained detector ships with the package (`SHIPPED_CLASSIFIER_DIR`, the judge `tmot eval align` and `tmot demo`
+use unless given another): a fixed judge, as GenEval's detector is, so that scores of different runs and
+machines are measured by the same network.
 """
 
 from __future__ import annotations
@@ -49,6 +53,8 @@ from transfusion_mot.data.shapes import (
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+# the shipped judge: `train_shapes_classifier(steps=1000, seed=0, threads=2)` (its model card says how it was made)
+SHIPPED_CLASSIFIER_DIR = Path(__file__).resolve().parent / "pretrained" / "shapes-classifier-32"
 # max objects a training scene may hold (the data has 1 or 2; 0 and 3 teach the detector to count)
 MAX_OBJECTS = 3
 
@@ -194,8 +200,12 @@ class ShapesClassifier(nn.Module):
         return model.to(device).eval()
 
 
-def load_classifier(classifier: str | os.PathLike | ShapesClassifier, device: str = "cpu") -> ShapesClassifier:
-    return classifier if isinstance(classifier, ShapesClassifier) else ShapesClassifier.from_pretrained(classifier, device)
+def load_classifier(classifier: str | os.PathLike | ShapesClassifier | None = None, device: str = "cpu"
+                    ) -> ShapesClassifier:
+    """A classifier as given, or loaded from its directory; None: the shipped judge."""
+    if isinstance(classifier, ShapesClassifier):
+        return classifier
+    return ShapesClassifier.from_pretrained(SHIPPED_CLASSIFIER_DIR if classifier is None else classifier, device)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -282,7 +292,8 @@ def _task(caption: dict[str, Any]) -> str:
     return "single_object_position" if caption["position"] else "single_object"
 
 
-def score_alignment(classifier: ShapesClassifier | str | os.PathLike, images: Sequence[Any], prompts: Sequence[str],
+def score_alignment(classifier: ShapesClassifier | str | os.PathLike | None, images: Sequence[Any],
+                    prompts: Sequence[str],
                     batch_size: int = 256, details: bool = False) -> dict[str, Any]:
     """Fraction of images whose detected objects match their shapes caption, per attribute and all
     at once. Prompts that are not shapes captions are skipped and counted (``n_unparsed``)."""

@@ -201,17 +201,17 @@ def cmd_align(args: argparse.Namespace) -> int:
         return cmd_align_train(args)
     if not args.images:
         raise InvalidInput("tmot eval align needs --images DIR (image folder with metadata.jsonl)")
-    if not args.classifier:
-        raise InvalidInput("tmot eval align needs --classifier DIR (train one with: tmot eval align train --out DIR)")
-    from .align import score_alignment
+    from .align import load_classifier, score_alignment
 
+    classifier = load_classifier(args.classifier)  # none given: the shipped judge
     images, texts, skipped = _captioned(args.images, args.captions)
-    result = score_alignment(args.classifier, images, texts, details=bool(args.details))
+    result = score_alignment(classifier, images, texts, details=bool(args.details))
     if args.details:
         write_jsonl(args.details, result.pop("per_image"))
     result["skipped"] = skipped
+    result["classifier"] = str(args.classifier) if args.classifier else "shipped"
     _emit(result, args.json, [(f"alignment on {result['n_scored']} shapes prompts ({result['n_unparsed']} not shapes "
-                              f"captions): all correct {_fmt(result['all_correct'])}"),
+                              f"captions, judge: {result['classifier']}): all correct {_fmt(result['all_correct'])}"),
                               "  " + "  ".join(f"{k} {_fmt(result[k])}" for k in ("count", "colour", "shape", "size",
                                                                                     "position"))])
     return 0
@@ -456,7 +456,8 @@ def _add_align(command: Callable[..., argparse.ArgumentParser]) -> None:
     p.add_argument("action", nargs="?", choices=["score", "train"], default="score")
     p.add_argument("--images", default=None, help="image folder with metadata.jsonl (file_name, text)")
     p.add_argument("--captions", default=None, help="metadata.jsonl to use instead of DIR/metadata.jsonl")
-    p.add_argument("--classifier", default=None, help="directory written by `tmot eval align train`")
+    p.add_argument("--classifier", default=None, help="directory written by `tmot eval align train` (default: the "
+                   "shipped judge)")
     p.add_argument("--details", default=None, metavar="JSONL", help="write per-image verdicts and detections here")
     align_flags(p)
 

@@ -86,6 +86,13 @@ def test_unknown_keys_name_their_path(tmp_path, data):
         load_run_config(bad)
 
 
+def test_builtin_vae_is_trained_or_shipped():
+    assert load_run_config("shapes-tiny").data.builtin_vae == "shipped"  # the demo's recipe starts from it
+    assert load_run_config("emoji-tiny").data.builtin_vae == "train"  # no VAE is shipped for emoji
+    with pytest.raises(ConfigError, match=r"builtin_vae must be one of \['train', 'shipped'\], got 'download'"):
+        load_run_config("shapes-tiny", ["data.builtin_vae=download"])
+
+
 def test_resolved_config_round_trips_and_names_its_differences(tmp_path, data):
     cfg = make_config(data, ["train.seed=3"])
     (tmp_path / "config.yaml").write_text(cfg.to_yaml())

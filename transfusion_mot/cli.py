@@ -265,8 +265,9 @@ def add_demo_and_info(sub: Any) -> None:
     """`tmot demo` and `tmot info`."""
     p = command(sub, "demo", "the whole system on the embedded shapes data (9-14 minutes on 2 CPU cores, by CPU kind)",
                 "tmot demo --out tmot_demo", cmd_demo,
-                "Generate the shapes data, train a tiny VAE, encode latents, train a tiny MoT, sample a grid for "
-                "fixed prompts, score alignment with the shapes classifier and FID against the validation split "
+                "Generate the shapes data, encode it with the tiny VAE shipped for it, train a tiny MoT, sample a grid "
+                "for fixed prompts, score alignment with the shipped shapes classifier and FID against the validation "
+                "split "
                 "(when Inception weights are available); writes report.md, report.json and samples.png. "
                 "Re-running reuses what is already built.")
     p.add_argument("--out", default="tmot_demo", help="output directory (default: tmot_demo)")
@@ -276,9 +277,10 @@ def add_demo_and_info(sub: Any) -> None:
                    "0: skip FID)")
     p.add_argument("--num-images", type=positive_int, default=None,
                    help="shapes images to generate (default 20000; fewer for a quick smoke run)")
-    p.add_argument("--vae-steps", type=positive_int, default=None, help="tiny VAE training steps (default 300)")
+    p.add_argument("--vae-steps", type=positive_int, default=None,
+                   help="train the tiny VAE here for N steps (default: use the VAE shipped for the shapes data)")
     p.add_argument("--classifier-steps", type=positive_int, default=None,
-                   help="shapes classifier training steps (default 1000)")
+                   help="train the shapes classifier here for N steps (default: use the shipped one)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
 

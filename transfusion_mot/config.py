@@ -35,6 +35,7 @@ LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_m
 
 
 DATA_KINDS = ("auto", "latents", "folder", "webdataset")
+BUILTIN_VAES = ("train", "shipped")  # data.builtin_vae
 PRECISIONS = ("fp32", "bf16", "auto")
 TOKENIZER_KINDS = ("bytes", "hf", "pretrained")
 OVERFLOW_CHOICES = ("error", "truncate")
@@ -300,6 +301,9 @@ class DataConfig:
     builtin_dir: str = "tmot_data"
     builtin_image_size: int = 32
     builtin_num_images: int = 20000
+    # "train": train the tiny VAE (or VQ tokenizer) for builtin_vae_steps; "shipped": copy the pretrained one
+    # that comes with the package (shapes at 32 px, continuous latents)
+    builtin_vae: str = "train"
     builtin_vae_steps: int = 1500
     split: str = "train"  # folder: which rows of metadata.jsonl
     image_size: int | None = None  # folder/webdataset: resize to this (default: the VAE's sample_size)
@@ -331,6 +335,8 @@ class DataConfig:
             bad(f"kind must be one of {list(DATA_KINDS)}, got {self.kind!r}")
         if self.builtin is not None and self.builtin not in ("shapes", "emoji"):
             bad(f"builtin must be shapes or emoji, got {self.builtin!r}")
+        if self.builtin_vae not in BUILTIN_VAES:
+            bad(f"builtin_vae must be one of {list(BUILTIN_VAES)}, got {self.builtin_vae!r}")
         for name in ("image_first_ratio", "caption_dropout", "text_only_ratio"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:

@@ -22,7 +22,8 @@ def test_heldout_prompts_are_other_prompts_and_valid_captions():
 
 
 def test_demo_pipeline_end_to_end_and_reuse(tmp_path):
-    kwargs = dict(num_images=200, vae_steps=3, train_steps=4, classifier_steps=3, images_per_prompt=1,
+    # a VAE trained here (3 steps), the shipped shapes classifier (tests/vae/test_shipped.py: the shipped VAE)
+    kwargs = dict(num_images=200, vae_steps=3, train_steps=4, classifier_steps=None, images_per_prompt=1,
                   sample_steps=2, fid_images=0, eval_every=2, progress=False, log=lambda *a: None)
     report = run_demo(tmp_path / "demo", **kwargs)
     out = tmp_path / "demo"
@@ -50,10 +51,20 @@ def test_demo_pipeline_end_to_end_and_reuse(tmp_path):
     seeds = [row["seed"] for row in manifest["images"]]
     assert len(set(seeds)) == len(seeds)  # held-out prompts use other seeds than the demo prompts
     text = (out / "report.md").read_text()
+    assert "VAE trained here (3 steps), shapes classifier shipped with the package" in text
     assert "![samples](samples.png)" in text and "![curves](curves.png)" in text and "## Alignment" in text
     assert report["stages"]["train"]["reused"] is False
     again = run_demo(out, **kwargs)
     assert again["stages"]["data_vae_latents"]["reused"] == ["data", "vae", "latents", "latents-val"]
-    assert again["stages"]["train"]["reused"] is True and again["stages"]["align"]["classifier_reused"] is True
+    assert again["stages"]["train"]["reused"] is True and again["stages"]["align"]["classifier"] == "shipped"
     assert again["alignment"] == report["alignment"]  # same seeds, same images
     assert len(RELATION_PROMPTS) == 4
+
+
+def test_demo_uses_the_shipped_vae_unless_told_to_train_one():
+    from transfusion_mot.recipes.demo import demo_config
+
+    shipped = demo_config(10, 0, False, 5, 100, None)
+    assert shipped.data.builtin_vae == "shipped"
+    trained = demo_config(10, 0, False, 5, 100, 7)
+    assert (trained.data.builtin_vae, trained.data.builtin_vae_steps) == ("train", 7)

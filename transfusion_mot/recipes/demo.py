@@ -1,13 +1,14 @@
 """`tmot demo`: the whole system on the embedded shapes data, on a 2-core CPU, in 9-14 minutes (by CPU kind).
 
 Stages (each reuses its output when it is already complete, so a re-run only does what is missing):
-  1. shapes images (train/val) -> a tiny VAE -> latent caches of both splits, and a BPE tokenizer of
-     the training captions                                                        (recipes.prepare)
+  1. shapes images (train/val) -> the tiny VAE shipped for them (or one trained here, `vae_steps`) -> latent
+     caches of both splits, and a BPE tokenizer of the training captions        (recipes.prepare)
   2. a tiny MoT trained with configs/train/shapes-tiny.yaml, with held-out losses on fixed draws
                                                                                   (recipes.train)
   3. samples for the demo prompts (every colour x shape) and for prompts the recipe was not tuned on
      (small objects, positions, two objects with a relation; other seeds)       (inference.pipeline)
-  4. the shapes classifier (a GenEval in miniature) scores colour, shape, size, position (eval.align)
+  4. the shipped shapes classifier (a GenEval in miniature; or one trained here, `classifier_steps`) scores
+     colour, shape, size, position                                                (eval.align)
   5. FID of generated images against the validation split, when Inception weights can be found (eval.fid)
 Writes OUT/report.md (with the samples grid and the loss curves), OUT/report.json, OUT/samples.png,
 OUT/curves.png.
@@ -80,15 +81,17 @@ def prompt_sets(seed: int, images_per_prompt: int = 4,
 COMPILE_FROM_STEPS = 1000
 
 
-def demo_config(steps: int, seed: int, progress: bool, eval_every: int, num_images: int, vae_steps: int):
+def demo_config(steps: int, seed: int, progress: bool, eval_every: int, num_images: int, vae_steps: int | None):
     """configs/train/shapes-tiny.yaml (the recipe) with the demo's length, seed and data size, its blocks
-    compiled when the run is long enough for that to pay."""
+    compiled when the run is long enough for that to pay; `vae_steps` None: the recipe's VAE (the shipped one),
+    else a VAE trained for that many steps."""
     from ..config import load_run_config
 
+    vae = [] if vae_steps is None else ["data.builtin_vae=train", f"data.builtin_vae_steps={vae_steps}"]
     return load_run_config("shapes-tiny", [
         f"train.max_steps={steps}", f"train.seed={seed}", f"train.progress={str(progress).lower()}",
         f"train.save_every={steps}", f"train.eval_every={eval_every}", f"data.builtin_num_images={num_images}",
-        f"data.builtin_vae_steps={vae_steps}", f"train.compile={str(steps >= COMPILE_FROM_STEPS).lower()}"])
+        f"train.compile={str(steps >= COMPILE_FROM_STEPS).lower()}", *vae])
 
 
 def _stage(report: dict[str, Any], name: str, start: float, log, **extra: Any) -> None:
@@ -97,13 +100,15 @@ def _stage(report: dict[str, Any], name: str, start: float, log, **extra: Any) -
     log(f"[demo] {name}: {seconds:.1f} s" + (f" ({', '.join(f'{k}={v}' for k, v in extra.items())})" if extra else ""))
 
 
-def run_demo(out: str | Path = "tmot_demo", *, num_images: int = 20000, vae_steps: int = 300,
-             train_steps: int = 2500, classifier_steps: int = 1000, images_per_prompt: int = 4,
+def run_demo(out: str | Path = "tmot_demo", *, num_images: int = 20000, vae_steps: int | None = None,
+             train_steps: int = 2500, classifier_steps: int | None = None, images_per_prompt: int = 4,
              sample_steps: int = 50, scheduler: str | None = None, cfg_scale: float = 5.0, fid_images: int = 100,
              eval_every: int | None = None, seed: int = 0, progress: bool = True, log=print) -> dict[str, Any]:
     """Run (or finish) the demo in `out`; returns the report dict (also written to report.json).
 
-    scheduler None samples with the objective's own (flow for flow models, ddpm for ddpm ones)."""
+    vae_steps / classifier_steps None use the VAE and the shapes classifier shipped with the package; a number
+    trains one here for that many steps. scheduler None samples with the objective's own (flow for flow models,
+    ddpm for ddpm ones)."""
     from ..inference.pipeline import Pipeline
     from ..run_dir import RunDir
 
@@ -112,6 +117,7 @@ def run_demo(out: str | Path = "tmot_demo", *, num_images: int = 20000, vae_step
     t_all = time.perf_counter()
     eval_every = eval_every or max(1, train_steps // 10)
     report: dict[str, Any] = {"machine": cpu_description(),  # the time depends on it: ~2x between machine kinds
+                              # vae_steps / classifier_steps None: the ones shipped with the package
                               "settings": {"num_images": num_images, "vae_steps": vae_steps, "train_steps": train_steps,
                                            "classifier_steps": classifier_steps, "sample_steps": sample_steps,
                                            "scheduler": scheduler, "cfg_scale": cfg_scale,
@@ -199,13 +205,15 @@ def _sample_stage(report: dict[str, Any], pipe: Any, out: Path, seed: int, image
 
 
 def _align_stage(report: dict[str, Any], pipe: Any, sets: dict[str, tuple[list[str], list[int]]],
-                 images: dict[str, list], data_dir: Path, out: Path, classifier_steps: int, seed: int, log) -> Path:
-    """4. alignment of every prompt set, of real validation images and of those through the VAE."""
-    from eval.align import load_classifier, score_alignment, train_shapes_classifier
+                 images: dict[str, list], data_dir: Path, out: Path, classifier_steps: int | None, seed: int,
+                 log) -> Path:
+    """4. alignment of every prompt set, of real validation images and of those through the VAE, judged by the
+    shipped classifier (classifier_steps None) or by one trained here."""
+    from eval.align import SHIPPED_CLASSIFIER_DIR, load_classifier, score_alignment, train_shapes_classifier
 
     t = time.perf_counter()
-    classifier_dir = out / "shapes-classifier"
-    reused = (classifier_dir / "config.json").is_file()
+    classifier_dir = SHIPPED_CLASSIFIER_DIR if classifier_steps is None else out / "shapes-classifier"
+    reused = classifier_steps is None or (classifier_dir / "config.json").is_file()
     if reused:
         classifier = load_classifier(classifier_dir)
     else:  # every core: the demo has the machine to itself here (the classifier's default of 1 thread is for
@@ -222,7 +230,8 @@ def _align_stage(report: dict[str, Any], pipe: Any, sets: dict[str, tuple[list[s
         classifier, pipe.decode(pipe.encode_images(real_images)), real_captions))
     report["alignment"] = alignment
     report["classifier_heldout"] = classifier.metrics.get("heldout")
-    _stage(report, "align", t, log, classifier_reused=reused)
+    _stage(report, "align", t, log, classifier="shipped" if classifier_steps is None else
+           f"{'reused' if reused else 'trained'} ({classifier_steps} steps)")
     return classifier_dir
 
 
@@ -271,6 +280,10 @@ def _fid(pipe, data_dir: Path, n: int, sampling: dict[str, Any], seed: int) -> d
             "note": f"{n} images per side: a small-sample FID, biased upwards; compare runs at equal n only"}
 
 
+def _made_here(steps: int | None) -> str:
+    return "shipped with the package" if steps is None else f"trained here ({steps} steps)"
+
+
 def _pct(value: float | None) -> str:
     return "n/a" if value is None else f"{100 * value:.1f}%"
 
@@ -283,7 +296,8 @@ def render_report(report: dict[str, Any]) -> str:
         "# tmot demo report", "",
         f"Tiny MoT ({p['total']:,} parameters; active per token: text {p['active_per_token']['text']:,}, "
         f"image {p['active_per_token']['image']:,}) trained {tr['steps']} steps on the built-in shapes data "
-        f"({report['stages']['data_vae_latents']['latents']:,} training images, 32 px, tiny VAE -> 8x8x4 latents). "
+        f"({report['stages']['data_vae_latents']['latents']:,} training images, 32 px, tiny VAE -> 8x8x4 latents; "
+        f"VAE {_made_here(s['vae_steps'])}, shapes classifier {_made_here(s['classifier_steps'])}). "
         f"Sampling: {s['sample_steps']} steps ({scheduler} scheduler), CFG {s['cfg_scale']}, EMA weights. "
         f"Total {report['total_seconds'] / 60:.1f} min on {cpu_summary(report['machine'])}.", "",
         "![samples](samples.png)", "",

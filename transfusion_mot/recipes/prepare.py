@@ -1,6 +1,6 @@
 """What a run needs before its trainer is built (`prepare_run`), made from its data: the embedded default
-data end to end (images -> tiny VAE -> latent caches of the train and val splits; for a model of image
-tokens, images -> tiny VQ tokenizer -> caches of code grids, beside them), reusing whatever a
+data end to end (images -> tiny VAE, trained or shipped -> latent caches of the train and val splits; for a model
+of image tokens, images -> tiny VQ tokenizer -> caches of code grids, beside them), reusing whatever a
 previous call already finished (`tmot train` builds it when a config names `data.builtin`, and `tmot demo`
 builds the same artifacts, so the first command a user runs can train without any download); for a config
 whose tokenizer is `hf` with no file, a BPE trained on the training captions of whatever data it trains on;
@@ -62,17 +62,25 @@ def vae_config_for(image_size: int, codes: bool = False) -> Path:
 
 def prepare_builtin(name: str, root: str | Path, image_size: int = 32, num_images: int = 20000,
                     vae_steps: int = 1500, seed: int = 0, workers: int = 2, progress: bool = True,
-                    log=print, codes: bool = False) -> PreparedData:
+                    log=print, codes: bool = False, vae: str = "train") -> PreparedData:
     """Images, VAE and train/val latents of a built-in data set under `root` (with `codes`: a VQ tokenizer and
     train/val code caches); each stage is skipped when its output is already complete (stages write their
-    completion marker last). A run's BPE of the captions is trained from the cache like any other data's
+    completion marker last). `vae` "train" trains the VAE for `vae_steps`, "shipped" copies the pretrained one
+    of the package (`vae.shipped`). A run's BPE of the captions is trained from the cache like any other data's
     (`prepare_run`)."""
     from vae import encode_folder, train_vae
+    from vae.shipped import copy_shipped_vae, shipped_vae_dir
 
     from ..data.latents import LatentDataset, is_latent_cache
 
     if name not in BUILTINS:
         raise ConfigError(f"unknown built-in data set {name!r}; choose one of {list(BUILTINS)}")
+    if vae == "shipped":
+        if codes:
+            raise ConfigError("no shipped VQ tokenizer: a model of image tokens needs data.builtin_vae: train")
+        shipped_vae_dir(name, image_size)  # before any work: there is one for this data and size
+    elif vae != "train":
+        raise ConfigError(f"data.builtin_vae must be 'train' or 'shipped', got {vae!r}")
     vae_config = vae_config_for(image_size, codes)
     prepared = PreparedData.under(root, codes)
     what = "VQ tokenizer" if codes else "VAE"
@@ -96,7 +104,11 @@ def prepare_builtin(name: str, root: str | Path, image_size: int = 32, num_image
             from ..data.emoji import generate_emoji
 
             generate_emoji(data_dir, size=image_size, seed=seed)
-    if "vae" not in info["reused"]:
+    if "vae" not in info["reused"] and vae == "shipped":
+        log(f"[prepare] copying the shipped tiny VAE of the {name} data to {vae_dir}")
+        copy_shipped_vae(name, image_size, vae_dir)
+        info["vae_shipped"] = True
+    elif "vae" not in info["reused"]:
         log(f"[prepare] training the tiny {what} for {vae_steps} steps in {vae_dir}")
         summary = train_vae(vae_config, data_dir, vae_dir, max_steps=vae_steps, progress=progress)
         info["vae_train"] = {k: summary[k] for k in ("steps", "train_time_s", "final") if k in summary}
@@ -124,7 +136,7 @@ def prepare_for_run(config: RunConfig, root: str | Path | None = None, build: bo
     if build:
         prepared = prepare_builtin(d.builtin, root, image_size=d.builtin_image_size, num_images=d.builtin_num_images,
                                    vae_steps=d.builtin_vae_steps, seed=config.train.seed, progress=progress, log=log,
-                                   codes=codes)
+                                   codes=codes, vae=d.builtin_vae)
     return prepared
 
 
