@@ -72,9 +72,9 @@ class BenchSpec:
     FeatureExtractor; None: not computed); precision/recall/density/coverage with `prdc_k` neighbours in
     `prdc_features` (None: DINOv2 features when they were computed, else Inception's); CLIP score with
     `clip_model` (hub id, directory or loaded ClipBundle), and CMMD with it and real images; shapes alignment
-    with `classifier` (directory or ShapesClassifier) for prompts that are shapes captions. Images are
-    generated `batch_size` prompts at a time, the batch starting at prompt i with seed `seed` + i; KID's
-    subsets are drawn with `seed`."""
+    with `classifier` (directory or ShapesClassifier; None: the shipped one) for prompts that are shapes
+    captions. Images are generated `batch_size` prompts at a time, the batch starting at prompt i with seed
+    `seed` + i; KID's subsets are drawn with `seed`."""
 
     ref_stats: str | os.PathLike | Sequence[str | os.PathLike] | None = None
     real_dir: str | os.PathLike | Sequence[str] | None = None
@@ -267,13 +267,16 @@ def _clip_and_cmmd(spec: BenchSpec, fakes: LazyImages, prompts: Sequence[str], r
 
 
 def _alignment(spec: BenchSpec, fakes: LazyImages, prompts: Sequence[str]) -> tuple[dict[str, Any], list[dict]]:
-    if spec.classifier is None:
-        return {"skipped": "no shapes classifier given"}, []
     from .align import score_alignment
 
-    result = score_alignment(spec.classifier, fakes, list(prompts), details=True)
+    result = score_alignment(spec.classifier, fakes, list(prompts), details=True)  # None: the shipped judge
+    result["classifier"] = "shipped" if spec.classifier is None else _describe_classifier(spec.classifier)
     verdicts = result.pop("per_image", [])
     return (result if result["n_scored"] else {"skipped": "no prompt is a shapes caption"}), verdicts
+
+
+def _describe_classifier(classifier: Any) -> str:
+    return str(classifier) if isinstance(classifier, (str, os.PathLike)) else type(classifier).__name__
 
 
 def _write_reports(report: dict[str, Any], prompts: Sequence[str], out: Path, fakes: LazyImages,
@@ -352,7 +355,8 @@ def metric_rows(report: dict[str, Any]) -> list[tuple[str, str, str]]:
         rows.append(("shapes alignment", "–", f"skipped: {align['skipped']}"))
     else:
         for key in ("all_correct", "count", "colour", "shape", "size", "position"):
-            rows.append((f"alignment: {key}", _fmt(align.get(key)), f"{align['n_scored']} scored prompts"))
+            rows.append((f"alignment: {key}", _fmt(align.get(key)),
+                         f"{align['n_scored']} scored prompts, classifier {align.get('classifier', 'given')}"))
         for task, value in align.get("by_task", {}).items():
             rows.append((f"alignment: {task}", _fmt(value["all_correct"]), f"all correct, {value['n']} prompts"))
     return rows

@@ -493,7 +493,8 @@ def _add_generating(command: Callable[..., argparse.ArgumentParser]) -> None:
                    help="features of precision/recall/density/coverage (default: dinov2 when computed, else inception)")
     p.add_argument("--prdc-k", type=positive_int, default=5, help="nearest neighbours of precision/recall (default: 5)")
     p.add_argument("--clip-model", default=None, help="CLIP hub id or directory (CLIP score and CMMD)")
-    p.add_argument("--classifier", default=None, help="shapes classifier directory (alignment)")
+    p.add_argument("--classifier", default=None, help="shapes classifier directory (alignment; default: the shipped "
+                   "one)")
     p.add_argument("--out", default=None, help="output directory (default: RUN/bench)")
     p.add_argument("--batch-size", type=positive_int, default=16)
     p.add_argument("--seed", type=int, default=0)

@@ -125,7 +125,7 @@ class Step:
 
 
 TRAIN_TOY = ("--max-steps", "2", "--no-progress")
-DEMO_TOY = ("--steps", "2", "--num-images", "200", "--vae-steps", "2", "--classifier-steps", "2", "--no-progress")
+DEMO_TOY = ("--steps", "2", "--num-images", "200", "--no-progress")  # the shipped VAE and classifier
 MVD_TOY = ("--steps", "2", "--eval-samples", "4", "--bench-n", "0")  # bench: a 1,000-step classifier (shapes)
 LMF_TOY = ("--steps", "2", "--lm-steps", "2", "--lm-dim", "32", "--lm-layers", "1", "--eval-samples", "4",
            "--bench-n", "0")
@@ -302,8 +302,12 @@ STEPS: dict[str, Step] = {
     "python benchmarks/lmfusion.py --steps 1000": Step(  # three seeds from 500 steps on: two here
         LMF_TOY + ("--seeds", "0,1"), check=_benchmark("lmfusion", [0, 1])),
     # the demo and the accounting
-    "tmot demo --out quick --steps 50 --num-images 500 --vae-steps 20 --fid-images 0": Step(
+    "tmot demo --out quick --steps 50 --num-images 500 --fid-images 0": Step(
         DEMO_TOY, process=True, check=_files("quick/report.md")),
+    "tmot demo --out scratch --vae-steps 300 --classifier-steps 1000": Step(
+        DEMO_TOY + ("--vae-steps", "2", "--classifier-steps", "2", "--fid-images", "0"),
+        check=_files("scratch/report.md", "scratch/shapes-classifier/model.safetensors",
+                     "scratch/shapes-32/vae/train_log.jsonl")),
     "tmot info --config 760m": Step(),
     "tmot info --config configs/model/760m.yaml --set 'untie=[]' --json": Step(),
     # data
@@ -374,10 +378,11 @@ STEPS: dict[str, Step] = {
     "tmot eval align-train --out shapes_clf": Step(("--steps", "2", "--eval-images", "8")),
     "tmot eval bench --run runs/shapes-tiny --data tmot_data/shapes-32/data --n 1000 --classifier shapes_clf "
     "--out bench": Step(("--n", "4"), check=_files("bench/report.json", "bench/metadata.jsonl")),
-    "tmot eval bench --run tmot_demo/run --data tmot_demo/shapes-32/data --n 1000 --classifier "
-    "tmot_demo/shapes-classifier --clip-model openai/clip-vit-large-patch14 --dinov2-model local-dir:dinov2-vitl14 "
+    "tmot eval bench --run tmot_demo/run --data tmot_demo/shapes-32/data --n 1000 "
+    "--clip-model openai/clip-vit-large-patch14 --dinov2-model local-dir:dinov2-vitl14 "
     "--out tmot_demo/bench": Step(("--n", "8"), process=True, check=_every_metric),
     "tmot eval clip --images bench/ --model openai/clip-vit-large-patch14": Step(process=True),
+    "tmot eval align --images bench/": Step(),
     "tmot eval align --images bench/ --classifier shapes_clf": Step(),
     "tmot eval coco reference --captions captions_val2014.json --images val2014 --out coco256 "
     "--stats coco256.npz": Step(
