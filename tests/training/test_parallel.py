@@ -169,3 +169,26 @@ def test_two_process_fsdp2_run_from_a_language_model_with_the_text_frozen(tmp_pa
         assert (ours - lm(ids).logits).abs().max() <= 1e-4
     block = model.blocks[0]
     assert not torch.equal(block.ffn[1].down.weight, block.ffn[0].down.weight)
+
+
+def test_eager_stance_runs_a_compiled_module_without_compiling_it():
+    """Held-out evaluation runs inside `eager_stance`: a compiled block gives the same numbers there and no
+    graph is compiled for it (a counting backend sees no call)."""
+    from transfusion_mot.training.parallel import eager_stance
+
+    compiled_graphs = []
+
+    def counting_backend(graph_module, example_inputs):
+        compiled_graphs.append(graph_module)
+        return graph_module.forward
+
+    torch.manual_seed(0)
+    block = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.GELU())
+    x = torch.randn(3, 8)
+    expected = block(x)
+    block.compile(backend=counting_backend)
+    with eager_stance():
+        torch.testing.assert_close(block(x), expected, rtol=0, atol=0)
+    assert compiled_graphs == []
+    torch.testing.assert_close(block(x), expected)
+    assert len(compiled_graphs) == 1  # outside it, the compiled module compiles as before

@@ -8,6 +8,7 @@ FSDP2's `fully_shard` goes on each block and then on the root.
 from __future__ import annotations
 
 import sys
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import torch
@@ -35,6 +36,13 @@ def apply_compile(model: nn.Module) -> None:
     Routing sizes change with every batch (modality counts), so dynamic shapes are on."""
     for block in model.blocks:
         block.compile(dynamic=True)
+
+
+def eager_stance() -> AbstractContextManager:
+    """Compiled modules run eagerly inside this context (torch.compiler.set_stance; torch < 2.6 has none, and
+    there they run as they are)."""
+    set_stance = getattr(torch.compiler, "set_stance", None)
+    return set_stance("force_eager") if set_stance is not None else nullcontext()
 
 
 def apply_fsdp(root: nn.Module, blocks: nn.ModuleList, bf16: bool, reshard_after_forward: bool = True) -> None:

@@ -38,7 +38,7 @@ from ..pretrained import load_lm_weights
 from ..run_dir import CheckpointSaveError, RunDir, RunProgress, TrainingCheckpointer, TrainingState
 from ..tokenizer import Tokenizer
 from .optim import build_ema, build_optimizer, learning_rate
-from .parallel import build_model
+from .parallel import build_model, eager_stance
 from .stream import build_training_data
 from .validation import validation_summary
 
@@ -232,7 +232,9 @@ class Trainer:
 
         self.model.eval()
         try:
-            with self.autocast():
+            # eager even where the blocks are compiled: a few held-out batches per evaluation do not repay a
+            # second (no-grad) graph, whose compile costs ~13 s on a 2-core CPU
+            with self.autocast(), eager_stance():
                 result = self.validation.evaluate(loss_fn, weight)
                 if self.ema is not None and self.config.train.eval_ema:
                     with self.ema.swapped_in(self.model):
