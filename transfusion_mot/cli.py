@@ -267,8 +267,7 @@ def add_demo_and_info(sub: Any) -> None:
                 "tmot demo --out tmot_demo", cmd_demo,
                 "Generate the shapes data, encode it with the tiny VAE shipped for it, train a tiny MoT, sample a grid "
                 "for fixed prompts, score alignment with the shipped shapes classifier and FID against the validation "
-                "split "
-                "(when Inception weights are available); writes report.md, report.json and samples.png. "
+                "split (when Inception weights are available); writes report.md, report.json and samples.png. "
                 "Re-running reuses what is already built.")
     p.add_argument("--out", default="tmot_demo", help="output directory (default: tmot_demo)")
     p.add_argument("--steps", type=positive_int, default=None, help="MoT training steps (default: the recipe's, "
