@@ -101,6 +101,7 @@ class ShapesClassifier(nn.Module):
             *_conv_block(2 * w, 4 * w, stride=2), *_conv_block(4 * w, 4 * w), *_conv_block(4 * w, 4 * w, dilation=2),
             nn.Conv2d(4 * w, config.out_channels, 1))
         self.metrics: dict[str, Any] = {}  # held-out accuracy etc., saved in config.json
+        self.source = "in memory"  # what a score says judged it: "shipped", or the directory it was loaded from
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """images: (N, 3, S, S) floats in [0, 1]. Returns per-cell logits (N, ·, G, G) by head."""
@@ -197,6 +198,7 @@ class ShapesClassifier(nn.Module):
         model = cls(ShapesClassifierConfig(**{k: v for k, v in payload.items() if k in known}))
         model.load_state_dict(load_file(str(weights_path)))
         model.metrics = metrics
+        model.source = "shipped" if directory.resolve() == SHIPPED_CLASSIFIER_DIR else str(directory)
         return model.to(device).eval()
 
 
@@ -322,7 +324,7 @@ def score_alignment(classifier: ShapesClassifier | str | os.PathLike | None, ima
     for caption, verdict in zip(parsed, verdicts):
         by_task.setdefault(_task(caption), []).append(verdict["all_correct"])
     result["by_task"] = {task: {"n": len(v), "all_correct": round(sum(v) / len(v), 4)} for task, v in sorted(by_task.items())}
-    result["classifier_metrics"] = classifier.metrics
+    result["classifier"], result["classifier_metrics"] = classifier.source, classifier.metrics
     if details:
         result["per_image"] = [{"index": i, "prompt": prompts[i], **v, "detected": d}
                                for i, v, d in zip(keep, verdicts, detections)]
@@ -531,6 +533,7 @@ def _train(out_dir: str | os.PathLike | None, image_size: int, steps: int, seed:
         model.metrics["heldout_degraded"] = heldout_accuracy(model, eval_images, degraded=True)
     if out_dir is not None:
         model.save_pretrained(out_dir)
+        model.source = str(out_dir)
     return model
 
 

@@ -270,13 +270,8 @@ def _alignment(spec: BenchSpec, fakes: LazyImages, prompts: Sequence[str]) -> tu
     from .align import score_alignment
 
     result = score_alignment(spec.classifier, fakes, list(prompts), details=True)  # None: the shipped judge
-    result["classifier"] = "shipped" if spec.classifier is None else _describe_classifier(spec.classifier)
     verdicts = result.pop("per_image", [])
     return (result if result["n_scored"] else {"skipped": "no prompt is a shapes caption"}), verdicts
-
-
-def _describe_classifier(classifier: Any) -> str:
-    return str(classifier) if isinstance(classifier, (str, os.PathLike)) else type(classifier).__name__
 
 
 def _write_reports(report: dict[str, Any], prompts: Sequence[str], out: Path, fakes: LazyImages,
@@ -356,7 +351,7 @@ def metric_rows(report: dict[str, Any]) -> list[tuple[str, str, str]]:
     else:
         for key in ("all_correct", "count", "colour", "shape", "size", "position"):
             rows.append((f"alignment: {key}", _fmt(align.get(key)),
-                         f"{align['n_scored']} scored prompts, classifier {align.get('classifier', 'given')}"))
+                         f"{align['n_scored']} scored prompts, classifier {align['classifier']}"))
         for task, value in align.get("by_task", {}).items():
             rows.append((f"alignment: {task}", _fmt(value["all_correct"]), f"all correct, {value['n']} prompts"))
     return rows

@@ -209,7 +209,6 @@ def cmd_align(args: argparse.Namespace) -> int:
     if args.details:
         write_jsonl(args.details, result.pop("per_image"))
     result["skipped"] = skipped
-    result["classifier"] = str(args.classifier) if args.classifier else "shipped"
     _emit(result, args.json, [(f"alignment on {result['n_scored']} shapes prompts ({result['n_unparsed']} not shapes "
                               f"captions, judge: {result['classifier']}): all correct {_fmt(result['all_correct'])}"),
                               "  " + "  ".join(f"{k} {_fmt(result[k])}" for k in ("count", "colour", "shape", "size",

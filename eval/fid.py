@@ -362,7 +362,8 @@ def stats_pair(real: ImageSource | FeatureStats, fake: ImageSource | FeatureStat
 def compute_fd(real: ImageSource | FeatureStats, fake: ImageSource | FeatureStats, extractor: AnyExtractor | None = None,
                *, features: str | None = None, default_space: str = "inception",
                model: str | os.PathLike | None = None, inception: str | os.PathLike | None = None,
-               batch_size: int = 32, device: str | torch.device = "cpu", kid: bool = False, kid_subsets: int = 100, kid_subset_size: int = 1000, seed: int = 0,
+               batch_size: int = 32, device: str | torch.device = "cpu", kid: bool = False, kid_subsets: int = 100,
+               kid_subset_size: int = 1000, seed: int = 0,
                max_images: int | None = None, allow_download: bool = False, workers: int = 0) -> dict[str, Any]:
     """Frechet distance (and KID on request) between two sources in one feature space.
 
@@ -371,9 +372,9 @@ def compute_fd(real: ImageSource | FeatureStats, fake: ImageSource | FeatureStat
     (default: a statistics file's own space, else ``default_space``; ``model``, or ``inception`` for the
     Inception weights)."""
     t0 = time.perf_counter()
-    pair = stats_pair(real, fake, extractor, features=features, default_space=default_space, model=model, inception=inception,
-                      batch_size=batch_size, device=device, max_images=max_images, allow_download=allow_download,
-                      workers=workers)
+    pair = stats_pair(real, fake, extractor, features=features, default_space=default_space, model=model,
+                      inception=inception, batch_size=batch_size, device=device, max_images=max_images,
+                      allow_download=allow_download, workers=workers)
     result = distances(pair.real, pair.fake, kid=kid, kid_subsets=kid_subsets, kid_subset_size=kid_subset_size,
                        seed=seed)
     result.update({**pair.counts(), "small_n": small_n_note(pair.real.space),

@@ -117,8 +117,8 @@ def compute_prdc(real: ImageSource | FeatureStats, fake: ImageSource | FeatureSt
     statistics files with features) in one feature space (default: a statistics file's own, else DINOv2)."""
     t0 = time.perf_counter()
     pair = stats_pair(real, fake, extractor, features=features, default_space="dinov2", model=model,
-                      inception=inception, batch_size=batch_size, device=device, max_images=max_images, allow_download=allow_download,
-                      workers=workers)
+                      inception=inception, batch_size=batch_size, device=device, max_images=max_images,
+                      allow_download=allow_download, workers=workers)
     result = prdc_of_stats(pair.real, pair.fake, k, device)
     result.update({**pair.counts(), "note": prdc_note(k), "seconds": round(time.perf_counter() - t0, 2)})
     return result

@@ -218,6 +218,11 @@ def test_align_cli_scores_a_folder(tmp_path, quick_classifier, capsys):
     result = json.loads(capsys.readouterr().out)
     assert result["n_scored"] == 5 and {"colour", "shape", "size", "position", "count", "all_correct"} <= set(result)
     assert len((tmp_path / "d.jsonl").read_text().splitlines()) == 5
+    assert result["classifier"] == str(quick_classifier)
+    # no --classifier: the shipped one judges, and reads the rendered colours (the 2-step one above cannot)
+    assert main(["align", "--images", str(folder), "--json"]) == 0
+    shipped = json.loads(capsys.readouterr().out)
+    assert shipped["classifier"] == "shipped" and shipped["n_scored"] == 5 and shipped["colour"] >= 0.8
 
 
 def test_align_train_cli(tmp_path, capsys):

@@ -18,7 +18,7 @@ from ..common.config import shipped_config_names, shipped_configs_dir
 from ..common.device import resolve_device, resolve_precision
 from ..common.distributed import DistInfo, barrier, init_distributed
 from ..common.errors import ConfigError
-from ..config import RunConfig
+from ..config import BUILTIN_VAES, RunConfig
 from ..data.sources import open_source
 from ..pretrained import check_matches_lm, keep_lm_files
 from ..run_dir import RunDir
@@ -79,8 +79,8 @@ def prepare_builtin(name: str, root: str | Path, image_size: int = 32, num_image
         if codes:
             raise ConfigError("no shipped VQ tokenizer: a model of image tokens needs data.builtin_vae: train")
         shipped_vae_dir(name, image_size)  # before any work: there is one for this data and size
-    elif vae != "train":
-        raise ConfigError(f"data.builtin_vae must be 'train' or 'shipped', got {vae!r}")
+    elif vae not in BUILTIN_VAES:
+        raise ConfigError(f"data.builtin_vae must be one of {list(BUILTIN_VAES)}, got {vae!r}")
     vae_config = vae_config_for(image_size, codes)
     prepared = PreparedData.under(root, codes)
     what = "VQ tokenizer" if codes else "VAE"
