@@ -145,6 +145,12 @@ def _summary(run: str, step: int) -> Callable[[Path, Output], None]:
     return check
 
 
+def _own_vae(ws: Path, printed: Output) -> None:
+    """A VAE trained here (its training log beside it), not the shipped copy."""
+    _summary("runs/own-vae", 2)(ws, printed)
+    assert (ws / "tmot_data_own" / "shapes-32" / "vae" / "train_log.jsonl").is_file()
+
+
 def _benchmark(out: str, seeds: list[int], bench: bool = False) -> Callable[[Path, Output], None]:
     """The benchmark's last line (its JSON) names its output folder and seeds; with `bench`, every variant
     was also scored (FID at equal n)."""
@@ -336,6 +342,9 @@ STEPS: dict[str, Step] = {
         ("--steps", "2", "--eval-samples", "4", "--bench-n", "0"), check=_chameleon_benchmark),
     # training
     "tmot train --config shapes-tiny --out runs/shapes-tiny": Step(TRAIN_TOY, check=_summary("runs/shapes-tiny", 2)),
+    "tmot train --config shapes-tiny --out runs/own-vae --set data.builtin_vae=train --set data.builtin_dir=tmot_data_own":
+        Step(TRAIN_TOY + ("--set", "data.builtin_vae_steps=2", "--set", "data.builtin_num_images=60",
+                          "--set", "train.batch_size=4"), check=_own_vae),
     "tmot vae encode --vae vae32 --data data/mine --split train --out latents/mine": Step(),
     "tmot train --config shapes-tiny --out runs/mine --data latents/mine --max-steps 5000 --set optim.lr=3e-4 "
     "--set 'model.untie=[]'": Step(TRAIN_TOY, check=_trained_its_own_bpe),
