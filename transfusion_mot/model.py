@@ -48,6 +48,30 @@ MODEL_WEIGHTS_FILE = "model.safetensors"
 # routing
 
 
+def gather_rows(x: Tensor, index: Tensor, pad: bool) -> Tensor:
+    """Rows `index` of x, after zero rows are appended to x up to len(index) when `pad`."""
+    if pad:
+        x = torch.cat([x, x.new_zeros(index.shape[0] - x.shape[0], *x.shape[1:])])
+    return x.index_select(0, index)
+
+
+class RowGather(torch.autograd.Function):
+    """`gather_rows(x, index, pad)` whose backward is the inverse gather, `gather_rows(grad, back, back_pad)`:
+    for the stream's sort and un-sort, which are (padding aside) permutations. index_select's own backward is
+    a scatter-add into zeros: slower eager, and serial atomic adds once inductor compiles it on a CPU."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, index: Tensor, pad: bool, back: Tensor, back_pad: bool) -> Tensor:
+        ctx.save_for_backward(back)
+        ctx.back_pad = back_pad
+        return gather_rows(x, index, pad)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None, None, None]:
+        (back,) = ctx.saved_tensors
+        return gather_rows(grad, back, ctx.back_pad), None, None, None, None
+
+
 class Routing:
     """The residual stream of one forward: the real (non-padding) tokens of a batch, sorted by modality when
     `sort` (modality m is then the m-th chunk of sizes `counts`). Padding positions are dropped from it, so
@@ -60,35 +84,36 @@ class Routing:
         self._one_hot: Tensor | None = None
         self.total = flat.numel()
         self.order: Tensor | None = None  # stream row i is flattened position order[i] (None: all, in order)
-        self.inverse: Tensor | None = None  # flattened position -> stream row, when nothing is dropped
+        self.inverse: Tensor | None = None  # flattened position p -> its row in the stream, padding after it
+        self.padded = False  # padding positions exist (they follow the real tokens in `inverse`)
         self.counts: list[int] = []
         if not sort and padding is None:
             return
         # padding sorts after every modality; one host sync per batch gives every count
         key = flat if padding is None else torch.where(padding.reshape(-1), num_modalities, flat)
         counts = torch.bincount(key, minlength=num_modalities + 1).tolist()
-        real, pads = sum(counts[:num_modalities]), counts[num_modalities]
+        real, self.padded = sum(counts[:num_modalities]), counts[num_modalities] > 0
+        if not sort and not self.padded:
+            return
         if sort:
             self.counts = counts[:num_modalities]
             self._one_hot = F.one_hot(flat, num_modalities).float()  # (B*L, M), for `norm_in_place`
-            self.order = torch.argsort(key, stable=True)[:real]
-        elif pads:
-            self.order = (key < num_modalities).nonzero().squeeze(1)
-        if self.order is not None and not pads:
-            self.inverse = torch.empty_like(self.order)
-            self.inverse[self.order] = torch.arange(self.total, device=flat.device)
+        permutation = torch.argsort(key if sort else (key == num_modalities).int(), stable=True)
+        self.order = permutation[:real]
+        self.inverse = torch.empty_like(permutation)
+        self.inverse[permutation] = torch.arange(self.total, device=flat.device)
 
     def sort(self, x: Tensor) -> Tensor:
         """(B*L, ...) in original row-major order -> the stream: real tokens, sorted by modality."""
-        return x if self.order is None else x.index_select(0, self.order)
+        if self.order is None:
+            return x
+        return RowGather.apply(x, self.order, False, self.inverse, self.padded)
 
     def unsort(self, x: Tensor) -> Tensor:
         """The stream -> (B*L, ...) in original order, zeros at padding positions."""
         if self.order is None:
             return x
-        if self.inverse is not None:
-            return x.index_select(0, self.inverse)
-        return x.new_zeros((self.total, *x.shape[1:])).index_copy(0, self.order, x)
+        return RowGather.apply(x, self.inverse, self.padded, self.order, False)
 
     def by_modality(self, x: Tensor, modalities: int) -> list[Tensor]:
         """The rows of each modality of a stream-ordered `x` (N, ...), each in original row-major order: the
