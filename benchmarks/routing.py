@@ -1,27 +1,29 @@
 """MoT versus dense: forward+backward time at equal active FLOPs (same width, depth and sequence).
 
 Both models come from the same code (`untie` = {attn, ffn, norm} versus empty), run on the same batch,
-timed interleaved (dense, MoT, dense, MoT, ...) so that machine noise hits both alike. The last line is one
-JSON object with `mot_over_dense` (median MoT time / median dense time).
+timed interleaved (dense, MoT, dense, MoT, ...) so that machine noise hits both alike; `--compile` compiles
+each block as train.compile does (and reports what compile did). The last line is one JSON object with
+`mot_over_dense` (median MoT time / median dense time).
 
-    python benchmarks/routing.py [--dim 256 --layers 4 --batch 4 --caption-tokens 64 --latent 32 --repeats 15]
+    python benchmarks/routing.py [--dim 256 --layers 4 --batch 4 --caption-tokens 64 --latent 32 --repeats 15 --compile]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
 
 import torch
 
 from transfusion_mot.batch import Collator, Sample
+from transfusion_mot.common.device import cpu_description
 from transfusion_mot.config import ModelConfig
 from transfusion_mot.diffusion import make_objective
 from transfusion_mot.losses import transfusion_loss
 from transfusion_mot.model import TransfusionMoT
+from transfusion_mot.training.parallel import apply_compile, compile_counts
 
 
 def main() -> None:
@@ -34,6 +36,7 @@ def main() -> None:
     ap.add_argument("--latent", type=int, default=32, help="latent side; patch 2 gives latent^2/4 image tokens (32: 256, the paper's)")
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
+    ap.add_argument("--compile", action="store_true", help="compile each block (train.compile)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -42,6 +45,9 @@ def main() -> None:
                 max_seq_len=4096)
     models = {name: TransfusionMoT(ModelConfig(**base, untie=untie))
               for name, untie in (("dense", []), ("mot", ["attn", "ffn", "norm"]))}
+    if args.compile:
+        for model in models.values():
+            apply_compile(model)
     cfg = models["dense"].config
     gen = torch.Generator().manual_seed(0)
     samples = [Sample([torch.randint(0, 256, (args.caption_tokens,), generator=gen),
@@ -77,7 +83,7 @@ def main() -> None:
         "dense_ms": round(med["dense"] * 1e3, 3), "mot_ms": round(med["mot"] * 1e3, 3),
         "tokens_per_batch": tokens, "seq_len": batch.inputs.tokens.shape[1], "batch": args.batch,
         "dim": args.dim, "layers": args.layers, "repeats": args.repeats,
-        "threads": torch.get_num_threads(), "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
+        "compile": compile_counts() if args.compile else None, "cpu": cpu_description(), "torch": torch.__version__,
     }
     print(json.dumps(result))
 

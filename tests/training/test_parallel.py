@@ -192,3 +192,72 @@ def test_eager_stance_runs_a_compiled_module_without_compiling_it():
     assert compiled_graphs == []
     torch.testing.assert_close(block(x), expected)
     assert len(compiled_graphs) == 1  # outside it, the compiled module compiles as before
+
+
+def test_compile_counts_report_frames_graph_breaks_and_recompiles():
+    """What a compiled run reports (summary.json "compile"): each compiled frame, a recompile as one more
+    frame, and each graph break."""
+    from transfusion_mot.training.parallel import compile_counts
+
+    def backend(graph_module, example_inputs):
+        return graph_module.forward
+
+    def f(x):
+        return x.sin() + 1
+
+    def broken(x):
+        x = x.cos()
+        torch._dynamo.graph_break()
+        return x + 1
+
+    torch._dynamo.reset()
+    before = compile_counts()
+    compiled = torch.compile(f, backend=backend, dynamic=False)
+    compiled(torch.randn(3))
+    compiled(torch.randn(3))  # the same shape: no recompile
+    after_one = compile_counts()
+    assert after_one["frames"] - before["frames"] == 1 and after_one["graph_breaks"] == before["graph_breaks"]
+    compiled(torch.randn(5))  # a static-shape function: a new shape recompiles
+    assert compile_counts()["frames"] - before["frames"] == 2
+    torch.compile(broken, backend=backend)(torch.randn(3))
+    assert compile_counts()["graph_breaks"] - before["graph_breaks"] == 1
+
+
+@pytest.mark.parametrize("untie", [["attn", "ffn", "norm"], []])
+def test_compiled_blocks_equal_eager_with_padding_and_compile_once(untie):
+    """The blocks as train.compile compiles them (dynamic shapes; traced through AOTAutograd here, without
+    inductor's C++ build) give the eager model's loss and gradients on padded batches of changing shapes,
+    with no graph break and no recompile."""
+    from helpers import random_samples, tiny_config
+
+    from transfusion_mot.batch import Collator
+    from transfusion_mot.diffusion import make_objective
+    from transfusion_mot.losses import TransfusionStep
+    from transfusion_mot.model import TransfusionMoT
+    from transfusion_mot.training.parallel import compile_counts
+
+    config = tiny_config(untie=untie)
+    torch.manual_seed(0)
+    eager = TransfusionMoT(config)
+    compiled = TransfusionMoT(config)
+    compiled.load_state_dict(eager.state_dict())
+    torch._dynamo.reset()
+    before = compile_counts()
+    for block in compiled.blocks:
+        block.compile(dynamic=True, backend="aot_eager")
+    objective = make_objective(config)
+    for n, seed in ((3, 0), (5, 1), (2, 2)):  # padded batches of different lengths and modality counts
+        batch = Collator(config).collate_padded(random_samples(config, n=n, seed=seed))
+        grads = []
+        for model in (eager, compiled):
+            model.zero_grad(set_to_none=True)
+            loss = TransfusionStep(model, objective)(batch, torch.Generator().manual_seed(seed))["loss"]
+            loss.backward()
+            grads.append((loss.detach(), [p.grad for p in model.parameters()]))
+        (loss_e, grad_e), (loss_c, grad_c) = grads
+        torch.testing.assert_close(loss_c, loss_e, atol=1e-6, rtol=1e-6)
+        for a, b in zip(grad_c, grad_e):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    counts = compile_counts()
+    assert counts["graph_breaks"] == before["graph_breaks"] and counts["failed"] == before["failed"]
+    assert counts["frames"] - before["frames"] == 1  # one graph for all blocks and batches: no recompile

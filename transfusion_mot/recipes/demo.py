@@ -176,7 +176,8 @@ def _train_stage(report: dict[str, Any], config: Any, run: Any, out: Path, log) 
                        "first": {k: round(steps[0][k], 4) for k in ("loss", "text_loss", "image_loss")},
                        "validation": {k: round(v, 4) for k, v in last.items() if k.startswith("val_")},
                        "train_time_s": round(summary.get("train_time_s", 0.0), 1),
-                       "tokens_per_s": round(sum(m["tokens_per_s"] for m in window) / len(window), 1)}
+                       "tokens_per_s": round(sum(m["tokens_per_s"] for m in window) / len(window), 1),
+                       "compile": summary.get("compile")}  # None: trained eagerly
     plot_curves({"demo": metrics}, out / "curves.png", panels=TRAINING_PANELS,
                 title=f"tmot demo: training and held-out losses ({train_steps} steps)")
 
@@ -288,6 +289,13 @@ def _pct(value: float | None) -> str:
     return "n/a" if value is None else f"{100 * value:.1f}%"
 
 
+def _compile_note(counts: dict[str, int] | None) -> str:
+    if not counts:
+        return " (eager)."
+    return (f" (blocks compiled: {counts['frames']} frame(s) compiled, {counts['graph_breaks']} graph breaks, "
+            f"{counts['failed']} run eagerly).")
+
+
 def render_report(report: dict[str, Any]) -> str:
     tr, al, s = report["train"], report["alignment"], report["settings"]
     p = tr["parameters"]
@@ -321,7 +329,8 @@ def render_report(report: dict[str, Any]) -> str:
               "", "## Training", "", "![curves](curves.png)", "",
               f"loss {tr['first']['loss']} -> {tr['final']['loss']} (text {tr['first']['text_loss']} -> "
               f"{tr['final']['text_loss']}, image {tr['first']['image_loss']} -> {tr['final']['image_loss']}); "
-              f"{tr['tokens_per_s']:,.0f} tokens/s at the end, {tr['train_time_s']} s in training steps."]
+              f"{tr['tokens_per_s']:,.0f} tokens/s at the end, {tr['train_time_s']} s in training steps" +
+              _compile_note(tr.get("compile"))]
     if val:
         lines += ["", "Held-out (fixed timesteps and noise): " + ", ".join(f"{k} {v}" for k, v in val.items())]
     lines += ["", "## Stages", "", "| stage | seconds | |", "|---|---|---|"]

@@ -38,6 +38,17 @@ def apply_compile(model: nn.Module) -> None:
         block.compile(dynamic=True)
 
 
+def compile_counts() -> dict[str, int]:
+    """What torch.compile did in this process so far: frames compiled (a recompile is one more), distinct
+    graphs, graph breaks, and frames it gave up on (run eagerly). Reported by runs and benchmarks that
+    compile, so that a recompile or a fallback shows instead of only costing time."""
+    from torch._dynamo.utils import counters
+
+    return {"frames": counters["frames"]["ok"], "graphs": counters["stats"]["unique_graphs"],
+            "graph_breaks": sum(counters["graph_break"].values()),
+            "failed": counters["frames"]["total"] - counters["frames"]["ok"]}
+
+
 def eager_stance() -> AbstractContextManager:
     """Compiled modules run eagerly inside this context (torch.compiler.set_stance; torch < 2.6 has none, and
     there they run as they are)."""

@@ -38,7 +38,7 @@ from ..pretrained import load_lm_weights
 from ..run_dir import CheckpointSaveError, RunDir, RunProgress, TrainingCheckpointer, TrainingState
 from ..tokenizer import Tokenizer
 from .optim import build_ema, build_optimizer, learning_rate
-from .parallel import build_model, eager_stance
+from .parallel import build_model, compile_counts, eager_stance
 from .stream import build_training_data
 from .validation import validation_summary
 
@@ -275,6 +275,8 @@ class Trainer:
             "train_time_s": p.train_time, "tokens_seen": p.tokens_seen, "skipped_steps": p.skipped_steps,
             "failed_saves": self.failed_saves, "data_mix": self.data.mix.counts,
             "last_checkpoint": str(result.checkpoint) if result.checkpoint else None}
+        if config.train.compile:  # a recompile or fallback shows here, not only as lost time
+            summary["compile"] = compile_counts()
         if self.validation is not None:
             summary["validation"] = validation_summary(self.validation, config.train.eval_every,
                                                        self.run.read_metrics())
