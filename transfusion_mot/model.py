@@ -107,12 +107,16 @@ class Routing:
         """(B*L, ...) in original row-major order -> the stream: real tokens, sorted by modality."""
         if self.order is None:
             return x
+        if not x.requires_grad:  # sampling, evaluation, integer targets: no backward to arrange
+            return gather_rows(x, self.order, False)
         return RowGather.apply(x, self.order, False, self.inverse, self.padded)
 
     def unsort(self, x: Tensor) -> Tensor:
         """The stream -> (B*L, ...) in original order, zeros at padding positions."""
         if self.order is None:
             return x
+        if not x.requires_grad:
+            return gather_rows(x, self.inverse, self.padded)
         return RowGather.apply(x, self.inverse, self.padded, self.order, False)
 
     def by_modality(self, x: Tensor, modalities: int) -> list[Tensor]:
