@@ -2,7 +2,7 @@
 
 The same shape for all (width 128, depth 4, 4 heads of 32; a batch of 32 samples, each 40 random text tokens
 then one image of 16 tokens: for us an 8x8x4 latent in 2x2 patches, for the peer a 4x4 grid of 16-d latents),
-a full training step each (forward, loss, backward, fused AdamW), timed interleaved (ours, dense, peer; dense, peer, ours; ...)
+a full training step each (forward, loss, backward, fused AdamW), timed interleaved (each round in the next order of the three)
 after warm-up, so that machine noise hits all alike. Ours runs as the trainer runs it (the loss module,
 eager; `--compile` compiles each block as train.compile does). Tokens are the 56 text and image tokens of
 each sample.
@@ -16,6 +16,7 @@ Needs the peer: pip install -e ".[peer]" (transfusion-pytorch==0.20.0)
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import time
@@ -93,11 +94,11 @@ def main() -> None:
         except ImportError:
             raise SystemExit('error: the peer is not installed: pip install -e ".[peer]" (transfusion-pytorch==0.20.0)') from None
     times: dict[str, list[float]] = {name: [] for name in variants}
-    names = list(variants)
+    # every round takes the next order of all of them: whichever runs right after the peer's longer step
+    # finds the caches cold, and a fixed order (or a rotation of one) would charge that to one variant more
+    orders = list(itertools.permutations(variants))
     for i in range(args.warmup + args.steps):
-        # the order rotates every round: whichever runs right after the peer's larger step finds the caches
-        # cold, and a fixed order would always charge that to the same variant
-        for name in names[i % len(names):] + names[:i % len(names)]:
+        for name in orders[i % len(orders)]:
             step = variants[name][1]
             start = time.perf_counter()
             step()
@@ -117,7 +118,7 @@ def main() -> None:
                                                    / result["transfusion-pytorch"]["tokens_per_s"], 2)
     for name, value in ratios.items():
         print(f"{name}: {value}")
-    # two frames compiled (MoT's blocks, dense's): any more is a recompile, and each is reported
+    # two graphs compiled (MoT's blocks, dense's): any more is a recompile, and each is reported
     compiled = compile_counts() if args.compile else None
     if compiled:
         print(f"compile: {compiled}")

@@ -312,28 +312,37 @@ def test_sorted_routing_equals_per_token_gather():
 @pytest.mark.parametrize("padded", [True, False])
 def test_stream_sort_and_unsort_with_their_gradients_equal_plain_indexing(sort, padded):
     """Routing's sort/un-sort (gathers whose backward is the inverse gather) give what plain boolean and
-    integer indexing give, values and gradients, with and without padding, sorted or not."""
+    integer indexing give, values and gradients, with and without padding (a row of nothing but padding
+    too), sorted or not, one modality absent; and the same values for inputs nothing differentiates
+    (detached, integer), which take the plain gather."""
     g = torch.Generator().manual_seed(5)
-    modality = torch.randint(0, 3, (3, 11), generator=g)
-    padding = torch.zeros(3, 11, dtype=torch.bool)
+    modality = torch.randint(0, 2, (4, 11), generator=g) * 2  # modalities 0 and 2 of 3: 1 is absent
+    padding = torch.zeros(4, 11, dtype=torch.bool)
     if padded:
         padding[0, 7:] = padding[2, 4:] = True
+        padding[3] = True
     routing = Routing(modality, 3, sort=sort, padding=padding)
     flat, real = modality.reshape(-1), ~padding.reshape(-1)
     # the reference stream: real positions, in modality order (stable) when sorted
-    rows = [p for m in range(3) for p in range(33) if real[p] and flat[p] == m] if sort else real.nonzero().squeeze(1).tolist()
-    x = torch.randn(33, 5, generator=g, requires_grad=True)
+    rows = ([p for m in range(3) for p in range(44) if real[p] and flat[p] == m] if sort
+            else real.nonzero().squeeze(1).tolist())
+    x = torch.randn(44, 5, generator=g, requires_grad=True)
     stream = routing.sort(x)
     torch.testing.assert_close(stream, x[rows], atol=0, rtol=0)
     grad = torch.randn(stream.shape, generator=g)
     torch.testing.assert_close(torch.autograd.grad(stream, x, grad)[0],
                                torch.autograd.grad(x[rows], x, grad)[0], atol=0, rtol=0)
+    torch.testing.assert_close(routing.sort(x.detach()), x.detach()[rows], atol=0, rtol=0)
+    positions = torch.arange(44)
+    assert routing.sort(positions).tolist() == rows
     y = torch.randn(len(rows), 5, generator=g, requires_grad=True)
     back = routing.unsort(y)
-    ref = torch.zeros(33, 5).index_put((torch.tensor(rows),), y)
+    ref = torch.zeros(44, 5).index_put((torch.tensor(rows),), y)
     torch.testing.assert_close(back, ref, atol=0, rtol=0)
     grad = torch.randn(back.shape, generator=g)
     torch.testing.assert_close(torch.autograd.grad(back, y, grad)[0], grad[rows], atol=0, rtol=0)
+    torch.testing.assert_close(routing.unsort(y.detach()), ref.detach(), atol=0, rtol=0)
+    assert routing.unsort(routing.sort(positions)).tolist() == [p if real[p] else 0 for p in range(44)]
 
 
 def test_routing_with_an_absent_modality():

@@ -58,7 +58,8 @@ def gather_rows(x: Tensor, index: Tensor, pad: bool) -> Tensor:
 class RowGather(torch.autograd.Function):
     """`gather_rows(x, index, pad)` whose backward is the inverse gather, `gather_rows(grad, back, back_pad)`:
     for the stream's sort and un-sort, which are (padding aside) permutations. index_select's own backward is
-    a scatter-add into zeros: slower eager, and serial atomic adds once inductor compiles it on a CPU."""
+    a scatter-add into zeros: slower eager, and serial atomic adds once inductor compiles it on a CPU.
+    Reverse mode only (no jvp or vmap rule): torch.func transforms of the model would need one."""
 
     @staticmethod
     def forward(ctx, x: Tensor, index: Tensor, pad: bool, back: Tensor, back_pad: bool) -> Tensor:

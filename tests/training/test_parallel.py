@@ -194,9 +194,9 @@ def test_eager_stance_runs_a_compiled_module_without_compiling_it():
     assert len(compiled_graphs) == 1  # outside it, the compiled module compiles as before
 
 
-def test_compile_counts_report_frames_graph_breaks_and_recompiles():
-    """What a compiled run reports (summary.json "compile"): each compiled frame, a recompile as one more
-    frame, and each graph break."""
+def test_compile_counts_report_graphs_graph_breaks_and_recompiles():
+    """What a compiled run reports (summary.json "compile"): each compiled graph, a recompile as one more,
+    and each graph break."""
     from transfusion_mot.training.parallel import compile_counts
 
     def backend(graph_module, example_inputs):
@@ -216,9 +216,10 @@ def test_compile_counts_report_frames_graph_breaks_and_recompiles():
     compiled(torch.randn(3))
     compiled(torch.randn(3))  # the same shape: no recompile
     after_one = compile_counts()
-    assert after_one["frames"] - before["frames"] == 1 and after_one["graph_breaks"] == before["graph_breaks"]
+    assert after_one["frames"] - before["frames"] == 1 and after_one["graphs"] - before["graphs"] == 1
+    assert after_one["graph_breaks"] == before["graph_breaks"]
     compiled(torch.randn(5))  # a static-shape function: a new shape recompiles
-    assert compile_counts()["frames"] - before["frames"] == 2
+    assert compile_counts()["graphs"] - before["graphs"] == 2
     torch.compile(broken, backend=backend)(torch.randn(3))
     assert compile_counts()["graph_breaks"] - before["graph_breaks"] == 1
 
@@ -226,8 +227,8 @@ def test_compile_counts_report_frames_graph_breaks_and_recompiles():
 @pytest.mark.parametrize("untie", [["attn", "ffn", "norm"], []])
 def test_compiled_blocks_equal_eager_with_padding_and_compile_once(untie):
     """The blocks as train.compile compiles them (dynamic shapes; traced through AOTAutograd here, without
-    inductor's C++ build) give the eager model's loss and gradients on padded batches of changing shapes,
-    with no graph break and no recompile."""
+    inductor's C++ build) give the eager model's loss and gradients on padded batches of changing shapes
+    with one graph and no graph break; a batch without padding (no zero rows to append) is a second graph."""
     from helpers import random_samples, tiny_config
 
     from transfusion_mot.batch import Collator
@@ -246,8 +247,12 @@ def test_compiled_blocks_equal_eager_with_padding_and_compile_once(untie):
     for block in compiled.blocks:
         block.compile(dynamic=True, backend="aot_eager")
     objective = make_objective(config)
-    for n, seed in ((3, 0), (5, 1), (2, 2)):  # padded batches of different lengths and modality counts
-        batch = Collator(config).collate_padded(random_samples(config, n=n, seed=seed))
+    batches = [Collator(config).collate_padded(random_samples(config, n=n, seed=seed))  # padded, shapes change
+               for n, seed in ((3, 0), (5, 1), (2, 2))]
+    batches.append(Collator(config).collate_padded(random_samples(config, n=3, seed=3, caption=(5, 6), latent=(4,))))
+    assert [bool((b.inputs.doc_ids < 0).any()) for b in batches] == [True, True, True, False]
+    graphs = []
+    for seed, batch in enumerate(batches):
         grads = []
         for model in (eager, compiled):
             model.zero_grad(set_to_none=True)
@@ -258,6 +263,7 @@ def test_compiled_blocks_equal_eager_with_padding_and_compile_once(untie):
         torch.testing.assert_close(loss_c, loss_e, atol=1e-6, rtol=1e-6)
         for a, b in zip(grad_c, grad_e):
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+        graphs.append(compile_counts()["graphs"] - before["graphs"])
+    assert graphs == [1, 1, 1, 2]  # one graph for every block and padded batch; no padding: one more
     counts = compile_counts()
     assert counts["graph_breaks"] == before["graph_breaks"] and counts["failed"] == before["failed"]
-    assert counts["frames"] - before["frames"] == 1  # one graph for all blocks and batches: no recompile

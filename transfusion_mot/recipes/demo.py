@@ -292,8 +292,8 @@ def _pct(value: float | None) -> str:
 def _compile_note(counts: dict[str, int] | None) -> str:
     if not counts:
         return " (eager)."
-    return (f" (blocks compiled: {counts['frames']} frame(s) compiled, {counts['graph_breaks']} graph breaks, "
-            f"{counts['failed']} run eagerly).")
+    return (f" (blocks compiled: {counts['graphs']} graph(s), {counts['graph_breaks']} graph breaks, "
+            f"{counts['failed']} frames run eagerly).")
 
 
 def render_report(report: dict[str, Any]) -> str:
