@@ -73,6 +73,14 @@ class RowGather(torch.autograd.Function):
         return gather_rows(grad, back, ctx.back_pad), None, None, None, None
 
 
+def permute_rows(x: Tensor, index: Tensor, pad: bool, back: Tensor, back_pad: bool) -> Tensor:
+    """`gather_rows(x, index, pad)`, through `RowGather` when x needs a gradient (sampling, evaluation and
+    integer targets take the plain gather: no backward to arrange)."""
+    if not x.requires_grad:
+        return gather_rows(x, index, pad)
+    return RowGather.apply(x, index, pad, back, back_pad)
+
+
 class Routing:
     """The residual stream of one forward: the real (non-padding) tokens of a batch, sorted by modality when
     `sort` (modality m is then the m-th chunk of sizes `counts`). Padding positions are dropped from it, so
@@ -83,7 +91,6 @@ class Routing:
         flat = modality.reshape(-1)
         self.modality = modality  # (B, L): the original layout's
         self._one_hot: Tensor | None = None
-        self.total = flat.numel()
         self.order: Tensor | None = None  # stream row i is flattened position order[i] (None: all, in order)
         self.inverse: Tensor | None = None  # flattened position p -> its row in the stream, padding after it
         self.padded = False  # padding positions exist (they follow the real tokens in `inverse`)
@@ -102,23 +109,15 @@ class Routing:
         permutation = torch.argsort(key if sort else (key == num_modalities).int(), stable=True)
         self.order = permutation[:real]
         self.inverse = torch.empty_like(permutation)
-        self.inverse[permutation] = torch.arange(self.total, device=flat.device)
+        self.inverse[permutation] = torch.arange(flat.numel(), device=flat.device)
 
     def sort(self, x: Tensor) -> Tensor:
         """(B*L, ...) in original row-major order -> the stream: real tokens, sorted by modality."""
-        if self.order is None:
-            return x
-        if not x.requires_grad:  # sampling, evaluation, integer targets: no backward to arrange
-            return gather_rows(x, self.order, False)
-        return RowGather.apply(x, self.order, False, self.inverse, self.padded)
+        return x if self.order is None else permute_rows(x, self.order, False, self.inverse, self.padded)
 
     def unsort(self, x: Tensor) -> Tensor:
         """The stream -> (B*L, ...) in original order, zeros at padding positions."""
-        if self.order is None:
-            return x
-        if not x.requires_grad:
-            return gather_rows(x, self.inverse, self.padded)
-        return RowGather.apply(x, self.inverse, self.padded, self.order, False)
+        return x if self.order is None else permute_rows(x, self.inverse, self.padded, self.order, False)
 
     def by_modality(self, x: Tensor, modalities: int) -> list[Tensor]:
         """The rows of each modality of a stream-ordered `x` (N, ...), each in original row-major order: the
