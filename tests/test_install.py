@@ -66,7 +66,7 @@ def test_train_by_config_name_and_demo_from_an_empty_directory(installed, tmp_pa
     copied = work / "tmot_data" / "shapes-32" / "vae" / weights
     assert copied.read_bytes() == (REPO / "vae" / "pretrained" / "shapes-32" / weights).read_bytes()
     r = run_installed(site, work, "demo", "--out", "d", "--steps", "2", "--num-images", "120", "--fid-images", "0",
-                      "--no-progress")  # the shipped VAE and classifier
+                      "--sample-steps", "2", "--no-progress")  # the shipped VAE and classifier
     assert r.returncode == 0, r.stderr[-3000:]
     assert (work / "d" / "report.md").is_file() and (work / "d" / "samples.png").is_file()
     r = run_installed(site, work, "info", "--config", "760m", "--json")

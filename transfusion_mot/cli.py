@@ -25,7 +25,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .recipes.demo import run_demo
 
     given = {"train_steps": args.steps, "fid_images": args.fid_images, "num_images": args.num_images,
-             "vae_steps": args.vae_steps, "classifier_steps": args.classifier_steps}
+             "vae_steps": args.vae_steps, "classifier_steps": args.classifier_steps, "sample_steps": args.sample_steps}
     report = run_demo(args.out, seed=args.seed, progress=not args.no_progress,
                       **{k: v for k, v in given.items() if v is not None})
     out = Path(args.out)
@@ -276,6 +276,8 @@ def add_demo_and_info(sub: Any) -> None:
                    "0: skip FID)")
     p.add_argument("--num-images", type=positive_int, default=None,
                    help="shapes images to generate (default 20000; fewer for a quick smoke run)")
+    p.add_argument("--sample-steps", type=positive_int, default=None,
+                   help="denoising steps per image (default 50; fewer for a quick smoke run: worse images)")
     p.add_argument("--vae-steps", type=positive_int, default=None,
                    help="train the tiny VAE here for N steps (default: use the VAE shipped for the shapes data)")
     p.add_argument("--classifier-steps", type=positive_int, default=None,

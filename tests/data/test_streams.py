@@ -4,6 +4,7 @@ items decoded ahead by worker processes, WebDataset shards, and text documents."
 
 import io
 import json
+import multiprocessing
 
 import pytest
 import torch
@@ -124,6 +125,15 @@ def test_text_documents_files(tmp_path):
         read_text_documents(tmp_path / "none.txt")
 
 
+def assert_close_stops_its_workers(stream, started_after: set) -> None:
+    """`stream` runs worker processes that started after the processes `started_after`; close() ends them at
+    once (a DataLoader iterator left to the garbage collector made the next collection wait 5 s a worker)."""
+    workers = set(multiprocessing.active_children()) - started_after
+    assert len(workers) == stream.num_workers
+    stream.close()
+    assert not workers & set(multiprocessing.active_children()), "close() left its workers running"
+
+
 def test_worker_processes_deliver_the_same_items_and_resume_at_the_exact_next_one(data):
     """Folder images decoded by 2 DataLoader workers arrive in the order the training process would read
     them itself; the state taken after k items (the workers are ahead by then) resumes at item k + 1."""
@@ -134,18 +144,21 @@ def test_worker_processes_deliver_the_same_items_and_resume_at_the_exact_next_on
 
     plain = order()
     expected = [next(plain) for _ in range(30)]  # more than one epoch
+    elders = set(multiprocessing.active_children())
     prefetched = PrefetchedStream(order(), num_workers=2, prefetch_factor=2)
     got = [next(prefetched) for _ in range(11)]
     state = prefetched.state_dict()
     got += [next(prefetched) for _ in range(4)]
+    assert_close_stops_its_workers(prefetched, started_after=elders)
+    got += [next(prefetched) for _ in range(3)]  # closed, read on: new workers start at the delivered position
     prefetched.close()
     resumed = PrefetchedStream(order(), num_workers=2, prefetch_factor=2)
     resumed.load_state_dict(state)
     again = [next(resumed) for _ in range(19)]
     resumed.close()
-    assert [g["key"] for g in got] == [e["key"] for e in expected[:15]]
+    assert [g["key"] for g in got] == [e["key"] for e in expected[:18]]
     assert [g["key"] for g in again] == [e["key"] for e in expected[11:30]]
-    assert all(torch.equal(g["image"], e["image"]) for g, e in zip(got + again, expected[:15] + expected[11:30]))
+    assert all(torch.equal(g["image"], e["image"]) for g, e in zip(got + again, expected[:18] + expected[11:30]))
 
 
 def test_shards_read_by_workers_resume_exactly(tmp_path):
@@ -172,10 +185,16 @@ def test_shards_read_by_workers_resume_exactly(tmp_path):
     straight = ShardStream(reader(), num_workers=2, prefetch_factor=2)
     expected = [next(straight)["key"] for _ in range(27)]
     assert sorted(expected[:20]) == sorted(f"{k}-{i}" for k in range(4) for i in range(5))
+    straight.close()
+    elders = set(multiprocessing.active_children())
     workers = ShardStream(reader(), num_workers=2, prefetch_factor=2)
-    got = [next(workers)["key"] for _ in range(9)]
+    got = [next(workers)["key"] for _ in range(6)]
+    assert_close_stops_its_workers(workers, started_after=elders)
+    got += [next(workers)["key"] for _ in range(3)]  # closed, read on: new workers start at the delivered sample
     state = workers.state_dict()
+    workers.close()
     resumed = ShardStream(reader(), num_workers=2, prefetch_factor=2)
     resumed.load_state_dict(state)
     got += [next(resumed)["key"] for _ in range(18)]
+    resumed.close()
     assert got == expected

@@ -607,6 +607,7 @@ class ReaderLoader:
         if self.num_workers == 0:
             yield from self.loader  # the reader tracks itself in this process
             return
+        self.reader._start_positions(self.num_workers)  # a state of another worker count: refused before any starts
         epoch = self.reader.epoch
         for tag, batch in self.loader:
             if tag is not None:

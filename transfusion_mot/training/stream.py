@@ -100,6 +100,13 @@ class TrainingStream:
                 samples.append(Sample([ids, latent], image_first=False))
         return samples
 
+    def close(self) -> None:
+        """Stop the sources' worker processes (a run's end); drawing again restarts them where they were."""
+        for stream in (self.pairs, self.text_stream):
+            close = getattr(stream, "close", None)
+            if close is not None:
+                close()
+
     def state_dict(self) -> State:
         state = {"mix": self.mix.get_state(), "pairs": self.pairs.state_dict(), "counts": dict(self.counts)}
         if self.text_stream is not None:

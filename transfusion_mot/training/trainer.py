@@ -19,7 +19,7 @@ import math
 import sys
 import time
 import warnings
-from contextlib import nullcontext
+from contextlib import closing, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -136,7 +136,8 @@ class Trainer:
         process then writes the run's summary."""
         tc, p, main = self.config.train, self.progress, self.dist.is_main
         step, status, saved, t0 = p.step, "completed", self.checkpointer.latest(), time.perf_counter()
-        with self.logger, self.bar, StopRequest() as stop:
+        # closing: the data's worker processes stop with the run, not at some later garbage collection
+        with self.logger, self.bar, StopRequest() as stop, closing(self.data.mix):
             if self.validation is not None and step == 0:  # the starting point (a language model's own text loss)
                 self.logger.log({"step": 0, **self.evaluate(), "eval_s": time.perf_counter() - t0})
             self.model.train()
