@@ -2,6 +2,7 @@
 between processes (resuming exactly, and re-split onto another number of processes with nothing skipped),
 items decoded ahead by worker processes, WebDataset shards, and text documents."""
 
+import gc
 import io
 import json
 import multiprocessing
@@ -144,12 +145,12 @@ def test_worker_processes_deliver_the_same_items_and_resume_at_the_exact_next_on
 
     plain = order()
     expected = [next(plain) for _ in range(30)]  # more than one epoch
-    elders = set(multiprocessing.active_children())
+    before = set(multiprocessing.active_children())
     prefetched = PrefetchedStream(order(), num_workers=2, prefetch_factor=2)
     got = [next(prefetched) for _ in range(11)]
     state = prefetched.state_dict()
     got += [next(prefetched) for _ in range(4)]
-    assert_close_stops_its_workers(prefetched, started_after=elders)
+    assert_close_stops_its_workers(prefetched, started_after=before)
     got += [next(prefetched) for _ in range(3)]  # closed, read on: new workers start at the delivered position
     prefetched.close()
     resumed = PrefetchedStream(order(), num_workers=2, prefetch_factor=2)
@@ -157,6 +158,19 @@ def test_worker_processes_deliver_the_same_items_and_resume_at_the_exact_next_on
     again = [next(resumed) for _ in range(19)]
     resumed.close()
     assert [g["key"] for g in got] == [e["key"] for e in expected[:18]]
+    # dropped without close(): its last reference goes, and its workers stop with it (no reference cycle
+    # leaves them to the garbage collector, which is off here)
+    before = set(multiprocessing.active_children())
+    dropped = PrefetchedStream(order(), num_workers=2, prefetch_factor=2)
+    next(dropped)
+    workers = set(multiprocessing.active_children()) - before
+    assert len(workers) == 2
+    gc.disable()
+    try:
+        del dropped
+        assert not workers & set(multiprocessing.active_children()), "a dropped stream left its workers running"
+    finally:
+        gc.enable()
     assert [g["key"] for g in again] == [e["key"] for e in expected[11:30]]
     assert all(torch.equal(g["image"], e["image"]) for g, e in zip(got + again, expected[:18] + expected[11:30]))
 
@@ -186,10 +200,10 @@ def test_shards_read_by_workers_resume_exactly(tmp_path):
     expected = [next(straight)["key"] for _ in range(27)]
     assert sorted(expected[:20]) == sorted(f"{k}-{i}" for k in range(4) for i in range(5))
     straight.close()
-    elders = set(multiprocessing.active_children())
+    before = set(multiprocessing.active_children())
     workers = ShardStream(reader(), num_workers=2, prefetch_factor=2)
     got = [next(workers)["key"] for _ in range(6)]
-    assert_close_stops_its_workers(workers, started_after=elders)
+    assert_close_stops_its_workers(workers, started_after=before)
     got += [next(workers)["key"] for _ in range(3)]  # closed, read on: new workers start at the delivered sample
     state = workers.state_dict()
     workers.close()

@@ -1,7 +1,6 @@
 """The training loop: the recipe's schedule and EMA, exact resume, precision/accumulation/packing/sources,
 checkpoints that survive failures, NaN handling, signals."""
 
-import gc
 import json
 import multiprocessing
 import signal
@@ -89,22 +88,18 @@ def test_bf16_grad_accum_packing_text_only_and_folder_source(tmp_path, data):
 
 
 def test_the_data_workers_stop_when_the_run_ends(tmp_path, data):
-    """Images decoded by worker processes: they are gone when `train` returns (with the garbage collector
-    off, nothing else could have stopped them). Left to a later collection, their DataLoader iterator had
-    lost its queues by the time it told them to stop, and waited 5 s for each worker."""
-    elders = set(multiprocessing.active_children())
+    """Images decoded by worker processes: they are gone when `fit` returns, while the trainer and its data
+    are still referenced, so only `fit` can have stopped them. (Left to a later garbage collection, their
+    DataLoader iterator waited 5 s for each worker.)"""
+    before = set(multiprocessing.active_children())
     cfg = make_config(data, data={"kind": "folder", "path": str(data["folder"]), "num_workers": 2},
                       vae={"path": str(data["vae"])}, train={"max_steps": 2})
-    gc.disable()
-    try:
-        trainer = build_trainer(cfg, tmp_path / "run")
-        next(trainer.data.mix.pairs.source)  # the workers start with the first item
-        workers = set(multiprocessing.active_children()) - elders
-        assert len(workers) == 2
-        trainer.fit()
-        assert not workers & set(multiprocessing.active_children()), "the run ended with its data workers running"
-    finally:
-        gc.enable()
+    trainer = build_trainer(cfg, tmp_path / "run")
+    next(trainer.data.mix.pairs.source)  # the workers start with the first item
+    workers = set(multiprocessing.active_children()) - before
+    assert len(workers) == 2
+    trainer.fit()
+    assert not workers & set(multiprocessing.active_children()), "the run ended with its data workers running"
 
 
 def test_metrics_report_mfu_and_padding_of_the_batches_trained_on(tmp_path, data):

@@ -68,13 +68,11 @@ class StreamWrapper:
         """Drop whatever was read ahead of the delivered position (called before a state is loaded)."""
 
     def close(self) -> None:
-        """Stop what this stream and its sources run ahead (worker processes) now; reading on restarts them at
-        the delivered position. Left to the garbage collector, a DataLoader iterator caught in a reference
-        cycle loses its queues before it can tell its workers to stop, and waits 5 s for each one."""
+        """Stop what this stream and the streams it wraps run ahead (worker processes) now, not whenever the
+        stream is dropped; reading on restarts them at the delivered position."""
         self.reset()
-        close = getattr(self.source, "close", None)
-        if close is not None:
-            close()
+        if isinstance(self.source, StreamWrapper):
+            self.source.close()
 
     def state_dict(self) -> State:
         return self.source.state_dict()
@@ -224,6 +222,14 @@ class ShuffledStream:
                               "start": [epoch, first + position * resplit.old_world_size]})
 
 
+def _indices_from(order: ShuffledStream) -> Iterator[int]:
+    """The item indices `order` gives from its position on, for workers to read ahead. It holds the copy
+    alone, not the stream: the DataLoader iterator refers to no stream that refers back to it, so dropping its
+    stream stops its workers at once (in a reference cycle they would wait for the garbage collector)."""
+    while True:
+        yield order.next_index()
+
+
 class PrefetchedStream(StreamWrapper):
     """A `ShuffledStream`'s items decoded ahead of use by DataLoader worker processes (`num_workers`, each
     `prefetch_factor` items ahead), delivered in order.
@@ -235,16 +241,11 @@ class PrefetchedStream(StreamWrapper):
         self.source, self.num_workers, self.prefetch_factor = source, num_workers, prefetch_factor
         self._iter: Iterator[Any] | None = None
 
-    def _indices(self) -> Iterator[int]:
-        ahead = self.source.copy()
-        while True:
-            yield ahead.next_index()
-
     def __next__(self) -> Any:
         if self._iter is None:
             from torch.utils.data import DataLoader
 
-            self._iter = iter(DataLoader(self.source.dataset, batch_size=None, sampler=self._indices(),
+            self._iter = iter(DataLoader(self.source.dataset, batch_size=None, sampler=_indices_from(self.source.copy()),
                                          num_workers=self.num_workers, prefetch_factor=self.prefetch_factor))
         item = next(self._iter)
         self.source.next_index()  # the delivered item's position

@@ -103,9 +103,8 @@ class TrainingStream:
     def close(self) -> None:
         """Stop the sources' worker processes (a run's end); drawing again restarts them where they were."""
         for stream in (self.pairs, self.text_stream):
-            close = getattr(stream, "close", None)
-            if close is not None:
-                close()
+            if isinstance(stream, StreamWrapper):
+                stream.close()
 
     def state_dict(self) -> State:
         state = {"mix": self.mix.get_state(), "pairs": self.pairs.state_dict(), "counts": dict(self.counts)}
