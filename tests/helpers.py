@@ -4,9 +4,12 @@ and a latent cache), tiny stand-ins for Inception and CLIP, and image folders wr
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
+import multiprocessing
 import os
 import signal
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -463,3 +466,16 @@ def text_only_inputs(config, ids: torch.Tensor):
     return ModelInputs(ids, zeros + config.modalities.index("text"), torch.arange(n).expand(b, n), zeros,
                        zeros - 1, torch.zeros(0, config.patch_dim), torch.zeros(0, 2, dtype=torch.long),
                        torch.zeros(0, dtype=torch.long), torch.zeros(0))
+
+
+def assert_workers_stop(started_after: set, count: int, stop: Callable[[], object]) -> None:
+    """The `count` worker processes of this process that started after the processes `started_after` all
+    end within `stop()`, not at some later garbage collection (the collector is off meanwhile)."""
+    workers = set(multiprocessing.active_children()) - started_after
+    assert len(workers) == count, f"expected {count} workers, found {len(workers)}"
+    gc.disable()
+    try:
+        stop()
+        assert not workers & set(multiprocessing.active_children()), f"{stop} left its workers running"
+    finally:
+        gc.enable()

@@ -2,13 +2,13 @@
 between processes (resuming exactly, and re-split onto another number of processes with nothing skipped),
 items decoded ahead by worker processes, WebDataset shards, and text documents."""
 
-import gc
 import io
 import json
 import multiprocessing
 
 import pytest
 import torch
+from helpers import assert_workers_stop
 
 from transfusion_mot.common.errors import InputNotFound, InvalidInput
 from transfusion_mot.data.streams import (
@@ -126,15 +126,6 @@ def test_text_documents_files(tmp_path):
         read_text_documents(tmp_path / "none.txt")
 
 
-def assert_close_stops_its_workers(stream, started_after: set) -> None:
-    """`stream` runs worker processes that started after the processes `started_after`; close() ends them at
-    once (a DataLoader iterator left to the garbage collector made the next collection wait 5 s a worker)."""
-    workers = set(multiprocessing.active_children()) - started_after
-    assert len(workers) == stream.num_workers
-    stream.close()
-    assert not workers & set(multiprocessing.active_children()), "close() left its workers running"
-
-
 def test_worker_processes_deliver_the_same_items_and_resume_at_the_exact_next_one(data):
     """Folder images decoded by 2 DataLoader workers arrive in the order the training process would read
     them itself; the state taken after k items (the workers are ahead by then) resumes at item k + 1."""
@@ -150,7 +141,7 @@ def test_worker_processes_deliver_the_same_items_and_resume_at_the_exact_next_on
     got = [next(prefetched) for _ in range(11)]
     state = prefetched.state_dict()
     got += [next(prefetched) for _ in range(4)]
-    assert_close_stops_its_workers(prefetched, started_after=before)
+    assert_workers_stop(before, 2, prefetched.close)
     got += [next(prefetched) for _ in range(3)]  # closed, read on: new workers start at the delivered position
     prefetched.close()
     resumed = PrefetchedStream(order(), num_workers=2, prefetch_factor=2)
@@ -159,18 +150,11 @@ def test_worker_processes_deliver_the_same_items_and_resume_at_the_exact_next_on
     resumed.close()
     assert [g["key"] for g in got] == [e["key"] for e in expected[:18]]
     # dropped without close(): its last reference goes, and its workers stop with it (no reference cycle
-    # leaves them to the garbage collector, which is off here)
+    # leaves them to the garbage collector)
     before = set(multiprocessing.active_children())
-    dropped = PrefetchedStream(order(), num_workers=2, prefetch_factor=2)
-    next(dropped)
-    workers = set(multiprocessing.active_children()) - before
-    assert len(workers) == 2
-    gc.disable()
-    try:
-        del dropped
-        assert not workers & set(multiprocessing.active_children()), "a dropped stream left its workers running"
-    finally:
-        gc.enable()
+    held = [PrefetchedStream(order(), num_workers=2, prefetch_factor=2)]
+    next(held[0])
+    assert_workers_stop(before, 2, held.clear)
     assert [g["key"] for g in again] == [e["key"] for e in expected[11:30]]
     assert all(torch.equal(g["image"], e["image"]) for g, e in zip(got + again, expected[:18] + expected[11:30]))
 
@@ -203,7 +187,7 @@ def test_shards_read_by_workers_resume_exactly(tmp_path):
     before = set(multiprocessing.active_children())
     workers = ShardStream(reader(), num_workers=2, prefetch_factor=2)
     got = [next(workers)["key"] for _ in range(6)]
-    assert_close_stops_its_workers(workers, started_after=before)
+    assert_workers_stop(before, 2, workers.close)
     got += [next(workers)["key"] for _ in range(3)]  # closed, read on: new workers start at the delivered sample
     state = workers.state_dict()
     workers.close()

@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 import yaml
-from helpers import cli_env, config_dict, kill_all, losses, make_config
+from helpers import assert_workers_stop, cli_env, config_dict, kill_all, losses, make_config
 
 from transfusion_mot.common import checkpoint as ckpt
 from transfusion_mot.common.errors import TrainingError
@@ -89,17 +89,13 @@ def test_bf16_grad_accum_packing_text_only_and_folder_source(tmp_path, data):
 
 def test_the_data_workers_stop_when_the_run_ends(tmp_path, data):
     """Images decoded by worker processes: they are gone when `fit` returns, while the trainer and its data
-    are still referenced, so only `fit` can have stopped them. (Left to a later garbage collection, their
-    DataLoader iterator waited 5 s for each worker.)"""
+    are still referenced, so only `fit` can have stopped them."""
     before = set(multiprocessing.active_children())
     cfg = make_config(data, data={"kind": "folder", "path": str(data["folder"]), "num_workers": 2},
                       vae={"path": str(data["vae"])}, train={"max_steps": 2})
     trainer = build_trainer(cfg, tmp_path / "run")
     next(trainer.data.mix.pairs.source)  # the workers start with the first item
-    workers = set(multiprocessing.active_children()) - before
-    assert len(workers) == 2
-    trainer.fit()
-    assert not workers & set(multiprocessing.active_children()), "the run ended with its data workers running"
+    assert_workers_stop(before, 2, trainer.fit)
 
 
 def test_metrics_report_mfu_and_padding_of_the_batches_trained_on(tmp_path, data):

@@ -245,7 +245,8 @@ class PrefetchedStream(StreamWrapper):
         if self._iter is None:
             from torch.utils.data import DataLoader
 
-            self._iter = iter(DataLoader(self.source.dataset, batch_size=None, sampler=_indices_from(self.source.copy()),
+            indices = _indices_from(self.source.copy())
+            self._iter = iter(DataLoader(self.source.dataset, batch_size=None, sampler=indices,
                                          num_workers=self.num_workers, prefetch_factor=self.prefetch_factor))
         item = next(self._iter)
         self.source.next_index()  # the delivered item's position

@@ -136,7 +136,7 @@ class Trainer:
         process then writes the run's summary."""
         tc, p, main = self.config.train, self.progress, self.dist.is_main
         step, status, saved, t0 = p.step, "completed", self.checkpointer.latest(), time.perf_counter()
-        # closing: the data's worker processes stop with the run, not at some later garbage collection
+        # closing: the data's worker processes stop with the run, not whenever the trainer is dropped
         with self.logger, self.bar, StopRequest() as stop, closing(self.data.mix):
             if self.validation is not None and step == 0:  # the starting point (a language model's own text loss)
                 self.logger.log({"step": 0, **self.evaluate(), "eval_s": time.perf_counter() - t0})
