@@ -19,6 +19,7 @@ import functools
 from dataclasses import dataclass, field, fields, replace
 from typing import Sequence, Union
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -249,7 +250,8 @@ def assemble(rows: list[list[dict]], length: int, pad: int, text_modality: int, 
         for key, fill in (("tokens", pad), ("modality", text_modality), ("positions", 0), ("doc_ids", -1),
                           ("image_ids", -1), ("targets", IGNORE_INDEX), ("image_targets", IGNORE_INDEX)):
             columns[key] += [fill] * (length - used)
-    t = {k: torch.tensor(v, dtype=torch.long).view(len(rows), length) for k, v in columns.items()}
+    # through numpy: 4x faster than torch.tensor on a list of ints (~30 against ~130 us per column of 2k)
+    t = {k: torch.from_numpy(np.array(v, dtype=np.int64)).view(len(rows), length) for k, v in columns.items()}
     inputs = ModelInputs(
         tokens=t["tokens"], modality=t["modality"], positions=t["positions"], doc_ids=t["doc_ids"],
         image_ids=t["image_ids"],
