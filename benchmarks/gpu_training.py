@@ -30,6 +30,7 @@ from packing import SyntheticSamples  # benchmarks/packing.py, beside this scrip
 
 from transfusion_mot.accounting import batch_train_flops, parameter_accounting
 from transfusion_mot.batch import Collator
+from transfusion_mot.common.compile import compile_blocks
 from transfusion_mot.common.config import from_dict, read_yaml_mapping
 from transfusion_mot.common.throughput import mfu, peak_tflops
 from transfusion_mot.config import ModelConfig
@@ -38,7 +39,6 @@ from transfusion_mot.inference.sampling import generate_latents
 from transfusion_mot.losses import TransfusionStep
 from transfusion_mot.model import TransfusionMoT
 from transfusion_mot.tokenizer import ByteTokenizer
-from transfusion_mot.training.parallel import apply_compile
 from transfusion_mot.training.stream import PackedBatches
 
 REPO = Path(__file__).resolve().parents[1]
@@ -66,7 +66,7 @@ def build_variant(name: str, untie: str, compiled: bool, attn: str, args, device
     acc = parameter_accounting(model, seq_len=args.budget)
     step = TransfusionStep(model, make_objective(cfg))
     if compiled:
-        apply_compile(model)
+        compile_blocks(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     batch = packed_rows(cfg, args.rows, args.budget, args.latent, seed=0)
     flops = batch_train_flops(acc, batch.inputs.modality, batch.inputs.doc_ids, cfg.modalities)

@@ -24,24 +24,24 @@ import time
 import torch
 
 from transfusion_mot.batch import Collator, Sample
+from transfusion_mot.common.compile import compile_blocks, compile_counts
 from transfusion_mot.common.device import cpu_description
 from transfusion_mot.config import ModelConfig
 from transfusion_mot.diffusion import make_objective
 from transfusion_mot.losses import TransfusionStep
 from transfusion_mot.model import TransfusionMoT
-from transfusion_mot.training.parallel import apply_compile, compile_counts
 
 TEXT_TOKENS, LATENT = 40, (4, 8, 8)  # 8x8x4 latent, 2x2 patches: 16 image tokens of 16 values
 
 
-def ours(untie: list[str], batch_size: int, compile_blocks: bool, seed: int):
+def ours(untie: list[str], batch_size: int, compiled: bool, seed: int):
     """A step function of our model (MoT or dense) on one fixed collated batch."""
     torch.manual_seed(seed)
     config = ModelConfig(dim=128, n_layers=4, n_heads=4, ffn_dim=344, vocab_size=261, latent_channels=4, patch_size=2,
                          max_seq_len=128, untie=untie, qk_norm=True, objective="flow")
     model = TransfusionMoT(config)
-    if compile_blocks:
-        apply_compile(model)
+    if compiled:
+        compile_blocks(model)
     module = TransfusionStep(model, make_objective(config))
     gen = torch.Generator().manual_seed(seed)
     samples = [Sample([torch.randint(0, 256, (TEXT_TOKENS,), generator=gen), torch.randn(*LATENT, generator=gen)])

@@ -18,12 +18,12 @@ import time
 import torch
 
 from transfusion_mot.batch import Collator, Sample
+from transfusion_mot.common.compile import compile_blocks, compile_counts
 from transfusion_mot.common.device import cpu_description
 from transfusion_mot.config import ModelConfig
 from transfusion_mot.diffusion import make_objective
 from transfusion_mot.losses import transfusion_loss
 from transfusion_mot.model import TransfusionMoT
-from transfusion_mot.training.parallel import apply_compile, compile_counts
 
 
 def main() -> None:
@@ -47,7 +47,7 @@ def main() -> None:
               for name, untie in (("dense", []), ("mot", ["attn", "ffn", "norm"]))}
     if args.compile:
         for model in models.values():
-            apply_compile(model)
+            compile_blocks(model)
     cfg = models["dense"].config
     gen = torch.Generator().manual_seed(0)
     samples = [Sample([torch.randint(0, 256, (args.caption_tokens,), generator=gen),

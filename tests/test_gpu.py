@@ -42,8 +42,9 @@ def test_flex_equals_sdpa_forward_and_backward_on_packed_rows():
 def test_bf16_compiled_training_step_with_fsdp2_on_one_gpu(tmp_path):
     """Meta-device init, compiled blocks, FSDP2 with bf16 all-gathers and fp32 reduction, flex attention:
     the loss of a fixed packed batch falls and every gradient is finite."""
+    from transfusion_mot.common.compile import compile_blocks
     from transfusion_mot.losses import TransfusionStep
-    from transfusion_mot.training.parallel import apply_compile, apply_fsdp
+    from transfusion_mot.training.parallel import apply_fsdp
 
     torch.cuda.set_device(0)
     cfg = tiny_config(dim=128, max_seq_len=512, attn_backend="flex")
@@ -54,7 +55,7 @@ def test_bf16_compiled_training_step_with_fsdp2_on_one_gpu(tmp_path):
         with torch.device("meta"):
             model = TransfusionMoT(cfg)
         step = TransfusionStep(model, make_objective(cfg))
-        apply_compile(model)
+        compile_blocks(model)
         apply_fsdp(step, model.blocks, bf16=True)
         model.to_empty(device="cuda")
         torch.manual_seed(0)
@@ -81,14 +82,14 @@ def test_no_recompiles_across_twenty_steps_of_varying_lengths():
     import torch._dynamo
     from torch._dynamo.utils import counters
 
-    from transfusion_mot.training.parallel import apply_compile
+    from transfusion_mot.common.compile import compile_blocks
 
     torch._dynamo.reset()
     counters.clear()
     torch.manual_seed(0)
     cfg = tiny_config(dim=128, max_seq_len=1024, attn_backend="flex")
     model = TransfusionMoT(cfg).cuda()
-    apply_compile(model)
+    compile_blocks(model)
     objective = make_objective(cfg)
     collator = Collator(cfg)
     g = torch.Generator().manual_seed(0)

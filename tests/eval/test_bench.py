@@ -190,21 +190,28 @@ def test_run_bench_skips_what_it_cannot_compute(tmp_path, monkeypatch):
         run_bench(lambda prompts, seed: fake_generate(prompts, seed)[:1], ["a", "b"], tmp_path / "bad", quiet=True)
 
 
-def test_bench_cli_with_a_loader(tmp_path, shapes_dir, quick_classifier, monkeypatch, capsys):
+@pytest.mark.parametrize("compile_flag", [False, True])
+def test_bench_cli_with_a_loader(tmp_path, shapes_dir, quick_classifier, monkeypatch, capsys, compile_flag):
     monkeypatch.setattr(inception, "load_inception", lambda *a, **k: TinyExtractor())
     calls = []
 
-    def loader(run_dir, device):
-        calls.append((run_dir, device))
+    def loader(run_dir, device, compile=False):
+        calls.append((run_dir, device, compile))
         return fake_generate
 
     code = main(["bench", "--run", str(tmp_path / "run"), "--data", str(shapes_dir), "--n", "6", "--classifier",
-                 str(quick_classifier), "--json", "--device", "cpu"], bench_loader=loader)
-    assert code == 0 and calls == [(str(tmp_path / "run"), "cpu")]
+                 str(quick_classifier), "--json", "--device", "cpu"] + ["--compile"] * compile_flag,
+                bench_loader=loader)
+    assert code == 0 and calls == [(str(tmp_path / "run"), "cpu", compile_flag)]
     result = json.loads(capsys.readouterr().out)
     assert result["out"] == str(tmp_path / "run" / "bench") and result["fid"] is not None
     assert result["report"]["fid"]["n_real"] == 12  # the val split's images are the reference
     assert result["report"]["align"]["n_scored"] == 6 and result["report"]["run"] == str(tmp_path / "run")
+    # a compiled bench reports what compile did (graphs, graph breaks, fallbacks), in the report and the output
+    assert result["report"]["compiled"] is compile_flag
+    assert ("compile" in result) is compile_flag
+    if compile_flag:
+        assert set(result["compile"]) == {"graphs", "frames", "graph_breaks", "failed"}
 
 
 def test_align_cli_scores_a_folder(tmp_path, quick_classifier, capsys):

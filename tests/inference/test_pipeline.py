@@ -51,6 +51,7 @@ def test_sample_command_writes_images_grid_and_manifest(run, tmp_path, capsys):
                  "--steps", "3", "--out", str(out), "--device", "cpu"]) == 0
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["cfg"] == 2 and manifest["steps"] == 3 and manifest["scheduler"] == "ddpm"
+    assert manifest["compiled"] is False
     assert manifest["checkpoint"].endswith("step_6") and manifest["weights"] == "ema.safetensors"
     assert [r["prompt"] for r in manifest["images"]] == ["a red square"] * 2 + ["a green square"] * 2
     assert [r["seed"] for r in manifest["images"]] == [5, 6, 7, 8]
@@ -81,6 +82,53 @@ def test_sample_bad_input_is_one_line(run, tmp_path, capsys, case):
     assert err.startswith("tmot sample: error:") and "\n" not in err
     if case == "too_long":
         assert "max_seq_len" in err
+
+
+def test_sample_command_compiles_the_blocks_once_and_reports_it(run, tmp_path, capsys, monkeypatch):
+    """`tmot sample --compile`: the pipeline's blocks compiled once (traced through AOTAutograd here, without
+    inductor's C++ build; the slow test below runs inductor), the eager images, and what compile did in the
+    command's output."""
+    from transfusion_mot.common import compile as compile_module
+    from transfusion_mot.inference import pipeline as pipeline_module
+
+    calls = []
+
+    def compile_blocks(model):
+        calls.append(model)
+        compile_module.compile_blocks(model, backend="aot_eager")
+
+    monkeypatch.setattr(pipeline_module, "compile_blocks", compile_blocks)
+    pipe = Pipeline.from_run(run)
+    assert pipe.compile() is pipe and pipe.compile() is pipe and calls == [pipe.model]  # once
+    out = tmp_path / "compiled"
+    assert main(["sample", "--run", str(run), "--prompt", "a red square", "--prompt", "a green square", "--seed", "5",
+                 "--steps", "3", "--out", str(out), "--device", "cpu", "--compile"]) == 0
+    assert len(calls) == 2 and "blocks compiled: " in capsys.readouterr().out
+    assert json.loads((out / "manifest.json").read_text())["compiled"] is True
+    expected = Pipeline.from_run(run).generate(["a red square", "a green square"], seed=[5, 6], num_steps=3)
+    for k, image in enumerate(expected):
+        got = np.asarray(Image.open(out / f"{k:05d}.png").convert("RGB")).astype(int)
+        assert np.abs(got - np.asarray(image).astype(int)).max() <= 1  # float rounding may move a pixel one level
+
+
+@pytest.mark.slow
+def test_sample_command_compiles_with_inductor(run, tmp_path, capsys):
+    """`tmot sample --compile` as users run it: inductor builds the blocks' C++ kernels (tens of seconds on a
+    2-core CPU), with no graph break and no frame left eager, and draws the eager images."""
+    from transfusion_mot.common.compile import compile_counts
+
+    before = compile_counts()
+    out = tmp_path / "compiled"
+    assert main(["sample", "--run", str(run), "--prompt", "a red square", "--prompt", "a green square", "--seed", "5",
+                 "--steps", "3", "--out", str(out), "--device", "cpu", "--compile"]) == 0
+    after = compile_counts()
+    assert "blocks compiled: " in capsys.readouterr().out
+    assert after["graphs"] - before["graphs"] == 2  # the caption prefix and the denoising step
+    assert (after["graph_breaks"], after["failed"]) == (before["graph_breaks"], before["failed"])
+    expected = Pipeline.from_run(run).generate(["a red square", "a green square"], seed=[5, 6], num_steps=3)
+    for k, image in enumerate(expected):
+        got = np.asarray(Image.open(out / f"{k:05d}.png").convert("RGB")).astype(int)
+        assert np.abs(got - np.asarray(image).astype(int)).max() <= 1
 
 
 def test_caption_and_export_commands(run, tmp_path, capsys):

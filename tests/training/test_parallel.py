@@ -174,7 +174,7 @@ def test_two_process_fsdp2_run_from_a_language_model_with_the_text_frozen(tmp_pa
 def test_eager_stance_runs_a_compiled_module_without_compiling_it():
     """Held-out evaluation runs inside `eager_stance`: a compiled block gives the same numbers there and no
     graph is compiled for it (a counting backend sees no call)."""
-    from transfusion_mot.training.parallel import eager_stance
+    from transfusion_mot.common.compile import eager_stance
 
     compiled_graphs = []
 
@@ -197,7 +197,7 @@ def test_eager_stance_runs_a_compiled_module_without_compiling_it():
 def test_compile_counts_report_graphs_graph_breaks_and_recompiles():
     """What a compiled run reports (summary.json "compile"): each compiled graph, a recompile as one more,
     and each graph break."""
-    from transfusion_mot.training.parallel import compile_counts
+    from transfusion_mot.common.compile import compile_counts
 
     def backend(graph_module, example_inputs):
         return graph_module.forward
@@ -232,10 +232,10 @@ def test_compiled_blocks_equal_eager_with_padding_and_compile_once(untie):
     from helpers import random_samples, tiny_config
 
     from transfusion_mot.batch import Collator
+    from transfusion_mot.common.compile import compile_counts
     from transfusion_mot.diffusion import make_objective
     from transfusion_mot.losses import TransfusionStep
     from transfusion_mot.model import TransfusionMoT
-    from transfusion_mot.training.parallel import compile_counts
 
     config = tiny_config(untie=untie)
     torch.manual_seed(0)

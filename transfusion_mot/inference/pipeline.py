@@ -24,6 +24,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from ..common.compile import compile_blocks
 from ..common.config import from_dict, load_yaml_config, save_yaml_config
 from ..common.device import resolve_device
 from ..common.errors import InputNotFound, InvalidInput
@@ -51,6 +52,7 @@ class Pipeline:
         self.tokenizer_config = tokenizer_config
         self.vae = vae.eval()
         self.info = dict(info or {})
+        self.compiled = False  # the blocks compiled for sampling (`compile`)
         from vae import codebook_size, image_shape
 
         self.image_size = int(vae.config.sample_size)
@@ -60,6 +62,19 @@ class Pipeline:
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    def compile(self) -> Pipeline:
+        """Compile the model's blocks (torch.compile, dynamic shapes) for a long text -> image job. The first
+        prompt batch compiles two graphs (caption prefix, denoising step), and later batches of any prompts
+        reuse them (a batch of a single prompt, and captioning, compile their own); the latents match eager
+        sampling to float tolerance. On a 2-core CPU compiling costs 3-30 s once (inductor's cache warm or
+        cold), and each denoising step then takes ~0.8x as long: worth it from a few hundred to a few thousand
+        images (BENCHMARKS.md). Compiling again does nothing; `common.compile.compile_counts` says what
+        compile did."""
+        if not self.compiled:
+            compile_blocks(self.model)
+            self.compiled = True
+        return self
 
     # -- loading -----------------------------------------------------------------------------------
 
@@ -212,7 +227,7 @@ class Pipeline:
         rows = save_images(images, out, [{"prompt": p, "seed": s} for p, s in zip(expanded, seeds)], manifest={
             "source": self.info.get("run") or self.info.get("source_dir"), "checkpoint": self.info.get("checkpoint"),
             "step": self.info.get("step"), "weights": self.info.get("weights"), "cfg": cfg_scale, **how,
-            "kv_cache": use_kv_cache, "image_size": self.image_size})
+            "kv_cache": use_kv_cache, "compiled": self.compiled, "image_size": self.image_size})
         image_grid(images, cols=n if n > 1 else None).save(out / "grid.png")
         return rows
 

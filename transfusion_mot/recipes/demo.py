@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from ..common.compile import describe_counts
 from ..common.device import cpu_description, cpu_summary
 from ..common.images import image_grid
 from ..data.imageio import save_images
@@ -290,10 +291,7 @@ def _pct(value: float | None) -> str:
 
 
 def _compile_note(counts: dict[str, int] | None) -> str:
-    if not counts:
-        return " (eager)."
-    return (f" (blocks compiled: {counts['graphs']} graph(s), {counts['graph_breaks']} graph breaks, "
-            f"{counts['failed']} frames run eagerly).")
+    return f" ({describe_counts(counts)})." if counts else " (eager)."
 
 
 def render_report(report: dict[str, Any]) -> str:

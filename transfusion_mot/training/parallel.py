@@ -1,20 +1,21 @@
 """The model a run trains, with parallelism and memory/speed options applied from OUTSIDE it (torchtitan
 style), so `TransfusionMoT` stays a plain nn.Module: activation checkpointing, torch.compile, FSDP2.
 
-Order matters: activation checkpointing wraps each block, compile compiles each (wrapped) block, and
-FSDP2's `fully_shard` goes on each block and then on the root.
+Order matters: activation checkpointing wraps each block, compile compiles each (wrapped) block
+(`common.compile.compile_blocks`, which sampling uses too), and FSDP2's `fully_shard` goes on each block and
+then on the root.
 """
 
 from __future__ import annotations
 
 import sys
-from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import torch
 from torch import nn
 
 from ..accounting import parameter_accounting
+from ..common.compile import compile_blocks
 from ..common.distributed import DistInfo
 from ..config import RunConfig
 from ..diffusion import make_objective
@@ -28,33 +29,6 @@ def apply_activation_checkpointing(model: nn.Module) -> None:
 
     for i, block in enumerate(model.blocks):
         model.blocks[i] = checkpoint_wrapper(block, preserve_rng_state=False)
-
-
-def apply_compile(model: nn.Module) -> None:
-    """Compile each block separately: the blocks are identical, so one graph is reused and compile is fast.
-
-    Routing sizes change with every batch (modality counts), so dynamic shapes are on."""
-    for block in model.blocks:
-        block.compile(dynamic=True)
-
-
-def compile_counts() -> dict[str, int]:
-    """What torch.compile did in this process so far: `graphs` compiled (a recompile is one more), `frames`
-    dynamo processed, `graph_breaks`, and frames it `failed` on (run eagerly). Counted over the whole
-    process: on a GPU the compiled FlexAttention is in it too. Reported by runs and benchmarks that compile,
-    so that a recompile or a fallback shows instead of only costing time."""
-    from torch._dynamo.utils import counters
-
-    return {"graphs": counters["stats"]["unique_graphs"], "frames": counters["frames"]["ok"],
-            "graph_breaks": sum(counters["graph_break"].values()),
-            "failed": counters["frames"]["total"] - counters["frames"]["ok"]}
-
-
-def eager_stance() -> AbstractContextManager:
-    """Compiled modules run eagerly inside this context (torch.compiler.set_stance; torch < 2.6 has none, and
-    there they run as they are)."""
-    set_stance = getattr(torch.compiler, "set_stance", None)
-    return set_stance("force_eager") if set_stance is not None else nullcontext()
 
 
 def apply_fsdp(root: nn.Module, blocks: nn.ModuleList, bf16: bool, reshard_after_forward: bool = True) -> None:
@@ -93,7 +67,7 @@ def build_model(config: RunConfig, dist: DistInfo, device: torch.device, precisi
     if tc.activation_checkpointing:
         apply_activation_checkpointing(model)
     if tc.compile:
-        apply_compile(model)
+        compile_blocks(model)
     if dist.distributed:
         apply_fsdp(step_module, model.blocks, bf16=precision == "bf16")
         model.to_empty(device=device)

@@ -28,6 +28,7 @@ import torch
 
 from ..accounting import batch_train_flops
 from ..batch import Batch
+from ..common.compile import compile_counts, eager_stance
 from ..common.distributed import DistInfo, all_reduce_sum
 from ..common.errors import TrainingError
 from ..common.loop import MetricsLogger, ProgressBar, StopRequest
@@ -38,7 +39,7 @@ from ..pretrained import load_lm_weights
 from ..run_dir import CheckpointSaveError, RunDir, RunProgress, TrainingCheckpointer, TrainingState
 from ..tokenizer import Tokenizer
 from .optim import build_ema, build_optimizer, learning_rate
-from .parallel import build_model, compile_counts, eager_stance
+from .parallel import build_model
 from .stream import build_training_data
 from .validation import validation_summary
 
