@@ -3,12 +3,13 @@ in one process, at the demo's shapes.
 
 The tiny model (configs/model/tiny.yaml, flow objective) with random weights: speed does not depend on them.
 Each batch is `--batch` shapes prompts (different caption lengths) with classifier-free guidance `--cfg` and
-`--steps` flow steps, 8x8x4 latents (16 image tokens), as the demo samples. The compiled copy's first batch
-is timed on its own: it compiles the graphs (caption prefix, denoising step). Then eager and compiled batches
-alternate `--repeats` times on new prompts, so machine noise hits both alike; medians are reported, with
-the compile cost, the number of images after which compiling has paid for itself, the largest latent
-difference, and what compile did (graphs, graph breaks, frames left eager: a recompile shows as a graph).
-The last line of output is one JSON object.
+`--steps` flow steps, 8x8x4 latents (16 image tokens), as the demo samples. The captions are byte tokens here,
+several times longer than the demo's BPE captions; each denoising step runs the image tokens only. The
+compiled copy's first batch is timed on its own: it compiles the graphs (caption prefix, denoising step).
+Then eager and compiled batches alternate `--repeats` times on new prompts, so machine noise hits both alike;
+medians are reported, with the compile cost, the number of images after which compiling has paid for itself,
+the largest latent difference, and what compile did (graphs, graph breaks, frames left eager: a recompile
+shows as a graph). The last line of output is one JSON object.
 
     python benchmarks/sampling_compile.py [--batch 64 --steps 50 --cfg 5 --repeats 5 --backend inductor]
 """
@@ -24,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from transfusion_mot.common.cli import positive_int
 from transfusion_mot.common.compile import compile_blocks, compile_counts
 from transfusion_mot.common.device import cpu_description
 from transfusion_mot.config import ModelConfig
@@ -50,10 +52,10 @@ def prompts(n: int, seed: int) -> list[str]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=str(ROOT / "configs/model/tiny.yaml"))
-    ap.add_argument("--batch", type=int, default=64, help="prompts per batch (twice as many rows with guidance)")
-    ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--batch", type=positive_int, default=64, help="prompts per batch (twice as many rows with guidance)")
+    ap.add_argument("--steps", type=positive_int, default=50)
     ap.add_argument("--cfg", type=float, default=5.0)
-    ap.add_argument("--repeats", type=int, default=5, help="timed batches per variant")
+    ap.add_argument("--repeats", type=positive_int, default=5, help="timed batches per variant")
     ap.add_argument("--backend", default="inductor", help="torch.compile backend (aot_eager: no C++ build, for checks)")
     args = ap.parse_args()
 
@@ -102,9 +104,10 @@ def main() -> None:
         "max_abs_latent_diff": max_diff,
         "compile": {k: after[k] - before[k] for k in after}, "cpu": cpu_description(), "torch": torch.__version__,
     }
+    pays = f"pays from ~{result['break_even_images']} images" if result["break_even_images"] else "never pays"
     print(f"{args.batch} prompts x {args.steps} steps, cfg {args.cfg}: eager {med['eager']:.2f} s, compiled "
           f"{med['compiled']:.2f} s per batch ({result['compiled_over_eager']}x); first compiled batch {first_s:.1f} s "
-          f"(compiling ~{compile_s:.1f} s): pays from ~{result['break_even_images']} images; max |latent diff| "
+          f"(compiling ~{compile_s:.1f} s): {pays}; max |latent diff| "
           f"{max_diff:.1e}; compile: {result['compile']}")
     print(json.dumps(result))
 

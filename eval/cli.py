@@ -14,14 +14,21 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
-from transfusion_mot.common.cli import Parser, positive_int, run_command
+from transfusion_mot.common.cli import COMPILE_HELP, Parser, positive_int, run_command
 from transfusion_mot.common.errors import InputNotFound, InvalidInput
 from transfusion_mot.common.files import iter_jsonl, write_jsonl
 
-# (run, device, compile=False) -> generate(prompts, seed) -> images
-BenchLoader = Callable[..., Callable[[list[str], int], list[Any]]]
+if TYPE_CHECKING:  # eval.bench imports the data and image code: not for --help
+    from .bench import GenerateFn
+
+
+class BenchLoader(Protocol):
+    """A run (or saved pipeline) and a device -> `generate(prompts, seed) -> images`, the model's blocks compiled
+    with `compiled` (`tmot`'s loader; `python -m eval` alone has none)."""
+
+    def __call__(self, run: str, device: str, compiled: bool = False) -> GenerateFn: ...
 
 
 class BenchUnavailable(InvalidInput):
@@ -269,7 +276,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     prompts, data_real = _bench_prompts(args)
     real = args.real or data_real
     out = args.out or str(Path(args.run) / "bench")
-    generate = loader(args.run, _device(args), compile=args.compile)
+    generate = loader(args.run, _device(args), compiled=args.compile)
     spec = BenchSpec(ref_stats=args.ref_stats, real_dir=real, clip_model=args.clip_model, classifier=args.classifier,
                      inception=args.inception, dinov2_model=None if args.no_dinov2 else args.dinov2_model,
                      prdc_features=args.prdc_features, prdc_k=args.prdc_k, allow_download=args.allow_download,
@@ -279,16 +286,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
     summary = report["summary"]
     rows = metric_rows(report)
     width = max(len(metric) for metric, _, _ in rows)
-    compiled = {}
-    if args.compile:  # a recompile or a fallback shows, not only its cost
+    compile_report = {}
+    if args.compile:  # a recompile or a fallback shows in the output, not only as lost time
         from transfusion_mot.common.compile import compile_counts, describe_counts
 
-        compiled = {"compile": compile_counts()}
-    _emit({"out": out, **summary, **compiled, "report": report}, args.json,
+        compile_report = {"compile": compile_counts()}
+    _emit({"out": out, **summary, **compile_report, "report": report}, args.json,
           [f"bench of {report['n']} images (seed {report['seed']}) in {out}:"]
           + [f"  {metric:<{width}}  {value}" + (f"  ({notes})" if notes.startswith("skipped") else "")
              for metric, value, notes in rows]
-          + ([f"  {describe_counts(compiled['compile'])}"] if compiled else [])
+          + ([f"  {describe_counts(compile_report['compile'])}"] if compile_report else [])
           + [f"networks, weights' sha256, resize and the bias of small n: {Path(out) / 'report.md'}"])
     return 0
 
@@ -322,7 +329,8 @@ def cmd_geneval_export(args: argparse.Namespace) -> int:
     from .coco import export_geneval, read_geneval_metadata
 
     metadata = read_geneval_metadata(args.metadata)[: args.n]
-    result = export_geneval(loader(args.run, _device(args)), metadata, args.out, n_samples=args.n_samples, seed=args.seed)
+    result = export_geneval(loader(args.run, _device(args), compiled=args.compile), metadata, args.out,
+                            n_samples=args.n_samples, seed=args.seed)
     _emit(result, args.json, [(f"wrote {result['prompts']} prompts x {result['samples_per_prompt']} samples to "
                               f"{result['out']}"), f"score with GenEval: {result['next']}"])
     return 0
@@ -506,9 +514,7 @@ def _add_generating(command: Callable[..., argparse.ArgumentParser]) -> None:
     p.add_argument("--batch-size", type=positive_int, default=16)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="cpu, cuda, ... (default: cuda if available)")
-    p.add_argument("--compile", action="store_true",
-                   help="compile the model's blocks first: 3-30 s once on a CPU, then ~0.8x the time per denoising "
-                        "step; pays from a few hundred to a few thousand images")
+    p.add_argument("--compile", action="store_true", help=COMPILE_HELP)
     _inception_flags(p)
 
     p = command("coco", "COCO-30k: seeded prompts and 256 px reference images (+ statistics)",
@@ -538,6 +544,7 @@ def _add_generating(command: Callable[..., argparse.ArgumentParser]) -> None:
     p.add_argument("--n", type=positive_int, default=None, help="only the first N prompts")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="cpu, cuda, ... (default: cuda if available)")
+    p.add_argument("--compile", action="store_true", help=COMPILE_HELP)
 
 
 def main(argv: list[str] | None = None, bench_loader: BenchLoader | None = None) -> int:

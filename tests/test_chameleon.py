@@ -199,6 +199,27 @@ def test_cached_batched_sampling_equals_the_reference_and_the_uncached_path(mode
         assert len(cached.unique()) > 3
 
 
+def test_compiled_blocks_draw_the_eager_codes_and_compile_once():
+    """`tmot sample --compile` on a model of image tokens (blocks traced through AOTAutograd here, without
+    inductor's C++ build): the eager codes, one at a time over a growing cache, and three graphs (prefix,
+    first code, later codes) that batches of other prompt lengths reuse."""
+    import torch._dynamo
+
+    from transfusion_mot.common.compile import compile_blocks, compile_counts
+
+    eager, compiled = make_model(), make_model()
+    compiled.load_state_dict(eager.state_dict())
+    torch._dynamo.reset()
+    before = compile_counts()
+    compile_blocks(compiled, backend="aot_eager")
+    kw = {"grid": GRID, "cfg_scale": 3.0, "temperature": 0.0, "batch_size": 2, "seed": 1}
+    graphs = []
+    for prompts in (PROMPTS[:2], [PROMPTS[2], "green"], ["a blue square", PROMPTS[1]]):
+        assert torch.equal(generate_codes(compiled, TOK, prompts, **kw), generate_codes(eager, TOK, prompts, **kw))
+        graphs.append(compile_counts()["graphs"] - before["graphs"])
+    assert graphs == [3, 3, 3] and compile_counts()["graph_breaks"] == before["graph_breaks"]
+
+
 def test_guidance_scale_one_is_conditional_sampling_and_other_scales_differ(model):
     kw = dict(grid=GRID, temperature=1.0, seed=0)
     one = generate_codes(model, TOK, PROMPTS, cfg_scale=1.0, **kw)

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .common.cli import Parser, fraction, non_negative_int, positive_int, run_command
+from .common.cli import COMPILE_HELP, Parser, fraction, non_negative_int, positive_int, run_command
 from .common.errors import UserError
 
 
@@ -153,9 +153,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from .inference.pipeline import load_pipeline
 
     prompts = read_prompts(args)
-    pipe = load_pipeline(args.run, step=args.step, ema=not args.no_ema, device=args.device)
-    if args.compile:
-        pipe.compile()
+    pipe = load_pipeline(args.run, step=args.step, ema=not args.no_ema, device=args.device, compiled=args.compile)
     rows = pipe.sample_to_folder(prompts, args.out, n=args.n, seed=args.seed, cfg_scale=args.cfg, num_steps=args.steps,
                                  scheduler=args.scheduler, use_kv_cache=not args.no_kv_cache,
                                  batch_size=args.batch_size, temperature=args.temperature, top_k=args.top_k,
@@ -219,14 +217,12 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
-def bench_loader(run: str, device: str, compile: bool = False):
-    """For `tmot eval bench`: a run or saved pipeline as a `generate(prompts, seed) -> images` callable, its
-    blocks compiled with `compile`."""
+def bench_loader(run: str, device: str, compiled: bool = False):
+    """For `tmot eval bench` and `geneval-export`: a run or saved pipeline as a `generate(prompts, seed) -> images`
+    callable, its blocks compiled with `compiled`."""
     from .inference.pipeline import load_pipeline
 
-    pipe = load_pipeline(run, device=device)
-    if compile:
-        pipe.compile()
+    pipe = load_pipeline(run, device=device, compiled=compiled)
 
     def generate(prompts: list[str], seed: int, **kwargs):
         return pipe.generate(prompts, seed=seed, **kwargs)
@@ -361,9 +357,7 @@ def add_model_commands(sub: Any) -> None:
     p.add_argument("--top-p", type=float, default=None, help="image tokens models: nucleus sampling, in (0, 1]")
     p.add_argument("--batch-size", type=positive_int, default=16, help="prompts per forward")
     p.add_argument("--no-kv-cache", action="store_true", help="re-run the caption every step (slow, exact; for checks)")
-    p.add_argument("--compile", action="store_true",
-                   help="compile the model's blocks first: 3-30 s once on a CPU, then ~0.8x the time per denoising "
-                        "step; pays from a few hundred to a few thousand images")
+    p.add_argument("--compile", action="store_true", help=COMPILE_HELP)
     p.add_argument("--out", required=True, help="output directory")
 
     p = command(sub, "caption", "caption images with a trained run (image first, then causal text decoding)",

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from helpers import cli_env
 
 REPO = Path(__file__).resolve().parents[2]
@@ -43,4 +44,7 @@ def test_compiled_and_eager_sampling_side_by_side():
     assert report["compile"] == {"graphs": 2, "frames": 2, "graph_breaks": 0, "failed": 0}
     assert report["max_abs_latent_diff"] < 1e-4
     assert report["eager_s"] > 0 and report["compiled_s"] > 0 and report["first_compiled_batch_s"] > 0
+    assert report["compiled_over_eager"] > 0 and report["compile_s"] == pytest.approx(
+        report["first_compiled_batch_s"] - report["compiled_s"], abs=0.1)
+    assert report["break_even_images"] is None or report["break_even_images"] > 0
     assert report["cpu"]["kernels"] and report["backend"] == "aot_eager"

@@ -195,8 +195,8 @@ def test_bench_cli_with_a_loader(tmp_path, shapes_dir, quick_classifier, monkeyp
     monkeypatch.setattr(inception, "load_inception", lambda *a, **k: TinyExtractor())
     calls = []
 
-    def loader(run_dir, device, compile=False):
-        calls.append((run_dir, device, compile))
+    def loader(run_dir, device, compiled=False):
+        calls.append((run_dir, device, compiled))
         return fake_generate
 
     code = main(["bench", "--run", str(tmp_path / "run"), "--data", str(shapes_dir), "--n", "6", "--classifier",
@@ -207,7 +207,7 @@ def test_bench_cli_with_a_loader(tmp_path, shapes_dir, quick_classifier, monkeyp
     assert result["out"] == str(tmp_path / "run" / "bench") and result["fid"] is not None
     assert result["report"]["fid"]["n_real"] == 12  # the val split's images are the reference
     assert result["report"]["align"]["n_scored"] == 6 and result["report"]["run"] == str(tmp_path / "run")
-    # a compiled bench reports what compile did (graphs, graph breaks, fallbacks), in the report and the output
+    # report.json says whether the model was compiled; the output, what compile did (graphs, breaks, fallbacks)
     assert result["report"]["compiled"] is compile_flag
     assert ("compile" in result) is compile_flag
     if compile_flag:

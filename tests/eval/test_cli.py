@@ -182,7 +182,7 @@ def test_register_inherits_the_parser_class():
 
     parser = OneLine(prog="tmot")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLine)
-    register(sub, bench_loader=lambda run, device: None)
+    register(sub, bench_loader=lambda run, device, compiled=False: None)
     args = parser.parse_args(["eval", "fid", "--real", "a", "--fake", "b"])
     assert args.command == "eval" and args.eval_command == "fid" and callable(args.func)
     assert args.bench_loader is not None

@@ -66,7 +66,13 @@ def test_geneval_export_layout(tmp_path, capsys):
         with open(folder / "metadata.jsonl") as f:
             assert json.load(f) == line  # GenEval reads it with json.load
         assert sorted(p.name for p in (folder / "samples").iterdir()) == ["0000.png", "0001.png", "0002.png"]
+    loads = []
+
+    def loader(run, device, compiled=False):
+        loads.append(compiled)
+        return fake_generate
+
     code = main(["geneval-export", "--run", "r", "--metadata", str(meta), "--out", str(tmp_path / "cli"), "--n", "1",
-                 "--n-samples", "2", "--json"], bench_loader=lambda run, device: fake_generate)
-    assert code == 0 and json.loads(capsys.readouterr().out)["prompts"] == 1
+                 "--n-samples", "2", "--json", "--compile"], bench_loader=loader)
+    assert code == 0 and json.loads(capsys.readouterr().out)["prompts"] == 1 and loads == [True]
     assert (tmp_path / "cli" / "00000" / "samples" / "0001.png").is_file()

@@ -88,6 +88,7 @@ def test_sample_command_compiles_the_blocks_once_and_reports_it(run, tmp_path, c
     """`tmot sample --compile`: the pipeline's blocks compiled once (traced through AOTAutograd here, without
     inductor's C++ build; the slow test below runs inductor), the eager images, and what compile did in the
     command's output."""
+    from transfusion_mot.cli import bench_loader
     from transfusion_mot.common import compile as compile_module
     from transfusion_mot.inference import pipeline as pipeline_module
 
@@ -105,6 +106,11 @@ def test_sample_command_compiles_the_blocks_once_and_reports_it(run, tmp_path, c
                  "--steps", "3", "--out", str(out), "--device", "cpu", "--compile"]) == 0
     assert len(calls) == 2 and "blocks compiled: " in capsys.readouterr().out
     assert json.loads((out / "manifest.json").read_text())["compiled"] is True
+    # `tmot eval bench --compile` and `geneval-export --compile` load through the same call
+    generate = bench_loader(str(run), "cpu", compiled=True)
+    assert len(calls) == 3 and len(generate(["a red square"], 0)) == 1
+    bench_loader(str(run), "cpu")
+    assert len(calls) == 3
     expected = Pipeline.from_run(run).generate(["a red square", "a green square"], seed=[5, 6], num_steps=3)
     for k, image in enumerate(expected):
         got = np.asarray(Image.open(out / f"{k:05d}.png").convert("RGB")).astype(int)
@@ -115,14 +121,17 @@ def test_sample_command_compiles_the_blocks_once_and_reports_it(run, tmp_path, c
 def test_sample_command_compiles_with_inductor(run, tmp_path, capsys):
     """`tmot sample --compile` as users run it: inductor builds the blocks' C++ kernels (tens of seconds on a
     2-core CPU), with no graph break and no frame left eager, and draws the eager images."""
-    from transfusion_mot.common.compile import compile_counts
+    import torch._dynamo
 
+    from transfusion_mot.common.compile import compile_counts, describe_counts
+
+    torch._dynamo.reset()  # the blocks' code object carries no graphs from earlier tests
     before = compile_counts()
     out = tmp_path / "compiled"
     assert main(["sample", "--run", str(run), "--prompt", "a red square", "--prompt", "a green square", "--seed", "5",
                  "--steps", "3", "--out", str(out), "--device", "cpu", "--compile"]) == 0
     after = compile_counts()
-    assert "blocks compiled: " in capsys.readouterr().out
+    assert describe_counts(after) in capsys.readouterr().out
     assert after["graphs"] - before["graphs"] == 2  # the caption prefix and the denoising step
     assert (after["graph_breaks"], after["failed"]) == (before["graph_breaks"], before["failed"])
     expected = Pipeline.from_run(run).generate(["a red square", "a green square"], seed=[5, 6], num_steps=3)

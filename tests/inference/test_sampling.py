@@ -256,7 +256,6 @@ def test_bf16_autocast_runs(ddpm_model):
     assert (low - generate_latents(ddpm_model, TOK, PROMPTS[:2], **kw)).abs().max() < 0.5
 
 
-# -------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("kind", ["ddpm", "flow"])
 def test_compiled_blocks_sample_like_eager_and_compile_once(kind):
     """Sampling with the blocks compiled as `Pipeline.compile` compiles them (dynamic shapes; traced through
@@ -285,6 +284,7 @@ def test_compiled_blocks_sample_like_eager_and_compile_once(kind):
     assert counts["graph_breaks"] == before["graph_breaks"] and counts["failed"] == before["failed"]
 
 
+# -------------------------------------------------------------------------------------------------
 # image -> text
 
 

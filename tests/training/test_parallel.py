@@ -171,59 +171,6 @@ def test_two_process_fsdp2_run_from_a_language_model_with_the_text_frozen(tmp_pa
     assert not torch.equal(block.ffn[1].down.weight, block.ffn[0].down.weight)
 
 
-def test_eager_stance_runs_a_compiled_module_without_compiling_it():
-    """Held-out evaluation runs inside `eager_stance`: a compiled block gives the same numbers there and no
-    graph is compiled for it (a counting backend sees no call)."""
-    from transfusion_mot.common.compile import eager_stance
-
-    compiled_graphs = []
-
-    def counting_backend(graph_module, example_inputs):
-        compiled_graphs.append(graph_module)
-        return graph_module.forward
-
-    torch.manual_seed(0)
-    block = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.GELU())
-    x = torch.randn(3, 8)
-    expected = block(x)
-    block.compile(backend=counting_backend)
-    with eager_stance():
-        torch.testing.assert_close(block(x), expected, rtol=0, atol=0)
-    assert compiled_graphs == []
-    torch.testing.assert_close(block(x), expected)
-    assert len(compiled_graphs) == 1  # outside it, the compiled module compiles as before
-
-
-def test_compile_counts_report_graphs_graph_breaks_and_recompiles():
-    """What a compiled run reports (summary.json "compile"): each compiled graph, a recompile as one more,
-    and each graph break."""
-    from transfusion_mot.common.compile import compile_counts
-
-    def backend(graph_module, example_inputs):
-        return graph_module.forward
-
-    def f(x):
-        return x.sin() + 1
-
-    def broken(x):
-        x = x.cos()
-        torch._dynamo.graph_break()
-        return x + 1
-
-    torch._dynamo.reset()
-    before = compile_counts()
-    compiled = torch.compile(f, backend=backend, dynamic=False)
-    compiled(torch.randn(3))
-    compiled(torch.randn(3))  # the same shape: no recompile
-    after_one = compile_counts()
-    assert after_one["frames"] - before["frames"] == 1 and after_one["graphs"] - before["graphs"] == 1
-    assert after_one["graph_breaks"] == before["graph_breaks"]
-    compiled(torch.randn(5))  # a static-shape function: a new shape recompiles
-    assert compile_counts()["graphs"] - before["graphs"] == 2
-    torch.compile(broken, backend=backend)(torch.randn(3))
-    assert compile_counts()["graph_breaks"] - before["graph_breaks"] == 1
-
-
 @pytest.mark.parametrize("untie", [["attn", "ffn", "norm"], []])
 def test_compiled_blocks_equal_eager_with_padding_and_compile_once(untie):
     """The blocks as train.compile compiles them (dynamic shapes; traced through AOTAutograd here, without

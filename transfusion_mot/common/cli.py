@@ -10,6 +10,11 @@ from collections.abc import Callable
 
 from .errors import UserError
 
+# `--compile` of the sampling commands (tmot sample, tmot eval bench, tmot eval geneval-export), as measured on
+# 2 CPU cores (BENCHMARKS.md, "The denoising step, compiled"); not measured on a GPU
+COMPILE_HELP = ("compile the model's blocks first (torch.compile): on 2 CPU cores 3-23 s once, then ~0.8x the time "
+                "per batch; pays from a few hundred to a few thousand images")
+
 
 class Parser(argparse.ArgumentParser):
     """argparse, but a bad argument is one line (plus the --help hint), not a usage dump."""

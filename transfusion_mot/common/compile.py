@@ -4,17 +4,31 @@ eagerly."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 
 import torch
 from torch import nn
 
+from .errors import ConfigError
 
-def compile_blocks(model: nn.Module, backend: str = "inductor") -> None:
+
+def compile_blocks(model: nn.Module, backend: str | Callable = "inductor") -> None:
     """Compile each of `model.blocks` separately: the blocks are identical, so one graph serves them all and
     compiling is fast. Dynamic shapes, since routing sizes, sequence and cache lengths change from batch to
     batch. The first call of a new kind (training step, prefix, denoising step) compiles its graph.
-    `backend`: torch.compile's ("aot_eager" traces the same graphs without inductor's C++ build)."""
+    `backend`: torch.compile's ("aot_eager" traces the same graphs without inductor's C++ build). On a CPU,
+    inductor needs a C++ compiler: without one, ConfigError here rather than a traceback at the first batch."""
+    if backend == "inductor" and any(p.device.type == "cpu" for p in model.parameters()):
+        from torch._inductor import cpp_builder
+        from torch._inductor.exc import InvalidCxxCompiler
+
+        try:
+            cpp_builder.get_cpp_compiler()
+        except InvalidCxxCompiler:
+            raise ConfigError("compiling on a CPU builds C++ kernels, and no C++ compiler was found (g++ or clang++ "
+                              "on PATH, or $CXX): install one (Debian: apt-get install g++), or run without "
+                              "compiling") from None
     for block in model.blocks:
         block.compile(dynamic=True, backend=backend)
 

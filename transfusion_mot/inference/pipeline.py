@@ -66,11 +66,12 @@ class Pipeline:
     def compile(self) -> Pipeline:
         """Compile the model's blocks (torch.compile, dynamic shapes) for a long text -> image job. The first
         prompt batch compiles two graphs (caption prefix, denoising step), and later batches of any prompts
-        reuse them (a batch of a single prompt, and captioning, compile their own); the latents match eager
-        sampling to float tolerance. On a 2-core CPU compiling costs 3-30 s once (inductor's cache warm or
-        cold), and each denoising step then takes ~0.8x as long: worth it from a few hundred to a few thousand
-        images (BENCHMARKS.md). Compiling again does nothing; `common.compile.compile_counts` says what
-        compile did."""
+        reuse them (a batch of a single prompt, and captioning, compile their own; past torch's limit of graphs
+        per block, 8 by default, a new kind of call runs eagerly); the latents match eager sampling to float
+        tolerance. On 2 CPU cores compiling costs 3-23 s once (inductor's cache warm or empty), and a batch
+        then takes ~0.8x as long: worth it from a few hundred to a few thousand images (BENCHMARKS.md). A model
+        of image tokens draws its codes through three graphs (prefix, first code, later codes); its speed is
+        not measured. Compiling again does nothing; `common.compile.compile_counts` says what compile did."""
         if not self.compiled:
             compile_blocks(self.model)
             self.compiled = True
@@ -272,16 +273,15 @@ def image_batch(images: Sequence[Image.Image | str | Path], size: int) -> Tensor
 
 
 def load_pipeline(source: str | Path, *, step: int | None = None, ema: bool = True,
-                  device: str | torch.device | None = None) -> Pipeline:
+                  device: str | torch.device | None = None, compiled: bool = False) -> Pipeline:
     """A run directory (config.yaml + checkpoints/), a saved pipeline directory (pipeline.json) or the Hub
-    id of one."""
-    if is_repo_id(source):
-        return Pipeline.from_pretrained(source, device=device)
-    source = Path(source)
-    if (source / "pipeline.json").is_file():
-        return Pipeline.from_pretrained(source, device=device)
-    if RunDir(source).exists():
-        return Pipeline.from_run(source, step=step, ema=ema, device=device)
-    if not source.exists():
+    id of one; with `compiled`, its blocks compiled (`Pipeline.compile`)."""
+    if is_repo_id(source) or (Path(source) / "pipeline.json").is_file():
+        pipe = Pipeline.from_pretrained(source, device=device)
+    elif RunDir(source).exists():
+        pipe = Pipeline.from_run(source, step=step, ema=ema, device=device)
+    elif not Path(source).exists():
         raise InputNotFound(f"{source}: not found (expected a run directory or a saved pipeline)")
-    raise InputNotFound(f"{source}: neither a run directory (config.yaml) nor a saved pipeline (pipeline.json)")
+    else:
+        raise InputNotFound(f"{source}: neither a run directory (config.yaml) nor a saved pipeline (pipeline.json)")
+    return pipe.compile() if compiled else pipe
