@@ -262,6 +262,15 @@ def _files(*paths: str) -> Callable[[Path, Output], None]:
     return check
 
 
+def _compiled(out: str) -> Callable[[Path, Output], None]:
+    def check(ws: Path, printed: Output) -> None:
+        manifest = json.loads((ws / out / "manifest.json").read_text())
+        assert manifest["compiled"] is True and len(manifest["images"]) == 4, manifest
+        assert "blocks compiled: " in printed.out, printed.out  # the process's counts (earlier tests' too)
+
+    return check
+
+
 def _served(ws: Path, printed: Output) -> None:
     assert LAUNCHES and LAUNCHES[-1]["server_port"] == 7860 and LAUNCHES[-1]["server_name"] == "0.0.0.0"
 
@@ -371,6 +380,8 @@ STEPS: dict[str, Step] = {
     "tmot sample ... --no-kv-cache": Step(
         ("--steps", "2"), swap={"...": "--run runs/shapes-tiny --prompt 'a red circle' --out samples-exact/"},
         check=_files("samples-exact/manifest.json")),
+    "tmot sample --run runs/shapes-tiny --prompts prompts.txt --n 2000 --batch-size 64 --compile "
+    "--out samples-many/": Step(("--n", "2", "--steps", "2"), check=_compiled("samples-many")),
     "tmot caption --run runs/shapes-tiny samples/00000.png samples/00001.png": Step(),
     "tmot export --run runs/shapes-tiny --out shapes-tiny-model": Step(check=_files("shapes-tiny-model/pipeline.json")),
     "tmot sample --run shapes-tiny-model --prompt 'a large green square' --out samples-export/": Step(
