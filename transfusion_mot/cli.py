@@ -274,7 +274,7 @@ def add_demo_and_info(sub: Any) -> None:
                 "Re-running reuses what is already built.")
     p.add_argument("--out", default="tmot_demo", help="output directory (default: tmot_demo)")
     p.add_argument("--steps", type=positive_int, default=None, help="MoT training steps (default: the recipe's, "
-                   "sized for about 6 minutes of training on 2 CPU cores)")
+                   "configs/train/shapes-tiny.yaml: 3-7 minutes of training on 2 CPU cores, by CPU kind)")
     p.add_argument("--fid-images", type=non_negative_int, default=None, help="images per side for FID (default 100; "
                    "0: skip FID)")
     p.add_argument("--num-images", type=positive_int, default=None,

@@ -1,4 +1,4 @@
-"""`tmot demo`: the whole system on the embedded shapes data, on a 2-core CPU, in 7-10 minutes (by CPU kind).
+"""`tmot demo`: the whole system on the embedded shapes data, on a 2-core CPU, in 4-9 minutes (by CPU kind).
 
 Stages (each reuses its output when it is already complete, so a re-run only does what is missing):
   1. shapes images (train/val) -> the tiny VAE shipped for them (or one trained here, `vae_steps`) -> latent
@@ -102,13 +102,14 @@ def _stage(report: dict[str, Any], name: str, start: float, log, **extra: Any) -
 
 
 def run_demo(out: str | Path = "tmot_demo", *, num_images: int = 20000, vae_steps: int | None = None,
-             train_steps: int = 2500, classifier_steps: int | None = None, images_per_prompt: int = 4,
+             train_steps: int | None = None, classifier_steps: int | None = None, images_per_prompt: int = 4,
              sample_steps: int = 50, scheduler: str | None = None, cfg_scale: float = 5.0, fid_images: int = 100,
              eval_every: int | None = None, seed: int = 0, progress: bool = True, log=print) -> dict[str, Any]:
     """Run (or finish) the demo in `out`; returns the report dict (also written to report.json).
 
-    vae_steps / classifier_steps None use the VAE and the shapes classifier shipped with the package; a number
-    trains one here for that many steps. scheduler None samples with the objective's own (flow for flow models,
+    train_steps None trains the recipe's (configs/train/shapes-tiny.yaml) steps. vae_steps / classifier_steps None
+    use the VAE and the shapes classifier shipped with the package; a number trains one here for that many steps.
+    scheduler None samples with the objective's own (flow for flow models,
     ddpm for ddpm ones)."""
     from ..inference.pipeline import Pipeline
     from ..run_dir import RunDir
@@ -116,6 +117,10 @@ def run_demo(out: str | Path = "tmot_demo", *, num_images: int = 20000, vae_step
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t_all = time.perf_counter()
+    if train_steps is None:
+        from ..config import load_run_config
+
+        train_steps = load_run_config("shapes-tiny").train.max_steps
     eval_every = eval_every or max(1, train_steps // 10)
     report: dict[str, Any] = {"machine": cpu_description(),  # the time depends on it: ~2x between machine kinds
                               # vae_steps / classifier_steps None: the ones shipped with the package
