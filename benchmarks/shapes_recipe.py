@@ -63,7 +63,8 @@ def main() -> None:
     ap.add_argument("--images-per-prompt", type=int, default=4)
     ap.add_argument("--heldout-images-per-prompt", type=int, default=1,
                     help="images per held-out prompt (the sweep in BENCHMARKS.md used 1; tmot demo uses 2)")
-    ap.add_argument("--vae-steps", type=int, default=300)
+    ap.add_argument("--vae-steps", type=int, default=None,
+                    help="train the tiny VAE for N steps (default: the recipe's, the shipped one)")
     ap.add_argument("--num-images", type=int, default=20000)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--data-dir", default="tmot_data/recipe")
@@ -90,9 +91,11 @@ def main() -> None:
     config = load_run_config(args.config, [f"train.max_steps={args.steps}", "train.progress=false",
                                            "train.tensorboard=false", f"train.save_every={args.steps}",
                                            f"train.seed={args.seed}", *args.set])
-    config.data.builtin_num_images, config.data.builtin_vae_steps = args.num_images, args.vae_steps
-    prepare_for_run(config, root=Path(args.data_dir) / f"shapes-32-n{args.num_images}-vae{args.vae_steps}",
-                    progress=False)
+    config.data.builtin_num_images = args.num_images
+    if args.vae_steps is not None:
+        config.data.builtin_vae, config.data.builtin_vae_steps = "train", args.vae_steps
+    vae = f"vae{config.data.builtin_vae_steps}" if config.data.builtin_vae == "train" else "shipped"
+    prepare_for_run(config, root=Path(args.data_dir) / f"shapes-32-n{args.num_images}-{vae}", progress=False)
     config.train.eval_every = config.train.eval_every or max(1, args.steps // 8)
 
     out = Path(args.out)

@@ -326,7 +326,7 @@ STEPS: dict[str, Step] = {
     # the demo and the accounting
     "tmot demo --out quick --steps 50 --num-images 500 --fid-images 0 --sample-steps 10": Step(
         DEMO_TOY, process=True, check=_files("quick/report.md")),
-    "tmot demo --out scratch --vae-steps 300 --classifier-steps 1000": Step(
+    "tmot demo --out scratch --vae-steps 1000 --classifier-steps 1000": Step(
         DEMO_TOY + ("--vae-steps", "2", "--classifier-steps", "2", "--fid-images", "0"),
         check=_files("scratch/report.md", "scratch/shapes-classifier/model.safetensors",
                      "scratch/shapes-32/vae/train_log.jsonl")),

@@ -266,7 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def add_demo_and_info(sub: Any) -> None:
     """`tmot demo` and `tmot info`."""
-    p = command(sub, "demo", "the whole system on the embedded shapes data (7-10 minutes on 2 CPU cores, by CPU kind)",
+    p = command(sub, "demo", "the whole system on the embedded shapes data (4-9 minutes on 2 CPU cores, by CPU kind)",
                 "tmot demo --out tmot_demo", cmd_demo,
                 "Generate the shapes data, encode it with the tiny VAE shipped for it, train a tiny MoT, sample a grid "
                 "for fixed prompts, score alignment with the shipped shapes classifier and FID against the validation "

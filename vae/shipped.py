@@ -8,6 +8,7 @@ train` trains one instead."""
 
 from __future__ import annotations
 
+import filecmp
 import os
 import shutil
 import tempfile
@@ -48,4 +49,12 @@ def copy_shipped_vae(name: str, image_size: int, vae_dir: str | Path) -> Path:
     return vae_dir
 
 
-__all__ = ["PRETRAINED_DIR", "SHIPPED_VAES", "copy_shipped_vae", "shipped_vae_dir"]
+def is_shipped_copy(name: str, image_size: int, vae_dir: str | Path) -> bool:
+    """Whether `vae_dir` holds the weights shipped for (name, image_size), byte for byte: a folder prepared by an
+    older release (another shipped VAE) or by `data.builtin_vae: train` does not."""
+    vae_dir = Path(vae_dir)
+    return all((vae_dir / f.name).is_file() and filecmp.cmp(f, vae_dir / f.name, shallow=False)
+               for f in shipped_vae_dir(name, image_size).glob("*.safetensors"))
+
+
+__all__ = ["PRETRAINED_DIR", "SHIPPED_VAES", "copy_shipped_vae", "is_shipped_copy", "shipped_vae_dir"]

@@ -68,3 +68,42 @@ def test_demo_uses_the_shipped_vae_unless_told_to_train_one():
     assert shipped.data.builtin_vae == "shipped"
     trained = demo_config(10, 0, False, 5, 100, 7)
     assert (trained.data.builtin_vae, trained.data.builtin_vae_steps) == ("train", 7)
+
+
+def test_demo_trains_the_recipe_s_steps_by_default(monkeypatch, tmp_path):
+    """`run_demo()` with no train_steps takes configs/train/shapes-tiny.yaml's, and its held-out cadence from them."""
+    from transfusion_mot.config import load_run_config
+    from transfusion_mot.recipes import demo
+
+    asked = {}
+
+    def record(steps, seed, progress, eval_every, num_images, vae_steps):
+        asked.update(steps=steps, eval_every=eval_every)
+        raise RuntimeError("stop before any work")
+
+    monkeypatch.setattr(demo, "demo_config", record)
+    try:
+        demo.run_demo(tmp_path / "demo", progress=False, log=lambda *a: None)
+    except RuntimeError as error:
+        assert str(error) == "stop before any work"
+    recipe_steps = load_run_config("shapes-tiny").train.max_steps
+    assert asked == {"steps": recipe_steps, "eval_every": recipe_steps // 10}
+
+
+def test_a_demo_folder_of_another_recipe_is_refused_with_what_differs(tmp_path):
+    """Re-running the demo where another recipe trained (an older release's, other flags) names the difference and
+    the way out, instead of the trainer's --resume message or sampling a longer run than asked."""
+    import pytest
+
+    from transfusion_mot.common.errors import ConfigError
+
+    kwargs = {"num_images": 100, "vae_steps": 2, "train_steps": 2, "images_per_prompt": 1, "sample_steps": 1,
+              "fid_images": 0, "eval_every": 0, "progress": False, "log": lambda *a: None}
+    out = tmp_path / "demo"
+    run_demo(out, **kwargs)
+    with pytest.raises(ConfigError, match=r"another recipe \(its config differs in \['train.seed'\].*delete .*demo to "
+                                          "start over"):
+        run_demo(out, **{**kwargs, "seed": 1})
+    with pytest.raises(ConfigError, match="it trained 2 steps, more than the 1 asked"):
+        run_demo(out, **{**kwargs, "train_steps": 1})
+    assert run_demo(out, **kwargs)["stages"]["train"]["reused"] is True  # the same recipe still reuses it

@@ -97,3 +97,39 @@ def test_prepare_builtin_copies_the_shipped_vae_and_trains_none(tmp_path):
     with pytest.raises(ConfigError, match="no shipped VAE for the built-in emoji"):
         prepare_builtin("emoji", tmp_path / "emoji", vae="shipped", progress=False)
     assert not (tmp_path / "emoji").exists() and not (tmp_path / "codes").exists()  # refused before any work
+
+
+def test_a_reused_vae_that_is_not_the_shipped_one_is_named(tmp_path):
+    """A folder prepared by an older release (another shipped VAE) or by a trained VAE is reused, with a note that
+    says so and how to rebuild; the shipped copy gets no note."""
+    from vae.shipped import is_shipped_copy
+
+    notes = []
+    root = tmp_path / "shapes-32"
+    prepare_builtin("shapes", root, num_images=40, vae="shipped", progress=False, log=notes.append)
+    assert is_shipped_copy("shapes", 32, root / "vae")
+    again = prepare_builtin("shapes", root, num_images=40, vae="shipped", progress=False, log=notes.append)
+    assert "vae_not_shipped" not in again.info and not [n for n in notes if "note:" in n]
+    weights = root / "vae" / "diffusion_pytorch_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1  # one bit of another VAE
+    weights.write_bytes(bytes(data))
+    assert not is_shipped_copy("shapes", 32, root / "vae")
+    stale = prepare_builtin("shapes", root, num_images=40, vae="shipped", progress=False, log=notes.append)
+    assert stale.info["vae_not_shipped"] is True and stale.info["reused"] == ["data", "vae", "latents", "latents-val"]
+    expected = (f"[prepare] note: {root / 'vae'} is not the VAE shipped with this package (trained here, or an older "
+                f"release's); reusing it and its latents. Delete {root} to rebuild with the shipped one")
+    assert [n for n in notes if "note:" in n] == [expected]
+
+
+def test_the_recipes_name_the_shipped_vae_s_own_steps():
+    """shapes-tiny and lmfusion-shapes say how many steps train a VAE like the shipped one (their `train`
+    alternative): the steps its training config records."""
+    import yaml
+
+    from transfusion_mot.config import load_run_config
+
+    shipped_steps = yaml.safe_load((PRETRAINED_DIR / "shapes-32" / "vae_config.yaml").read_text())["train"]["max_steps"]
+    for recipe in ("shapes-tiny", "lmfusion-shapes"):
+        data = load_run_config(recipe, resolve_pretrained=False).data
+        assert (data.builtin_vae, data.builtin_vae_steps) == ("shipped", shipped_steps), recipe

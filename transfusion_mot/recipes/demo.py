@@ -27,6 +27,7 @@ from PIL import Image
 
 from ..common.compile import describe_counts
 from ..common.device import cpu_description, cpu_summary
+from ..common.errors import ConfigError
 from ..common.images import image_grid
 from ..data.imageio import save_images
 from ..data.shapes import COLOURS, POSITIONS, SHAPES, SIZES, make_caption
@@ -162,6 +163,25 @@ def _prepare_stage(report: dict[str, Any], config: Any, out: Path, progress: boo
     return prepared
 
 
+def _refuse_another_recipe(run: Any, config: Any, out: Path, steps_done: list[int]) -> None:
+    """A run folder that another recipe trained (an older release's demo, or other flags) is refused, saying what
+    differs, where the trainer would answer with its --resume message (which the demo's user never passed) or,
+    past the steps asked, sample a longer run than the report would state."""
+    from ..config import RESUMABLE_KEYS
+
+    if not steps_done:
+        return
+    diff = run.load_config().differences(config, ignore=RESUMABLE_KEYS) if run.exists() else []
+    if diff:
+        what = f"its config differs in {diff}"
+    elif max(steps_done) > config.train.max_steps:
+        what = f"it trained {max(steps_done)} steps, more than the {config.train.max_steps} asked"
+    else:
+        return
+    raise ConfigError(f"{run.path} holds a demo run of another recipe ({what}: an older release's demo, or other "
+                      f"flags); choose another --out, or delete {out} to start over")
+
+
 def _train_stage(report: dict[str, Any], config: Any, run: Any, out: Path, log) -> None:
     """2. the MoT, with held-out losses (continued where a stopped demo left it; reused when finished)."""
     from ..training.curves import TRAINING_PANELS, plot_curves
@@ -170,6 +190,7 @@ def _train_stage(report: dict[str, Any], config: Any, run: Any, out: Path, log) 
     t = time.perf_counter()
     steps_done = [s for s, _ in run.checkpoints()]
     train_steps = config.train.max_steps
+    _refuse_another_recipe(run, config, out, steps_done)
     reused = train_steps in steps_done
     if not reused and train(config, run.path, resume=bool(steps_done)).status != "completed":
         raise KeyboardInterrupt("training stopped on request; run `tmot demo` again to continue")  # checkpoint saved

@@ -69,7 +69,7 @@ def prepare_builtin(name: str, root: str | Path, image_size: int = 32, num_image
     of the package (`vae.shipped`). A run's BPE of the captions is trained from the cache like any other data's
     (`prepare_run`)."""
     from vae import encode_folder, train_vae
-    from vae.shipped import copy_shipped_vae, shipped_vae_dir
+    from vae.shipped import copy_shipped_vae, is_shipped_copy, shipped_vae_dir
 
     from ..data.latents import LatentDataset, is_latent_cache
 
@@ -104,6 +104,10 @@ def prepare_builtin(name: str, root: str | Path, image_size: int = 32, num_image
             from ..data.emoji import generate_emoji
 
             generate_emoji(data_dir, size=image_size, seed=seed)
+    if "vae" in info["reused"] and vae == "shipped" and not is_shipped_copy(name, image_size, vae_dir):
+        info["vae_not_shipped"] = True  # reused all the same: nothing built is thrown away unasked
+        log(f"[prepare] note: {vae_dir} is not the VAE shipped with this package (trained here, or an older "
+            f"release's); reusing it and its latents. Delete {Path(root)} to rebuild with the shipped one")
     if "vae" not in info["reused"] and vae == "shipped":
         log(f"[prepare] copying the shipped tiny VAE of the {name} data to {vae_dir}")
         copy_shipped_vae(name, image_size, vae_dir)
