@@ -76,9 +76,11 @@ def test_demo_trains_the_recipe_s_steps_by_default(monkeypatch, tmp_path):
     from transfusion_mot.recipes import demo
 
     asked = {}
+    build = demo.demo_config
 
-    def record(steps, seed, progress, eval_every, num_images, vae_steps):
-        asked.update(steps=steps, eval_every=eval_every)
+    def record(*args):
+        config = build(*args)
+        asked.update(steps=config.train.max_steps, eval_every=config.train.eval_every)
         raise RuntimeError("stop before any work")
 
     monkeypatch.setattr(demo, "demo_config", record)

@@ -83,17 +83,23 @@ def prompt_sets(seed: int, images_per_prompt: int = 4,
 COMPILE_FROM_STEPS = 1000
 
 
-def demo_config(steps: int, seed: int, progress: bool, eval_every: int, num_images: int, vae_steps: int | None):
-    """configs/train/shapes-tiny.yaml (the recipe) with the demo's length, seed and data size, its blocks
-    compiled when the run is long enough for that to pay; `vae_steps` None: the recipe's VAE (the shipped one),
-    else a VAE trained for that many steps."""
+def demo_config(steps: int | None, seed: int, progress: bool, eval_every: int | None, num_images: int,
+                vae_steps: int | None):
+    """configs/train/shapes-tiny.yaml (the recipe) with the demo's length (None: the recipe's), seed and data
+    size, held-out losses `eval_every` steps (None or 0: ten times a run), its blocks compiled when the run is
+    long enough for that to pay; `vae_steps` None: the recipe's VAE (the shipped one), else a VAE trained for
+    that many steps."""
     from ..config import load_run_config
 
     vae = [] if vae_steps is None else ["data.builtin_vae=train", f"data.builtin_vae_steps={vae_steps}"]
-    return load_run_config("shapes-tiny", [
-        f"train.max_steps={steps}", f"train.seed={seed}", f"train.progress={str(progress).lower()}",
-        f"train.save_every={steps}", f"train.eval_every={eval_every}", f"data.builtin_num_images={num_images}",
-        f"train.compile={str(steps >= COMPILE_FROM_STEPS).lower()}", *vae])
+    length = [] if steps is None else [f"train.max_steps={steps}"]
+    config = load_run_config("shapes-tiny", [
+        *length, f"train.seed={seed}", f"train.progress={str(progress).lower()}",
+        f"data.builtin_num_images={num_images}", *vae])
+    train = config.train
+    train.save_every, train.compile = train.max_steps, train.max_steps >= COMPILE_FROM_STEPS
+    train.eval_every = eval_every or max(1, train.max_steps // 10)
+    return config
 
 
 def _stage(report: dict[str, Any], name: str, start: float, log, **extra: Any) -> None:
@@ -110,28 +116,23 @@ def run_demo(out: str | Path = "tmot_demo", *, num_images: int = 20000, vae_step
 
     train_steps None trains the recipe's (configs/train/shapes-tiny.yaml) steps. vae_steps / classifier_steps None
     use the VAE and the shapes classifier shipped with the package; a number trains one here for that many steps.
-    scheduler None samples with the objective's own (flow for flow models,
-    ddpm for ddpm ones)."""
+    scheduler None samples with the objective's own (flow for flow models, ddpm for ddpm ones)."""
     from ..inference.pipeline import Pipeline
     from ..run_dir import RunDir
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t_all = time.perf_counter()
-    if train_steps is None:
-        from ..config import load_run_config
-
-        train_steps = load_run_config("shapes-tiny").train.max_steps
-    eval_every = eval_every or max(1, train_steps // 10)
+    config = demo_config(train_steps, seed, progress, eval_every, num_images, vae_steps)
     report: dict[str, Any] = {"machine": cpu_description(),  # the time depends on it: ~2x between machine kinds
                               # vae_steps / classifier_steps None: the ones shipped with the package
-                              "settings": {"num_images": num_images, "vae_steps": vae_steps, "train_steps": train_steps,
+                              "settings": {"num_images": num_images, "vae_steps": vae_steps,
+                                           "train_steps": config.train.max_steps,
                                            "classifier_steps": classifier_steps, "sample_steps": sample_steps,
                                            "scheduler": scheduler, "cfg_scale": cfg_scale,
                                            "images_per_prompt": images_per_prompt, "fid_images": fid_images,
-                                           "eval_every": eval_every, "seed": seed},
+                                           "eval_every": config.train.eval_every, "seed": seed},
                               "stages": {}}
-    config = demo_config(train_steps, seed, progress, eval_every, num_images, vae_steps)
     prepared = _prepare_stage(report, config, out, progress, log)
     run = RunDir(out / "run")
     _train_stage(report, config, run, out, log)
