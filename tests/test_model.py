@@ -355,7 +355,8 @@ def test_routing_with_an_absent_modality():
     torch.testing.assert_close(ours, ref)
 
 
-@pytest.mark.parametrize("untie", [ALL, ["ffn"], ["attn", "norm"]])
+# ["norm"] and ["attn"]: Q/K/V shared with per-modality QK-norms, and the reverse
+@pytest.mark.parametrize("untie", [ALL, ["ffn"], ["attn", "norm"], ["norm"], ["attn"]])
 def test_mot_model_matches_naive_per_token_reference(untie):
     cfg = tiny_config(untie=untie, modalities=["text", "image", "code"])
     model = TransfusionMoT(cfg)
