@@ -23,7 +23,7 @@ import time
 
 import torch
 
-from transfusion_mot.batch import Collator, Sample
+from transfusion_mot.batch import Batch, Collator, Sample
 from transfusion_mot.common.compile import compile_blocks, compile_counts
 from transfusion_mot.common.device import cpu_description
 from transfusion_mot.config import ModelConfig
@@ -34,19 +34,29 @@ from transfusion_mot.model import TransfusionMoT
 TEXT_TOKENS, LATENT = 40, (4, 8, 8)  # 8x8x4 latent, 2x2 patches: 16 image tokens of 16 values
 
 
-def ours(untie: list[str], batch_size: int, compiled: bool, seed: int):
-    """A step function of our model (MoT or dense) on one fixed collated batch."""
+def our_model(untie: list[str], seed: int) -> TransfusionMoT:
+    """Our model at the benchmark's shape: MoT (untie everything) or dense (untie nothing)."""
     torch.manual_seed(seed)
     config = ModelConfig(dim=128, n_layers=4, n_heads=4, ffn_dim=344, vocab_size=261, latent_channels=4, patch_size=2,
                          max_seq_len=128, untie=untie, qk_norm=True, objective="flow")
-    model = TransfusionMoT(config)
-    if compiled:
-        compile_blocks(model)
-    module = TransfusionStep(model, make_objective(config))
+    return TransfusionMoT(config)
+
+
+def our_batch(config: ModelConfig, batch_size: int, seed: int) -> Batch:
+    """One fixed collated batch: each sample 40 random text tokens, then an 8x8x4 latent."""
     gen = torch.Generator().manual_seed(seed)
     samples = [Sample([torch.randint(0, 256, (TEXT_TOKENS,), generator=gen), torch.randn(*LATENT, generator=gen)])
                for _ in range(batch_size)]
-    batch = Collator(config).collate_padded(samples)
+    return Collator(config).collate_padded(samples)
+
+
+def ours(untie: list[str], batch_size: int, compiled: bool, seed: int):
+    """A step function of our model (MoT or dense) on one fixed collated batch."""
+    model = our_model(untie, seed)
+    if compiled:
+        compile_blocks(model)
+    module = TransfusionStep(model, make_objective(model.config))
+    batch = our_batch(model.config, batch_size, seed)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
     noise = torch.Generator().manual_seed(seed + 1)
 

@@ -573,3 +573,50 @@ def test_rmsnorm_function_equals_torch_rmsnorm(dtype, eps):
     for a, b in zip(ga, gb):
         assert a.dtype == b.dtype
         torch.testing.assert_close(a, b, **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotary_function_equals_the_composite_rotation(dtype):
+    """The eager RoPE (one autograd node writing both halves) gives the composite's outputs and input
+    gradients (the formula compile runs), on a strided view as q and k are, in fp32 and bf16."""
+    from transfusion_mot.model import RotaryFunction, rope_tables
+
+    def composite(x, cos, sin):
+        x1, x2 = x.float().chunk(2, dim=-1)
+        return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).type_as(x)
+
+    g = torch.Generator().manual_seed(0)
+    positions = torch.randint(0, 200, (2, 7), generator=g)
+    cos, sin = rope_tables(positions, 16, 10000.0)
+    qkv = torch.randn(2, 7, 3 * 4 * 16, generator=g).to(dtype)
+    qkv_a, qkv_b = qkv.clone().requires_grad_(), qkv.clone().requires_grad_()
+    # the k of a fused projection: a strided view, as in the model
+    xa, xb = (t[..., 4 * 16:2 * 4 * 16].unflatten(-1, (4, 16)) for t in (qkv_a, qkv_b))
+    ya, yb = RotaryFunction.apply(xa, cos, sin), composite(xb, cos, sin)
+    assert ya.dtype == yb.dtype == dtype and ya.shape == yb.shape
+    tol = {"atol": 1e-6, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 1e-2, "rtol": 1e-2}
+    torch.testing.assert_close(ya, yb, **tol)
+    grad = torch.randn(ya.shape, generator=g).to(dtype)
+    (ga,), (gb,) = torch.autograd.grad(ya, [qkv_a], grad), torch.autograd.grad(yb, [qkv_b], grad)
+    assert ga.dtype == gb.dtype == dtype and ga[..., 4 * 16:2 * 4 * 16].abs().sum() > 0
+    torch.testing.assert_close(ga, gb, **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_swiglu_function_equals_the_composite(dtype):
+    """The eager SwiGLU activation (its backward writes both halves' gradients into one buffer): gradcheck
+    in float64, and the composite's outputs and gradients in bf16 (autocast's dtype)."""
+    from transfusion_mot.model import SwiGLUFunction
+
+    g = torch.Generator().manual_seed(0)
+    gate_up = (torch.randn(9, 2 * 6, generator=g, dtype=torch.float64) * 2).to(dtype)
+    if dtype == torch.float64:
+        assert torch.autograd.gradcheck(SwiGLUFunction.apply, (gate_up.clone().requires_grad_(),))
+    a, b = gate_up.clone().requires_grad_(), gate_up.clone().requires_grad_()
+    gate, up = b.chunk(2, dim=-1)
+    ya, yb = SwiGLUFunction.apply(a), F.silu(gate) * up
+    torch.testing.assert_close(ya, yb, atol=0, rtol=0)
+    grad = torch.randn(ya.shape, generator=g, dtype=torch.float64).to(dtype)
+    (ga,), (gb,) = torch.autograd.grad(ya, [a], grad), torch.autograd.grad(yb, [b], grad)
+    tol = {"atol": 1e-12, "rtol": 1e-12} if dtype == torch.float64 else {"atol": 1e-2, "rtol": 1e-2}
+    torch.testing.assert_close(ga, gb, **tol)
