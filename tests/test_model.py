@@ -551,16 +551,20 @@ def test_grouped_query_attention_matches_repeated_heads():
 @pytest.mark.filterwarnings("ignore:Mismatch dtype between input and weight")  # torch's own, on bf16 input
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("eps", [1e-5, None])
-def test_rmsnorm_function_equals_torch_rmsnorm(dtype, eps):
-    """Our RMSNorm (explicit backward) gives nn.RMSNorm's outputs and gradients: fp32, and bf16 inputs with
-    fp32 weights (autocast on a CPU), with and without eps."""
+@pytest.mark.parametrize("affine", [True, False])
+def test_rmsnorm_function_equals_torch_rmsnorm(dtype, eps, affine):
+    """Our RMSNorm (explicit backward) gives nn.RMSNorm's outputs and gradients: fp32 (which saves the
+    normalised x), and bf16 inputs with fp32 weights (autocast on a CPU; x saved), with and without eps,
+    with and without a weight (the per-modality QK-norm's weightless norm)."""
     from transfusion_mot.model import RMSNorm
 
     g = torch.Generator().manual_seed(0)
-    ours, ref = RMSNorm(24, eps=eps), torch.nn.RMSNorm(24, eps=eps)
-    with torch.no_grad():
-        ours.weight.copy_(torch.randn(24, generator=g))
-        ref.weight.copy_(ours.weight)
+    ours = RMSNorm(24, eps=eps, elementwise_affine=affine)
+    ref = torch.nn.RMSNorm(24, eps=eps, elementwise_affine=affine)
+    if affine:
+        with torch.no_grad():
+            ours.weight.copy_(torch.randn(24, generator=g))
+            ref.weight.copy_(ours.weight)
     x = (torch.randn(5, 7, 24, generator=g) * 3).to(dtype)
     xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
     ya, yb = ours(xa), ref(xb)
@@ -568,8 +572,8 @@ def test_rmsnorm_function_equals_torch_rmsnorm(dtype, eps):
     tol = dict(atol=1e-6, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
     torch.testing.assert_close(ya, yb, **tol)
     grad = torch.randn(ya.shape, generator=g).to(ya.dtype)
-    ga = torch.autograd.grad(ya, [xa, ours.weight], grad)
-    gb = torch.autograd.grad(yb, [xb, ref.weight], grad)
+    ga = torch.autograd.grad(ya, [xa, ours.weight] if affine else [xa], grad)
+    gb = torch.autograd.grad(yb, [xb, ref.weight] if affine else [xb], grad)
     for a, b in zip(ga, gb):
         assert a.dtype == b.dtype
         torch.testing.assert_close(a, b, **tol)
