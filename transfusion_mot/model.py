@@ -299,17 +299,46 @@ class ImageModulation:
 
 @dataclass
 class LayerKV:
-    """One layer's cached keys and values, (B, H, L_cached, head_dim), after QK-norm and RoPE."""
+    """One layer's cached keys and values, (B, H, L_cached, head_dim), after QK-norm and RoPE, and optionally
+    `room`: copies of them followed by space for the N positions of chunks that do not extend the cache."""
 
     k: Tensor | None = None
     v: Tensor | None = None
+    room: tuple[Tensor, Tensor] | None = None  # each (B, H, L_cached + N, head_dim)
 
     def extend(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Cached keys/values followed by the chunk's (the chunk's queries attend to all of them); kept."""
         if self.k is not None:
             k, v = torch.cat([self.k, k], dim=2), torch.cat([self.v, v], dim=2)
-        self.k, self.v = k, v
+        self.k, self.v, self.room = k, v, None
         return k, v
+
+    def reserve(self, n: int) -> None:
+        """Room for chunks of n positions that read the cache without extending it (`transient`)."""
+        self.room = tuple(torch.cat([t, t.new_empty(*t.shape[:2], n, t.shape[3])], dim=2) for t in (self.k, self.v))
+
+    def transient(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Cached keys/values followed by the chunk's, for this forward only: written into the reserved room
+        when it fits (the next such chunk overwrites them), where a cat would copy the whole cache, per layer,
+        at every denoising step. For inference only: autograd refuses a backward through overwritten room."""
+        if self.room is None or self.room[0].shape[2] != self.k.shape[2] + k.shape[2]:
+            return torch.cat([self.k, k], dim=2), torch.cat([self.v, v], dim=2)
+        room_k, room_v = self.room
+        room_k[:, :, self.k.shape[2]:], room_v[:, :, self.k.shape[2]:] = k, v
+        # viewed with the chunk's batch, heads and head size: compiled, the room's own sizes are free symbols
+        # (a grouped-query test on them would break the graph)
+        batch, heads, _, head_dim = k.shape
+        return room_k.view(batch, heads, -1, head_dim), room_v.view(batch, heads, -1, head_dim)
+
+
+@dataclass
+class TransientKV:
+    """A layer's cache as a chunk that does not extend it uses it (`LayerKV.transient`)."""
+
+    layer: LayerKV
+
+    def extend(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        return self.layer.transient(k, v)
 
 
 @dataclass
@@ -318,7 +347,8 @@ class KVCache:
 
     Start with `KVCache.empty(...)` and run the prefix with `extend_cache=True`; later chunks either extend
     it (decoded text) or only read it (`extend_cache=False`: diffusion steps, whose image tokens change at
-    every step). Image ids must not repeat between cached and new positions of a row.
+    every step; `reserve(N)` first gives their keys/values room after the cache's). Image ids must not
+    repeat between cached and new positions of a row.
     """
 
     layers: list[LayerKV]
@@ -332,6 +362,12 @@ class KVCache:
 
     def __len__(self) -> int:
         return self.doc_ids.shape[1]
+
+    def reserve(self, n: int) -> None:
+        """Room after the cached positions for chunks of n positions that do not extend the cache (diffusion
+        steps): their keys/values are written there instead of concatenated to a copy of the cache."""
+        for layer in self.layers:
+            layer.reserve(n)
 
     def ids_with(self, doc_ids: Tensor, image_ids: Tensor, n_layers: int, max_seq_len: int) -> tuple[Tensor, Tensor]:
         """The cached positions' doc_ids and image_ids followed by a chunk's (B, L), once the chunk is checked
@@ -450,7 +486,7 @@ class MoTAttention(nn.Module):
             self.q_norm = self.k_norm = None
 
     def forward(self, x: Tensor, routing: Routing, shape: tuple[int, int], rope: tuple[Tensor, Tensor],
-                mask: AttentionMask, kv: LayerKV | None = None) -> Tensor:
+                mask: AttentionMask, kv: LayerKV | TransientKV | None = None) -> Tensor:
         batch, seq = shape
         h, kvh, hd = self.n_heads, self.n_kv_heads, self.head_dim
         # projected in the stream, then back to the (batch, seq) layout for RoPE and the global attention
@@ -482,7 +518,8 @@ class MoTBlock(nn.Module):
         self.modulation = nn.Linear(d, 6 * d) if config.time_conditioning == "adaln" else None
 
     def forward(self, x: Tensor, routing: Routing, shape: tuple[int, int], rope: tuple[Tensor, Tensor],
-                mask: AttentionMask, kv: LayerKV | None = None, mod: ImageModulation | None = None) -> Tensor:
+                mask: AttentionMask, kv: LayerKV | TransientKV | None = None,
+                mod: ImageModulation | None = None) -> Tensor:
         if mod is not None:  # pre-norm with the image rows modulated by their timestep
             shift_a, scale_a, gate_a, shift_f, scale_f, gate_f = mod.params(self.modulation, 6)
             h = mod.modulate(routing.apply(self.attn_norm, x), shift_a, scale_a)
@@ -651,8 +688,7 @@ class TransfusionMoT(nn.Module):
         backend = self.attention_backend(device)
         if cache is not None:
             doc_ids, image_ids = cache.ids_with(doc_ids, image_ids, len(self.blocks), self.config.max_seq_len)
-            # without extending, layers work on copies of the per-layer entries (the tensors are shared)
-            kvs = cache.layers if extend_cache else [LayerKV(kv.k, kv.v) for kv in cache.layers]
+            kvs = cache.layers if extend_cache else [TransientKV(kv) for kv in cache.layers]
             backend = "sdpa"
         # sorted by modality when anything is untied, and with adaLN (image tokens then form one slice)
         routing = Routing(inputs.modality, self.config.num_modalities,

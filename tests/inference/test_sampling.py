@@ -20,8 +20,8 @@ def make_model(objective="ddpm", **overrides) -> TransfusionMoT:
     """Random weights large enough that every output depends clearly on the prompt and on t (the default
     init zeroes the image head, which would make every sample trivially equal)."""
     torch.manual_seed(0)
-    model = TransfusionMoT(tiny_config(dim=32, n_heads=2, ffn_dim=64, vocab_size=TOK.vocab_size, objective=objective,
-                                       **overrides))
+    model = TransfusionMoT(tiny_config(**{"dim": 32, "n_heads": 2, "ffn_dim": 64, "vocab_size": TOK.vocab_size,
+                                          "objective": objective, **overrides}))
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() > 1:
@@ -136,6 +136,45 @@ def test_cached_chunks_equal_full_forward(untie, packed):
                      for a, b in ((0, s1), (s1, s2), (s2, length))]
             torch.testing.assert_close(torch.cat(parts, 1), full[rows], atol=1e-5, rtol=0)
     assert kinds == {"image", "text"}
+
+
+def test_reserved_room_takes_each_chunk_in_place_with_the_concatenated_answers():
+    """Chunks that do not extend the cache (diffusion steps) after `reserve`: each step's keys/values are
+    written into the same room after the prefix's, the answers equal the concatenating path's step after
+    step, the cache itself is untouched, and a chunk of another length or an extended cache drops the room."""
+    model = make_model()
+    batch = Collator(model.config).collate_padded(random_samples(model.config, n=3, seed=2))
+    n_rows, length = batch.inputs.tokens.shape
+    split = valid_splits(batch.inputs.image_ids)[0]
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        plain, roomy = (KVCache.empty(model.config.n_layers, n_rows) for _ in range(2))
+        for cache in (plain, roomy):
+            model(split_inputs(batch, batch.inputs.patches, torch.zeros(batch.num_images), slice(0, n_rows), 0, split),
+                  cache=cache)
+        roomy.reserve(length - split)
+        room = roomy.layers[0].room[0]
+        prefix_k = [layer.k.clone() for layer in roomy.layers]
+        for _ in range(3):  # three steps: new patches and timesteps each
+            patches = torch.randn(batch.inputs.patches.shape, generator=g)
+            timesteps = torch.rand(batch.num_images, generator=g) * 999
+            tail = split_inputs(batch, patches, timesteps, slice(0, n_rows), split, length)
+            want = model(tail, cache=plain, extend_cache=False)
+            got = model(tail, cache=roomy, extend_cache=False)
+            torch.testing.assert_close(got, want, atol=0, rtol=0)
+            assert roomy.layers[0].room[0] is room and len(roomy) == split
+        model(tail, cache=plain)  # the plain cache extended by the last step: the prefix's and its keys/values
+        for layer, k, extended in zip(roomy.layers, prefix_k, plain.layers):
+            assert torch.equal(layer.k, k)
+            assert torch.equal(layer.room[0], extended.k) and torch.equal(layer.room[1], extended.v)
+        shorter = split_inputs(batch, patches, timesteps, slice(0, n_rows), split, length - 1)
+        reference = KVCache.empty(model.config.n_layers, n_rows)
+        model(split_inputs(batch, batch.inputs.patches, torch.zeros(batch.num_images), slice(0, n_rows), 0, split),
+              cache=reference)
+        torch.testing.assert_close(model(shorter, cache=roomy, extend_cache=False),
+                                   model(shorter, cache=reference, extend_cache=False), atol=0, rtol=0)
+        model(tail, cache=roomy)  # extending: the room no longer follows the cache
+        assert all(layer.room is None for layer in roomy.layers) and len(roomy) == length
 
 
 def test_cache_checks_context_and_shape():
@@ -260,13 +299,15 @@ def test_bf16_autocast_runs(ddpm_model):
 def test_compiled_blocks_sample_like_eager_and_compile_once(kind):
     """Sampling with the blocks compiled as `Pipeline.compile` compiles them (dynamic shapes; traced through
     AOTAutograd here, without inductor's C++ build): the eager latents, and two graphs (the caption prefix,
-    the denoising step) that later batches of other prompt lengths reuse."""
+    the denoising step) that later batches of other prompt lengths reuse. Four heads for the four rows (two
+    prompts with guidance): the reserved room's sizes once met the heads' in a grouped-query test that broke
+    the graph."""
     import torch._dynamo
 
     from transfusion_mot.common.compile import compile_blocks, compile_counts
 
-    eager = make_model(kind)
-    compiled = make_model(kind)
+    eager = make_model(kind, dim=64, n_heads=4)
+    compiled = make_model(kind, dim=64, n_heads=4)
     compiled.load_state_dict(eager.state_dict())
     torch._dynamo.reset()
     before = compile_counts()

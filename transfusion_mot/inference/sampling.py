@@ -93,6 +93,7 @@ def _cached_predictor(model: TransfusionMoT, captions: list[list[int]], latent_s
     rows, n = image.tokens.shape
     cache = KVCache.empty(cfg.n_layers, rows, device)
     model(prefix.inputs, check=False, cache=cache)
+    cache.reserve(n)  # each step's image keys/values go after the prefix's, in place
 
     def predict(patches: Tensor, t: Tensor) -> Tensor:
         inputs = replace(image, patches=patches.reshape(rows * n, -1), timesteps=t)
