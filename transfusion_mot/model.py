@@ -300,11 +300,12 @@ class ImageModulation:
 @dataclass
 class LayerKV:
     """One layer's cached keys and values, (B, H, L_cached, head_dim), after QK-norm and RoPE, and optionally
-    `room`: copies of them followed by space for the N positions of chunks that do not extend the cache."""
+    `room`: buffers that hold them followed by space for the N positions of chunks that do not extend the
+    cache."""
 
     k: Tensor | None = None
     v: Tensor | None = None
-    room: tuple[Tensor, Tensor] | None = None  # each (B, H, L_cached + N, head_dim)
+    room: tuple[Tensor, Tensor] | None = None  # each (B, H, L_cached + N, head_dim); k and v are views of it
 
     def extend(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Cached keys/values followed by the chunk's (the chunk's queries attend to all of them); kept."""
@@ -314,8 +315,13 @@ class LayerKV:
         return k, v
 
     def reserve(self, n: int) -> None:
-        """Room for chunks of n positions that read the cache without extending it (`transient`)."""
+        """Room for chunks of n positions that read the cache without extending it (`transient`). The cache
+        then lives at the front of the room (no second copy of it is kept)."""
+        if self.k is None:
+            raise ValueError("the KV cache is empty: run a prefix into it before reserving room after it")
+        length = self.k.shape[2]
         self.room = tuple(torch.cat([t, t.new_empty(*t.shape[:2], n, t.shape[3])], dim=2) for t in (self.k, self.v))
+        self.k, self.v = self.room[0][:, :, :length], self.room[1][:, :, :length]
 
     def transient(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Cached keys/values followed by the chunk's, for this forward only: written into the reserved room

@@ -165,7 +165,7 @@ def test_reserved_room_takes_each_chunk_in_place_with_the_concatenated_answers()
             assert roomy.layers[0].room[0] is room and len(roomy) == split
         model(tail, cache=plain)  # the plain cache extended by the last step: the prefix's and its keys/values
         for layer, k, extended in zip(roomy.layers, prefix_k, plain.layers):
-            assert torch.equal(layer.k, k)
+            assert torch.equal(layer.k, k) and layer.k.data_ptr() == layer.room[0].data_ptr()  # one copy
             assert torch.equal(layer.room[0], extended.k) and torch.equal(layer.room[1], extended.v)
         shorter = split_inputs(batch, patches, timesteps, slice(0, n_rows), split, length - 1)
         reference = KVCache.empty(model.config.n_layers, n_rows)
@@ -179,6 +179,8 @@ def test_reserved_room_takes_each_chunk_in_place_with_the_concatenated_answers()
 
 def test_cache_checks_context_and_shape():
     model = make_model()
+    with pytest.raises(ValueError, match="empty"):
+        KVCache.empty(model.config.n_layers, 2).reserve(4)
     batch = Collator(model.config).collate_padded(random_samples(model.config, n=2))
     cache = KVCache.empty(model.config.n_layers, 2)
     cache.doc_ids = cache.image_ids = torch.zeros(2, model.config.max_seq_len, dtype=torch.long)
