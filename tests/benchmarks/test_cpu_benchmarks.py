@@ -1,6 +1,6 @@
 """The CPU-path benchmarks run at toy size and report what BENCHMARKS.md quotes from them: the profile's parts
-of a step and kinds of op (each a share of the step), MoT / dense step time side by side, and compiled against
-eager sampling."""
+of a step and kinds of op (each a share of the step), MoT / dense step time side by side, the eager step with
+the model's autograd functions against what they replaced, and compiled against eager sampling."""
 
 import json
 import subprocess
@@ -35,6 +35,17 @@ def test_mot_and_dense_step_side_by_side():
     assert set(report["variants"]) == {"mot", "dense"}
     assert report["variants"]["mot"]["params"] > report["variants"]["dense"]["params"]
     assert 0.5 < report["mot_over_dense_step"] < 3.0
+
+
+def test_eager_functions_against_what_they_replaced():
+    """The script first checks that every variant gives the same loss and gradients (it fails otherwise)."""
+    report = run("eager_functions.py", "--steps", "2", "--warmup", "1", "--batch", "4")
+    assert set(report["variants"]) == {"mot", "dense"}
+    for result in report["variants"].values():
+        assert set(result["ms"]) == {"current", "composites", "recomputing norm", "both"}
+        assert all(ms > 0 for ms in result["ms"].values())
+        assert 0.2 < result["current_over_both"] < 5.0
+    assert set(report["mot_over_dense"]) == set(report["variants"]["mot"]["ms"])
 
 
 def test_compiled_and_eager_sampling_side_by_side():
