@@ -23,23 +23,12 @@ import time
 from contextlib import contextmanager
 
 import torch
-import torch.nn.functional as F
 from peer_throughput import our_batch, our_model, ours
 
 from transfusion_mot import model as model_module
 from transfusion_mot.common.device import cpu_description
 from transfusion_mot.diffusion import make_objective
 from transfusion_mot.losses import TransfusionStep
-
-
-def composite_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.float().chunk(2, dim=-1)
-    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).type_as(x)
-
-
-def composite_swiglu(gate_up: torch.Tensor) -> torch.Tensor:
-    gate, up = gate_up.chunk(2, dim=-1)
-    return F.silu(gate) * up
 
 
 class RecomputingRMSNorm(model_module.RMSNormFunction):
@@ -63,7 +52,7 @@ def variant(name: str):
     """The model as it is ("current"), or with its functions replaced by what they replaced."""
     saved = model_module.apply_rope, model_module.swiglu, model_module.RMSNormFunction
     if name in ("composites", "both"):
-        model_module.apply_rope, model_module.swiglu = composite_rope, composite_swiglu
+        model_module.apply_rope, model_module.swiglu = model_module.rope_composite, model_module.swiglu_composite
     if name in ("recomputing norm", "both"):
         model_module.RMSNormFunction = RecomputingRMSNorm
     try:

@@ -224,13 +224,18 @@ class RotaryFunction(torch.autograd.Function):
         return dx.to(ctx.dtype), None, None
 
 
+def rope_composite(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """`apply_rope` as plain ops (what `RotaryFunction` computes)."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).type_as(x)
+
+
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Rotate pairs (x[..., :d/2], x[..., d/2:]) (the Llama/NeoX convention), in fp32. x: (B, L, H, d).
     Compiled, the composite runs: inductor fuses it into one kernel (and fails on the eager function's
     in-place writes into views: a recursion error in torch 2.14)."""
     if torch.compiler.is_compiling():
-        x1, x2 = x.float().chunk(2, dim=-1)
-        return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).type_as(x)
+        return rope_composite(x, cos, sin)
     return RotaryFunction.apply(x, cos, sin)
 
 
@@ -455,11 +460,16 @@ class SwiGLUFunction(torch.autograd.Function):
         return grad_in
 
 
+def swiglu_composite(gate_up: Tensor) -> Tensor:
+    """`swiglu` as plain ops (what `SwiGLUFunction` computes)."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
 def swiglu(gate_up: Tensor) -> Tensor:
     """silu(gate) * up for gate_up = (gate, up) on the last dim; compiled, the composite (inductor fuses it)."""
     if torch.compiler.is_compiling():
-        gate, up = gate_up.chunk(2, dim=-1)
-        return F.silu(gate) * up
+        return swiglu_composite(gate_up)
     return SwiGLUFunction.apply(gate_up)
 
 
