@@ -327,21 +327,27 @@ def test_stream_sort_and_unsort_with_their_gradients_equal_plain_indexing(sort, 
     rows = ([p for m in range(3) for p in range(44) if real[p] and flat[p] == m] if sort
             else real.nonzero().squeeze(1).tolist())
     x = torch.randn(44, 5, generator=g, requires_grad=True)
-    stream = routing.sort(x)
+    parts = routing.sort(x)
+    # one part per modality when sorted (the absent one empty), else one part
+    part_rows = [[p for p in rows if flat[p] == m] for m in range(3)] if sort else [rows]
+    assert [len(part) for part in parts] == [len(r) for r in part_rows]
+    for part, r in zip(parts, part_rows):
+        torch.testing.assert_close(part, x[r], atol=0, rtol=0)
+    stream = routing.join(parts)
     torch.testing.assert_close(stream, x[rows], atol=0, rtol=0)
     grad = torch.randn(stream.shape, generator=g)
     torch.testing.assert_close(torch.autograd.grad(stream, x, grad)[0],
                                torch.autograd.grad(x[rows], x, grad)[0], atol=0, rtol=0)
-    torch.testing.assert_close(routing.sort(x.detach()), x.detach()[rows], atol=0, rtol=0)
+    torch.testing.assert_close(routing.join(routing.sort(x.detach())), x.detach()[rows], atol=0, rtol=0)
     positions = torch.arange(44)
-    assert routing.sort(positions).tolist() == rows
+    assert routing.join(routing.sort(positions)).tolist() == rows
     y = torch.randn(len(rows), 5, generator=g, requires_grad=True)
-    back = routing.unsort(y)
+    back = routing.unsort(list(y.split(routing.counts)) if sort else [y])
     ref = torch.zeros(44, 5).index_put((torch.tensor(rows),), y)
     torch.testing.assert_close(back, ref, atol=0, rtol=0)
     grad = torch.randn(back.shape, generator=g)
     torch.testing.assert_close(torch.autograd.grad(back, y, grad)[0], grad[rows], atol=0, rtol=0)
-    torch.testing.assert_close(routing.unsort(y.detach()), ref.detach(), atol=0, rtol=0)
+    torch.testing.assert_close(routing.unsort([y.detach()]), ref.detach(), atol=0, rtol=0)
     assert routing.unsort(routing.sort(positions)).tolist() == [p if real[p] else 0 for p in range(44)]
 
 
@@ -353,6 +359,26 @@ def test_routing_with_an_absent_modality():
     ours = routing.unsort(routing.apply(experts, routing.sort(x)))
     ref = per_token(lambda m, row: experts[m](row), x, modality.reshape(-1))
     torch.testing.assert_close(ours, ref)
+
+
+def test_join_leaves_out_empty_parts_only_without_gradients():
+    """A denoising step holds image tokens only: without gradients the one part with rows is used as it is
+    (no copy); with gradients every part stays in, so the absent modality's expert gets a zero gradient."""
+    experts = Experts([torch.nn.Linear(4, 6) for _ in range(2)])
+    modality = torch.tensor([[1, 1, 1]])
+    routing = Routing(modality, 2, sort=True)
+    x = torch.randn(3, 4)
+    ref = per_token(lambda m, row: experts[m](row), x, modality.reshape(-1))
+    with torch.no_grad():
+        parts = routing.apply(experts, routing.sort(x))
+        assert [tuple(p.shape) for p in parts] == [(0, 6), (3, 6)]
+        assert Routing.join(parts) is parts[1]
+        torch.testing.assert_close(routing.unsort(parts), ref)
+    out = routing.unsort(routing.apply(experts, routing.sort(x)))
+    out.square().sum().backward()
+    torch.testing.assert_close(out, ref)
+    assert experts[0].weight.grad is not None and torch.count_nonzero(experts[0].weight.grad) == 0
+    assert torch.count_nonzero(experts[1].weight.grad) > 0
 
 
 # ["norm"] and ["attn"]: Q/K/V shared with per-modality QK-norms, and the reverse
@@ -403,10 +429,10 @@ def test_adaln_starts_as_identity_on_image_blocks_and_is_per_image():
     assert all(torch.count_nonzero(blk.modulation.weight) == 0 for blk in model.blocks)
     _, inputs = make_inputs(cfg, [Sample([[1, 2, 3], torch.randn(4, 4, 4)])])
     routing = Routing(inputs.modality, cfg.num_modalities, sort=True)
-    mod = model.image_modulation(inputs, routing)
-    is_image = routing.sort(inputs.modality.reshape(-1)) == model.image_modality
-    start, n, _ = mod.sizes
-    assert is_image[start:start + n].all() and int(is_image.sum()) == n  # one slice of the sorted stream
+    mod = model.image_modulation(inputs)
+    modality_parts = routing.sort(inputs.modality.reshape(-1))
+    img, text = model.image_modality, model.text_modality
+    assert (modality_parts[img] == img).all() and (modality_parts[text] == text).all()  # one part per modality
     from transfusion_mot.masks import AttentionMask, transfusion_mask_mod
     from transfusion_mot.model import rope_tables
 
@@ -416,7 +442,7 @@ def test_adaln_starts_as_identity_on_image_blocks_and_is_per_image():
     rope = rope_tables(inputs.positions, cfg.head_size, cfg.rope_theta)
     with torch.no_grad():
         y = model.blocks[0](x, routing, tuple(inputs.tokens.shape), rope, attn_mask, None, mod)
-    assert torch.equal(y[is_image], x[is_image]) and not torch.equal(y[~is_image], x[~is_image])
+    assert torch.equal(y[img], x[img]) and not torch.equal(y[text], x[text])
 
 
 def test_causal_image_attention_is_the_only_difference_in_the_mask():

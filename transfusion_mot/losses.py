@@ -39,7 +39,7 @@ def transfusion_loss(model: TransfusionMoT, batch: Batch, objective: DiffusionOb
         noise = torch.randn(inputs.patches.shape, generator=generator)
     noise = noise.to(device=device, dtype=inputs.patches.dtype)
     noisy = objective.add_noise(inputs.patches, noise, timesteps[inputs.patch_image])
-    hidden, routing = model.forward_stream(batch.noised(noisy, timesteps), check=check)  # (N, D), real tokens
+    hidden, routing = model.forward_stream(batch.noised(noisy, timesteps), check=check)  # the stream's parts
     # each modality's rows, in row-major order: image rows in the order of the patches
     image_hidden = routing.by_modality(hidden, model.config.num_modalities)[model.image_modality]
     out, text_loss = _text_loss(model, batch, hidden, routing, details)
@@ -54,17 +54,17 @@ def transfusion_loss(model: TransfusionMoT, batch: Batch, objective: DiffusionOb
     else:
         image_loss = prediction.float().sum() * 0.0
         if details:
-            out["image_mse_per_image"] = hidden.new_zeros(0)
+            out["image_mse_per_image"] = image_hidden.new_zeros(0)
     out.update(loss=text_loss + weight * image_loss, text_loss=text_loss, image_loss=image_loss)
     return out
 
 
-def _text_loss(model: TransfusionMoT, batch: Batch, hidden: Tensor, routing: Routing,
+def _text_loss(model: TransfusionMoT, batch: Batch, hidden: list[Tensor], routing: Routing,
                details: bool) -> tuple[dict[str, Tensor], Tensor]:
-    """The next-token loss on text targets of a forward's stream: ({text_nll_sum, text_tokens} when `details`,
-    the mean over targets). The LM head runs even on an empty selection, so its gradient is zero rather than
-    missing (FSDP2 needs every process to reduce the same gradients); text rows without a next-token target
-    (before an image, at the end) are ignored by the cross-entropy."""
+    """The next-token loss on text targets of a forward's stream (`hidden`, its parts): ({text_nll_sum,
+    text_tokens} when `details`, the mean over targets). The LM head runs even on an empty selection, so its
+    gradient is zero rather than missing (FSDP2 needs every process to reduce the same gradients); text rows
+    without a next-token target (before an image, at the end) are ignored by the cross-entropy."""
     modalities = model.config.num_modalities
     text_hidden = routing.by_modality(hidden, modalities)[model.text_modality]
     targets = routing.by_modality(routing.sort(batch.text_targets.reshape(-1)), modalities)[model.text_modality]
@@ -86,9 +86,10 @@ def chameleon_loss(model: TransfusionMoT, batch: Batch, image_loss_weight: float
     ignored). `details` adds the text sums and `image_nll_per_image` (I,), each image's mean code NLL.
     """
     weight = model.config.image_loss_weight if image_loss_weight is None else image_loss_weight
-    hidden, routing = model.forward_stream(batch.inputs, check=check)  # (N, D), real tokens
+    hidden, routing = model.forward_stream(batch.inputs, check=check)  # the stream's parts
     out, text_loss = _text_loss(model, batch, hidden, routing, details)
-    stream_targets = routing.sort(batch.image_targets.reshape(-1))
+    # image targets sit on both modalities' rows (the BOI is text): the whole stream, in one tensor
+    hidden, stream_targets = routing.join(hidden), routing.join(routing.sort(batch.image_targets.reshape(-1)))
     rows = (stream_targets != IGNORE_INDEX).nonzero().squeeze(1)  # one host sync per step
     # the head runs on zero rows too (text-only batches): a zero gradient, never a missing one
     logits = model.image_logits(hidden.index_select(0, rows)).float()
@@ -97,7 +98,7 @@ def chameleon_loss(model: TransfusionMoT, batch: Batch, image_loss_weight: float
     if details:
         # the image of each target: the image of the code it predicts (the next position's image id)
         next_image = torch.roll(batch.inputs.image_ids, -1, dims=1).reshape(-1)
-        image_of = routing.sort(next_image).index_select(0, rows)
+        image_of = routing.join(routing.sort(next_image)).index_select(0, rows)
         sums = torch.zeros(batch.num_images, device=nll.device).index_add_(0, image_of, nll.detach())
         counts = torch.bincount(image_of, minlength=batch.num_images)
         out["image_nll_per_image"] = sums / counts.clamp(min=1)

@@ -48,53 +48,60 @@ MODEL_WEIGHTS_FILE = "model.safetensors"
 # routing
 
 
-def gather_rows(x: Tensor, index: Tensor, pad: bool) -> Tensor:
-    """Rows `index` of x, after zero rows are appended to x up to len(index) when `pad`."""
+def gather_rows(x: Tensor, indices: Sequence[Tensor], pad: bool) -> list[Tensor]:
+    """Rows `indices[i]` of x, one tensor for each i, after zero rows are appended to x up to the indices'
+    total length when `pad`."""
     if pad:
-        x = torch.cat([x, x.new_zeros(index.shape[0] - x.shape[0], *x.shape[1:])])
-    return x.index_select(0, index)
+        x = torch.cat([x, x.new_zeros(sum(i.shape[0] for i in indices) - x.shape[0], *x.shape[1:])])
+    return [x.index_select(0, i) for i in indices]
 
 
 class RowGather(torch.autograd.Function):
-    """`gather_rows(x, index, pad)` whose backward is the inverse gather, `gather_rows(grad, back, back_pad)`:
-    for the stream's sort and un-sort, which are (padding aside) permutations. index_select's own backward is
-    a scatter-add into zeros: slower eager, and serial atomic adds once inductor compiles it on a CPU.
-    Reverse mode only (no jvp or vmap rule): torch.func transforms of the model would need one."""
+    """`gather_rows(x, indices, pad)` whose backward is the inverse gather of the joined gradients,
+    `gather_rows(cat(grads), [back], back_pad)`: for the stream's sort and un-sort, which are (padding aside)
+    permutations. index_select's own backward is a scatter-add into zeros: slower eager, and serial atomic adds
+    once inductor compiles it on a CPU. Reverse mode only (no jvp or vmap rule): torch.func transforms of the
+    model would need one."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, index: Tensor, pad: bool, back: Tensor, back_pad: bool) -> Tensor:
+    def forward(ctx, x: Tensor, pad: bool, back: Tensor, back_pad: bool, *indices: Tensor) -> tuple[Tensor, ...]:
         ctx.save_for_backward(back)
         ctx.back_pad = back_pad
-        return gather_rows(x, index, pad)
+        return tuple(gather_rows(x, indices, pad))
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None, None, None]:
+    def backward(ctx, *grads: Tensor) -> tuple[Tensor | None, ...]:
         (back,) = ctx.saved_tensors
-        return gather_rows(grad, back, ctx.back_pad), None, None, None, None
+        grad = Routing.join(grads)
+        return (gather_rows(grad, [back], ctx.back_pad)[0], None, None, None, *([None] * len(grads)))
 
 
-def permute_rows(x: Tensor, index: Tensor, pad: bool, back: Tensor, back_pad: bool) -> Tensor:
-    """`gather_rows(x, index, pad)`, through `RowGather` when x needs a gradient (sampling, evaluation and
-    integer targets take the plain gather: no backward to arrange)."""
+def permute_rows(x: Tensor, indices: Sequence[Tensor], pad: bool, back: Tensor, back_pad: bool) -> list[Tensor]:
+    """`gather_rows(x, indices, pad)`: each of `indices` gives its own tensor (not views of one: a compiled
+    block then gets inputs of one kind at every layer). Through `RowGather` when x needs a gradient (sampling,
+    evaluation and integer targets take the plain gather: no backward to arrange)."""
     if not x.requires_grad:
-        return gather_rows(x, index, pad)
-    return RowGather.apply(x, index, pad, back, back_pad)
+        return gather_rows(x, indices, pad)
+    return list(RowGather.apply(x, pad, back, back_pad, *indices))
 
 
 class Routing:
-    """The residual stream of one forward: the real (non-padding) tokens of a batch, sorted by modality when
-    `sort` (modality m is then the m-th chunk of sizes `counts`). Padding positions are dropped from it, so
-    no layer computes them: attention, which needs the (batch, seq) layout, gets zeros there (a padding
-    query sees only its own, zero, key: its output is finite and never used)."""
+    """The residual stream of one forward: the real (non-padding) tokens of a batch, as one part per modality
+    when `sort` (part m holds modality m's tokens in row-major order), else as a single part. Every op but
+    attention runs on each part with that modality's expert, so the parts are never joined in between (no
+    split and cat around each op); attention un-sorts them into the (batch, seq) layout and sorts its output
+    back. Padding positions are dropped from the stream, so no layer computes them: attention gets zeros
+    there (a padding query sees only its own, zero, key: its output is finite and never used)."""
 
     def __init__(self, modality: Tensor, num_modalities: int, sort: bool, padding: Tensor | None = None) -> None:
         flat = modality.reshape(-1)
         self.modality = modality  # (B, L): the original layout's
         self._one_hot: Tensor | None = None
+        self._part_rows: list[Tensor] = []
         self.order: Tensor | None = None  # stream row i is flattened position order[i] (None: all, in order)
         self.inverse: Tensor | None = None  # flattened position p -> its row in the stream, padding after it
         self.padded = False  # padding positions exist (they follow the real tokens in `inverse`)
-        self.counts: list[int] = []
+        self.counts: list[int] = []  # tokens per part, one part per modality when sorted (else empty)
         if not sort and padding is None:
             return
         # padding sorts after every modality; one host sync per batch gives every count
@@ -108,40 +115,44 @@ class Routing:
             self._one_hot = F.one_hot(flat, num_modalities).float()  # (B*L, M), for `norm_in_place`
         permutation = torch.argsort(key if sort else (key == num_modalities).int(), stable=True)
         self.order = permutation[:real]
+        self._part_rows = list(self.order.split(self.counts)) if sort else [self.order]  # each part's positions
         self.inverse = torch.empty_like(permutation)
         self.inverse[permutation] = torch.arange(flat.numel(), device=flat.device)
 
-    def sort(self, x: Tensor) -> Tensor:
-        """(B*L, ...) in original row-major order -> the stream: real tokens, sorted by modality."""
-        return x if self.order is None else permute_rows(x, self.order, False, self.inverse, self.padded)
+    @staticmethod
+    def join(parts: Sequence[Tensor]) -> Tensor:
+        """The parts -> one (N, ...) tensor of the stream's rows: a copy only when several hold rows. Without
+        gradients, empty parts (absent modalities: a denoising step holds image tokens only) are left out; with
+        them, every part stays in, so that an absent modality's experts get a zero gradient (`apply`)."""
+        if len(parts) > 1 and not torch.is_grad_enabled():
+            parts = [part for part in parts if part.shape[0]] or parts[:1]
+        return parts[0] if len(parts) == 1 else torch.cat(list(parts))
 
-    def unsort(self, x: Tensor) -> Tensor:
-        """The stream -> (B*L, ...) in original order, zeros at padding positions."""
-        return x if self.order is None else permute_rows(x, self.inverse, self.padded, self.order, False)
+    def sort(self, x: Tensor) -> list[Tensor]:
+        """(B*L, ...) in original row-major order -> the stream's parts."""
+        return [x] if self.order is None else permute_rows(x, self._part_rows, False, self.inverse, self.padded)
 
-    def by_modality(self, x: Tensor, modalities: int) -> list[Tensor]:
-        """The rows of each modality of a stream-ordered `x` (N, ...), each in original row-major order: the
-        sorted stream's slices (a split: its backward is one cat), else boolean selections."""
+    def unsort(self, parts: Sequence[Tensor]) -> Tensor:
+        """The stream's parts -> (B*L, ...) in original order, zeros at padding positions."""
+        x = self.join(parts)
+        return x if self.order is None else permute_rows(x, [self.inverse], self.padded, self.order, False)[0]
+
+    def by_modality(self, parts: Sequence[Tensor], modalities: int) -> list[Tensor]:
+        """Each modality's rows of the stream's parts, in original row-major order: the parts themselves when
+        sorted, else boolean selections of the single part."""
         if self.counts:
-            return list(x.split(self.counts))
-        stream_modality = self.sort(self.modality.reshape(-1))
-        return [x[stream_modality == m] for m in range(modalities)]
+            return list(parts)
+        (stream_modality,) = self.sort(self.modality.reshape(-1))
+        return [parts[0][stream_modality == m] for m in range(modalities)]
 
-    def apply(self, experts: Sequence[nn.Module], x: Tensor) -> Tensor:
-        """Run experts[m] on modality m's slice of the stream `x`; a single expert runs on everything."""
+    def apply(self, experts: Sequence[nn.Module], parts: Sequence[Tensor]) -> list[Tensor]:
+        """experts[m] on part m of the stream; a single (shared) expert runs on every part. An expert whose
+        modality is absent still runs, on zero rows: in training its gradient is then zero rather than
+        missing, so under FSDP2 every process reduces the same gradients whatever its micro-batch holds (a
+        text-only micro-batch on one rank)."""
         if len(experts) == 1:
-            return experts[0](x)
-        # split (not slicing): its backward is a single cat, where each slice's backward would allocate
-        # and zero-fill a full-size gradient. In training an expert whose modality is absent still runs, on
-        # zero rows: its gradient is then zero rather than missing, so under FSDP2 every process reduces the
-        # same gradients whatever its micro-batch holds (a text-only micro-batch on one rank). Without
-        # gradients (sampling: a denoising step holds image tokens only) absent experts are skipped, and a
-        # single present one is returned without the copy a cat would make.
-        training = torch.is_grad_enabled()
-        parts = [experts[m](chunk) for m, chunk in enumerate(x.split(self.counts)) if training or chunk.shape[0]]
-        if not parts:  # nothing but padding
-            return experts[0](x)
-        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+            return [experts[0](part) for part in parts]
+        return [expert(part) for expert, part in zip(experts, parts, strict=True)]
 
     def norm_in_place(self, norms: Sequence[nn.RMSNorm], x: Tensor) -> Tensor:
         """norms[m] (RMSNorms over the last dim) on the tokens of modality m, for `x` in the original
@@ -273,13 +284,13 @@ class TimestepEmbedder(nn.Module):
 class ImageModulation:
     """adaLN-Zero for the image tokens of one forward (time_conditioning: adaln; DiT, arXiv 2212.09748).
 
-    With adaLN the residual stream is always modality-sorted, so the image tokens are one contiguous slice
-    (`sizes` = tokens before it, in it, after it), in patch order; `cond` is SiLU of each image's timestep
-    embedding, (I, D), and `patch_image` maps a patch to its image. Text tokens are never modulated, so
-    text computes exactly what it would without this."""
+    With adaLN the residual stream is always modality-sorted, so the image tokens are one part of it
+    (`modality`), in patch order; `cond` is SiLU of each image's timestep embedding, (I, D), and `patch_image`
+    maps a patch to its image. Text tokens are never modulated, so text computes exactly what it would
+    without this."""
 
-    def __init__(self, sizes: list[int], cond: Tensor, patch_image: Tensor) -> None:
-        self.sizes = sizes
+    def __init__(self, modality: int, cond: Tensor, patch_image: Tensor) -> None:
+        self.modality = modality
         self.cond = cond
         self.patch_image = patch_image
 
@@ -287,15 +298,16 @@ class ImageModulation:
         """`linear` applied once per image, then gathered per image token and split into n (N_img, D)."""
         return list(linear(self.cond)[self.patch_image].chunk(n, dim=-1))
 
-    def _on_images(self, x: Tensor, fn) -> Tensor:
-        before, images, after = x.split(self.sizes)  # split: one cat in backward, no zero-filled gradients
-        return torch.cat([before, fn(images).to(x.dtype), after])
+    def _on_images(self, parts: list[Tensor], fn) -> list[Tensor]:
+        parts = list(parts)
+        parts[self.modality] = fn(parts[self.modality]).to(parts[self.modality].dtype)
+        return parts
 
-    def modulate(self, x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
-        return self._on_images(x, lambda rows: rows * (1 + scale) + shift)
+    def modulate(self, parts: list[Tensor], shift: Tensor, scale: Tensor) -> list[Tensor]:
+        return self._on_images(parts, lambda rows: rows * (1 + scale) + shift)
 
-    def gate(self, x: Tensor, gate: Tensor) -> Tensor:
-        return self._on_images(x, lambda rows: rows * gate)
+    def gate(self, parts: list[Tensor], gate: Tensor) -> list[Tensor]:
+        return self._on_images(parts, lambda rows: rows * gate)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -501,8 +513,8 @@ class MoTAttention(nn.Module):
         else:
             self.q_norm = self.k_norm = None
 
-    def forward(self, x: Tensor, routing: Routing, shape: tuple[int, int], rope: tuple[Tensor, Tensor],
-                mask: AttentionMask, kv: LayerKV | TransientKV | None = None) -> Tensor:
+    def forward(self, x: list[Tensor], routing: Routing, shape: tuple[int, int], rope: tuple[Tensor, Tensor],
+                mask: AttentionMask, kv: LayerKV | TransientKV | None = None) -> list[Tensor]:
         batch, seq = shape
         h, kvh, hd = self.n_heads, self.n_kv_heads, self.head_dim
         # projected in the stream, then back to the (batch, seq) layout for RoPE and the global attention
@@ -533,21 +545,27 @@ class MoTBlock(nn.Module):
         # adaLN-Zero of the image tokens: shift, scale, gate for attention and for the FFN
         self.modulation = nn.Linear(d, 6 * d) if config.time_conditioning == "adaln" else None
 
-    def forward(self, x: Tensor, routing: Routing, shape: tuple[int, int], rope: tuple[Tensor, Tensor],
+    def forward(self, x: list[Tensor], routing: Routing, shape: tuple[int, int], rope: tuple[Tensor, Tensor],
                 mask: AttentionMask, kv: LayerKV | TransientKV | None = None,
-                mod: ImageModulation | None = None) -> Tensor:
+                mod: ImageModulation | None = None) -> list[Tensor]:
+        # x: the residual stream's parts, (N_m, D) for modality m (one part when nothing is untied)
         if mod is not None:  # pre-norm with the image rows modulated by their timestep
             shift_a, scale_a, gate_a, shift_f, scale_f, gate_f = mod.params(self.modulation, 6)
             h = mod.modulate(routing.apply(self.attn_norm, x), shift_a, scale_a)
-            x = x + mod.gate(self.attn(h, routing, shape, rope, mask, kv), gate_a)
+            x = plus(x, mod.gate(self.attn(h, routing, shape, rope, mask, kv), gate_a))
             h = mod.modulate(routing.apply(self.ffn_norm, x), shift_f, scale_f)
-            return x + mod.gate(routing.apply(self.ffn, h), gate_f)
+            return plus(x, mod.gate(routing.apply(self.ffn, h), gate_f))
         if self.pre_norm:  # x + f(norm(x))
-            x = x + self.attn(routing.apply(self.attn_norm, x), routing, shape, rope, mask, kv)
-            return x + routing.apply(self.ffn, routing.apply(self.ffn_norm, x))
+            x = plus(x, self.attn(routing.apply(self.attn_norm, x), routing, shape, rope, mask, kv))
+            return plus(x, routing.apply(self.ffn, routing.apply(self.ffn_norm, x)))
         # the MoT paper's Eq. 2: x + norm(f(x))
-        x = x + routing.apply(self.attn_norm, self.attn(x, routing, shape, rope, mask, kv))
-        return x + routing.apply(self.ffn_norm, routing.apply(self.ffn, x))
+        x = plus(x, routing.apply(self.attn_norm, self.attn(x, routing, shape, rope, mask, kv)))
+        return plus(x, routing.apply(self.ffn_norm, routing.apply(self.ffn, x)))
+
+
+def plus(x: list[Tensor], y: list[Tensor]) -> list[Tensor]:
+    """The residual addition, part by part."""
+    return [a + b for a, b in zip(x, y, strict=True)]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -667,15 +685,12 @@ class TransfusionMoT(nn.Module):
         image_x = image_x + self.config.pos_embed_scale * sincos_2d(inputs.patch_coords, self.config.dim).to(x.dtype)
         return x.index_copy(0, rows, image_x.to(x.dtype))
 
-    def image_modulation(self, inputs: ModelInputs, routing: Routing) -> ImageModulation | None:
+    def image_modulation(self, inputs: ModelInputs) -> ImageModulation | None:
         """The adaLN conditioning of this forward's image tokens (None without adaLN; with zero image tokens
         it modulates nothing but keeps the modulation weights in the graph)."""
         if self.config.time_conditioning != "adaln":
             return None
-        m = self.image_modality
-        before = sum(routing.counts[:m])
-        sizes = [before, routing.counts[m], sum(routing.counts) - before - routing.counts[m]]
-        return ImageModulation(sizes, F.silu(self.time_embed(inputs.timesteps)), inputs.patch_image)
+        return ImageModulation(self.image_modality, F.silu(self.time_embed(inputs.timesteps)), inputs.patch_image)
 
     def forward(self, inputs: ModelInputs, check: bool = True, cache: KVCache | None = None,
                 extend_cache: bool = True) -> Tensor:
@@ -686,9 +701,10 @@ class TransfusionMoT(nn.Module):
         return routing.unsort(x).view(*inputs.tokens.shape, -1)
 
     def forward_stream(self, inputs: ModelInputs, check: bool = True, cache: KVCache | None = None,
-                       extend_cache: bool = True) -> tuple[Tensor, Routing]:
-        """Hidden states after the final norm in the residual stream's order, (N, D) for the N real tokens,
-        and the stream's `Routing` (`by_modality` splits it): what the loss needs, without the un-sort.
+                       extend_cache: bool = True) -> tuple[list[Tensor], Routing]:
+        """Hidden states after the final norm as the residual stream's parts, (N_m, D) for each part's real
+        tokens, and the stream's `Routing` (`by_modality` gives each modality's rows): what the loss needs,
+        without the un-sort.
 
         With `cache`, `inputs` are a chunk of positions that come after the cached ones (their
         `positions` continue each document's) and attend to them too; `extend_cache` appends the chunk's
@@ -706,7 +722,7 @@ class TransfusionMoT(nn.Module):
             doc_ids, image_ids = cache.ids_with(doc_ids, image_ids, len(self.blocks), self.config.max_seq_len)
             kvs = cache.layers if extend_cache else [TransientKV(kv) for kv in cache.layers]
             backend = "sdpa"
-        # sorted by modality when anything is untied, and with adaLN (image tokens then form one slice)
+        # one part per modality when anything is untied, and with adaLN (image tokens then form one part)
         routing = Routing(inputs.modality, self.config.num_modalities,
                           sort=bool(self.config.untie) or self.config.time_conditioning == "adaln",
                           padding=inputs.doc_ids < 0)
@@ -714,8 +730,8 @@ class TransfusionMoT(nn.Module):
                                         bidirectional_images=self.config.image_attention == "bidirectional")
         mask = AttentionMask(mask_mod, batch, seq, past + seq, device, backend)
         rope = rope_tables(inputs.positions, self.config.head_size, self.config.rope_theta, self.config.rope_scaling)
-        mod = self.image_modulation(inputs, routing)
-        x = routing.sort(self.embed(inputs))
+        mod = self.image_modulation(inputs)
+        x = routing.sort(self.embed(inputs))  # the stream's parts, (N_m, D) each
         for block, kv in zip(self.blocks, kvs):
             x = block(x, routing, (batch, seq), rope, mask, kv, mod)
         x = routing.apply(self.final_norm, x)
