@@ -277,6 +277,29 @@ def test_image_experts_do_not_touch_text():
     assert all(g is not None and torch.count_nonzero(g) > 0 for g in text_grads)
 
 
+@pytest.mark.parametrize("adaln", [False, True])
+def test_without_gradients_an_absent_modality_runs_no_expert_and_changes_nothing(adaln):
+    """Sampling: without gradients the image experts are not run on a text-only batch (their empty parts
+    are passed on), and the hidden states are those of a forward with gradients, where they run on zero
+    rows; with heads narrower than the model (n_heads x head_dim != dim) too, and with adaLN."""
+    cfg = tiny_config(untie=ALL, head_dim=8, time_conditioning="adaln" if adaln else "add")
+    model = TransfusionMoT(cfg)
+    randomize_norms(model)
+    _, inputs = make_inputs(cfg, [Sample([[1, 2, 3, 4, 5]]), Sample([[7, 8]])])
+    calls = []
+    image = model.image_modality
+    for module in model.modules():
+        if isinstance(module, Experts) and len(module) > 1:
+            module[image].register_forward_hook(lambda *_: calls.append(1))
+    with_grad = model(inputs)
+    assert calls  # with gradients every expert runs, on zero rows
+    calls.clear()
+    with torch.no_grad():
+        without = model(inputs)
+    assert not calls
+    torch.testing.assert_close(without, with_grad.detach(), atol=0, rtol=0)
+
+
 def test_image_experts_do_change_image_outputs():
     """The counterpart: with images present, perturbing image experts must change the result."""
     cfg = tiny_config(untie=ALL)

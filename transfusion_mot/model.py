@@ -146,13 +146,16 @@ class Routing:
         return [parts[0][stream_modality == m] for m in range(modalities)]
 
     def apply(self, experts: Sequence[nn.Module], parts: Sequence[Tensor]) -> list[Tensor]:
-        """experts[m] on part m of the stream; a single (shared) expert runs on every part. An expert whose
-        modality is absent still runs, on zero rows: in training its gradient is then zero rather than
+        """experts[m] on part m of the stream; a single (shared) expert runs on every part. In training an
+        expert whose modality is absent still runs, on zero rows: its gradient is then zero rather than
         missing, so under FSDP2 every process reduces the same gradients whatever its micro-batch holds (a
-        text-only micro-batch on one rank)."""
-        if len(experts) == 1:
-            return [experts[0](part) for part in parts]
-        return [expert(part) for expert, part in zip(experts, parts, strict=True)]
+        text-only micro-batch on one rank). Without gradients (sampling: a denoising step holds image tokens
+        only) an empty part's expert is not run: its output is an empty tensor of the expert's output width."""
+        every = torch.is_grad_enabled()
+        chosen = experts if len(experts) > 1 else [experts[0]] * len(parts)
+        return [expert(part) if every or part.shape[0] else
+                part.new_empty(0, getattr(expert, "out_features", part.shape[-1]))  # a linear's, else unchanged
+                for expert, part in zip(chosen, parts, strict=True)]
 
     def norm_in_place(self, norms: Sequence[nn.RMSNorm], x: Tensor) -> Tensor:
         """norms[m] (RMSNorms over the last dim) on the tokens of modality m, for `x` in the original
