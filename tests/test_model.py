@@ -277,12 +277,13 @@ def test_image_experts_do_not_touch_text():
     assert all(g is not None and torch.count_nonzero(g) > 0 for g in text_grads)
 
 
-@pytest.mark.parametrize("adaln", [False, True])
-def test_without_gradients_an_absent_modality_runs_no_expert_and_changes_nothing(adaln):
-    """Sampling: without gradients the image experts are not run on a text-only batch (their empty parts
-    are passed on), and the hidden states are those of a forward with gradients, where they run on zero
-    rows; with heads narrower than the model (n_heads x head_dim != dim) too, and with adaLN."""
-    cfg = tiny_config(untie=ALL, head_dim=8, time_conditioning="adaln" if adaln else "add")
+@pytest.mark.parametrize("untie,adaln", [(ALL, False), (ALL, True), (["ffn"], False)])
+def test_without_gradients_an_absent_modality_runs_no_expert_and_changes_nothing(untie, adaln):
+    """Sampling: without gradients the image experts are not run on a text-only batch (each gives an empty
+    tensor of its width instead), and the hidden states are those of a forward with gradients, where they run
+    on zero rows; with heads narrower than the model (n_heads x head_dim != dim), with adaLN, and with shared
+    experts (attention and norms) running on several parts."""
+    cfg = tiny_config(untie=untie, head_dim=8, time_conditioning="adaln" if adaln else "add")
     model = TransfusionMoT(cfg)
     randomize_norms(model)
     _, inputs = make_inputs(cfg, [Sample([[1, 2, 3, 4, 5]]), Sample([[7, 8]])])
@@ -318,7 +319,7 @@ def test_image_experts_do_change_image_outputs():
 
 def test_sorted_routing_equals_per_token_gather():
     g = torch.Generator().manual_seed(3)
-    experts = Experts([torch.nn.Linear(16, 24) for _ in range(3)])
+    experts = Experts([torch.nn.Linear(16, 24) for _ in range(3)], 24)
     modality = torch.randint(0, 3, (4, 37), generator=g)
     x = torch.randn(4 * 37, 16, generator=g, requires_grad=True)
     routing = Routing(modality, 3, sort=True)
@@ -359,23 +360,29 @@ def test_stream_sort_and_unsort_with_their_gradients_equal_plain_indexing(sort, 
     stream = routing.join(parts)
     torch.testing.assert_close(stream, x[rows], atol=0, rtol=0)
     grad = torch.randn(stream.shape, generator=g)
-    torch.testing.assert_close(torch.autograd.grad(stream, x, grad)[0],
+    torch.testing.assert_close(torch.autograd.grad(stream, x, grad, retain_graph=True)[0],
                                torch.autograd.grad(x[rows], x, grad)[0], atol=0, rtol=0)
     torch.testing.assert_close(routing.join(routing.sort(x.detach())), x.detach()[rows], atol=0, rtol=0)
+    # a gradient through one part only: the other parts' rows (and padding) get zeros
+    last = parts[-1]
+    g_last = torch.randn(last.shape, generator=g)
+    torch.testing.assert_close(torch.autograd.grad(last, x, g_last)[0],
+                               torch.autograd.grad(x[part_rows[-1]], x, g_last)[0], atol=0, rtol=0)
     positions = torch.arange(44)
     assert routing.join(routing.sort(positions)).tolist() == rows
     y = torch.randn(len(rows), 5, generator=g, requires_grad=True)
-    back = routing.unsort(list(y.split(routing.counts)) if sort else [y])
+    y_parts = list(y.split(routing.counts)) if sort else [y]
+    back = routing.unsort(y_parts)
     ref = torch.zeros(44, 5).index_put((torch.tensor(rows),), y)
     torch.testing.assert_close(back, ref, atol=0, rtol=0)
     grad = torch.randn(back.shape, generator=g)
     torch.testing.assert_close(torch.autograd.grad(back, y, grad)[0], grad[rows], atol=0, rtol=0)
-    torch.testing.assert_close(routing.unsort([y.detach()]), ref.detach(), atol=0, rtol=0)
+    torch.testing.assert_close(routing.unsort([p.detach() for p in y_parts]), ref.detach(), atol=0, rtol=0)
     assert routing.unsort(routing.sort(positions)).tolist() == [p if real[p] else 0 for p in range(44)]
 
 
 def test_routing_with_an_absent_modality():
-    experts = Experts([torch.nn.Linear(8, 8) for _ in range(3)])
+    experts = Experts([torch.nn.Linear(8, 8) for _ in range(3)], 8)
     modality = torch.tensor([[0, 2, 2, 0, 0]])
     x = torch.randn(5, 8)
     routing = Routing(modality, 3, sort=True)
@@ -387,7 +394,7 @@ def test_routing_with_an_absent_modality():
 def test_join_leaves_out_empty_parts_only_without_gradients():
     """A denoising step holds image tokens only: without gradients the one part with rows is used as it is
     (no copy); with gradients every part stays in, so the absent modality's expert gets a zero gradient."""
-    experts = Experts([torch.nn.Linear(4, 6) for _ in range(2)])
+    experts = Experts([torch.nn.Linear(4, 6) for _ in range(2)], 6)
     modality = torch.tensor([[1, 1, 1]])
     routing = Routing(modality, 2, sort=True)
     x = torch.randn(3, 4)

@@ -88,17 +88,22 @@ def chameleon_loss(model: TransfusionMoT, batch: Batch, image_loss_weight: float
     weight = model.config.image_loss_weight if image_loss_weight is None else image_loss_weight
     hidden, routing = model.forward_stream(batch.inputs, check=check)  # the stream's parts
     out, text_loss = _text_loss(model, batch, hidden, routing, details)
-    # image targets sit on both modalities' rows (the BOI is text): the whole stream, in one tensor
-    hidden, stream_targets = routing.join(hidden), routing.join(routing.sort(batch.image_targets.reshape(-1)))
-    rows = (stream_targets != IGNORE_INDEX).nonzero().squeeze(1)  # one host sync per step
+    # image targets sit on both modalities' rows (the BOI is text): each part's target rows, joined
+    targets = routing.sort(batch.image_targets.reshape(-1))
+    rows = [(part != IGNORE_INDEX).nonzero().squeeze(1) for part in targets]  # one host sync per part
+
+    def at_targets(parts: list[Tensor]) -> Tensor:
+        return routing.join([part.index_select(0, r) for part, r in zip(parts, rows)])
+
     # the head runs on zero rows too (text-only batches): a zero gradient, never a missing one
-    logits = model.image_logits(hidden.index_select(0, rows)).float()
-    nll = F.cross_entropy(logits, stream_targets.index_select(0, rows), reduction="none")  # (T,)
-    image_loss = nll.mean() if rows.numel() else logits.sum() * 0.0
+    logits = model.image_logits(at_targets(hidden)).float()
+    codes = at_targets(targets)
+    nll = F.cross_entropy(logits, codes, reduction="none")  # (T,)
+    image_loss = nll.mean() if codes.numel() else logits.sum() * 0.0
     if details:
         # the image of each target: the image of the code it predicts (the next position's image id)
         next_image = torch.roll(batch.inputs.image_ids, -1, dims=1).reshape(-1)
-        image_of = routing.join(routing.sort(next_image)).index_select(0, rows)
+        image_of = at_targets(routing.sort(next_image))
         sums = torch.zeros(batch.num_images, device=nll.device).index_add_(0, image_of, nll.detach())
         counts = torch.bincount(image_of, minlength=batch.num_images)
         out["image_nll_per_image"] = sums / counts.clamp(min=1)

@@ -9,14 +9,15 @@ code one position, read through its own embedding and predicted by its own head;
 per-modality untying are unchanged.
 
 Routing scheme. Tokens of a batch are sorted by modality once per forward (a stable argsort of the
-flattened modality ids), so each modality is one contiguous slice of the (tokens, dim) residual stream and
-every per-modality op is a plain dense op on a slice. The residual stream stays in sorted order through all
-layers; only attention needs the original layout (for the mask, RoPE and the (batch, seq) shape), which
-costs two index ops per layer (un-sort the fused QKV, re-sort the attention output). Padding never enters
-the stream, so no layer computes it. Gathering per projection (~7 per layer), computing every expert on
-every token and selecting, and (on CPU) grouped GEMMs instead of split and cat were all slower.
-With nothing untied and no padding the permutation is skipped altogether, so the dense baseline runs the
-same modules with no routing overhead.
+flattened modality ids), and the residual stream is held as one tensor per modality, its parts: every
+per-modality op is a plain dense op on its modality's part, with no split or cat around it, and the residual
+adds go part by part. Only attention needs the original layout (for the mask, RoPE and the (batch, seq)
+shape): per layer the fused QKV of the parts are joined and un-sorted (a cat and an index_select), and the
+attention output is sorted back into parts (an index_select per modality). Padding never enters the stream,
+so no layer computes it. Gathering per projection (~7 per layer), computing every expert on every token and
+selecting, (on CPU) grouped GEMMs, and one sorted tensor split and concatenated around every op were all
+slower. With nothing untied and no padding the permutation is skipped altogether, so the dense baseline runs
+the same modules on one part with no routing overhead.
 
 KV cache. A position's keys and values depend only on positions it can see, and under the causal mask
 those are never later positions. So keys/values of a prefix (a caption before its image, an image before
@@ -27,7 +28,7 @@ against them: exact, and far cheaper when the chunk is short (sampling.py).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,41 +49,38 @@ MODEL_WEIGHTS_FILE = "model.safetensors"
 # routing
 
 
-def gather_rows(x: Tensor, indices: Sequence[Tensor], pad: bool) -> list[Tensor]:
-    """Rows `indices[i]` of x, one tensor for each i, after zero rows are appended to x up to the indices'
-    total length when `pad`."""
-    if pad:
-        x = torch.cat([x, x.new_zeros(sum(i.shape[0] for i in indices) - x.shape[0], *x.shape[1:])])
+def gather_rows(parts: Sequence[Tensor], indices: Sequence[Tensor], pad: bool = False) -> list[Tensor]:
+    """Rows `indices[i]` of the parts' rows one after the other, one tensor for each i; with `pad`, zero rows
+    follow the parts' up to the indices' total length (one copy for both)."""
+    x = Routing.join(parts, sum(i.shape[0] for i in indices) if pad else None)
     return [x.index_select(0, i) for i in indices]
 
 
 class RowGather(torch.autograd.Function):
-    """`gather_rows(x, indices, pad)` whose backward is the inverse gather of the joined gradients,
-    `gather_rows(cat(grads), [back], back_pad)`: for the stream's sort and un-sort, which are (padding aside)
-    permutations. index_select's own backward is a scatter-add into zeros: slower eager, and serial atomic adds
-    once inductor compiles it on a CPU. Reverse mode only (no jvp or vmap rule): torch.func transforms of the
-    model would need one."""
+    """`gather_rows([x], indices)` whose backward is the inverse gather, `gather_rows(grads, [back], back_pad)`:
+    for the stream's sort and un-sort, which are (padding aside) permutations. index_select's own backward is
+    a scatter-add into zeros: slower eager, and serial atomic adds once inductor compiles it on a CPU. Reverse
+    mode only (no jvp or vmap rule): torch.func transforms of the model would need one."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, pad: bool, back: Tensor, back_pad: bool, *indices: Tensor) -> tuple[Tensor, ...]:
+    def forward(ctx, x: Tensor, back: Tensor, back_pad: bool, *indices: Tensor) -> tuple[Tensor, ...]:
         ctx.save_for_backward(back)
         ctx.back_pad = back_pad
-        return tuple(gather_rows(x, indices, pad))
+        return tuple(gather_rows([x], indices))
 
     @staticmethod
     def backward(ctx, *grads: Tensor) -> tuple[Tensor | None, ...]:
         (back,) = ctx.saved_tensors
-        grad = Routing.join(grads)
-        return (gather_rows(grad, [back], ctx.back_pad)[0], None, None, None, *([None] * len(grads)))
+        return (gather_rows(grads, [back], ctx.back_pad)[0], None, None, *([None] * len(grads)))
 
 
-def permute_rows(x: Tensor, indices: Sequence[Tensor], pad: bool, back: Tensor, back_pad: bool) -> list[Tensor]:
-    """`gather_rows(x, indices, pad)`: each of `indices` gives its own tensor (not views of one: a compiled
-    block then gets inputs of one kind at every layer). Through `RowGather` when x needs a gradient (sampling,
+def permute_rows(x: Tensor, indices: Sequence[Tensor], back: Tensor, back_pad: bool) -> list[Tensor]:
+    """`gather_rows([x], indices)`: each of `indices` gives its own tensor (not views of one: a compiled block
+    then gets inputs of one kind at every layer). Through `RowGather` when x needs a gradient (sampling,
     evaluation and integer targets take the plain gather: no backward to arrange)."""
     if not x.requires_grad:
-        return gather_rows(x, indices, pad)
-    return list(RowGather.apply(x, pad, back, back_pad, *indices))
+        return gather_rows([x], indices)
+    return list(RowGather.apply(x, back, back_pad, *indices))
 
 
 class Routing:
@@ -98,6 +96,7 @@ class Routing:
         self.modality = modality  # (B, L): the original layout's
         self._one_hot: Tensor | None = None
         self._part_rows: list[Tensor] = []
+        self._permutation: Tensor | None = None
         self.order: Tensor | None = None  # stream row i is flattened position order[i] (None: all, in order)
         self.inverse: Tensor | None = None  # flattened position p -> its row in the stream, padding after it
         self.padded = False  # padding positions exist (they follow the real tokens in `inverse`)
@@ -116,26 +115,38 @@ class Routing:
         permutation = torch.argsort(key if sort else (key == num_modalities).int(), stable=True)
         self.order = permutation[:real]
         self._part_rows = list(self.order.split(self.counts)) if sort else [self.order]  # each part's positions
+        self._permutation = permutation  # the un-sort's backward: every position, padding after the real ones
         self.inverse = torch.empty_like(permutation)
         self.inverse[permutation] = torch.arange(flat.numel(), device=flat.device)
 
     @staticmethod
-    def join(parts: Sequence[Tensor]) -> Tensor:
-        """The parts -> one (N, ...) tensor of the stream's rows: a copy only when several hold rows. Without
-        gradients, empty parts (absent modalities: a denoising step holds image tokens only) are left out; with
-        them, every part stays in, so that an absent modality's experts get a zero gradient (`apply`)."""
+    def join(parts: Sequence[Tensor], rows: int | None = None) -> Tensor:
+        """The parts' rows one after the other, then zero rows up to `rows` rows when given: one tensor, a
+        copy unless it is a single part. Without gradients, empty parts (absent modalities: a denoising step
+        holds image tokens only) are left out, so a single part with rows is used as it is; with them, every
+        part stays in, so that an absent modality's experts get a zero gradient (`apply`)."""
         if len(parts) > 1 and not torch.is_grad_enabled():
             parts = [part for part in parts if part.shape[0]] or parts[:1]
+        real = sum(part.shape[0] for part in parts)
+        if rows is not None and rows > real:
+            parts = [*parts, parts[0].new_zeros(rows - real, *parts[0].shape[1:])]
         return parts[0] if len(parts) == 1 else torch.cat(list(parts))
 
     def sort(self, x: Tensor) -> list[Tensor]:
         """(B*L, ...) in original row-major order -> the stream's parts."""
-        return [x] if self.order is None else permute_rows(x, self._part_rows, False, self.inverse, self.padded)
+        if self.order is None:
+            return [x]
+        return permute_rows(x, self._part_rows, self.inverse, self.padded)
 
     def unsort(self, parts: Sequence[Tensor]) -> Tensor:
         """The stream's parts -> (B*L, ...) in original order, zeros at padding positions."""
-        x = self.join(parts)
-        return x if self.order is None else permute_rows(x, [self.inverse], self.padded, self.order, False)[0]
+        if self.order is None:
+            return self.join(parts)
+        if not any(part.requires_grad for part in parts):
+            return gather_rows(parts, [self.inverse], self.padded)[0]
+        # one copy for the parts and the padding's zero rows; the backward gathers every row of that copy
+        x = self.join(parts, self.inverse.shape[0] if self.padded else None)
+        return permute_rows(x, [self.inverse], self._permutation, False)[0]
 
     def by_modality(self, parts: Sequence[Tensor], modalities: int) -> list[Tensor]:
         """Each modality's rows of the stream's parts, in original row-major order: the parts themselves when
@@ -145,17 +156,18 @@ class Routing:
         (stream_modality,) = self.sort(self.modality.reshape(-1))
         return [parts[0][stream_modality == m] for m in range(modalities)]
 
-    def apply(self, experts: Sequence[nn.Module], parts: Sequence[Tensor]) -> list[Tensor]:
+    def apply(self, experts: Experts, parts: Sequence[Tensor]) -> list[Tensor]:
         """experts[m] on part m of the stream; a single (shared) expert runs on every part. In training an
         expert whose modality is absent still runs, on zero rows: its gradient is then zero rather than
         missing, so under FSDP2 every process reduces the same gradients whatever its micro-batch holds (a
         text-only micro-batch on one rank). Without gradients (sampling: a denoising step holds image tokens
-        only) an empty part's expert is not run: its output is an empty tensor of the expert's output width."""
+        only) an empty part's expert is not run: its output is an empty tensor of the experts' width."""
+        if len(experts) > 1 and len(experts) != len(parts):
+            raise ValueError(f"{len(experts)} experts for a stream of {len(parts)} parts")
         every = torch.is_grad_enabled()
         chosen = experts if len(experts) > 1 else [experts[0]] * len(parts)
-        return [expert(part) if every or part.shape[0] else
-                part.new_empty(0, getattr(expert, "out_features", part.shape[-1]))  # a linear's, else unchanged
-                for expert, part in zip(chosen, parts, strict=True)]
+        return [expert(part) if every or part.shape[0] else part.new_empty(0, experts.width)
+                for expert, part in zip(chosen, parts)]
 
     def norm_in_place(self, norms: Sequence[nn.RMSNorm], x: Tensor) -> Tensor:
         """norms[m] (RMSNorms over the last dim) on the tokens of modality m, for `x` in the original
@@ -173,13 +185,18 @@ class Routing:
 
 
 class Experts(nn.ModuleList):
-    """Per-modality copies of one module (index = modality id), or a single shared copy."""
+    """Per-modality copies of one module (index = modality id), or a single shared copy. `width`: the last
+    dim of their outputs (an expert `Routing.apply` does not run gives an empty tensor of that width)."""
+
+    def __init__(self, modules: Iterable[nn.Module], width: int) -> None:
+        super().__init__(modules)
+        self.width = width
 
 
-def experts(config: ModelConfig, group: str, make) -> Experts:
-    """One module per modality when `group` is untied, else one shared module."""
+def experts(config: ModelConfig, group: str, width: int, make) -> Experts:
+    """One module per modality when `group` is untied, else one shared module; `width` is their output's."""
     n = config.num_modalities if config.untied(group) else 1
-    return Experts([make() for _ in range(n)])
+    return Experts([make() for _ in range(n)], width)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -288,12 +305,12 @@ class ImageModulation:
     """adaLN-Zero for the image tokens of one forward (time_conditioning: adaln; DiT, arXiv 2212.09748).
 
     With adaLN the residual stream is always modality-sorted, so the image tokens are one part of it
-    (`modality`), in patch order; `cond` is SiLU of each image's timestep embedding, (I, D), and `patch_image`
+    (`image_part`), in patch order; `cond` is SiLU of each image's timestep embedding, (I, D), and `patch_image`
     maps a patch to its image. Text tokens are never modulated, so text computes exactly what it would
     without this."""
 
-    def __init__(self, modality: int, cond: Tensor, patch_image: Tensor) -> None:
-        self.modality = modality
+    def __init__(self, image_part: int, cond: Tensor, patch_image: Tensor) -> None:
+        self.image_part = image_part
         self.cond = cond
         self.patch_image = patch_image
 
@@ -302,8 +319,8 @@ class ImageModulation:
         return list(linear(self.cond)[self.patch_image].chunk(n, dim=-1))
 
     def _on_images(self, parts: list[Tensor], fn) -> list[Tensor]:
-        parts = list(parts)
-        parts[self.modality] = fn(parts[self.modality]).to(parts[self.modality].dtype)
+        parts, i = list(parts), self.image_part
+        parts[i] = fn(parts[i]).to(parts[i].dtype)
         return parts
 
     def modulate(self, parts: list[Tensor], shift: Tensor, scale: Tensor) -> list[Tensor]:
@@ -506,13 +523,13 @@ class MoTAttention(nn.Module):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.kv_heads, config.head_size
         d, width = config.dim, (config.n_heads + 2 * config.kv_heads) * config.head_size
-        self.qkv = experts(config, "attn", lambda: nn.Linear(d, width, bias=config.qkv_bias))
-        self.out = experts(config, "attn", lambda: nn.Linear(config.n_heads * config.head_size, d,
-                                                              bias=config.out_bias))
+        self.qkv = experts(config, "attn", width, lambda: nn.Linear(d, width, bias=config.qkv_bias))
+        self.out = experts(config, "attn", d, lambda: nn.Linear(config.n_heads * config.head_size, d,
+                                                                 bias=config.out_bias))
         if config.qk_norm:
             hd, eps = config.head_size, config.norm_eps
-            self.q_norm = experts(config, "norm", lambda: RMSNorm(hd, eps=eps))
-            self.k_norm = experts(config, "norm", lambda: RMSNorm(hd, eps=eps))
+            self.q_norm = experts(config, "norm", hd, lambda: RMSNorm(hd, eps=eps))
+            self.k_norm = experts(config, "norm", hd, lambda: RMSNorm(hd, eps=eps))
         else:
             self.q_norm = self.k_norm = None
 
@@ -520,8 +537,10 @@ class MoTAttention(nn.Module):
                 mask: AttentionMask, kv: LayerKV | TransientKV | None = None) -> list[Tensor]:
         batch, seq = shape
         h, kvh, hd = self.n_heads, self.n_kv_heads, self.head_dim
-        # projected in the stream, then back to the (batch, seq) layout for RoPE and the global attention
-        qkv = routing.unsort(routing.apply(self.qkv, x)).view(batch, seq, -1)
+        # projected in the stream, then back to the (batch, seq) layout for RoPE and the global attention;
+        # a shared projection runs once, on the parts joined (attention joins them anyway)
+        parts = [self.qkv[0](routing.join(x))] if len(self.qkv) == 1 else routing.apply(self.qkv, x)
+        qkv = routing.unsort(parts).view(batch, seq, -1)
         q, k, v = qkv.split([h * hd, kvh * hd, kvh * hd], dim=-1)
         q, k, v = q.unflatten(-1, (h, hd)), k.unflatten(-1, (kvh, hd)), v.unflatten(-1, (kvh, hd))
         if self.q_norm is not None:
@@ -541,10 +560,10 @@ class MoTBlock(nn.Module):
         super().__init__()
         d, eps = config.dim, config.norm_eps
         self.pre_norm = config.norm_placement == "pre"
-        self.attn_norm = experts(config, "norm", lambda: RMSNorm(d, eps=eps))
+        self.attn_norm = experts(config, "norm", d, lambda: RMSNorm(d, eps=eps))
         self.attn = MoTAttention(config)
-        self.ffn_norm = experts(config, "norm", lambda: RMSNorm(d, eps=eps))
-        self.ffn = experts(config, "ffn", lambda: SwiGLU(d, config.ffn_dim))
+        self.ffn_norm = experts(config, "norm", d, lambda: RMSNorm(d, eps=eps))
+        self.ffn = experts(config, "ffn", d, lambda: SwiGLU(d, config.ffn_dim))
         # adaLN-Zero of the image tokens: shift, scale, gate for attention and for the FFN
         self.modulation = nn.Linear(d, 6 * d) if config.time_conditioning == "adaln" else None
 
@@ -568,7 +587,7 @@ class MoTBlock(nn.Module):
 
 def plus(x: list[Tensor], y: list[Tensor]) -> list[Tensor]:
     """The residual addition, part by part."""
-    return [a + b for a, b in zip(x, y, strict=True)]
+    return [a + b for a, b in zip(x, y)]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -601,7 +620,7 @@ class TransfusionMoT(nn.Module):
         self.time_embed = None if tokens else TimestepEmbedder(d)
         self.code_embed = nn.Embedding(config.codebook_size, d) if tokens else None
         self.blocks = nn.ModuleList([MoTBlock(config) for _ in range(config.n_layers)])
-        self.final_norm = experts(config, "norm", lambda: RMSNorm(d, eps=config.norm_eps))
+        self.final_norm = experts(config, "norm", d, lambda: RMSNorm(d, eps=config.norm_eps))
         # adaLN: shift and scale of the image tokens after the final norm (DiT's final layer)
         self.final_modulation = nn.Linear(d, 2 * d) if config.time_conditioning == "adaln" else None
         untied_head = not config.tie_embeddings
