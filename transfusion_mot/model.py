@@ -95,10 +95,10 @@ class Routing:
         flat = modality.reshape(-1)
         self.modality = modality  # (B, L): the original layout's
         self._one_hot: Tensor | None = None
-        self._part_rows: list[Tensor] = []
+        self._part_rows: list[Tensor] = []  # each part's flattened positions, in stream order
+        # stream row i is flattened position _permutation[i]; the padding positions follow the real ones
         self._permutation: Tensor | None = None
-        self.order: Tensor | None = None  # stream row i is flattened position order[i] (None: all, in order)
-        self.inverse: Tensor | None = None  # flattened position p -> its row in the stream, padding after it
+        self.inverse: Tensor | None = None  # flattened position p -> its row in the stream (None: all, in order)
         self.padded = False  # padding positions exist (they follow the real tokens in `inverse`)
         self.counts: list[int] = []  # tokens per part, one part per modality when sorted (else empty)
         if not sort and padding is None:
@@ -113,9 +113,9 @@ class Routing:
             self.counts = counts[:num_modalities]
             self._one_hot = F.one_hot(flat, num_modalities).float()  # (B*L, M), for `norm_in_place`
         permutation = torch.argsort(key if sort else (key == num_modalities).int(), stable=True)
-        self.order = permutation[:real]
-        self._part_rows = list(self.order.split(self.counts)) if sort else [self.order]  # each part's positions
-        self._permutation = permutation  # the un-sort's backward: every position, padding after the real ones
+        order = permutation[:real]
+        self._part_rows = list(order.split(self.counts)) if sort else [order]
+        self._permutation = permutation
         self.inverse = torch.empty_like(permutation)
         self.inverse[permutation] = torch.arange(flat.numel(), device=flat.device)
 
@@ -134,16 +134,14 @@ class Routing:
 
     def sort(self, x: Tensor) -> list[Tensor]:
         """(B*L, ...) in original row-major order -> the stream's parts."""
-        if self.order is None:
+        if self.inverse is None:
             return [x]
         return permute_rows(x, self._part_rows, self.inverse, self.padded)
 
     def unsort(self, parts: Sequence[Tensor]) -> Tensor:
         """The stream's parts -> (B*L, ...) in original order, zeros at padding positions."""
-        if self.order is None:
+        if self.inverse is None:
             return self.join(parts)
-        if not any(part.requires_grad for part in parts):
-            return gather_rows(parts, [self.inverse], self.padded)[0]
         # one copy for the parts and the padding's zero rows; the backward gathers every row of that copy
         x = self.join(parts, self.inverse.shape[0] if self.padded else None)
         return permute_rows(x, [self.inverse], self._permutation, False)[0]
