@@ -131,6 +131,10 @@ def test_absurd_numbers_are_refused(tiny_run, tmp_path, capsys, value):
                  str(tmp_path / "s")]) == 2
     assert "cfg_scale must be a number in [0, 100]" in one_line(capsys)
     assert not (tmp_path / "s").exists()
+    assert main(["sample", "--run", str(tiny_run), "--prompt", "a red square", "--guidance-rescale", value, "--out",
+                 str(tmp_path / "s")]) == 2
+    assert "guidance_rescale must be a number in [0, 1]" in one_line(capsys)
+    assert not (tmp_path / "s").exists()
 
 
 @pytest.mark.parametrize("key,value", [("optim.lr", ".nan"), ("optim.lr", ".inf"), ("train.max_steps", ".inf"),

@@ -154,7 +154,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
     prompts = read_prompts(args)
     pipe = load_pipeline(args.run, step=args.step, ema=not args.no_ema, device=args.device, compiled=args.compile)
-    rows = pipe.sample_to_folder(prompts, args.out, n=args.n, seed=args.seed, cfg_scale=args.cfg, num_steps=args.steps,
+    rows = pipe.sample_to_folder(prompts, args.out, n=args.n, seed=args.seed, cfg_scale=args.cfg,
+                                 guidance_rescale=args.guidance_rescale, num_steps=args.steps,
                                  scheduler=args.scheduler, use_kv_cache=not args.no_kv_cache,
                                  batch_size=args.batch_size, temperature=args.temperature, top_k=args.top_k,
                                  top_p=args.top_p)
@@ -349,6 +350,9 @@ def add_model_commands(sub: Any) -> None:
     p.add_argument("--n", type=positive_int, default=1, help="images per prompt")
     p.add_argument("--seed", type=int, default=0, help="image k uses seed + k")
     p.add_argument("--cfg", type=float, default=3.0, help="guidance scale in [0, 100] (1: no guidance)")
+    p.add_argument("--guidance-rescale", type=float, default=0.0,
+                   help="diffusion models: in [0, 1], how far guidance's clean latent is rescaled to the conditional "
+                        "one's spread (0: plain guidance; the demo samples with 0.7)")
     p.add_argument("--steps", type=positive_int, default=50, help="denoising steps (diffusion models)")
     p.add_argument("--scheduler", choices=["ddpm", "ddim", "flow"], default=None,
                    help="default: ddpm for DDPM models, flow for flow models")

@@ -45,6 +45,14 @@ class DiffusionObjective:
         """A diffusers scheduler configured to sample this objective's models."""
         raise NotImplementedError
 
+    def clean_estimate(self, prediction: Tensor, noisy: Tensor, timestep: float) -> Tensor:
+        """The clean latent x_0 a prediction implies at `timestep` (one, on the [0, T] scale) for `noisy`."""
+        raise NotImplementedError
+
+    def prediction_from_clean(self, clean: Tensor, noisy: Tensor, timestep: float) -> Tensor:
+        """The inverse of `clean_estimate`: the prediction that implies `clean` for `noisy` at `timestep`."""
+        raise NotImplementedError
+
 
 class DDPMObjective(DiffusionObjective):
     name = "ddpm"
@@ -81,6 +89,18 @@ class DDPMObjective(DiffusionObjective):
             return DDIMScheduler(**common, set_alpha_to_one=False)
         raise InvalidInput(f"scheduler {kind!r} cannot sample a DDPM (epsilon) model; use ddpm or ddim")
 
+    def _signal_noise(self, timestep: float) -> tuple[float, float]:
+        abar = float(self.scheduler.alphas_cumprod[int(timestep)])
+        return abar ** 0.5, (1.0 - abar) ** 0.5
+
+    def clean_estimate(self, prediction: Tensor, noisy: Tensor, timestep: float) -> Tensor:
+        signal, noise = self._signal_noise(timestep)
+        return (noisy - noise * prediction) / signal
+
+    def prediction_from_clean(self, clean: Tensor, noisy: Tensor, timestep: float) -> Tensor:
+        signal, noise = self._signal_noise(timestep)
+        return (noisy - signal * clean) / noise
+
 
 class FlowObjective(DiffusionObjective):
     name = "flow"
@@ -114,6 +134,14 @@ class FlowObjective(DiffusionObjective):
         if kind != "flow":
             raise InvalidInput(f"scheduler {kind!r} cannot sample a flow (velocity) model; use flow")
         return FlowMatchEulerDiscreteScheduler(num_train_timesteps=self.num_train_timesteps, shift=1.0)
+
+    def clean_estimate(self, prediction: Tensor, noisy: Tensor, timestep: float) -> Tensor:
+        # x_sigma = x_0 + sigma * (eps - x_0)
+        return noisy - (float(timestep) / self.num_train_timesteps) * prediction
+
+    def prediction_from_clean(self, clean: Tensor, noisy: Tensor, timestep: float) -> Tensor:
+        # sigma > 0 at every step a sampler takes (its last step goes from sigma_1 > 0 to 0)
+        return (noisy - clean) / (float(timestep) / self.num_train_timesteps)
 
 
 def make_objective(config: ModelConfig) -> DiffusionObjective:

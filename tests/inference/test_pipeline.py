@@ -48,9 +48,10 @@ def test_sample_command_writes_images_grid_and_manifest(run, tmp_path, capsys):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red square\n\na green square\n")
     assert main(["sample", "--run", str(run), "--prompts", str(prompts), "--n", "2", "--seed", "5", "--cfg", "2",
-                 "--steps", "3", "--out", str(out), "--device", "cpu"]) == 0
+                 "--guidance-rescale", "0.5", "--steps", "3", "--out", str(out), "--device", "cpu"]) == 0
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["cfg"] == 2 and manifest["steps"] == 3 and manifest["scheduler"] == "ddpm"
+    assert manifest["guidance_rescale"] == 0.5
     assert manifest["compiled"] is False
     assert manifest["checkpoint"].endswith("step_6") and manifest["weights"] == "ema.safetensors"
     assert [r["prompt"] for r in manifest["images"]] == ["a red square"] * 2 + ["a green square"] * 2
@@ -60,7 +61,7 @@ def test_sample_command_writes_images_grid_and_manifest(run, tmp_path, capsys):
     # changes float rounding by ~1e-7, which can flip a pixel by one level)
     pipe = Pipeline.from_run(run)
     expected = pipe.generate(["a red square"] * 2 + ["a green square"] * 2, seed=[5, 6, 7, 8], num_steps=3,
-                             cfg_scale=2.0)
+                             cfg_scale=2.0, guidance_rescale=0.5)
     for k, image in enumerate(expected):
         assert np.array_equal(np.asarray(Image.open(out / f"{k:05d}.png").convert("RGB")), np.asarray(image))
 

@@ -49,8 +49,10 @@ def flow_model():
     return make_model("flow")
 
 
-def reference_sample(model, prompt, seed, cfg_scale, kind, steps):
-    """Straightforward sampler: one prompt, the Collator's training layout, separate cond/uncond forwards."""
+def reference_sample(model, prompt, seed, cfg_scale, kind, steps, rescale=0.0):
+    """Straightforward sampler: one prompt, the Collator's training layout, separate cond/uncond forwards;
+    `rescale` > 0: guidance rescale written from its paper's formulas on x_0 (Lin et al. 2305.08891, 3.4), x_0
+    from the scheduler's own tables (alphas_cumprod for DDPM/DDIM, sigmas for flow)."""
     c, h, w = SHAPE
     p = model.config.patch_size
     scheduler = make_objective(model.config).make_scheduler(kind)
@@ -65,12 +67,28 @@ def reference_sample(model, prompt, seed, cfg_scale, kind, steps):
         hidden = model(inputs)
         return unpatchify(model.image_head(hidden[batch.inputs.modality == model.image_modality]), c, h, w, p)[None]
 
+    def to_x0(out, x_t, i, t):
+        if kind == "flow":
+            return x_t - scheduler.sigmas[i] * out
+        abar = scheduler.alphas_cumprod[t]
+        return (x_t - (1 - abar).sqrt() * out) / abar.sqrt()
+
+    def from_x0(x0, x_t, i, t):
+        if kind == "flow":
+            return (x_t - x0) / scheduler.sigmas[i]
+        abar = scheduler.alphas_cumprod[t]
+        return (x_t - abar.sqrt() * x0) / (1 - abar).sqrt()
+
     with torch.no_grad():
-        for t in scheduler.timesteps:
-            eps = predict(prompt, x, t)
+        for i, t in enumerate(scheduler.timesteps):
+            eps = cond = predict(prompt, x, t)
             if cfg_scale != 1:
                 eps_u = predict("", x, t)
                 eps = eps_u + cfg_scale * (eps - eps_u)
+            if rescale:
+                x0_guided, x0_cond = to_x0(eps, x, i, t), to_x0(cond, x, i, t)
+                x0 = rescale * x0_guided * (x0_cond.std() / x0_guided.std()) + (1 - rescale) * x0_guided
+                eps = from_x0(x0, x, i, t)
             x = scheduler.step(eps, t, x, generator=g).prev_sample
     return x[0]
 
@@ -211,6 +229,36 @@ def test_cached_sampling_equals_uncached_and_reference(kind, ddpm_model, flow_mo
     assert (other[0] - cached[0]).abs().max() > 1e-2
 
 
+@pytest.mark.parametrize("kind", ["ddpm", "ddim", "flow"])
+def test_guidance_rescale_equals_the_reference(kind, ddpm_model, flow_model):
+    model = flow_model if kind == "flow" else ddpm_model
+    kw = {"latent_shape": SHAPE, "scheduler": kind, "num_steps": 6, "cfg_scale": 5.0, "seed": [21, 22]}
+    rescaled = generate_latents(model, TOK, PROMPTS[:2], guidance_rescale=0.7, **kw)
+    for i, (prompt, seed) in enumerate(zip(PROMPTS[:2], kw["seed"])):
+        assert (rescaled[i] - reference_sample(model, prompt, seed, 5.0, kind, 6, rescale=0.7)).abs().max() < 1e-4, i
+    # rescaling changes the samples far beyond the tolerance, and 0 is plain guidance to the bit
+    plain = generate_latents(model, TOK, PROMPTS[:2], **kw)
+    assert (rescaled - plain).abs().max() > 1e-2
+    assert torch.equal(generate_latents(model, TOK, PROMPTS[:2], guidance_rescale=0.0, **kw), plain)
+
+
+@pytest.mark.parametrize("objective", ["ddpm", "flow"])
+def test_clean_estimate_inverts_the_training_objective(objective):
+    """x_0 from (prediction, x_t, t) and back, against the objective's own noising and target; DDPM's x_0 also
+    against diffusers' `pred_original_sample`."""
+    obj = make_objective(tiny_config(objective=objective))
+    gen = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(3, 8, 16, generator=gen), torch.randn(3, 8, 16, generator=gen)
+    for t in (1.0, 250.0, 999.0) if objective == "ddpm" else (5.0, 500.0, 1000.0):
+        x_t = obj.add_noise(x0.reshape(-1, 16), noise.reshape(-1, 16), torch.full((24,), t)).reshape(3, 8, 16)
+        target = obj.target(x0, noise)
+        assert (obj.clean_estimate(target, x_t, t) - x0).abs().max() < 1e-3 * max(1.0, t / 100), t
+        assert (obj.prediction_from_clean(x0, x_t, t) - target).abs().max() < 1e-3, t
+        if objective == "ddpm":
+            step = obj.make_scheduler("ddpm").step(target, int(t), x_t)
+            assert torch.allclose(obj.clean_estimate(target, x_t, t), step.pred_original_sample, atol=1e-5)
+
+
 def test_cfg_scale_one_is_conditional_sampling(ddpm_model):
     rows = []
     hook = ddpm_model.register_forward_pre_hook(lambda m, args, kwargs: rows.append(args[0].tokens.shape[0]),
@@ -268,7 +316,7 @@ def test_schedulers_invert_the_training_objective():
         scheduler.set_timesteps(10)
         gens = [torch.Generator().manual_seed(i) for i in range(2)]
         noise = torch.randn(2, 4, 4, 6)
-        out = _denoise(oracle, scheduler, noise, gens, 1.0, 2)
+        out = _denoise(oracle, scheduler, noise, gens, 1.0, 2, obj)
         expected = x0
         if kind == "ddim":  # deterministic DDIM keeps the first step's implied noise, and stops at
             # alphas_cumprod[0] (set_alpha_to_one=False), not at 1
@@ -285,6 +333,9 @@ def test_generate_rejects_bad_requests(ddpm_model):
         generate_latents(ddpm_model, TOK, ["ok", "x" * 200], latent_shape=SHAPE, num_steps=2)
     with pytest.raises(ValueError, match="latent_shape"):
         generate_latents(ddpm_model, TOK, ["ok"], latent_shape=(3, 4, 4), num_steps=2)
+    for bad in (-0.1, 1.5, float("nan")):
+        with pytest.raises(ValueError, match=r"guidance_rescale must be a number in \[0, 1\]"):
+            generate_latents(ddpm_model, TOK, ["ok"], latent_shape=SHAPE, num_steps=2, guidance_rescale=bad)
     with pytest.raises(ValueError, match="flow"):
         generate_latents(ddpm_model, TOK, ["ok"], latent_shape=SHAPE, scheduler="flow", num_steps=2)
 

@@ -75,11 +75,13 @@ def test_sample_command_takes_temperature_top_k_and_top_p(run, tmp_path):
         assert np.array_equal(np.asarray(Image.open(out / f"{k:05d}.png").convert("RGB")), np.asarray(image))
 
 
-def test_a_diffusion_scheduler_for_a_model_of_codes_is_one_line(run, tmp_path, capsys):
-    assert main(["sample", "--run", str(run), "--prompt", "a red square", "--scheduler", "flow",
+@pytest.mark.parametrize("flag,value", [("--scheduler", "flow"), ("--guidance-rescale", "0.7")])
+def test_a_diffusion_setting_for_a_model_of_codes_is_one_line(run, tmp_path, capsys, flag, value):
+    assert main(["sample", "--run", str(run), "--prompt", "a red square", flag, value,
                  "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "draws image codes one at a time" in err
+    assert not (tmp_path / "o").exists()
 
 
 @pytest.mark.parametrize("case", ["tokens_model_on_latents", "diffusion_model_on_codes"])

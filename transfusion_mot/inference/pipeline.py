@@ -186,27 +186,29 @@ class Pipeline:
         return images
 
     def generate(self, prompts: Sequence[str], *, seed: int | Sequence[int] = 0, cfg_scale: float = 3.0,
-                 num_steps: int = 50, scheduler: str | None = None, use_kv_cache: bool = True,
-                 batch_size: int = 16, dtype: torch.dtype | None = None, temperature: float = 1.0,
-                 top_k: int | None = None, top_p: float | None = None) -> list[Image.Image]:
-        """One image per prompt. seed: an int (prompt i uses seed + i) or one seed per prompt. num_steps and
-        scheduler are the diffusion sampler's; temperature, top_k and top_p pick the codes of a model of image
-        tokens."""
+                 guidance_rescale: float = 0.0, num_steps: int = 50, scheduler: str | None = None,
+                 use_kv_cache: bool = True, batch_size: int = 16, dtype: torch.dtype | None = None,
+                 temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None) -> list[Image.Image]:
+        """One image per prompt. seed: an int (prompt i uses seed + i) or one seed per prompt. num_steps,
+        scheduler and guidance_rescale (in [0, 1]: `sampling.rescale_guidance`) are the diffusion sampler's;
+        temperature, top_k and top_p pick the codes of a model of image tokens."""
         kwargs: dict[str, Any] = dict(seed=seed, cfg_scale=cfg_scale, use_kv_cache=use_kv_cache, batch_size=batch_size,
                                       dtype=dtype)
         if self.model.config.image_tokens:
-            if scheduler is not None:
-                raise InvalidInput(f"scheduler {scheduler!r}: this model draws image codes one at a time (image_objective "
-                                   "tokens); it has no diffusion scheduler or steps")
+            if scheduler is not None or guidance_rescale:
+                what = f"scheduler {scheduler!r}" if scheduler is not None else f"guidance_rescale {guidance_rescale}"
+                raise InvalidInput(f"{what}: this model draws image codes one at a time (image_objective tokens); it "
+                                   "has no diffusion scheduler, steps or guidance rescale")
             kwargs.update(temperature=temperature, top_k=top_k, top_p=top_p)
         else:
-            kwargs.update(num_steps=num_steps, scheduler=scheduler)
+            kwargs.update(num_steps=num_steps, scheduler=scheduler, guidance_rescale=guidance_rescale)
         return self.decode(self.generate_latents(prompts, **kwargs))
 
     def sample_to_folder(self, prompts: Sequence[str], out: str | Path, *, n: int = 1, seed: int = 0,
-                         cfg_scale: float = 3.0, num_steps: int = 50, scheduler: str | None = None,
-                         use_kv_cache: bool = True, batch_size: int = 16, temperature: float = 1.0,
-                         top_k: int | None = None, top_p: float | None = None) -> list[dict[str, Any]]:
+                         cfg_scale: float = 3.0, guidance_rescale: float = 0.0, num_steps: int = 50,
+                         scheduler: str | None = None, use_kv_cache: bool = True, batch_size: int = 16,
+                         temperature: float = 1.0, top_k: int | None = None,
+                         top_p: float | None = None) -> list[dict[str, Any]]:
         """`n` images per prompt into `out` (00000.png..., grid.png with one row per prompt when n > 1, and
         manifest.json: prompt and seed of every image, and how they were sampled); image k uses seed + k.
         Returns the manifest's rows."""
@@ -218,13 +220,14 @@ class Pipeline:
             raise InvalidInput("give a prompt to sample from")
         expanded = [p for p in prompts for _ in range(n)]
         seeds = [seed + k for k in range(len(expanded))]
-        images = self.generate(expanded, seed=seeds, cfg_scale=cfg_scale, num_steps=num_steps, scheduler=scheduler,
-                               use_kv_cache=use_kv_cache, batch_size=batch_size, temperature=temperature, top_k=top_k,
-                               top_p=top_p)
+        images = self.generate(expanded, seed=seeds, cfg_scale=cfg_scale, guidance_rescale=guidance_rescale,
+                               num_steps=num_steps, scheduler=scheduler, use_kv_cache=use_kv_cache,
+                               batch_size=batch_size, temperature=temperature, top_k=top_k, top_p=top_p)
         out = Path(out)
         how = ({"sampler": "autoregressive codes", "temperature": temperature, "top_k": top_k, "top_p": top_p}
                if self.model.config.image_tokens else
-               {"steps": num_steps, "scheduler": scheduler_name(self.model.config, scheduler)})
+               {"steps": num_steps, "scheduler": scheduler_name(self.model.config, scheduler),
+                "guidance_rescale": guidance_rescale})
         rows = save_images(images, out, [{"prompt": p, "seed": s} for p, s in zip(expanded, seeds)], manifest={
             "source": self.info.get("run") or self.info.get("source_dir"), "checkpoint": self.info.get("checkpoint"),
             "step": self.info.get("step"), "weights": self.info.get("weights"), "cfg": cfg_scale, **how,

@@ -16,9 +16,11 @@ at every step; the tests check that both paths agree.
 
 Classifier-free guidance: the unconditional prompt is the empty caption (`BOS BOI`), as in training's 10%
 caption drop. Conditional and unconditional rows go through the model in one forward per step and
-`eps = eps_u + s * (eps_c - eps_u)`; s = 1 skips the unconditional rows. Prefixes of different lengths
-share a batch by right-padding (doc_id -1: the mask hides pad keys); positions restart at 0 per document as
-in training, so padding changes nothing but float rounding.
+`eps = eps_u + s * (eps_c - eps_u)`; s = 1 skips the unconditional rows. `guidance_rescale` phi > 0 then pulls
+the clean latent the guided prediction implies back towards the conditional one's spread (Lin et al., arXiv
+2305.08891, section 3.4): a large s otherwise pushes colours past what the model draws (orange turns yellow).
+Prefixes of different lengths share a batch by right-padding (doc_id -1: the mask hides pad keys); positions
+restart at 0 per document as in training, so padding changes nothing but float rounding.
 
 Randomness: each image has its own CPU `torch.Generator` (seeded per prompt) for its initial noise and for
 the scheduler's noise, so a seed gives the same image whatever else is in the batch and on any device.
@@ -37,7 +39,7 @@ from torch import Tensor
 from ..batch import Collator, Sample, SpecialTokens, patchify, unpatchify
 from ..common.errors import InvalidInput
 from ..config import ModelConfig
-from ..diffusion import make_objective
+from ..diffusion import DiffusionObjective, make_objective
 from ..model import KVCache, TransfusionMoT
 from ..tokenizer import AnyTokenizer
 
@@ -118,11 +120,26 @@ def _full_predictor(model: TransfusionMoT, captions: list[list[int]], latent_sha
     return predict
 
 
+def rescale_guidance(objective: DiffusionObjective, guided: Tensor, cond: Tensor, noisy: Tensor, timestep: float,
+                     phi: float) -> Tensor:
+    """Guidance rescale (Lin et al., arXiv 2305.08891, section 3.4) on the clean latent: the x_0 the guided
+    prediction implies, scaled per image so that its standard deviation is the conditional x_0's, mixed with
+    the unscaled one by `phi` (0: plain guidance, 1: fully rescaled) and turned back into a prediction.
+    Rescaling x_0 rather than the raw prediction (diffusers' `rescale_noise_cfg`) kept colours better here
+    (BENCHMARKS.md, "Guidance rescale"). guided, cond, noisy: (n, ...) per image."""
+    clean = objective.clean_estimate(guided, noisy, timestep)
+    dims = tuple(range(1, guided.dim()))
+    wanted = objective.clean_estimate(cond, noisy, timestep).std(dim=dims, keepdim=True)
+    ratio = wanted / clean.std(dim=dims, keepdim=True)
+    return objective.prediction_from_clean(clean * (phi * ratio + (1.0 - phi)), noisy, timestep)
+
+
 def _denoise(predict: Predictor, scheduler, noise: Tensor, generators: list[torch.Generator], cfg_scale: float,
-             patch: int) -> Tensor:
+             patch: int, objective: DiffusionObjective, guidance_rescale: float = 0.0) -> Tensor:
     """Run the scheduler from `noise` (n, C, H, W), fp32, guiding with the second half of the rows when
-    cfg_scale != 1. Model timesteps are on the [0, T] scale: DDPM/DDIM's integer steps, and for
-    FlowMatchEuler its `timesteps`, which are already sigma * num_train_timesteps."""
+    cfg_scale != 1 (rescaled by `guidance_rescale` with the `objective`'s x_0 when it is > 0). Model
+    timesteps are on the [0, T] scale: DDPM/DDIM's integer steps, and for FlowMatchEuler its `timesteps`,
+    which are already sigma * num_train_timesteps."""
     _, c, h, w = noise.shape
     guided = cfg_scale != 1.0
     # DDPM/DDIM/FlowMatchEuler start from unit noise and feed x_t to the model as is; the getattr calls
@@ -132,6 +149,7 @@ def _denoise(predict: Predictor, scheduler, noise: Tensor, generators: list[torc
     for t in scheduler.timesteps:
         model_in = scale_input(x, t)
         patches = torch.stack([patchify(img, patch) for img in model_in])
+        noisy = patches
         if guided:
             patches = torch.cat([patches, patches])
         t_model = t.float().expand(patches.shape[0]).to(x.device)
@@ -139,6 +157,8 @@ def _denoise(predict: Predictor, scheduler, noise: Tensor, generators: list[torc
         if guided:
             cond, uncond = pred.chunk(2)
             pred = uncond + cfg_scale * (cond - uncond)
+            if guidance_rescale > 0.0:
+                pred = rescale_guidance(objective, pred, cond, noisy.float(), float(t), guidance_rescale)
         out = torch.stack([unpatchify(p, c, h, w, patch) for p in pred])
         x = scheduler.step(out, t, x, generator=generators).prev_sample
     return x
@@ -171,13 +191,14 @@ def _check_request(prompts: Sequence[str], batch_size: int, cfg_scale: float) ->
 
 def generate_latents(model: TransfusionMoT, tokenizer: AnyTokenizer, prompts: Sequence[str], *,
                      latent_shape: tuple[int, int, int], scheduler: str | None = None, num_steps: int = 50,
-                     cfg_scale: float = 3.0, seed: int | Sequence[int] = 0, use_kv_cache: bool = True,
-                     batch_size: int = 8, device: torch.device | str | None = None,
+                     cfg_scale: float = 3.0, guidance_rescale: float = 0.0, seed: int | Sequence[int] = 0,
+                     use_kv_cache: bool = True, batch_size: int = 8, device: torch.device | str | None = None,
                      dtype: torch.dtype | None = None) -> Tensor:
     """Latents (N, C, H, W) for N prompts (decode them with the VAE).
 
     scheduler: "ddpm" or "ddim" for a ddpm-objective model, "flow" for a flow model (None: the objective's
-    own). batch_size: prompts per forward (twice as many rows with guidance). seed: an int (prompt i uses
+    own). guidance_rescale: in [0, 1], how far guidance's x_0 is rescaled to the conditional one's spread
+    (0: plain guidance). batch_size: prompts per forward (twice as many rows with guidance). seed: an int (prompt i uses
     seed + i) or one seed per prompt; the image of a prompt depends only on its seed, not on the batch it
     lands in. dtype: the backbone's compute dtype under autocast (None: the weights' dtype); the scheduler
     arithmetic stays in float32. ValueError for no prompts, or a prompt too long for the model's context.
@@ -186,6 +207,8 @@ def generate_latents(model: TransfusionMoT, tokenizer: AnyTokenizer, prompts: Se
     if cfg.image_tokens:
         raise InvalidInput("this model draws image codes (image_objective tokens): use generate_codes")
     _check_request(prompts, batch_size, cfg_scale)
+    if not 0.0 <= float(guidance_rescale) <= 1.0:
+        raise InvalidInput(f"guidance_rescale must be a number in [0, 1], got {guidance_rescale}")
     if num_steps < 1:
         raise InvalidInput(f"num_steps must be positive, got {num_steps}")
     c, h, w = latent_shape
@@ -215,7 +238,7 @@ def generate_latents(model: TransfusionMoT, tokenizer: AnyTokenizer, prompts: Se
             noise = torch.stack([torch.randn((c, h, w), generator=g) for g in generators]).to(device)
             sched = objective.make_scheduler(scheduler)
             sched.set_timesteps(num_steps)  # timesteps stay on the CPU, where the schedule tables are
-            out.append(_denoise(predict, sched, noise, generators, cfg_scale, p))
+            out.append(_denoise(predict, sched, noise, generators, cfg_scale, p, objective, guidance_rescale))
     return torch.cat(out)
 
 
