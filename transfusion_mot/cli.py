@@ -351,8 +351,8 @@ def add_model_commands(sub: Any) -> None:
     p.add_argument("--seed", type=int, default=0, help="image k uses seed + k")
     p.add_argument("--cfg", type=float, default=3.0, help="guidance scale in [0, 100] (1: no guidance)")
     p.add_argument("--guidance-rescale", type=float, default=0.0,
-                   help="diffusion models: in [0, 1], how far guidance's clean latent is rescaled to the conditional "
-                        "one's spread (0: plain guidance; the demo samples with 0.7)")
+                   help="diffusion models with --cfg other than 1: in [0, 1], how far guidance's clean latent is "
+                        "rescaled to the conditional one's spread (0: plain guidance; the demo samples with 0.7)")
     p.add_argument("--steps", type=positive_int, default=50, help="denoising steps (diffusion models)")
     p.add_argument("--scheduler", choices=["ddpm", "ddim", "flow"], default=None,
                    help="default: ddpm for DDPM models, flow for flow models")

@@ -59,3 +59,17 @@ def test_compiled_and_eager_sampling_side_by_side():
         report["first_compiled_batch_s"] - report["compiled_s"], abs=0.1)
     assert report["break_even_images"] is None or report["break_even_images"] > 0
     assert report["cpu"]["kernels"] and report["backend"] == "aot_eager"
+
+
+def test_guidance_settings_are_scored_per_run_and_setting(tiny_run):
+    """Toy size (a 6-step run, 2 sampler steps): every set scored for each setting, a bad setting refused."""
+    report = run("guidance.py", "--run", str(tiny_run), "--settings", "3:0", "3:0.7", "--steps", "2")
+    assert set(report["results"]) == {"3:0", "3:0.7"}
+    for setting in report["results"].values():
+        row = setting[str(tiny_run)]
+        assert {"singles", "positioned", "pairs"} <= set(row)
+        assert all(0.0 <= row[name][key] <= 1.0 for name in ("singles", "positioned", "pairs")
+                   for key in ("colour", "shape", "all_correct"))
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "guidance.py"), "--run", str(tiny_run),
+                           "--settings", "5"], env=cli_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "CFG:RESCALE pairs" in proc.stderr.strip().splitlines()[-1]

@@ -22,12 +22,14 @@ def app(tiny_run):
     return ServeApp(Pipeline.from_run(tiny_run), Limits(max_prompts=3, max_images=4, max_steps=20), source="tiny")
 
 
-def test_generate_gives_the_images_tmot_sample_gives(app):
-    out = app.generate("a red square\n\n a blue square \n", images_per_prompt=2, seed=5, cfg=2.0, steps=3)
+@pytest.mark.parametrize("rescale", [0.0, 0.7])
+def test_generate_gives_the_images_tmot_sample_gives(app, rescale):
+    out = app.generate("a red square\n\n a blue square \n", images_per_prompt=2, seed=5, cfg=2.0, steps=3,
+                       guidance_rescale=rescale)
     assert [caption for _, caption in out] == ["a red square · seed 5", "a red square · seed 6",
                                                "a blue square · seed 7", "a blue square · seed 8"]
     same = app.pipe.generate(["a red square", "a red square", "a blue square", "a blue square"], seed=[5, 6, 7, 8],
-                             cfg_scale=2.0, num_steps=3, scheduler="ddpm")
+                             cfg_scale=2.0, num_steps=3, scheduler="ddpm", guidance_rescale=rescale)
     for (image, _), expected in zip(out, same):
         assert image.size == (16, 16) and np.array_equal(np.asarray(image), np.asarray(expected))
 
@@ -40,6 +42,7 @@ def test_generate_gives_the_images_tmot_sample_gives(app):
     ({"prompts_text": "a red square", "steps": 21}, "steps must be between 1 and 20"),
     ({"prompts_text": "a red square", "steps": 5, "cfg": -1}, "guidance must be between 0 and 20"),
     ({"prompts_text": "a red square", "steps": 5, "scheduler": "flow"}, "this model samples with ddpm, ddim"),
+    ({"prompts_text": "a red square", "steps": 5, "guidance_rescale": 1.5}, r"guidance_rescale must be .* \[0, 1\]"),
     ({"prompts_text": "x" * 200, "steps": 5}, "more than the model's max_seq_len 96"),  # the context, by name
 ])
 def test_requests_beyond_the_limits_are_refused_with_a_message(app, kwargs, message):

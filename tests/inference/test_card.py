@@ -16,7 +16,8 @@ def front_matter(text: str) -> tuple[dict, str]:
 
 def test_exported_card_has_hub_metadata_and_the_runs_numbers(tiny_run, tmp_path):
     run = RunDir(tiny_run)
-    run.write_evaluation({"source": "test", "alignment demo: all_correct": 0.953, "FID (100 vs 100 val images)": 166.4})
+    run.write_evaluation({"source": "test", "alignment demo: all_correct": 0.953, "FID (100 vs 100 val images)": 166.4,
+                          "sampling": "50 steps, CFG 5.0 with guidance rescale 0.7, EMA weights"})
     try:
         pipe = Pipeline.from_run(tiny_run)
         out = pipe.save_pretrained(tmp_path / "model", repo_id="someone/tiny-mot")
@@ -33,6 +34,7 @@ def test_exported_card_has_hub_metadata_and_the_runs_numbers(tiny_run, tmp_path)
     tokens = summary["tokens_seen"]
     assert f"| tokens seen | {tokens:,} |" in body or f"| tokens seen | {tokens} |" in body
     assert "| alignment demo: all correct | 0.953 |" in body and "| FID (100 vs 100 val images) | 166.4 |" in body
+    assert "sampled with 50 steps, CFG 5.0 with guidance rescale 0.7, EMA weights." in body
     assert 'Pipeline.from_pretrained("someone/tiny-mot")' in body
     # the facts travel with the export: re-saving the loaded pipeline writes the same card
     again = Pipeline.from_pretrained(out).save_pretrained(tmp_path / "again", repo_id="someone/tiny-mot")

@@ -43,8 +43,10 @@ def test_demo_pipeline_end_to_end_and_reuse(tmp_path):
     evaluation = json.loads((out / "run" / "evaluation.json").read_text())
     assert evaluation["alignment demo prompts (every colour x shape): all_correct"] == demo["all_correct"]
     assert not any("reference" in key or "ceiling" in key for key in evaluation)
+    assert evaluation["sampling"] == "2 steps, CFG 5.0 with guidance rescale 0.7, EMA weights"
     manifest = json.loads((out / "samples" / "manifest.json").read_text())
     # the demo prompts once (images_per_prompt=1), then every held-out prompt twice with its own seeds
+    assert manifest["guidance_rescale"] == 0.7
     assert manifest["scheduler"] == "flow" and len(manifest["images"]) == len(DEMO_PROMPTS) + 2 * (3 * 32 + 32)
     assert {row["set"] for row in manifest["images"]} == set(saved["alignment"]) - {
         "real val images (reference)", "real val images through the VAE (ceiling)"}

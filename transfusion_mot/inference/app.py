@@ -55,8 +55,10 @@ class ServeApp:
         return prompts
 
     def generate(self, prompts_text: str, images_per_prompt: int = 1, seed: int = 0, cfg: float = 3.0,
-                 steps: int = 50, scheduler: str | None = None) -> list[tuple[Image.Image, str]]:
-        """[(image, "prompt · seed N")]: image k of the request uses seed + k (as `tmot sample`)."""
+                 steps: int = 50, scheduler: str | None = None,
+                 guidance_rescale: float = 0.0) -> list[tuple[Image.Image, str]]:
+        """[(image, "prompt · seed N")]: image k of the request uses seed + k (as `tmot sample`);
+        guidance_rescale as `tmot sample --guidance-rescale` (diffusion models)."""
         lim = self.limits
         prompts = self.parse_prompts(prompts_text)
         n, steps, seed = int(images_per_prompt), int(steps), int(seed)
@@ -72,7 +74,8 @@ class ServeApp:
         expanded = [p for p in prompts for _ in range(n)]
         seeds = [seed + k for k in range(len(expanded))]
         images = self.pipe.generate(expanded, seed=seeds, cfg_scale=float(cfg), num_steps=steps,
-                                    scheduler=None if scheduler == AUTOREGRESSIVE else scheduler)
+                                    scheduler=None if scheduler == AUTOREGRESSIVE else scheduler,
+                                    guidance_rescale=float(guidance_rescale))
         return [(im, f"{p} · seed {s}") for im, p, s in zip(images, expanded, seeds)]
 
     def caption(self, image: Image.Image | None, max_new_tokens: int = 32) -> str:
@@ -115,13 +118,16 @@ class ServeApp:
                         seed = gr.Number(value=0, precision=0, label="Seed (image k: seed + k)")
                 with gr.Row():
                     cfg = gr.Slider(0.0, lim.max_cfg, value=3.0, step=0.5, label="Guidance (CFG)")
-                    steps = gr.Slider(1, lim.max_steps, value=50, step=1, label="Steps",
-                                      visible=self.schedulers != (AUTOREGRESSIVE,))
+                    diffusion = self.schedulers != (AUTOREGRESSIVE,)
+                    rescale = gr.Slider(0.0, 1.0, value=0.0, step=0.1, visible=diffusion,
+                                        label="Guidance rescale (the demo samples with CFG 5 and 0.7)")
+                    steps = gr.Slider(1, lim.max_steps, value=50, step=1, label="Steps", visible=diffusion)
                     scheduler = gr.Dropdown(list(self.schedulers), value=self.schedulers[0], label="Scheduler")
                 go = gr.Button("Generate", variant="primary", elem_id="generate")
                 gallery = gr.Gallery(label="Images", columns=8, height="auto", object_fit="contain", elem_id="gallery")
-                go.click(guarded(self.generate), [prompts, n, seed, cfg, steps, scheduler], gallery)
-                prompts.submit(guarded(self.generate), [prompts, n, seed, cfg, steps, scheduler], gallery)
+                inputs = [prompts, n, seed, cfg, steps, scheduler, rescale]
+                go.click(guarded(self.generate), inputs, gallery)
+                prompts.submit(guarded(self.generate), inputs, gallery)
             with gr.Tab("Image to text"):
                 with gr.Row():
                     image = gr.Image(type="pil", label="Image", elem_id="caption-image")

@@ -96,6 +96,8 @@ def card_body(model_config: Any, facts: dict[str, Any], info: dict[str, Any], la
             if isinstance(value, (int, float)):
                 rows.append((key.replace("_", " "), value))
         lines += _table(rows)
+        if isinstance(evaluation.get("sampling"), str):  # the images scored were not sampled with the defaults below
+            lines += ["", f"The images these numbers score were sampled with {evaluation['sampling']}."]
     sampler = ("codes drawn one at a time in raster order (KV cache), temperature 1" if m.image_tokens else
                f"{'flow (FlowMatchEuler)' if m.objective == 'flow' else 'ddpm'} scheduler, 50 steps")
     lines += ["", "## Sampling", "",

@@ -18,7 +18,8 @@ Classifier-free guidance: the unconditional prompt is the empty caption (`BOS BO
 caption drop. Conditional and unconditional rows go through the model in one forward per step and
 `eps = eps_u + s * (eps_c - eps_u)`; s = 1 skips the unconditional rows. `guidance_rescale` phi > 0 then pulls
 the clean latent the guided prediction implies back towards the conditional one's spread (Lin et al., arXiv
-2305.08891, section 3.4): a large s otherwise pushes colours past what the model draws (orange turns yellow).
+2305.08891, section 3.4): a large s otherwise pushes colours off the ones trained (the demo's oranges turn
+lighter, some read as yellow). Only with guidance (s != 1).
 Prefixes of different lengths share a batch by right-padding (doc_id -1: the mask hides pad keys); positions
 restart at 0 per document as in training, so padding changes nothing but float rounding.
 
@@ -125,8 +126,9 @@ def rescale_guidance(objective: DiffusionObjective, guided: Tensor, cond: Tensor
     """Guidance rescale (Lin et al., arXiv 2305.08891, section 3.4) on the clean latent: the x_0 the guided
     prediction implies, scaled per image so that its standard deviation is the conditional x_0's, mixed with
     the unscaled one by `phi` (0: plain guidance, 1: fully rescaled) and turned back into a prediction.
-    Rescaling x_0 rather than the raw prediction (diffusers' `rescale_noise_cfg`) kept colours better here
-    (BENCHMARKS.md, "Guidance rescale"). guided, cond, noisy: (n, ...) per image."""
+    Rescaling x_0 rather than the raw prediction (diffusers' `rescale_noise_cfg`) drew shapes and positions
+    better here, colours as well (BENCHMARKS.md, "Guidance rescale"). guided, cond, noisy: (n, ...) per
+    image."""
     clean = objective.clean_estimate(guided, noisy, timestep)
     dims = tuple(range(1, guided.dim()))
     wanted = objective.clean_estimate(cond, noisy, timestep).std(dim=dims, keepdim=True)
@@ -198,10 +200,11 @@ def generate_latents(model: TransfusionMoT, tokenizer: AnyTokenizer, prompts: Se
 
     scheduler: "ddpm" or "ddim" for a ddpm-objective model, "flow" for a flow model (None: the objective's
     own). guidance_rescale: in [0, 1], how far guidance's x_0 is rescaled to the conditional one's spread
-    (0: plain guidance). batch_size: prompts per forward (twice as many rows with guidance). seed: an int (prompt i uses
-    seed + i) or one seed per prompt; the image of a prompt depends only on its seed, not on the batch it
-    lands in. dtype: the backbone's compute dtype under autocast (None: the weights' dtype); the scheduler
-    arithmetic stays in float32. ValueError for no prompts, or a prompt too long for the model's context.
+    (0: plain guidance; nothing to rescale when cfg_scale is 1). batch_size: prompts per forward (twice as
+    many rows with guidance). seed: an int (prompt i uses seed + i) or one seed per prompt; the image of a
+    prompt depends only on its seed, not on the batch it lands in. dtype: the backbone's compute dtype under
+    autocast (None: the weights' dtype); the scheduler arithmetic stays in float32. ValueError for no
+    prompts, or a prompt too long for the model's context.
     """
     cfg = model.config
     if cfg.image_tokens:

@@ -271,7 +271,8 @@ def _align_stage(report: dict[str, Any], pipe: Any, sets: dict[str, tuple[list[s
 
 
 def evaluation_summary(report: dict[str, Any]) -> dict[str, Any]:
-    """The demo's headline numbers, flat: alignment per prompt set (colour, shape, all correct) and FID."""
+    """The demo's headline numbers, flat: alignment per prompt set (colour, shape, all correct), FID, and how
+    the images they score were sampled."""
     summary: dict[str, Any] = {"source": "tmot demo"}
     for name, scores in report["alignment"].items():
         if "reference" in name or "ceiling" in name:
@@ -282,6 +283,9 @@ def evaluation_summary(report: dict[str, Any]) -> dict[str, Any]:
     fid = report.get("fid", {})
     if "fid" in fid:
         summary[f"FID ({fid['n_fake']} vs {fid['n_real']} val images)"] = fid["fid"]
+    s = report["settings"]
+    summary["sampling"] = (f"{s['sample_steps']} steps, CFG {s['cfg_scale']}"
+                           f"{_rescale_note(s.get('guidance_rescale', 0.0))}, EMA weights")
     return summary
 
 
