@@ -271,6 +271,11 @@ def _compiled(out: str) -> Callable[[Path, Output], None]:
     return check
 
 
+def _rescaled(ws: Path, printed: Output) -> None:
+    manifest = json.loads((ws / "samples-rescaled" / "manifest.json").read_text())
+    assert manifest["cfg"] == 5 and manifest["guidance_rescale"] == 0.7 and len(manifest["images"]) == 1, manifest
+
+
 def _served(ws: Path, printed: Output) -> None:
     assert LAUNCHES and LAUNCHES[-1]["server_port"] == 7860 and LAUNCHES[-1]["server_name"] == "0.0.0.0"
 
@@ -375,6 +380,8 @@ STEPS: dict[str, Step] = {
     # sampling, captioning, sharing
     "tmot sample --run runs/shapes-tiny --prompt 'a large red circle' --prompt 'a small blue cross' --n 4 --seed 0 "
     "--cfg 3 --steps 50 --scheduler flow --out samples/": Step(("--steps", "2"), check=_files("samples/grid.png")),
+    "tmot sample --run runs/shapes-tiny --prompt 'a large orange circle' --cfg 5 --guidance-rescale 0.7 "
+    "--out samples-rescaled/": Step(("--steps", "2"), check=_rescaled),
     "tmot sample --run runs/shapes-tiny --prompts prompts.txt --n 1 --out samples-file/": Step(
         ("--steps", "2"), check=_files("samples-file/00001.png")),
     "tmot sample ... --no-kv-cache": Step(
