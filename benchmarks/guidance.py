@@ -21,27 +21,18 @@ import statistics
 import numpy as np
 
 from eval.align import load_classifier, score_alignment
-from transfusion_mot.data.shapes import COLOURS, POSITIONS, RELATIONS, SHAPES, SIZES, make_caption
+from transfusion_mot.data.shapes import COLOURS, SHAPES, SIZES
 from transfusion_mot.inference.pipeline import Pipeline
+from transfusion_mot.recipes.demo import positioned_and_pair_prompts
 
 SEED = 30_000  # first sampling seed of the validation set; the demo's sets use seed + 0.. and seed + 10,000..
 
 
 def validation_sets() -> dict[str, list[str]]:
     """Singles (every size x colour x shape, 4 each), positioned singles and pairs (64 each, fixed draws)."""
-    rng = random.Random("cfg-validation")
-
-    def obj() -> dict[str, str]:
-        return {"size": rng.choice(list(SIZES)), "colour": rng.choice(list(COLOURS)), "shape": rng.choice(SHAPES)}
-
-    sets = {"singles": [f"a {z} {c} {s}" for z in SIZES for c in COLOURS for s in SHAPES for _ in range(4)],
-            "positioned": [make_caption([obj()], position=rng.choice(list(POSITIONS))) for _ in range(64)],
-            "pairs": []}
-    while len(sets["pairs"]) < 64:
-        a, b = obj(), obj()
-        if (a["colour"], a["shape"]) != (b["colour"], b["shape"]):
-            sets["pairs"].append(make_caption([a, b], relation=rng.choice(RELATIONS)))
-    return sets
+    positioned, pairs = positioned_and_pair_prompts(random.Random("cfg-validation"), 64)
+    singles = [f"a {z} {c} {s}" for z in SIZES for c in COLOURS for s in SHAPES for _ in range(4)]
+    return {"singles": singles, "positioned": positioned, "pairs": pairs}
 
 
 def orange_green(pipe: Pipeline, cfg: float, rescale: float, steps: int) -> float | None:

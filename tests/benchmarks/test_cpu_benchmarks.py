@@ -71,5 +71,5 @@ def test_guidance_settings_are_scored_per_run_and_setting(tiny_run):
         assert all(0.0 <= row[name][key] <= 1.0 for name in ("singles", "positioned", "pairs")
                    for key in ("colour", "shape", "all_correct"))
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "guidance.py"), "--run", str(tiny_run),
-                           "--settings", "5"], env=cli_env(), capture_output=True, text=True, timeout=120)
+                           "--settings", "5"], env=cli_env(), capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode != 0 and "CFG:RESCALE pairs" in proc.stderr.strip().splitlines()[-1]

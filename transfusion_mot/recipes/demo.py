@@ -30,7 +30,7 @@ from ..common.device import cpu_description, cpu_summary
 from ..common.errors import ConfigError
 from ..common.images import image_grid
 from ..data.imageio import save_images
-from ..data.shapes import COLOURS, POSITIONS, SHAPES, SIZES, make_caption
+from ..data.shapes import COLOURS, POSITIONS, RELATIONS, SHAPES, SIZES, make_caption
 
 # the prompts the demo shows (and the recipe was chosen on): every colour x shape, large, no position
 DEMO_PROMPTS = [f"a large {colour} {shape}" for colour in COLOURS for shape in SHAPES]
@@ -42,23 +42,28 @@ HELDOUT_IMAGES_PER_PROMPT = 2  # 64 images per held-out set: a standard error of
 DEMO_SET = "demo prompts (every colour x shape)"
 
 
+def positioned_and_pair_prompts(rng: random.Random, n: int) -> tuple[list[str], list[str]]:
+    """n single objects with a position phrase, then n pairs of different objects with a relation, drawn from
+    `rng` (random size, colour and shape each)."""
+
+    def obj() -> dict[str, str]:
+        return {"size": rng.choice(list(SIZES)), "colour": rng.choice(list(COLOURS)), "shape": rng.choice(SHAPES)}
+
+    positioned = [make_caption([obj()], position=rng.choice(list(POSITIONS))) for _ in range(n)]
+    pairs: list[str] = []
+    while len(pairs) < n:
+        a, b = obj(), obj()
+        if (a["colour"], a["shape"]) != (b["colour"], b["shape"]):
+            pairs.append(make_caption([a, b], relation=rng.choice(RELATIONS)))
+    return positioned, pairs
+
+
 def heldout_prompts(n: int = 32, seed: int = 1) -> dict[str, list[str]]:
     """Prompt sets the demo's recipe was NOT tuned on: the other size of every colour x shape, single
     objects with a position phrase, two objects with a relation (drawn with a fixed seed), and the demo
     prompts again with other seeds."""
-    rng = random.Random(f"heldout:{seed}")
-    sizes, colours, relations = list(SIZES), list(COLOURS), ["above", "below", "left of", "right of"]
-
-    def obj(size: str | None = None) -> dict[str, str]:
-        return {"size": size or rng.choice(sizes), "colour": rng.choice(colours), "shape": rng.choice(SHAPES)}
-
     small = [f"a small {colour} {shape}" for colour in COLOURS for shape in SHAPES]
-    positioned = [make_caption([obj()], position=rng.choice(list(POSITIONS))) for _ in range(n)]
-    pairs = []
-    while len(pairs) < n:
-        a, b = obj(), obj()
-        if (a["colour"], a["shape"]) != (b["colour"], b["shape"]):
-            pairs.append(make_caption([a, b], relation=rng.choice(relations)))
+    positioned, pairs = positioned_and_pair_prompts(random.Random(f"heldout:{seed}"), n)
     # the demo prompts themselves come last (so the other sets keep their seeds): held out by their seeds only
     return {"small objects": small, "single object with a position": positioned, "two objects with a relation": pairs,
             "demo prompts, other seeds": list(DEMO_PROMPTS)}
