@@ -62,9 +62,10 @@ def main() -> None:
     args = ap.parse_args()
     try:
         settings = [tuple(float(v) for v in spec.split(":")) for spec in args.settings]
-        assert all(len(s) == 2 for s in settings)
-    except (ValueError, AssertionError):
-        raise SystemExit(f"error: --settings takes CFG:RESCALE pairs such as 5:0.7, got {args.settings}") from None
+    except ValueError:
+        settings = []
+    if not settings or any(len(s) != 2 for s in settings):
+        raise SystemExit(f"error: --settings takes CFG:RESCALE pairs such as 5:0.7, got {args.settings}")
     classifier, sets = load_classifier(None), validation_sets()
     results: dict[str, dict[str, dict]] = {}
     for run in args.run:
